@@ -1,0 +1,18 @@
+//! Types shared by every zerocopy component: the `ModelWrapper` spec, the
+//! on-node volume format (`manifest.json`, file names, generation digest,
+//! safetensors header rules) and spec validation.
+//!
+//! Everything here is pure: no filesystem, network or Kubernetes API access,
+//! so the node agent, the operator and the loaders agree on one definition.
+
+pub mod format;
+pub mod labels;
+pub mod manifest;
+pub mod quantity;
+pub mod safetensors;
+pub mod spec;
+pub mod validation;
+
+pub use manifest::Manifest;
+pub use spec::{ModelWrapper, ModelWrapperSpec};
+pub use validation::{validate_wrapper, ValidationErrors};

@@ -1,0 +1,220 @@
+//! The `ModelWrapper` custom resource (`zerocopy.dev/v1alpha1`).
+//!
+//! The same types are read by standalone mode from YAML files and by the
+//! operator from the API server. CRD-facing enums are plain string enums and
+//! "one of" choices are optional fields checked by [`crate::validate_wrapper`],
+//! because untagged enums produce non-structural schemas.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A pipeline of named models, filled once per node into shared memory and
+/// mounted read-only by pods.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "zerocopy.dev",
+    version = "v1alpha1",
+    kind = "ModelWrapper",
+    namespaced,
+    shortname = "mw",
+    status = "ModelWrapperStatus"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelWrapperSpec {
+    /// `actor` (default): long-lived processes `load()` the pipeline.
+    /// `task`: each ModelTask runs as a Job next to the weights.
+    #[serde(default)]
+    pub mode: Mode,
+    /// The models to fill, one safetensors file each.
+    pub pipeline: PipelineSpec,
+    /// Nodes to place the weights on; empty means every node with an agent.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// How the weights are held in memory.
+    #[serde(default)]
+    pub memory: MemorySpec,
+    /// Required when `mode: task`: the pod template each task runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskSpec>,
+}
+
+/// Execution mode, as in the seed library.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Actors load the pipeline once and keep it.
+    #[default]
+    Actor,
+    /// Every invocation is a Job on a node where the weights are Ready.
+    Task,
+}
+
+impl Mode {
+    /// The lowercase name used in YAML and the manifest.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Actor => "actor",
+            Mode::Task => "task",
+        }
+    }
+}
+
+/// The pipeline: its components and, optionally, the pipeline object itself.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PipelineSpec {
+    /// One entry per `nn.Module` attribute of the pipeline object (or one for
+    /// a standalone module).
+    pub components: Vec<ComponentSpec>,
+    /// A pickle of the pipeline object with its module attributes removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skeleton: Option<SourceSpec>,
+}
+
+/// One named model of the pipeline.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ComponentSpec {
+    /// DNS-1123 label, unique within the pipeline; also the file name stem.
+    pub name: String,
+    /// The safetensors file holding the component's weights.
+    pub weights: SourceSpec,
+    /// How to rebuild the `nn.Module`; without it the component loads as a
+    /// `dict[str, Tensor]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skeleton: Option<SkeletonSpec>,
+}
+
+/// A file to fetch, optionally pinned by digest.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceSpec {
+    /// `file:///path`, `http://…` or `https://…`.
+    pub uri: String,
+    /// Lowercase hex sha256 of the file; verified while streaming.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+/// Either a pickled meta-device module (`uri`) or a factory reference
+/// (`factory`, `kwargs`); exactly one of `uri` and `factory`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SkeletonSpec {
+    /// A module saved on the meta device with `torch.save`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    /// sha256 of the pickle at `uri`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// `package.module:callable` returning the module; no pickle involved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub factory: Option<String>,
+    /// JSON keyword arguments for `factory`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_form_object")]
+    pub kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// Memory options of the node copy.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemorySpec {
+    /// Back the generation's tmpfs with transparent huge pages (`huge=within_size`).
+    #[serde(default)]
+    pub huge_pages: bool,
+    /// Ask loaders to populate page tables up front.
+    #[serde(default)]
+    pub prefault: bool,
+}
+
+/// The pod template of task mode.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskSpec {
+    /// Image and command that use the model; the volume is added by the operator.
+    pub template: PodTemplateSpec,
+}
+
+/// Observed state, aggregated by the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelWrapperStatus {
+    /// Pending, Filling, Ready, Degraded or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Nodes the wrapper is placed on.
+    #[serde(default)]
+    pub desired_nodes: u32,
+    /// Nodes where the newest generation is Ready.
+    #[serde(default)]
+    pub ready_nodes: u32,
+    /// Bytes of one copy of the pipeline.
+    #[serde(default)]
+    pub total_bytes: u64,
+    /// Generation digest of the resolved sources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// Node label set where this wrapper is Ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_label: Option<String>,
+    /// Ready, Progressing, Degraded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+fn free_form_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn design_example_parses() {
+        let yaml = r#"
+apiVersion: zerocopy.dev/v1alpha1
+kind: ModelWrapper
+metadata: {name: bert, namespace: ml}
+spec:
+  mode: actor
+  pipeline:
+    components:
+      - name: encoder
+        weights: {uri: "https://host/bert/encoder.safetensors", sha256: "aa"}
+        skeleton: {factory: "mypkg.models:Encoder", kwargs: {hidden: 768}}
+      - name: decoder
+        weights: {uri: "file:///mnt/models/decoder.safetensors"}
+  nodeSelector: {ray.io/node-type: worker}
+  memory: {hugePages: true}
+"#;
+        let mw: ModelWrapper = serde_yaml::from_str(yaml).unwrap();
+        assert_eq!(mw.spec.mode, Mode::Actor);
+        assert_eq!(mw.spec.pipeline.components.len(), 2);
+        assert!(mw.spec.memory.huge_pages);
+        let kwargs = mw.spec.pipeline.components[0].skeleton.as_ref().unwrap().kwargs.as_ref().unwrap();
+        assert_eq!(kwargs["hidden"], 768);
+    }
+
+    #[test]
+    fn mode_defaults_to_actor() {
+        let spec: ModelWrapperSpec = serde_yaml::from_str(
+            "pipeline: {components: [{name: m, weights: {uri: 'file:///m.safetensors'}}]}",
+        )
+        .unwrap();
+        assert_eq!(spec.mode, Mode::Actor);
+        assert!(spec.task.is_none());
+    }
+}

@@ -1,0 +1,223 @@
+//! Spec validation that reports every problem at once, each with the field
+//! path and what to do, so a user fixes a YAML file in one pass.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use crate::spec::{Mode, ModelWrapperSpec, SourceSpec};
+
+/// URI schemes the fill engine can read today.
+pub const SUPPORTED_SCHEMES: [&str; 3] = ["file", "http", "https"];
+/// Schemes the design reserves for later; named in the error so users know.
+const PLANNED_SCHEMES: [&str; 3] = ["s3", "hf", "oci"];
+
+/// One problem at one field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Path in the object, e.g. `spec.pipeline.components[1].name`.
+    pub field: String,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+/// Every problem found in one object.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ValidationErrors {
+    /// `namespace/name` of the object, for messages.
+    pub object: String,
+    /// The problems, in field order.
+    pub errors: Vec<FieldError>,
+}
+
+impl ValidationErrors {
+    fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(FieldError { field: field.into(), message: message.into() });
+    }
+}
+
+impl fmt::Display for ValidationErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ModelWrapper {} is invalid ({} problem{}):", self.object, self.errors.len(), if self.errors.len() == 1 { "" } else { "s" })?;
+        for e in &self.errors {
+            write!(f, "\n  - {}: {}", e.field, e.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ValidationErrors {}
+
+/// True for a DNS-1123 label: 1-63 chars of `[a-z0-9-]`, alphanumeric at both ends.
+pub fn is_dns1123_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// True for a DNS-1123 subdomain (object names): labels joined by dots, at most 253 chars.
+pub fn is_dns1123_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns1123_label)
+}
+
+/// True for 64 lowercase or uppercase hex characters.
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Validates a wrapper's name, namespace and spec, collecting every problem.
+pub fn validate_wrapper(namespace: &str, name: &str, spec: &ModelWrapperSpec) -> Result<(), ValidationErrors> {
+    let mut errs = ValidationErrors { object: format!("{namespace}/{name}"), errors: Vec::new() };
+    if !is_dns1123_label(namespace) {
+        errs.push("metadata.namespace", format!("{namespace:?} is not a DNS-1123 label (lowercase letters, digits and '-', at most 63)"));
+    }
+    if !is_dns1123_subdomain(name) {
+        errs.push("metadata.name", format!("{name:?} is not a DNS-1123 name (lowercase letters, digits, '-' and '.', at most 253)"));
+    }
+
+    let components = &spec.pipeline.components;
+    if components.is_empty() {
+        errs.push("spec.pipeline.components", "at least one component is required");
+    }
+    let mut seen = BTreeSet::new();
+    for (i, c) in components.iter().enumerate() {
+        let at = format!("spec.pipeline.components[{i}]");
+        if !is_dns1123_label(&c.name) {
+            errs.push(
+                format!("{at}.name"),
+                format!("{:?} is not a DNS-1123 label: use lowercase letters, digits and '-', at most 63 characters (it becomes a file name)", c.name),
+            );
+        } else if c.name == "pipeline" {
+            errs.push(format!("{at}.name"), "\"pipeline\" is reserved for the pipeline skeleton file; rename the component");
+        } else if !seen.insert(c.name.as_str()) {
+            errs.push(format!("{at}.name"), format!("duplicate component name {:?}: names must be unique", c.name));
+        }
+        check_source(&mut errs, &format!("{at}.weights"), &c.weights);
+        if let Some(sk) = &c.skeleton {
+            let at = format!("{at}.skeleton");
+            match (&sk.uri, &sk.factory) {
+                (Some(uri), None) => check_source(&mut errs, &at, &SourceSpec { uri: uri.clone(), sha256: sk.sha256.clone() }),
+                (None, Some(factory)) => {
+                    if !is_factory_ref(factory) {
+                        errs.push(format!("{at}.factory"), format!("{factory:?} is not a factory reference: write \"package.module:callable\""));
+                    }
+                    if sk.sha256.is_some() {
+                        errs.push(format!("{at}.sha256"), "sha256 applies to a skeleton uri, not to a factory; remove it");
+                    }
+                }
+                (Some(_), Some(_)) => errs.push(at.clone(), "set either uri (a pickled meta-device module) or factory, not both"),
+                (None, None) => errs.push(at.clone(), "set uri (a pickled meta-device module) or factory (\"package.module:callable\")"),
+            }
+            if sk.kwargs.is_some() && sk.factory.is_none() {
+                errs.push(format!("{at}.kwargs"), "kwargs apply only to a factory skeleton");
+            }
+        }
+    }
+    if let Some(sk) = &spec.pipeline.skeleton {
+        check_source(&mut errs, "spec.pipeline.skeleton", sk);
+    }
+    match (spec.mode, &spec.task) {
+        (Mode::Task, None) => errs.push("spec.task", "mode task needs spec.task.template: the pod that runs each task"),
+        (Mode::Actor, Some(_)) => errs.push("spec.task", "spec.task is only used in mode task; set mode: task or remove it"),
+        _ => {}
+    }
+    if errs.errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errs)
+    }
+}
+
+fn check_source(errs: &mut ValidationErrors, at: &str, source: &SourceSpec) {
+    match url::Url::parse(&source.uri) {
+        Err(e) => errs.push(format!("{at}.uri"), format!("{:?} is not a URI ({e}); write file:///abs/path or https://host/path", source.uri)),
+        Ok(u) if PLANNED_SCHEMES.contains(&u.scheme()) => errs.push(
+            format!("{at}.uri"),
+            format!("scheme {}:// is not supported yet; supported: file, http, https", u.scheme()),
+        ),
+        Ok(u) if !SUPPORTED_SCHEMES.contains(&u.scheme()) => {
+            errs.push(format!("{at}.uri"), format!("scheme {}:// is not supported; supported: file, http, https", u.scheme()))
+        }
+        Ok(u) if u.scheme() == "file" && (u.host_str().is_some_and(|h| !h.is_empty() && h != "localhost")) => errs.push(
+            format!("{at}.uri"),
+            format!("{:?} names host {:?}; a file URI needs an absolute path: file:///path", source.uri, u.host_str().unwrap_or_default()),
+        ),
+        Ok(_) => {}
+    }
+    if let Some(sha) = &source.sha256 {
+        if !is_sha256_hex(sha) {
+            errs.push(format!("{at}.sha256"), format!("{sha:?} is not a sha256: expected 64 hex characters (sha256sum prints it)"));
+        }
+    }
+}
+
+fn is_factory_ref(s: &str) -> bool {
+    let Some((module, attr)) = s.split_once(':') else { return false };
+    let ident = |p: &str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !p.starts_with(|c: char| c.is_ascii_digit());
+    module.split('.').all(ident) && attr.split('.').all(ident)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(yaml: &str) -> ModelWrapperSpec {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn a_good_spec_passes() {
+        let s = spec(&format!(
+            "pipeline: {{components: [{{name: encoder, weights: {{uri: 'https://h/e.safetensors', sha256: '{}'}}, skeleton: {{factory: 'pkg.mod:Enc', kwargs: {{h: 1}}}}}}, {{name: dec, weights: {{uri: 'file:///m/d.safetensors'}}}}]}}",
+            "a".repeat(64)
+        ));
+        validate_wrapper("default", "bert", &s).unwrap();
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let s = spec(
+            "mode: task\npipeline: {components: [{name: ../x, weights: {uri: 'ftp://h/x', sha256: 'abc'}}, {name: a, weights: {uri: 'not a uri'}}, {name: a, weights: {uri: 's3://b/k'}}, {name: b, weights: {uri: 'file:///b'}, skeleton: {}}]}",
+        );
+        let e = validate_wrapper("default", "Bad_Name", &s).unwrap_err();
+        let fields: Vec<&str> = e.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "metadata.name",
+                "spec.pipeline.components[0].name",
+                "spec.pipeline.components[0].weights.uri",
+                "spec.pipeline.components[0].weights.sha256",
+                "spec.pipeline.components[1].weights.uri",
+                "spec.pipeline.components[2].name",
+                "spec.pipeline.components[2].weights.uri",
+                "spec.pipeline.components[3].skeleton",
+                "spec.task",
+            ]
+        );
+        let text = e.to_string();
+        assert!(text.contains("duplicate component name \"a\""), "{text}");
+        assert!(text.contains("not supported yet"), "{text}");
+        assert!(text.contains("64 hex"), "{text}");
+        assert!(text.contains("default/Bad_Name"), "{text}");
+    }
+
+    #[test]
+    fn empty_pipeline_and_file_host_are_rejected() {
+        let e = validate_wrapper("default", "m", &spec("pipeline: {components: []}")).unwrap_err();
+        assert_eq!(e.errors[0].field, "spec.pipeline.components");
+        let e = validate_wrapper("default", "m", &spec("pipeline: {components: [{name: m, weights: {uri: 'file://models/m'}}]}")).unwrap_err();
+        assert!(e.errors[0].message.contains("file:///path"), "{e}");
+    }
+
+    #[test]
+    fn dns_rules() {
+        assert!(is_dns1123_label("encoder-2"));
+        assert!(!is_dns1123_label("-a"));
+        assert!(!is_dns1123_label("A"));
+        assert!(!is_dns1123_label(&"a".repeat(64)));
+        assert!(is_dns1123_subdomain("bert.v2"));
+        assert!(!is_dns1123_subdomain(".."));
+    }
+}
