@@ -281,13 +281,13 @@ pub fn validate_header(header_json: &[u8], file_size: u64) -> Result<Header, Hea
             return Err(HeaderError::OutOfBounds { tensor: name, end, available });
         }
         let offset = data_offset + begin;
-        if offset % dtype.size() != 0 {
+        if !offset.is_multiple_of(dtype.size()) {
             return Err(HeaderError::Misaligned { tensor: name, dtype: dtype.as_str(), offset, align: dtype.size() });
         }
         tensors.push(TensorInfo { name, dtype, shape: t.shape, begin, end });
     }
     // Empty tensors occupy no bytes and may sit anywhere; order by span.
-    tensors.sort_by(|a, b| (a.begin, a.end).cmp(&(b.begin, b.end)));
+    tensors.sort_by_key(|t| (t.begin, t.end));
     let mut covered = 0u64;
     let mut last: Option<&TensorInfo> = None;
     for t in tensors.iter().filter(|t| t.end > t.begin) {
@@ -328,7 +328,7 @@ mod tests {
     /// Builds a file image: header JSON padded with spaces to 8 bytes, then data.
     fn file(header: &str, data_len: u64) -> (Vec<u8>, u64) {
         let mut h = header.as_bytes().to_vec();
-        while h.len() % 8 != 0 {
+        while !h.len().is_multiple_of(8) {
             h.push(b' ');
         }
         let size = 8 + h.len() as u64 + data_len;
@@ -363,10 +363,10 @@ mod tests {
             (format!("{{{}}}", t("F32", "[3]", 0, 8)), 8, "needs 12 bytes but data_offsets span 8"),
             (format!("{{{}}}", t("F32", "[2]", 0, 8)), 4, "truncated"),
             (format!("{{{}}}", t("F32", "[1]", 4, 0)), 8, "begin after end"),
-            (format!(r#"{{"a":{{"dtype":"F32","shape":[2],"data_offsets":[0,8]}},"b":{{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}}}"#), 8, "overlap"),
+            (r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#.into(), 8, "overlap"),
             (format!("{{{}}}", t("F32", "[1]", 4, 8)), 8, "bytes 0..4 belong to no tensor"),
             (format!("{{{}}}", t("F32", "[1]", 0, 4)), 8, "bytes 4..8 belong to no tensor"),
-            (format!(r#"{{"a":{{"dtype":"U8","shape":[1],"data_offsets":[0,1]}},"b":{{"dtype":"F32","shape":[1],"data_offsets":[1,5]}}}}"#), 5, "not a multiple of 4"),
+            (r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"b":{"dtype":"F32","shape":[1],"data_offsets":[1,5]}}"#.into(), 5, "not a multiple of 4"),
             (r#"{"__metadata__":{"a":1}}"#.into(), 0, "__metadata__"),
         ];
         for (header, data, want) in cases {

@@ -1,0 +1,492 @@
+//! The fill engine: one ModelWrapper spec in, one verified generation
+//! published atomically out, or an error and nothing visible.
+//!
+//! Order (docs/FORMAT.md): plan sizes and check capacity; stage every file
+//! under `<root>/.staging/…` (its own tmpfs when mounts are allowed) while
+//! hashing; verify digests and safetensors headers; write `manifest.json`
+//! last; publish with one atomic step (bind mount, or rename).
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::stream::{self, StreamExt, TryStreamExt};
+use zerocopy_api::format::{generation_digest, skeleton_file, weights_file, FORMAT_V1, MANIFEST_FILE, PIPELINE_SKELETON_FILE};
+use zerocopy_api::manifest::{Manifest, ManifestComponent, ManifestFile, ManifestSkeleton, ManifestWeights};
+use zerocopy_api::safetensors::{check_header_len, header_len, validate_header, Header};
+use zerocopy_api::{validate_wrapper, ModelWrapperSpec};
+
+use crate::error::FillError;
+use crate::layout::VolumeRoot;
+use crate::mount;
+use crate::source::sink::HashingSink;
+use crate::source::{self, FetchError, Progress};
+
+/// Files fetched at once within one generation.
+const PARALLEL_FILES: usize = 4;
+/// Room for the manifest and filesystem overhead in a per-generation tmpfs.
+const TMPFS_SLACK: u64 = 1 << 20;
+/// tmpfs sizes are rounded to huge-page size so `huge=within_size` can use them.
+const TMPFS_ROUND: u64 = 2 << 20;
+
+/// How a generation is backed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MountMode {
+    /// Own tmpfs per generation when this process may mount, else a directory.
+    Auto,
+    /// Own tmpfs per generation (needs CAP_SYS_ADMIN); fails otherwise.
+    Tmpfs,
+    /// A directory under the root, which should itself be on a tmpfs.
+    Directory,
+}
+
+/// Creates one progress reporter per file being filled.
+pub trait ProgressFactory: Send + Sync {
+    /// A reporter for `file` of `component`; `total` when the size is known.
+    fn file(&self, component: &str, file: &str, total: Option<u64>) -> Arc<dyn Progress>;
+}
+
+/// No progress output.
+#[derive(Debug, Default)]
+pub struct Quiet;
+
+impl ProgressFactory for Quiet {
+    fn file(&self, _: &str, _: &str, _: Option<u64>) -> Arc<dyn Progress> {
+        Arc::new(source::NoProgress)
+    }
+}
+
+/// What a fill did.
+#[derive(Debug, Clone)]
+pub enum FillOutcome {
+    /// The generation was already complete; nothing was read.
+    UpToDate(Manifest),
+    /// A new generation was published.
+    Filled {
+        /// Its manifest.
+        manifest: Manifest,
+        /// Wall time of the fill.
+        seconds: f64,
+    },
+}
+
+impl FillOutcome {
+    /// The generation's manifest either way.
+    pub fn manifest(&self) -> &Manifest {
+        match self {
+            FillOutcome::UpToDate(m) | FillOutcome::Filled { manifest: m, .. } => m,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FileKind {
+    Weights,
+    Skeleton,
+    PipelineSkeleton,
+}
+
+#[derive(Debug, Clone)]
+struct PlannedFile {
+    component: String,
+    file_name: String,
+    uri: url::Url,
+    sha256: Option<String>,
+    size: Option<u64>,
+    kind: FileKind,
+}
+
+struct StagedFile {
+    plan: PlannedFile,
+    bytes: u64,
+    sha256: String,
+    header: Option<Header>,
+}
+
+/// Fills generations under one volume root.
+pub struct FillEngine {
+    root: VolumeRoot,
+    capacity: Option<u64>,
+    use_tmpfs: bool,
+    http: reqwest::Client,
+}
+
+impl FillEngine {
+    /// Prepares the root (creating it) and decides how generations are backed.
+    pub fn new(root: VolumeRoot, capacity: Option<u64>, mode: MountMode) -> io::Result<Self> {
+        fs::create_dir_all(root.staging_dir())?;
+        let use_tmpfs = match mode {
+            MountMode::Directory => false,
+            MountMode::Tmpfs => true,
+            MountMode::Auto => can_mount(&root.staging_dir()),
+        };
+        if !use_tmpfs && !mount::is_on_tmpfs(root.path()).unwrap_or(false) {
+            tracing::warn!(root = %root.path().display(), "volume root is not on a tmpfs and mounts are not used: weights will live in the page cache of a disk, not in shared memory");
+        }
+        let http = source::http::client().map_err(io::Error::other)?;
+        Ok(Self { root, capacity, use_tmpfs, http })
+    }
+
+    /// The root this engine fills.
+    pub fn root(&self) -> &VolumeRoot {
+        &self.root
+    }
+
+    /// True when each generation gets its own tmpfs mount.
+    pub fn uses_tmpfs(&self) -> bool {
+        self.use_tmpfs
+    }
+
+    /// Ensures the generation for `spec` is complete, filling it if needed.
+    pub async fn fill(
+        &self,
+        namespace: &str,
+        name: &str,
+        spec: &ModelWrapperSpec,
+        progress: &dyn ProgressFactory,
+    ) -> Result<FillOutcome, FillError> {
+        validate_wrapper(namespace, name, spec)?;
+        let wrapper = format!("{namespace}/{name}");
+        let generation = generation_digest(spec);
+        if let Some(m) = self.root.read_manifest(namespace, name, &generation) {
+            return Ok(FillOutcome::UpToDate(m));
+        }
+        let started = Instant::now();
+        let io_err = |action: &'static str, path: &Path| {
+            let wrapper = wrapper.clone();
+            let path = path.to_path_buf();
+            move |source: io::Error| FillError::Io { wrapper, action, path, source }
+        };
+
+        let mut plan = plan_files(spec)?;
+        for f in &mut plan {
+            f.size = self.size_of(f).await.map_err(|e| fetch_error(&wrapper, f, e))?;
+        }
+        let needed: u64 = plan.iter().filter_map(|f| f.size).sum();
+        let used = self.root.used_bytes().map_err(io_err("reading", self.root.path()))?;
+        let limit = match self.capacity {
+            Some(capacity) if used + needed > capacity => {
+                return Err(FillError::Capacity { wrapper, needed, capacity, used })
+            }
+            Some(capacity) => capacity - used,
+            None => u64::MAX,
+        };
+
+        let staging = self.root.staging_dir().join(format!("{namespace}.{name}.{generation}"));
+        let mut guard = StagingGuard::create(&staging, self.use_tmpfs).map_err(io_err("creating staging", &staging))?;
+        if self.use_tmpfs {
+            let all_known = plan.iter().all(|f| f.size.is_some());
+            let size = if all_known { needed } else { limit.min(host_memory()) };
+            let size = (size + TMPFS_SLACK).div_ceil(TMPFS_ROUND) * TMPFS_ROUND;
+            mount::mount_tmpfs(&staging, size, spec.memory.huge_pages).map_err(io_err("mounting tmpfs at", &staging))?;
+            guard.mounted = true;
+        }
+
+        let staged: Vec<StagedFile> = stream::iter(plan.into_iter().map(|f| self.stage(&wrapper, &staging, f, limit, progress)))
+            .buffer_unordered(PARALLEL_FILES)
+            .try_collect()
+            .await?;
+        let total_bytes: u64 = staged.iter().map(|s| s.bytes).sum();
+        if self.capacity.is_some() && total_bytes > limit {
+            return Err(FillError::Capacity { wrapper, needed: total_bytes, capacity: self.capacity.unwrap_or(0), used });
+        }
+
+        let manifest = build_manifest(namespace, name, &generation, spec, staged, total_bytes);
+        let manifest_json = serde_json::to_vec_pretty(&manifest).map_err(|e| io_err("encoding manifest", &staging)(io::Error::other(e)))?;
+        let manifest_path = staging.join(MANIFEST_FILE);
+        fs::write(&manifest_path, manifest_json).map_err(io_err("writing", &manifest_path))?;
+
+        let target = self.root.generation_dir(namespace, name, &generation);
+        self.publish(&staging, &target).map_err(io_err("publishing", &target))?;
+        guard.disarm();
+        let seconds = started.elapsed().as_secs_f64();
+        tracing::info!(wrapper = %wrapper, %generation, bytes = total_bytes, seconds, tmpfs = self.use_tmpfs, "generation published");
+        Ok(FillOutcome::Filled { manifest, seconds })
+    }
+
+    async fn size_of(&self, f: &PlannedFile) -> Result<Option<u64>, FetchError> {
+        match f.uri.scheme() {
+            "file" => source::file::size(&f.uri).map(Some),
+            _ => source::http::size(&self.http, &f.uri).await,
+        }
+    }
+
+    async fn stage(
+        &self,
+        wrapper: &str,
+        staging: &Path,
+        plan: PlannedFile,
+        limit: u64,
+        progress: &dyn ProgressFactory,
+    ) -> Result<StagedFile, FillError> {
+        let path = staging.join(&plan.file_name);
+        let file = File::create(&path).map_err(|source| FillError::Io { wrapper: wrapper.into(), action: "creating", path: path.clone(), source })?;
+        let sink = HashingSink::new(file, limit);
+        let bar = progress.file(&plan.component, &plan.file_name, plan.size);
+        let fetched = match plan.uri.scheme() {
+            "file" => {
+                let uri = plan.uri.clone();
+                let bar = bar.clone();
+                tokio::task::spawn_blocking(move || source::file::fetch(&uri, sink, bar.as_ref()))
+                    .await
+                    .map_err(|e| FetchError::Write(io::Error::other(e)))
+                    .and_then(|r| r)
+            }
+            _ => source::http::fetch(&self.http, &plan.uri, sink, bar.as_ref()).await,
+        }
+        .map_err(|e| fetch_error(wrapper, &plan, e))?;
+        if fetched.resumes > 0 {
+            tracing::info!(wrapper, component = %plan.component, resumes = fetched.resumes, "download resumed with Range");
+        }
+        if let Some(expected) = &plan.sha256 {
+            if !expected.eq_ignore_ascii_case(&fetched.sha256) {
+                return Err(FillError::DigestMismatch {
+                    wrapper: wrapper.into(),
+                    component: plan.component.clone(),
+                    uri: plan.uri.to_string(),
+                    expected: expected.to_ascii_lowercase(),
+                    actual: fetched.sha256,
+                });
+            }
+        }
+        let header = if plan.kind == FileKind::Weights {
+            let h = read_header(&path, fetched.bytes).map_err(|e| match e {
+                HeaderRead::Io(source) => FillError::Io { wrapper: wrapper.into(), action: "reading header of", path: path.clone(), source },
+                HeaderRead::Invalid(source) => {
+                    FillError::Header { wrapper: wrapper.into(), component: plan.component.clone(), uri: plan.uri.to_string(), source }
+                }
+            })?;
+            Some(h)
+        } else {
+            None
+        };
+        Ok(StagedFile { plan, bytes: fetched.bytes, sha256: fetched.sha256, header })
+    }
+
+    fn publish(&self, staging: &Path, target: &Path) -> io::Result<()> {
+        if let Some(parent) = target.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        // A leftover without a manifest (crash between mkdir and bind) is not
+        // a generation; clean_leftovers normally removed it already.
+        if target.exists() {
+            if mount::mount_at(target)?.is_some() {
+                mount::unmount_lazy(target)?;
+            }
+            fs::remove_dir_all(target)?;
+        }
+        if self.use_tmpfs {
+            fs::create_dir(target)?;
+            if let Err(e) = mount::bind_read_only(staging, target, true) {
+                let _ = fs::remove_dir(target);
+                return Err(e);
+            }
+            // The bind keeps the tmpfs alive; the staging mount point goes.
+            mount::unmount_lazy(staging)?;
+            fs::remove_dir(staging)?;
+        } else {
+            for entry in fs::read_dir(staging)? {
+                fs::set_permissions(entry?.path(), fs::Permissions::from_mode(0o444))?;
+            }
+            fs::set_permissions(staging, fs::Permissions::from_mode(0o555))?;
+            fs::rename(staging, target)?;
+        }
+        Ok(())
+    }
+}
+
+/// Removes the staging directory (and its mount) unless the fill published.
+struct StagingGuard {
+    path: PathBuf,
+    mounted: bool,
+    armed: bool,
+}
+
+impl StagingGuard {
+    fn create(path: &Path, _tmpfs: bool) -> io::Result<Self> {
+        if path.exists() {
+            if mount::mount_at(path)?.is_some() {
+                mount::unmount_lazy(path)?;
+            }
+            fs::remove_dir_all(path)?;
+        }
+        fs::create_dir_all(path)?;
+        Ok(Self { path: path.to_path_buf(), mounted: false, armed: true })
+    }
+
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for StagingGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if self.mounted {
+            if let Err(e) = mount::unmount_lazy(&self.path) {
+                tracing::warn!(path = %self.path.display(), error = %e, "could not unmount staging tmpfs; the next start cleans it");
+            }
+        }
+        if let Err(e) = fs::remove_dir_all(&self.path) {
+            tracing::warn!(path = %self.path.display(), error = %e, "could not remove staging; the next start cleans it");
+        }
+    }
+}
+
+fn plan_files(spec: &ModelWrapperSpec) -> Result<Vec<PlannedFile>, FillError> {
+    let parse = |s: &str| url::Url::parse(s).ok();
+    let mut plan = Vec::new();
+    for c in &spec.pipeline.components {
+        // validate_wrapper already checked every URI; parse cannot fail here.
+        if let Some(uri) = parse(&c.weights.uri) {
+            plan.push(PlannedFile {
+                component: c.name.clone(),
+                file_name: weights_file(&c.name),
+                uri,
+                sha256: c.weights.sha256.clone(),
+                size: None,
+                kind: FileKind::Weights,
+            });
+        }
+        if let Some(uri) = c.skeleton.as_ref().and_then(|s| s.uri.as_deref()).and_then(parse) {
+            plan.push(PlannedFile {
+                component: c.name.clone(),
+                file_name: skeleton_file(&c.name),
+                uri,
+                sha256: c.skeleton.as_ref().and_then(|s| s.sha256.clone()),
+                size: None,
+                kind: FileKind::Skeleton,
+            });
+        }
+    }
+    if let Some(p) = &spec.pipeline.skeleton {
+        if let Some(uri) = parse(&p.uri) {
+            plan.push(PlannedFile {
+                component: "pipeline".into(),
+                file_name: PIPELINE_SKELETON_FILE.into(),
+                uri,
+                sha256: p.sha256.clone(),
+                size: None,
+                kind: FileKind::PipelineSkeleton,
+            });
+        }
+    }
+    Ok(plan)
+}
+
+fn build_manifest(
+    namespace: &str,
+    name: &str,
+    generation: &str,
+    spec: &ModelWrapperSpec,
+    staged: Vec<StagedFile>,
+    total_bytes: u64,
+) -> Manifest {
+    let file_of = |s: &StagedFile| ManifestFile {
+        file: s.plan.file_name.clone(),
+        bytes: s.bytes,
+        sha256: s.sha256.clone(),
+        source: s.plan.uri.to_string(),
+    };
+    let find = |component: &str, kind: FileKind| staged.iter().find(|s| s.plan.component == component && s.plan.kind == kind);
+    let components = spec
+        .pipeline
+        .components
+        .iter()
+        .filter_map(|c| {
+            let w = find(&c.name, FileKind::Weights)?;
+            let header = w.header.as_ref()?;
+            let skeleton = c.skeleton.as_ref().map(|sk| ManifestSkeleton {
+                file: find(&c.name, FileKind::Skeleton).map(file_of),
+                factory: sk.factory.clone(),
+                kwargs: sk.kwargs.clone(),
+            });
+            Some(ManifestComponent {
+                name: c.name.clone(),
+                weights: ManifestWeights {
+                    file: file_of(w),
+                    tensors: header.tensors.len() as u64,
+                    dtypes: header.dtype_names(),
+                    data_offset: header.data_offset,
+                },
+                skeleton,
+            })
+        })
+        .collect();
+    Manifest {
+        format: FORMAT_V1.into(),
+        namespace: namespace.into(),
+        name: name.into(),
+        generation: generation.into(),
+        mode: spec.mode,
+        created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        total_bytes,
+        huge_pages: spec.memory.huge_pages,
+        prefault: spec.memory.prefault,
+        components,
+        pipeline_skeleton: staged.iter().find(|s| s.plan.kind == FileKind::PipelineSkeleton).map(file_of),
+    }
+}
+
+enum HeaderRead {
+    Io(io::Error),
+    Invalid(Box<zerocopy_api::safetensors::HeaderError>),
+}
+
+fn read_header(path: &Path, file_size: u64) -> Result<Header, HeaderRead> {
+    let mut f = File::open(path).map_err(HeaderRead::Io)?;
+    let mut prefix = [0u8; 8];
+    if file_size < 8 {
+        return Err(HeaderRead::Invalid(Box::new(zerocopy_api::safetensors::HeaderError::TooShort(file_size))));
+    }
+    f.read_exact(&mut prefix).map_err(HeaderRead::Io)?;
+    let n = header_len(&prefix);
+    check_header_len(n, file_size).map_err(|e| HeaderRead::Invalid(Box::new(e)))?;
+    let mut json = vec![0u8; n as usize];
+    f.read_exact(&mut json).map_err(HeaderRead::Io)?;
+    validate_header(&json, file_size).map_err(|e| HeaderRead::Invalid(Box::new(e)))
+}
+
+fn fetch_error(wrapper: &str, f: &PlannedFile, e: FetchError) -> FillError {
+    let (wrapper, component, uri) = (wrapper.to_string(), f.component.clone(), f.uri.to_string());
+    match e {
+        FetchError::Unreachable(reason) => FillError::Source { wrapper, component, uri, reason },
+        FetchError::Status(status) => {
+            let hint = match status {
+                404 => ": the file does not exist at that URI; check the path",
+                401 | 403 => ": access denied; the URI needs credentials or a public object",
+                _ => "",
+            };
+            FillError::HttpStatus { wrapper, component, uri, status, hint }
+        }
+        FetchError::Truncated { got, expected, resumes } => FillError::Truncated { wrapper, component, uri, got, expected, resumes },
+        FetchError::TooLarge(limit) => FillError::Capacity { wrapper, needed: limit.saturating_add(1), capacity: limit, used: 0 },
+        FetchError::Write(source) => FillError::Io { wrapper, action: "writing staging file for", path: PathBuf::from(uri), source },
+    }
+}
+
+/// True when this process may mount (tries a tiny tmpfs and removes it).
+fn can_mount(dir: &Path) -> bool {
+    if !nix::unistd::geteuid().is_root() {
+        return false;
+    }
+    let probe = dir.join(format!("mount-probe-{}", std::process::id()));
+    if fs::create_dir_all(&probe).is_err() {
+        return false;
+    }
+    let ok = mount::mount_tmpfs(&probe, 4096, false).is_ok();
+    if ok {
+        let _ = mount::unmount_lazy(&probe);
+    }
+    let _ = fs::remove_dir(&probe);
+    ok
+}
+
+fn host_memory() -> u64 {
+    nix::sys::sysinfo::sysinfo().map(|s| s.ram_total()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,16 @@
+//! The zerocopy node agent: fills ModelWrapper generations into shared
+//! memory. `main.rs` is a thin CLI over this library.
+
+pub mod error;
+pub mod fill;
+pub mod layout;
+pub mod manifests;
+pub mod mount;
+pub mod progress;
+pub mod source;
+pub mod standalone;
+pub mod status;
+
+pub use error::FillError;
+pub use fill::{FillEngine, FillOutcome, MountMode};
+pub use layout::VolumeRoot;

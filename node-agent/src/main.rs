@@ -1,0 +1,129 @@
+//! `zerocopy-node-agent`: flags, logging, exit codes. The work is in the library.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use zerocopy_api::quantity::parse_size;
+use zerocopy_node_agent::{manifests, standalone, status, FillEngine, MountMode, VolumeRoot};
+
+/// Exit code when the input files are wrong (nothing was filled).
+const EXIT_INVALID: u8 = 2;
+/// Exit code when a fill failed (other wrappers may have been filled).
+const EXIT_FILL_FAILED: u8 = 1;
+
+#[derive(Parser)]
+#[command(name = "zerocopy-node-agent", version, about = "Fills ModelWrapper weights into node shared memory, once per node.")]
+struct Cli {
+    /// Volume root: generations live at <root>/<namespace>/<wrapper>/<generation>.
+    #[arg(long, global = true, env = "ZEROCOPY_ROOT", default_value = "/dev/shm/zerocopy")]
+    root: PathBuf,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fill the ModelWrappers in these YAML files into local shared memory, then exit.
+    Standalone {
+        /// A ModelWrapper YAML file, or a directory of them.
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+        /// Most bytes all generations together may hold (e.g. 8Gi).
+        #[arg(long)]
+        capacity: Option<String>,
+        /// How generations are backed.
+        #[arg(long, value_enum, default_value_t = MountMode::Auto)]
+        mount_mode: MountMode,
+        /// Also remove generations of wrappers that are not in the files.
+        #[arg(long)]
+        prune: bool,
+        /// No progress bars.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// List wrappers, generations, sizes and state under the root.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_INVALID)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let root = VolumeRoot::new(&cli.root);
+    match cli.command {
+        Command::Standalone { files, capacity, mount_mode, prune, quiet } => {
+            let capacity = capacity.as_deref().map(parse_size).transpose()?;
+            let mut wrappers = Vec::new();
+            for f in &files {
+                wrappers.extend(manifests::load_wrappers(f)?);
+            }
+            // Every problem in every file, before anything is filled.
+            let invalid: Vec<String> = wrappers
+                .iter()
+                .filter_map(|w| zerocopy_api::validate_wrapper(&w.namespace, &w.name, &w.wrapper.spec).err())
+                .map(|e| e.to_string())
+                .collect();
+            if !invalid.is_empty() {
+                eprintln!("{}\nnothing was filled; fix the files and run again", invalid.join("\n"));
+                return Ok(ExitCode::from(EXIT_INVALID));
+            }
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let report = runtime.block_on(async {
+                let engine = FillEngine::new(root.clone(), capacity, mount_mode)
+                    .with_context(|| format!("preparing volume root {}", cli.root.display()))?;
+                let opts = standalone::Options { progress: !quiet && std::io::stderr().is_terminal(), prune };
+                standalone::reconcile(&engine, &wrappers, opts).await.context("reconciling")
+            })?;
+            println!("{}", standalone::summary_table(&report, root.path()));
+            for w in &report.wrappers {
+                if let Err(e) = &w.outcome {
+                    eprintln!("error: {e}");
+                }
+            }
+            Ok(if report.all_ready() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_FILL_FAILED) })
+        }
+        Command::Status { json } => {
+            let rows = status::collect(&root).with_context(|| format!("reading {}", cli.root.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!("{}", status::table(&rows));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,zerocopy_node_agent=info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
