@@ -1,0 +1,219 @@
+"""``export()``: a model or pipeline to safetensors files, skeletons and a
+ModelWrapper YAML that points at them."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import logging
+import os
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import yaml
+from safetensors.torch import save_file
+from torch import nn
+
+from ._format import ATTRIBUTE_KEY, PIPELINE_SKELETON_FILE, skeleton_file, weights_file
+
+log = logging.getLogger("modelwrapper")
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def detect_components(obj: Any) -> tuple[bool, dict[str, nn.Module]]:
+    """Like the seed: an ``nn.Module`` is a standalone model; any other object is
+    a pipeline whose ``nn.Module`` attributes are its components."""
+    if isinstance(obj, nn.Module):
+        return True, {"model": obj}
+    found = {k: v for k, v in vars(obj).items() if isinstance(v, nn.Module)}
+    if not found:
+        raise TypeError(
+            f"{type(obj).__name__} is neither an nn.Module nor a pipeline with nn.Module attributes"
+        )
+    return False, found
+
+
+def component_name(attribute: str) -> str:
+    """Attribute name → DNS-1123 component name (``text_encoder`` → ``text-encoder``)."""
+    name = re.sub(r"[^a-z0-9-]+", "-", attribute.lower()).strip("-")[:63].strip("-")
+    if not _DNS_LABEL.match(name or ""):
+        raise ValueError(f"attribute {attribute!r} cannot be turned into a component name")
+    return name
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class ExportedComponent:
+    name: str
+    attribute: str
+    weights: Path
+    weights_sha256: str
+    skeleton: Path | None
+    skeleton_sha256: str | None
+    module_class: str
+    parameters: int
+    bytes: int
+    dtypes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Exported:
+    out_dir: Path
+    standalone: bool
+    components: list[ExportedComponent]
+    pipeline_skeleton: Path | None
+    pipeline_skeleton_sha256: str | None
+    yaml_path: Path
+    spec: dict[str, Any]
+
+
+def _unique_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with tied tensors written once (safetensors refuses
+    aliases); the loader re-ties them from the module's structure."""
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    out = {}
+    for name, t in module.state_dict().items():
+        t = t.detach()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.contiguous().cpu()
+    return out
+
+
+@contextlib.contextmanager
+def _weights_on_meta(module: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily swaps parameters and persistent buffers for meta tensors, so
+    the skeleton pickles without weights and without copying the model.
+    Non-persistent buffers keep their values: they are not in the weights."""
+    saved: list[tuple[dict[str, Any], str, Any]] = []
+    memo: dict[int, Any] = {}
+    try:
+        for sub in module.modules():
+            for name, p in list(sub._parameters.items()):
+                if p is not None:
+                    saved.append((sub._parameters, name, p))
+                    if id(p) not in memo:
+                        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+                    sub._parameters[name] = memo[id(p)]
+            for name, b in list(sub._buffers.items()):
+                if b is not None and name not in sub._non_persistent_buffers_set:
+                    saved.append((sub._buffers, name, b))
+                    if id(b) not in memo:
+                        memo[id(b)] = torch.empty_like(b, device="meta")
+                    sub._buffers[name] = memo[id(b)]
+        yield module
+    finally:
+        for table, name, original in saved:
+            table[name] = original
+
+
+def export(
+    model_or_pipeline: Any,
+    out_dir: str | os.PathLike[str],
+    *,
+    uri_prefix: str | None = None,
+    name: str | None = None,
+    namespace: str | None = None,
+    mode: str = "actor",
+    skeletons: bool = True,
+) -> Exported:
+    """Writes ``<component>.safetensors`` (+ ``.skeleton.pt``) per component,
+    ``pipeline.skeleton.pkl`` for a pipeline object, and ``modelwrapper.yaml``.
+
+    ``uri_prefix`` is where the files will be served from (``https://host/dir/``);
+    by default the YAML points at the files with ``file://`` URIs.
+    """
+    if mode not in ("actor", "task"):
+        raise ValueError(f"mode must be 'actor' or 'task', not {mode!r}")
+    out = Path(out_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    standalone, modules = detect_components(model_or_pipeline)
+    prefix = uri_prefix if uri_prefix is not None else out.as_uri() + "/"
+    if not prefix.endswith("/"):
+        prefix += "/"
+    exported: list[ExportedComponent] = []
+    names: dict[str, str] = {}
+    for attribute, module in modules.items():
+        cname = component_name(attribute)
+        if cname in names:
+            raise ValueError(f"attributes {names[cname]!r} and {attribute!r} both map to component {cname!r}")
+        names[cname] = attribute
+        state = _unique_state(module)
+        wpath = out / weights_file(cname)
+        save_file(state, str(wpath), metadata={ATTRIBUTE_KEY: attribute, "format": "pt"})
+        spath = None
+        if skeletons:
+            spath = out / skeleton_file(cname)
+            with _weights_on_meta(module) as skeleton:
+                torch.save(skeleton, spath)
+        exported.append(
+            ExportedComponent(
+                name=cname,
+                attribute=attribute,
+                weights=wpath,
+                weights_sha256=sha256_file(wpath),
+                skeleton=spath,
+                skeleton_sha256=sha256_file(spath) if spath else None,
+                module_class=f"{type(module).__module__}.{type(module).__qualname__}",
+                parameters=sum(p.numel() for p in module.parameters()),
+                bytes=wpath.stat().st_size,
+                dtypes=sorted({str(t.dtype).removeprefix("torch.") for t in state.values()}),
+            )
+        )
+    pipeline_path = None
+    if not standalone:
+        hollow = copy.copy(model_or_pipeline)
+        for attribute in modules:
+            setattr(hollow, attribute, None)
+        try:
+            data = pickle.dumps(hollow, protocol=4)
+        except Exception as e:  # noqa: BLE001 - any pickling failure means "no skeleton"
+            log.warning("pipeline %s cannot be pickled (%s); load() will return a plain namespace", type(model_or_pipeline).__name__, e)
+        else:
+            pipeline_path = out / PIPELINE_SKELETON_FILE
+            pipeline_path.write_bytes(data)
+    wrapper_name = name or component_name(type(model_or_pipeline).__name__)
+    components_spec = []
+    for c in exported:
+        entry: dict[str, Any] = {
+            "name": c.name,
+            "weights": {"uri": prefix + c.weights.name, "sha256": c.weights_sha256},
+        }
+        if c.skeleton:
+            entry["skeleton"] = {"uri": prefix + c.skeleton.name, "sha256": c.skeleton_sha256}
+        components_spec.append(entry)
+    pipeline_spec: dict[str, Any] = {"components": components_spec}
+    pipeline_sha = sha256_file(pipeline_path) if pipeline_path else None
+    if pipeline_path:
+        pipeline_spec["skeleton"] = {"uri": prefix + pipeline_path.name, "sha256": pipeline_sha}
+    metadata: dict[str, Any] = {"name": wrapper_name}
+    if namespace:
+        metadata["namespace"] = namespace
+    doc = {
+        "apiVersion": "zerocopy.dev/v1alpha1",
+        "kind": "ModelWrapper",
+        "metadata": metadata,
+        "spec": {"mode": mode, "pipeline": pipeline_spec},
+    }
+    if mode == "task":
+        doc["spec"]["task"] = {
+            "template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "task", "image": "REPLACE-ME"}]}}
+        }
+    yaml_path = out / "modelwrapper.yaml"
+    yaml_path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return Exported(out, standalone, exported, pipeline_path, pipeline_sha, yaml_path, doc)

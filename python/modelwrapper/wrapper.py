@@ -1,0 +1,159 @@
+"""``ModelWrapper``: the seed library's API, backed by a volume path.
+
+A wrapper is a small picklable handle on a directory; sending it to a Ray
+actor or task sends a path, never weights. ``load()`` maps the weights
+zero-copy from shared memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+from ._export import component_name, detect_components
+from ._format import read_manifest
+from ._load import load as _load_volume
+from ._local import publish_local
+
+_MODES = ("actor", "task")
+
+
+class ModelWrapper:
+    """Handle on a model volume, created with :meth:`from_model` or :meth:`from_volume`."""
+
+    def __init__(self, path: str | os.PathLike[str], *, mode: str, is_standalone: bool, model_info: dict[str, dict[str, Any]]):
+        if mode not in _MODES:
+            raise ValueError(f"mode must be 'actor' or 'task', not {mode!r}")
+        self._path = Path(path)
+        self._mode = mode
+        self._is_standalone_module = is_standalone
+        self._model_info = model_info
+
+    # construction -------------------------------------------------------
+    @classmethod
+    def from_model(cls, model: Any, mode: str = "actor", *, name: str | None = None) -> "ModelWrapper":
+        """Exports ``model`` (an ``nn.Module`` or a pipeline object) once into the
+        local shared-memory root (``$MODELWRAPPER_ROOT``, default
+        ``/dev/shm/zerocopy``) and returns a wrapper for it."""
+        if mode not in _MODES:
+            raise ValueError(f"mode must be 'actor' or 'task', not {mode!r}")
+        standalone, modules = detect_components(model)
+        wrapper_name = name or component_name(type(model).__name__)
+        path = publish_local(model, name=wrapper_name, mode=mode)
+        info = {
+            attr: {
+                "component": component_name(attr),
+                "class": f"{type(m).__module__}.{type(m).__qualname__}",
+                "parameters": sum(p.numel() for p in m.parameters()),
+            }
+            for attr, m in modules.items()
+        }
+        return cls(path, mode=mode, is_standalone=standalone, model_info=info)
+
+    @classmethod
+    def from_volume(cls, path: str | os.PathLike[str] | None = None) -> "ModelWrapper":
+        """A wrapper for a mounted or filled volume; ``path`` defaults to
+        ``$MODELWRAPPER_PATH`` (set by the operator in task pods)."""
+        path = path or os.environ.get("MODELWRAPPER_PATH")
+        if not path:
+            raise ValueError("from_volume() needs a path, or MODELWRAPPER_PATH set to the mounted volume")
+        manifest = read_manifest(Path(path))
+        comps = manifest["components"]
+        standalone = len(comps) == 1 and not manifest.get("pipelineSkeleton")
+        info = {
+            c["name"].replace("-", "_"): {
+                "component": c["name"],
+                "bytes": c["weights"]["bytes"],
+                "tensors": c["weights"]["tensors"],
+                "dtypes": c["weights"]["dtypes"],
+            }
+            for c in comps
+        }
+        return cls(path, mode=manifest.get("mode", "actor"), is_standalone=standalone, model_info=info)
+
+    @classmethod
+    def for_tasks(cls, pipeline: Any) -> "TaskPipeline":
+        """Task mode in one step: each call of the result runs as a Ray task
+        (or in-process when Ray is not running)."""
+        return cls.from_model(pipeline, mode="task").load()
+
+    # use ------------------------------------------------------------------
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def load(self, _use_fast_load: bool = False) -> Any:
+        """Actor mode: the model or pipeline, mapped zero-copy (on CPU, eval,
+        no grad). ``_use_fast_load=True`` prefaults the page tables up front.
+        Task mode: a :class:`TaskPipeline` whose calls run as Ray tasks."""
+        if self._mode == "task":
+            return TaskPipeline(self)
+        return _load_volume(self._path, prefault=_use_fast_load)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("a ModelWrapper is not callable: call wrapper.load() (actor mode) or use ModelWrapper.for_tasks()")
+
+    def serialize(self) -> dict[str, Any]:
+        """A small JSON-able description (path and metadata, no weights)."""
+        return {
+            "path": str(self._path),
+            "mode": self._mode,
+            "is_standalone": self._is_standalone_module,
+            "model_info": self._model_info,
+        }
+
+    @classmethod
+    def deserialize(cls, data: dict[str, Any]) -> "ModelWrapper":
+        return cls(data["path"], mode=data["mode"], is_standalone=data["is_standalone"], model_info=data["model_info"])
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ModelWrapper.deserialize, (self.serialize(),))
+
+    def __repr__(self) -> str:
+        return f"ModelWrapper(path={str(self._path)!r}, mode={self._mode!r}, components={list(self._model_info)})"
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_load(path: str) -> Any:
+    """One zero-copy load per worker process and volume."""
+    return _load_volume(path)
+
+
+def _invoke(path: str, attribute: str | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    target = _cached_load(path)
+    if attribute is not None:
+        target = getattr(target, attribute)
+    return target(*args, **kwargs)
+
+
+def _ray_running() -> bool:
+    try:
+        import ray
+    except ImportError:
+        return False
+    return bool(ray.is_initialized())
+
+
+class TaskPipeline:
+    """Calls run as Ray tasks that map the volume on their node; without Ray
+    they run in this process. Component calls (``p.encoder(x)``) work too."""
+
+    def __init__(self, wrapper: ModelWrapper, attribute: str | None = None):
+        self._wrapper = wrapper
+        self._attribute = attribute
+
+    def __getattr__(self, name: str) -> "TaskPipeline":
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return TaskPipeline(self._wrapper, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        path = str(self._wrapper.path)
+        if _ray_running():
+            import ray
+
+            remote = ray.remote(_invoke)
+            return ray.get(remote.remote(path, self._attribute, args, kwargs))
+        return _invoke(path, self._attribute, args, kwargs)
