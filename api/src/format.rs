@@ -57,9 +57,18 @@ pub fn generation_digest(spec: &ModelWrapperSpec) -> String {
         .pipeline
         .components
         .iter()
-        .map(|c| (lower(&c.weights.sha256), c.skeleton.as_ref().and_then(|s| lower(&s.sha256))))
+        .map(|c| {
+            (
+                lower(&c.weights.sha256),
+                c.skeleton.as_ref().and_then(|s| lower(&s.sha256)),
+            )
+        })
         .collect();
-    let pipeline_sha = spec.pipeline.skeleton.as_ref().and_then(|s| lower(&s.sha256));
+    let pipeline_sha = spec
+        .pipeline
+        .skeleton
+        .as_ref()
+        .and_then(|s| lower(&s.sha256));
     let input = GenerationInput {
         format: FORMAT_V1,
         mode: spec.mode,
@@ -72,12 +81,19 @@ pub fn generation_digest(spec: &ModelWrapperSpec) -> String {
             .map(|(c, (w, s))| ComponentInput {
                 name: &c.name,
                 weights: (&c.weights.uri, w.as_deref()),
-                skeleton_uri: c.skeleton.as_ref().and_then(|sk| sk.uri.as_deref().map(|u| (u, s.as_deref()))),
+                skeleton_uri: c
+                    .skeleton
+                    .as_ref()
+                    .and_then(|sk| sk.uri.as_deref().map(|u| (u, s.as_deref()))),
                 factory: c.skeleton.as_ref().and_then(|sk| sk.factory.as_deref()),
                 kwargs: c.skeleton.as_ref().and_then(|sk| sk.kwargs.as_ref()),
             })
             .collect(),
-        pipeline_skeleton: spec.pipeline.skeleton.as_ref().map(|s| (s.uri.as_str(), pipeline_sha.as_deref())),
+        pipeline_skeleton: spec
+            .pipeline
+            .skeleton
+            .as_ref()
+            .map(|s| (s.uri.as_str(), pipeline_sha.as_deref())),
     };
     // serde_json writes struct fields in declaration order and maps sorted
     // (serde_json::Map is a BTreeMap here), so the encoding is canonical.
@@ -89,7 +105,9 @@ pub fn generation_digest(spec: &ModelWrapperSpec) -> String {
 
 /// True for a directory name that can be a generation.
 pub fn is_generation_name(s: &str) -> bool {
-    s.len() == GENERATION_LEN && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == GENERATION_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 #[cfg(test)]
@@ -114,10 +132,21 @@ mod tests {
         let base = "pipeline: {components: [{name: m, weights: {uri: 'file:///m', sha256: 'aa'}}]}";
         let g = generation_digest(&spec(base));
         assert_ne!(g, generation_digest(&spec(&base.replace("aa", "bb"))));
-        assert_ne!(g, generation_digest(&spec(&base.replace("file:///m", "file:///n"))));
-        assert_ne!(g, generation_digest(&spec(&format!("memory: {{hugePages: true}}\n{base}"))));
+        assert_ne!(
+            g,
+            generation_digest(&spec(&base.replace("file:///m", "file:///n")))
+        );
+        assert_ne!(
+            g,
+            generation_digest(&spec(&format!("memory: {{hugePages: true}}\n{base}")))
+        );
         assert_eq!(g, generation_digest(&spec(&base.replace("aa", "AA"))));
         // placement and load hints do not refill
-        assert_eq!(g, generation_digest(&spec(&format!("nodeSelector: {{a: b}}\nmemory: {{prefault: true}}\n{base}"))));
+        assert_eq!(
+            g,
+            generation_digest(&spec(&format!(
+                "nodeSelector: {{a: b}}\nmemory: {{prefault: true}}\n{base}"
+            )))
+        );
     }
 }

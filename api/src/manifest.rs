@@ -121,7 +121,10 @@ impl Manifest {
     pub fn files(&self) -> impl Iterator<Item = &ManifestFile> {
         self.components
             .iter()
-            .flat_map(|c| std::iter::once(&c.weights.file).chain(c.skeleton.as_ref().and_then(|s| s.file.as_ref())))
+            .flat_map(|c| {
+                std::iter::once(&c.weights.file)
+                    .chain(c.skeleton.as_ref().and_then(|s| s.file.as_ref()))
+            })
             .chain(self.pipeline_skeleton.as_ref())
     }
 }
@@ -145,7 +148,12 @@ mod tests {
             components: vec![ManifestComponent {
                 name: "enc".into(),
                 weights: ManifestWeights {
-                    file: ManifestFile { file: "enc.safetensors".into(), bytes: 10, sha256: "00".into(), source: "file:///x".into() },
+                    file: ManifestFile {
+                        file: "enc.safetensors".into(),
+                        bytes: 10,
+                        sha256: "00".into(),
+                        source: "file:///x".into(),
+                    },
                     tensors: 1,
                     dtypes: vec!["F32".into()],
                     data_offset: 8,
@@ -156,10 +164,16 @@ mod tests {
         };
         let json = serde_json::to_vec(&m).unwrap();
         let text = String::from_utf8(json.clone()).unwrap();
-        assert!(text.contains("\"dataOffset\":8") && text.contains("\"file\":\"enc.safetensors\""), "{text}");
+        assert!(
+            text.contains("\"dataOffset\":8") && text.contains("\"file\":\"enc.safetensors\""),
+            "{text}"
+        );
         assert_eq!(Manifest::from_json(&json).unwrap(), m);
         assert_eq!(m.files().count(), 1);
         let other = text.replace(FORMAT_V1, "zerocopy.dev/v9");
-        assert!(Manifest::from_json(other.as_bytes()).unwrap_err().to_string().contains("v9"));
+        assert!(Manifest::from_json(other.as_bytes())
+            .unwrap_err()
+            .to_string()
+            .contains("v9"));
     }
 }

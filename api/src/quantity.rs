@@ -12,9 +12,13 @@ pub struct ParseSizeError {
 
 /// Parses `8Gi`, `512Mi`, `1G`, `1000` into bytes.
 pub fn parse_size(input: &str) -> Result<u64, ParseSizeError> {
-    let err = || ParseSizeError { input: input.to_string() };
+    let err = || ParseSizeError {
+        input: input.to_string(),
+    };
     let s = input.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
     let (number, suffix) = s.split_at(split);
     let multiplier: u64 = match suffix {
         "" => 1,

@@ -258,33 +258,64 @@ pub fn validate_header(header_json: &[u8], file_size: u64) -> Result<Header, Hea
     let mut tensors = Vec::with_capacity(raw.len());
     for (name, value) in raw {
         if name == "__metadata__" {
-            metadata = serde_json::from_value(value)
-                .map_err(|e| HeaderError::Json(format!("__metadata__ must map strings to strings: {e}")))?;
+            metadata = serde_json::from_value(value).map_err(|e| {
+                HeaderError::Json(format!("__metadata__ must map strings to strings: {e}"))
+            })?;
             continue;
         }
-        let t: RawTensor =
-            serde_json::from_value(value).map_err(|e| HeaderError::Json(format!("tensor {name:?}: {e}")))?;
-        let dtype = Dtype::parse(&t.dtype).ok_or_else(|| HeaderError::Dtype { tensor: name.clone(), dtype: t.dtype.clone() })?;
+        let t: RawTensor = serde_json::from_value(value)
+            .map_err(|e| HeaderError::Json(format!("tensor {name:?}: {e}")))?;
+        let dtype = Dtype::parse(&t.dtype).ok_or_else(|| HeaderError::Dtype {
+            tensor: name.clone(),
+            dtype: t.dtype.clone(),
+        })?;
         let (begin, end) = t.data_offsets;
         if begin > end {
-            return Err(HeaderError::ReversedOffsets { tensor: name, begin, end });
+            return Err(HeaderError::ReversedOffsets {
+                tensor: name,
+                begin,
+                end,
+            });
         }
         let expected = t
             .shape
             .iter()
             .try_fold(dtype.size(), |acc, d| acc.checked_mul(*d))
-            .ok_or_else(|| HeaderError::Json(format!("tensor {name:?}: shape {:?} overflows", t.shape)))?;
+            .ok_or_else(|| {
+                HeaderError::Json(format!("tensor {name:?}: shape {:?} overflows", t.shape))
+            })?;
         if expected != end - begin {
-            return Err(HeaderError::SpanMismatch { tensor: name, shape: t.shape, dtype: dtype.as_str(), expected, actual: end - begin });
+            return Err(HeaderError::SpanMismatch {
+                tensor: name,
+                shape: t.shape,
+                dtype: dtype.as_str(),
+                expected,
+                actual: end - begin,
+            });
         }
         if end > available {
-            return Err(HeaderError::OutOfBounds { tensor: name, end, available });
+            return Err(HeaderError::OutOfBounds {
+                tensor: name,
+                end,
+                available,
+            });
         }
         let offset = data_offset + begin;
         if !offset.is_multiple_of(dtype.size()) {
-            return Err(HeaderError::Misaligned { tensor: name, dtype: dtype.as_str(), offset, align: dtype.size() });
+            return Err(HeaderError::Misaligned {
+                tensor: name,
+                dtype: dtype.as_str(),
+                offset,
+                align: dtype.size(),
+            });
         }
-        tensors.push(TensorInfo { name, dtype, shape: t.shape, begin, end });
+        tensors.push(TensorInfo {
+            name,
+            dtype,
+            shape: t.shape,
+            begin,
+            end,
+        });
     }
     // Empty tensors occupy no bytes and may sit anywhere; order by span.
     tensors.sort_by_key(|t| (t.begin, t.end));
@@ -293,18 +324,31 @@ pub fn validate_header(header_json: &[u8], file_size: u64) -> Result<Header, Hea
     for t in tensors.iter().filter(|t| t.end > t.begin) {
         if t.begin < covered {
             let first = last.map(|l| l.name.clone()).unwrap_or_default();
-            return Err(HeaderError::Overlap { first, second: t.name.clone() });
+            return Err(HeaderError::Overlap {
+                first,
+                second: t.name.clone(),
+            });
         }
         if t.begin > covered {
-            return Err(HeaderError::Gap { from: covered, to: t.begin });
+            return Err(HeaderError::Gap {
+                from: covered,
+                to: t.begin,
+            });
         }
         covered = t.end;
         last = Some(t);
     }
     if covered != available {
-        return Err(HeaderError::Gap { from: covered, to: available });
+        return Err(HeaderError::Gap {
+            from: covered,
+            to: available,
+        });
     }
-    Ok(Header { data_offset, tensors, metadata })
+    Ok(Header {
+        data_offset,
+        tensors,
+        metadata,
+    })
 }
 
 /// Checks the declared header length before it is read.
@@ -316,7 +360,10 @@ pub fn check_header_len(n: u64, file_size: u64) -> Result<(), HeaderError> {
         return Err(HeaderError::HeaderTooLarge(n));
     }
     if 8 + n > file_size {
-        return Err(HeaderError::HeaderBeyondFile { header: n, file: file_size });
+        return Err(HeaderError::HeaderBeyondFile {
+            header: n,
+            file: file_size,
+        });
     }
     Ok(())
 }
@@ -356,7 +403,9 @@ mod tests {
 
     #[test]
     fn rejects_each_malformed_case_by_name() {
-        let t = |dtype: &str, shape: &str, b: u64, e: u64| format!(r#""{dtype}_t":{{"dtype":"{dtype}","shape":{shape},"data_offsets":[{b},{e}]}}"#);
+        let t = |dtype: &str, shape: &str, b: u64, e: u64| {
+            format!(r#""{dtype}_t":{{"dtype":"{dtype}","shape":{shape},"data_offsets":[{b},{e}]}}"#)
+        };
         let cases: Vec<(String, u64, &str)> = vec![
             ("not json".into(), 0, "not valid safetensors JSON"),
             (format!("{{{}}}", t("Q7", "[1]", 0, 1)), 1, "unsupported dtype \"Q7\""),
@@ -371,14 +420,23 @@ mod tests {
         ];
         for (header, data, want) in cases {
             let err = check(&header, data).unwrap_err().to_string();
-            assert!(err.contains(want), "header {header}: got {err:?}, want {want:?}");
+            assert!(
+                err.contains(want),
+                "header {header}: got {err:?}, want {want:?}"
+            );
         }
     }
 
     #[test]
     fn rejects_bad_length_prefixes() {
         assert_eq!(check_header_len(0, 4), Err(HeaderError::TooShort(4)));
-        assert!(matches!(check_header_len(MAX_HEADER_BYTES + 1, u64::MAX), Err(HeaderError::HeaderTooLarge(_))));
-        assert!(matches!(check_header_len(100, 50), Err(HeaderError::HeaderBeyondFile { .. })));
+        assert!(matches!(
+            check_header_len(MAX_HEADER_BYTES + 1, u64::MAX),
+            Err(HeaderError::HeaderTooLarge(_))
+        ));
+        assert!(matches!(
+            check_header_len(100, 50),
+            Err(HeaderError::HeaderBeyondFile { .. })
+        ));
     }
 }

@@ -204,7 +204,13 @@ spec:
         assert_eq!(mw.spec.mode, Mode::Actor);
         assert_eq!(mw.spec.pipeline.components.len(), 2);
         assert!(mw.spec.memory.huge_pages);
-        let kwargs = mw.spec.pipeline.components[0].skeleton.as_ref().unwrap().kwargs.as_ref().unwrap();
+        let kwargs = mw.spec.pipeline.components[0]
+            .skeleton
+            .as_ref()
+            .unwrap()
+            .kwargs
+            .as_ref()
+            .unwrap();
         assert_eq!(kwargs["hidden"], 768);
     }
 

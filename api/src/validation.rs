@@ -31,13 +31,22 @@ pub struct ValidationErrors {
 
 impl ValidationErrors {
     fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
-        self.errors.push(FieldError { field: field.into(), message: message.into() });
+        self.errors.push(FieldError {
+            field: field.into(),
+            message: message.into(),
+        });
     }
 }
 
 impl fmt::Display for ValidationErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ModelWrapper {} is invalid ({} problem{}):", self.object, self.errors.len(), if self.errors.len() == 1 { "" } else { "s" })?;
+        write!(
+            f,
+            "ModelWrapper {} is invalid ({} problem{}):",
+            self.object,
+            self.errors.len(),
+            if self.errors.len() == 1 { "" } else { "s" }
+        )?;
         for e in &self.errors {
             write!(f, "\n  - {}: {}", e.field, e.message)?;
         }
@@ -51,7 +60,8 @@ impl std::error::Error for ValidationErrors {}
 pub fn is_dns1123_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -67,8 +77,15 @@ pub fn is_sha256_hex(s: &str) -> bool {
 }
 
 /// Validates a wrapper's name, namespace and spec, collecting every problem.
-pub fn validate_wrapper(namespace: &str, name: &str, spec: &ModelWrapperSpec) -> Result<(), ValidationErrors> {
-    let mut errs = ValidationErrors { object: format!("{namespace}/{name}"), errors: Vec::new() };
+pub fn validate_wrapper(
+    namespace: &str,
+    name: &str,
+    spec: &ModelWrapperSpec,
+) -> Result<(), ValidationErrors> {
+    let mut errs = ValidationErrors {
+        object: format!("{namespace}/{name}"),
+        errors: Vec::new(),
+    };
     if !is_dns1123_label(namespace) {
         errs.push("metadata.namespace", format!("{namespace:?} is not a DNS-1123 label (lowercase letters, digits and '-', at most 63)"));
     }
@@ -78,7 +95,10 @@ pub fn validate_wrapper(namespace: &str, name: &str, spec: &ModelWrapperSpec) ->
 
     let components = &spec.pipeline.components;
     if components.is_empty() {
-        errs.push("spec.pipeline.components", "at least one component is required");
+        errs.push(
+            "spec.pipeline.components",
+            "at least one component is required",
+        );
     }
     let mut seen = BTreeSet::new();
     for (i, c) in components.iter().enumerate() {
@@ -89,9 +109,18 @@ pub fn validate_wrapper(namespace: &str, name: &str, spec: &ModelWrapperSpec) ->
                 format!("{:?} is not a DNS-1123 label: use lowercase letters, digits and '-', at most 63 characters (it becomes a file name)", c.name),
             );
         } else if c.name == "pipeline" {
-            errs.push(format!("{at}.name"), "\"pipeline\" is reserved for the pipeline skeleton file; rename the component");
+            errs.push(
+                format!("{at}.name"),
+                "\"pipeline\" is reserved for the pipeline skeleton file; rename the component",
+            );
         } else if !seen.insert(c.name.as_str()) {
-            errs.push(format!("{at}.name"), format!("duplicate component name {:?}: names must be unique", c.name));
+            errs.push(
+                format!("{at}.name"),
+                format!(
+                    "duplicate component name {:?}: names must be unique",
+                    c.name
+                ),
+            );
         }
         check_source(&mut errs, &format!("{at}.weights"), &c.weights);
         if let Some(sk) = &c.skeleton {
@@ -110,7 +139,10 @@ pub fn validate_wrapper(namespace: &str, name: &str, spec: &ModelWrapperSpec) ->
                 (None, None) => errs.push(at.clone(), "set uri (a pickled meta-device module) or factory (\"package.module:callable\")"),
             }
             if sk.kwargs.is_some() && sk.factory.is_none() {
-                errs.push(format!("{at}.kwargs"), "kwargs apply only to a factory skeleton");
+                errs.push(
+                    format!("{at}.kwargs"),
+                    "kwargs apply only to a factory skeleton",
+                );
             }
         }
     }
@@ -118,8 +150,14 @@ pub fn validate_wrapper(namespace: &str, name: &str, spec: &ModelWrapperSpec) ->
         check_source(&mut errs, "spec.pipeline.skeleton", sk);
     }
     match (spec.mode, &spec.task) {
-        (Mode::Task, None) => errs.push("spec.task", "mode task needs spec.task.template: the pod that runs each task"),
-        (Mode::Actor, Some(_)) => errs.push("spec.task", "spec.task is only used in mode task; set mode: task or remove it"),
+        (Mode::Task, None) => errs.push(
+            "spec.task",
+            "mode task needs spec.task.template: the pod that runs each task",
+        ),
+        (Mode::Actor, Some(_)) => errs.push(
+            "spec.task",
+            "spec.task is only used in mode task; set mode: task or remove it",
+        ),
         _ => {}
     }
     if errs.errors.is_empty() {
@@ -131,30 +169,65 @@ pub fn validate_wrapper(namespace: &str, name: &str, spec: &ModelWrapperSpec) ->
 
 fn check_source(errs: &mut ValidationErrors, at: &str, source: &SourceSpec) {
     match url::Url::parse(&source.uri) {
-        Err(e) => errs.push(format!("{at}.uri"), format!("{:?} is not a URI ({e}); write file:///abs/path or https://host/path", source.uri)),
+        Err(e) => errs.push(
+            format!("{at}.uri"),
+            format!(
+                "{:?} is not a URI ({e}); write file:///abs/path or https://host/path",
+                source.uri
+            ),
+        ),
         Ok(u) if PLANNED_SCHEMES.contains(&u.scheme()) => errs.push(
             format!("{at}.uri"),
-            format!("scheme {}:// is not supported yet; supported: file, http, https", u.scheme()),
+            format!(
+                "scheme {}:// is not supported yet; supported: file, http, https",
+                u.scheme()
+            ),
         ),
-        Ok(u) if !SUPPORTED_SCHEMES.contains(&u.scheme()) => {
-            errs.push(format!("{at}.uri"), format!("scheme {}:// is not supported; supported: file, http, https", u.scheme()))
-        }
-        Ok(u) if u.scheme() == "file" && (u.host_str().is_some_and(|h| !h.is_empty() && h != "localhost")) => errs.push(
+        Ok(u) if !SUPPORTED_SCHEMES.contains(&u.scheme()) => errs.push(
             format!("{at}.uri"),
-            format!("{:?} names host {:?}; a file URI needs an absolute path: file:///path", source.uri, u.host_str().unwrap_or_default()),
+            format!(
+                "scheme {}:// is not supported; supported: file, http, https",
+                u.scheme()
+            ),
         ),
+        Ok(u)
+            if u.scheme() == "file"
+                && (u
+                    .host_str()
+                    .is_some_and(|h| !h.is_empty() && h != "localhost")) =>
+        {
+            errs.push(
+                format!("{at}.uri"),
+                format!(
+                    "{:?} names host {:?}; a file URI needs an absolute path: file:///path",
+                    source.uri,
+                    u.host_str().unwrap_or_default()
+                ),
+            )
+        }
         Ok(_) => {}
     }
     if let Some(sha) = &source.sha256 {
         if !is_sha256_hex(sha) {
-            errs.push(format!("{at}.sha256"), format!("{sha:?} is not a sha256: expected 64 hex characters (sha256sum prints it)"));
+            errs.push(
+                format!("{at}.sha256"),
+                format!(
+                    "{sha:?} is not a sha256: expected 64 hex characters (sha256sum prints it)"
+                ),
+            );
         }
     }
 }
 
 fn is_factory_ref(s: &str) -> bool {
-    let Some((module, attr)) = s.split_once(':') else { return false };
-    let ident = |p: &str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !p.starts_with(|c: char| c.is_ascii_digit());
+    let Some((module, attr)) = s.split_once(':') else {
+        return false;
+    };
+    let ident = |p: &str| {
+        !p.is_empty()
+            && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !p.starts_with(|c: char| c.is_ascii_digit())
+    };
     module.split('.').all(ident) && attr.split('.').all(ident)
 }
 
@@ -207,7 +280,12 @@ mod tests {
     fn empty_pipeline_and_file_host_are_rejected() {
         let e = validate_wrapper("default", "m", &spec("pipeline: {components: []}")).unwrap_err();
         assert_eq!(e.errors[0].field, "spec.pipeline.components");
-        let e = validate_wrapper("default", "m", &spec("pipeline: {components: [{name: m, weights: {uri: 'file://models/m'}}]}")).unwrap_err();
+        let e = validate_wrapper(
+            "default",
+            "m",
+            &spec("pipeline: {components: [{name: m, weights: {uri: 'file://models/m'}}]}"),
+        )
+        .unwrap_err();
         assert!(e.errors[0].message.contains("file:///path"), "{e}");
     }
 

@@ -14,12 +14,14 @@ use std::path::{Path, PathBuf};
 
 use memmap2::{Mmap, MmapOptions};
 use zerocopy_api::manifest::{Manifest, ManifestError};
-use zerocopy_api::safetensors::{check_header_len, header_len, validate_header, Dtype, Header, HeaderError, TensorInfo};
+use zerocopy_api::safetensors::{
+    check_header_len, header_len, validate_header, Dtype, Header, HeaderError, TensorInfo,
+};
 
 #[cfg(feature = "tch")]
 mod torch;
 #[cfg(feature = "tch")]
-pub use torch::{BorrowedTensor, Binding, BindError};
+pub use torch::{BindError, Binding, BorrowedTensor};
 
 /// Safetensors `__metadata__` key holding the Python attribute name.
 pub const ATTRIBUTE_KEY: &str = "zerocopy.attribute";
@@ -94,38 +96,71 @@ pub struct TensorView<'a> {
 pub fn load(path: impl AsRef<Path>) -> Result<Pipeline, LoadError> {
     let path = path.as_ref();
     let manifest_path = path.join(zerocopy_api::format::MANIFEST_FILE);
-    let bytes = std::fs::read(&manifest_path).map_err(|source| LoadError::Io { path: manifest_path.clone(), source })?;
-    let manifest = Manifest::from_json(&bytes).map_err(|source| LoadError::Manifest { path: path.to_path_buf(), source })?;
+    let bytes = std::fs::read(&manifest_path).map_err(|source| LoadError::Io {
+        path: manifest_path.clone(),
+        source,
+    })?;
+    let manifest = Manifest::from_json(&bytes).map_err(|source| LoadError::Manifest {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let components = manifest
         .components
         .iter()
         .map(|c| map_component(path, &c.name, &c.weights.file.file, c.weights.file.bytes))
         .collect::<Result<_, _>>()?;
-    Ok(Pipeline { path: path.to_path_buf(), manifest, components })
+    Ok(Pipeline {
+        path: path.to_path_buf(),
+        manifest,
+        components,
+    })
 }
 
-fn map_component(dir: &Path, name: &str, file: &str, expected: u64) -> Result<Component, LoadError> {
+fn map_component(
+    dir: &Path,
+    name: &str,
+    file: &str,
+    expected: u64,
+) -> Result<Component, LoadError> {
     let path = dir.join(file);
-    let io = |source| LoadError::Io { path: path.clone(), source };
+    let io = |source| LoadError::Io {
+        path: path.clone(),
+        source,
+    };
     let f = File::open(&path).map_err(io)?;
     let actual = f.metadata().map_err(io)?.len();
     if actual != expected {
-        return Err(LoadError::SizeMismatch { component: name.into(), file: file.into(), expected, actual });
+        return Err(LoadError::SizeMismatch {
+            component: name.into(),
+            file: file.into(),
+            expected,
+            actual,
+        });
     }
     // SAFETY: a private read-only mapping of a file in a published
     // generation. Generations are immutable once their manifest exists (the
     // agent writes nothing into them and publishes read-only), so the bytes
     // behind the returned slices do not change while the map is alive.
     let map = unsafe { MmapOptions::new().map_copy_read_only(&f) }.map_err(io)?;
-    let header_err = |source| LoadError::Header { component: name.into(), source };
-    let prefix: [u8; 8] = map
-        .get(..8)
-        .and_then(|s| s.try_into().ok())
-        .ok_or(LoadError::Header { component: name.into(), source: HeaderError::TooShort(actual) })?;
+    let header_err = |source| LoadError::Header {
+        component: name.into(),
+        source,
+    };
+    let prefix: [u8; 8] =
+        map.get(..8)
+            .and_then(|s| s.try_into().ok())
+            .ok_or(LoadError::Header {
+                component: name.into(),
+                source: HeaderError::TooShort(actual),
+            })?;
     let n = header_len(&prefix);
     check_header_len(n, actual).map_err(header_err)?;
     let header = validate_header(&map[8..8 + n as usize], actual).map_err(header_err)?;
-    Ok(Component { name: name.into(), map, header })
+    Ok(Component {
+        name: name.into(),
+        map,
+        header,
+    })
 }
 
 impl Pipeline {
@@ -173,14 +208,21 @@ impl Component {
 
     /// One tensor by name.
     pub fn tensor_view(&self, name: &str) -> Option<TensorView<'_>> {
-        self.header.tensors.iter().find(|t| t.name == name).map(|info| self.view(info))
+        self.header
+            .tensors
+            .iter()
+            .find(|t| t.name == name)
+            .map(|info| self.view(info))
     }
 
     fn view<'a>(&'a self, info: &'a TensorInfo) -> TensorView<'a> {
         let start = (self.header.data_offset + info.begin) as usize;
         let end = (self.header.data_offset + info.end) as usize;
         // validate_header proved start <= end <= file size == map length.
-        TensorView { info, data: &self.map[start..end] }
+        TensorView {
+            info,
+            data: &self.map[start..end],
+        }
     }
 
     /// The address range of the mapping, to check that views lie inside it.

@@ -111,8 +111,10 @@ pub fn kind_of(d: Dtype) -> Option<Kind> {
 
 fn from_view(view: TensorView<'_>) -> Result<Tensor, BindError> {
     let shape: Vec<i64> = view.info.shape.iter().map(|&d| d as i64).collect();
-    let kind = kind_of(view.info.dtype)
-        .ok_or_else(|| BindError::UnsupportedDtype { name: view.info.name.clone(), dtype: view.info.dtype.as_str() })?;
+    let kind = kind_of(view.info.dtype).ok_or_else(|| BindError::UnsupportedDtype {
+        name: view.info.name.clone(),
+        dtype: view.info.dtype.as_str(),
+    })?;
     if view.data.is_empty() {
         return Ok(Tensor::zeros(shape.as_slice(), (kind, Device::Cpu)));
     }
@@ -127,13 +129,29 @@ fn from_view(view: TensorView<'_>) -> Result<Tensor, BindError> {
 impl Component {
     /// One tensor, zero-copy.
     pub fn tensor(&self, name: &str) -> Result<BorrowedTensor<'_>, BindError> {
-        let view = self.tensor_view(name).ok_or_else(|| BindError::Missing { component: self.name.clone(), names: name.into() })?;
-        Ok(BorrowedTensor { tensor: from_view(view)?, _mapping: PhantomData })
+        let view = self.tensor_view(name).ok_or_else(|| BindError::Missing {
+            component: self.name.clone(),
+            names: name.into(),
+        })?;
+        Ok(BorrowedTensor {
+            tensor: from_view(view)?,
+            _mapping: PhantomData,
+        })
     }
 
     /// Every tensor, zero-copy, by name.
     pub fn tch_tensors(&self) -> Result<Vec<(String, BorrowedTensor<'_>)>, BindError> {
-        self.tensors().map(|v| Ok((v.info.name.clone(), BorrowedTensor { tensor: from_view(v)?, _mapping: PhantomData }))).collect()
+        self.tensors()
+            .map(|v| {
+                Ok((
+                    v.info.name.clone(),
+                    BorrowedTensor {
+                        tensor: from_view(v)?,
+                        _mapping: PhantomData,
+                    },
+                ))
+            })
+            .collect()
     }
 }
 
@@ -143,15 +161,24 @@ impl Pipeline {
     /// tch's paths are). Every variable must be present with the same shape
     /// and kind; extra tensors are reported in [`Binding::unused`].
     pub fn bind(&self, component: &str, vs: VarStore) -> Result<Binding<'_>, BindError> {
-        let c = self.component(component).ok_or_else(|| BindError::NoComponent(component.into()))?;
+        let c = self
+            .component(component)
+            .ok_or_else(|| BindError::NoComponent(component.into()))?;
         if vs.device() != Device::Cpu {
             return Err(BindError::NotCpu(vs.device()));
         }
         let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let missing: Vec<&str> = vars.iter().filter(|(n, _)| c.tensor_view(n).is_none()).map(|(n, _)| n.as_str()).collect();
+        let missing: Vec<&str> = vars
+            .iter()
+            .filter(|(n, _)| c.tensor_view(n).is_none())
+            .map(|(n, _)| n.as_str())
+            .collect();
         if !missing.is_empty() {
-            return Err(BindError::Missing { component: component.into(), names: missing.join(", ") });
+            return Err(BindError::Missing {
+                component: component.into(),
+                names: missing.join(", "),
+            });
         }
         for (name, var) in &vars {
             if let Some(v) = c.tensor_view(name) {
@@ -179,7 +206,16 @@ impl Pipeline {
                 }
             }
         });
-        let unused = c.tensors().map(|v| v.info.name.clone()).filter(|n| !bound.contains(n)).collect();
-        Ok(Binding { vs, bound, unused, _pipeline: PhantomData })
+        let unused = c
+            .tensors()
+            .map(|v| v.info.name.clone())
+            .filter(|n| !bound.contains(n))
+            .collect();
+        Ok(Binding {
+            vs,
+            bound,
+            unused,
+            _pipeline: PhantomData,
+        })
     }
 }

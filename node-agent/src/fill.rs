@@ -14,8 +14,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures_util::stream::{self, StreamExt, TryStreamExt};
-use zerocopy_api::format::{generation_digest, skeleton_file, weights_file, FORMAT_V1, MANIFEST_FILE, PIPELINE_SKELETON_FILE};
-use zerocopy_api::manifest::{Manifest, ManifestComponent, ManifestFile, ManifestSkeleton, ManifestWeights};
+use zerocopy_api::format::{
+    generation_digest, skeleton_file, weights_file, FORMAT_V1, MANIFEST_FILE,
+    PIPELINE_SKELETON_FILE,
+};
+use zerocopy_api::manifest::{
+    Manifest, ManifestComponent, ManifestFile, ManifestSkeleton, ManifestWeights,
+};
 use zerocopy_api::safetensors::{check_header_len, header_len, validate_header, Header};
 use zerocopy_api::{validate_wrapper, ModelWrapperSpec};
 
@@ -127,7 +132,12 @@ impl FillEngine {
             tracing::warn!(root = %root.path().display(), "volume root is not on a tmpfs and mounts are not used: weights will live in the page cache of a disk, not in shared memory");
         }
         let http = source::http::client().map_err(io::Error::other)?;
-        Ok(Self { root, capacity, use_tmpfs, http })
+        Ok(Self {
+            root,
+            capacity,
+            use_tmpfs,
+            http,
+        })
     }
 
     /// The root this engine fills.
@@ -158,49 +168,84 @@ impl FillEngine {
         let io_err = |action: &'static str, path: &Path| {
             let wrapper = wrapper.clone();
             let path = path.to_path_buf();
-            move |source: io::Error| FillError::Io { wrapper, action, path, source }
+            move |source: io::Error| FillError::Io {
+                wrapper,
+                action,
+                path,
+                source,
+            }
         };
 
         let mut plan = plan_files(spec)?;
         for f in &mut plan {
-            f.size = self.size_of(f).await.map_err(|e| fetch_error(&wrapper, f, e))?;
+            f.size = self
+                .size_of(f)
+                .await
+                .map_err(|e| fetch_error(&wrapper, f, e))?;
         }
         let needed: u64 = plan.iter().filter_map(|f| f.size).sum();
-        let used = self.root.used_bytes().map_err(io_err("reading", self.root.path()))?;
+        let used = self
+            .root
+            .used_bytes()
+            .map_err(io_err("reading", self.root.path()))?;
         let limit = match self.capacity {
             Some(capacity) if used + needed > capacity => {
-                return Err(FillError::Capacity { wrapper, needed, capacity, used })
+                return Err(FillError::Capacity {
+                    wrapper,
+                    needed,
+                    capacity,
+                    used,
+                })
             }
             Some(capacity) => capacity - used,
             None => u64::MAX,
         };
 
-        let staging = self.root.staging_dir().join(format!("{namespace}.{name}.{generation}"));
-        let mut guard = StagingGuard::create(&staging, self.use_tmpfs).map_err(io_err("creating staging", &staging))?;
+        let staging = self
+            .root
+            .staging_dir()
+            .join(format!("{namespace}.{name}.{generation}"));
+        let mut guard = StagingGuard::create(&staging, self.use_tmpfs)
+            .map_err(io_err("creating staging", &staging))?;
         if self.use_tmpfs {
             let all_known = plan.iter().all(|f| f.size.is_some());
-            let size = if all_known { needed } else { limit.min(host_memory()) };
+            let size = if all_known {
+                needed
+            } else {
+                limit.min(host_memory())
+            };
             let size = (size + TMPFS_SLACK).div_ceil(TMPFS_ROUND) * TMPFS_ROUND;
-            mount::mount_tmpfs(&staging, size, spec.memory.huge_pages).map_err(io_err("mounting tmpfs at", &staging))?;
+            mount::mount_tmpfs(&staging, size, spec.memory.huge_pages)
+                .map_err(io_err("mounting tmpfs at", &staging))?;
             guard.mounted = true;
         }
 
-        let staged: Vec<StagedFile> = stream::iter(plan.into_iter().map(|f| self.stage(&wrapper, &staging, f, limit, progress)))
-            .buffer_unordered(PARALLEL_FILES)
-            .try_collect()
-            .await?;
+        let staged: Vec<StagedFile> = stream::iter(
+            plan.into_iter()
+                .map(|f| self.stage(&wrapper, &staging, f, limit, progress)),
+        )
+        .buffer_unordered(PARALLEL_FILES)
+        .try_collect()
+        .await?;
         let total_bytes: u64 = staged.iter().map(|s| s.bytes).sum();
         if self.capacity.is_some() && total_bytes > limit {
-            return Err(FillError::Capacity { wrapper, needed: total_bytes, capacity: self.capacity.unwrap_or(0), used });
+            return Err(FillError::Capacity {
+                wrapper,
+                needed: total_bytes,
+                capacity: self.capacity.unwrap_or(0),
+                used,
+            });
         }
 
         let manifest = build_manifest(namespace, name, &generation, spec, staged, total_bytes);
-        let manifest_json = serde_json::to_vec_pretty(&manifest).map_err(|e| io_err("encoding manifest", &staging)(io::Error::other(e)))?;
+        let manifest_json = serde_json::to_vec_pretty(&manifest)
+            .map_err(|e| io_err("encoding manifest", &staging)(io::Error::other(e)))?;
         let manifest_path = staging.join(MANIFEST_FILE);
         fs::write(&manifest_path, manifest_json).map_err(io_err("writing", &manifest_path))?;
 
         let target = self.root.generation_dir(namespace, name, &generation);
-        self.publish(&staging, &target).map_err(io_err("publishing", &target))?;
+        self.publish(&staging, &target)
+            .map_err(io_err("publishing", &target))?;
         guard.disarm();
         let seconds = started.elapsed().as_secs_f64();
         tracing::info!(wrapper = %wrapper, %generation, bytes = total_bytes, seconds, tmpfs = self.use_tmpfs, "generation published");
@@ -223,7 +268,12 @@ impl FillEngine {
         progress: &dyn ProgressFactory,
     ) -> Result<StagedFile, FillError> {
         let path = staging.join(&plan.file_name);
-        let file = File::create(&path).map_err(|source| FillError::Io { wrapper: wrapper.into(), action: "creating", path: path.clone(), source })?;
+        let file = File::create(&path).map_err(|source| FillError::Io {
+            wrapper: wrapper.into(),
+            action: "creating",
+            path: path.clone(),
+            source,
+        })?;
         let sink = HashingSink::new(file, limit);
         let bar = progress.file(&plan.component, &plan.file_name, plan.size);
         let fetched = match plan.uri.scheme() {
@@ -254,16 +304,29 @@ impl FillEngine {
         }
         let header = if plan.kind == FileKind::Weights {
             let h = read_header(&path, fetched.bytes).map_err(|e| match e {
-                HeaderRead::Io(source) => FillError::Io { wrapper: wrapper.into(), action: "reading header of", path: path.clone(), source },
-                HeaderRead::Invalid(source) => {
-                    FillError::Header { wrapper: wrapper.into(), component: plan.component.clone(), uri: plan.uri.to_string(), source }
-                }
+                HeaderRead::Io(source) => FillError::Io {
+                    wrapper: wrapper.into(),
+                    action: "reading header of",
+                    path: path.clone(),
+                    source,
+                },
+                HeaderRead::Invalid(source) => FillError::Header {
+                    wrapper: wrapper.into(),
+                    component: plan.component.clone(),
+                    uri: plan.uri.to_string(),
+                    source,
+                },
             })?;
             Some(h)
         } else {
             None
         };
-        Ok(StagedFile { plan, bytes: fetched.bytes, sha256: fetched.sha256, header })
+        Ok(StagedFile {
+            plan,
+            bytes: fetched.bytes,
+            sha256: fetched.sha256,
+            header,
+        })
     }
 
     fn publish(&self, staging: &Path, target: &Path) -> io::Result<()> {
@@ -314,7 +377,11 @@ impl StagingGuard {
             fs::remove_dir_all(path)?;
         }
         fs::create_dir_all(path)?;
-        Ok(Self { path: path.to_path_buf(), mounted: false, armed: true })
+        Ok(Self {
+            path: path.to_path_buf(),
+            mounted: false,
+            armed: true,
+        })
     }
 
     fn disarm(&mut self) {
@@ -353,7 +420,12 @@ fn plan_files(spec: &ModelWrapperSpec) -> Result<Vec<PlannedFile>, FillError> {
                 kind: FileKind::Weights,
             });
         }
-        if let Some(uri) = c.skeleton.as_ref().and_then(|s| s.uri.as_deref()).and_then(parse) {
+        if let Some(uri) = c
+            .skeleton
+            .as_ref()
+            .and_then(|s| s.uri.as_deref())
+            .and_then(parse)
+        {
             plan.push(PlannedFile {
                 component: c.name.clone(),
                 file_name: skeleton_file(&c.name),
@@ -393,7 +465,11 @@ fn build_manifest(
         sha256: s.sha256.clone(),
         source: s.plan.uri.to_string(),
     };
-    let find = |component: &str, kind: FileKind| staged.iter().find(|s| s.plan.component == component && s.plan.kind == kind);
+    let find = |component: &str, kind: FileKind| {
+        staged
+            .iter()
+            .find(|s| s.plan.component == component && s.plan.kind == kind)
+    };
     let components = spec
         .pipeline
         .components
@@ -429,7 +505,10 @@ fn build_manifest(
         huge_pages: spec.memory.huge_pages,
         prefault: spec.memory.prefault,
         components,
-        pipeline_skeleton: staged.iter().find(|s| s.plan.kind == FileKind::PipelineSkeleton).map(file_of),
+        pipeline_skeleton: staged
+            .iter()
+            .find(|s| s.plan.kind == FileKind::PipelineSkeleton)
+            .map(file_of),
     }
 }
 
@@ -442,7 +521,9 @@ fn read_header(path: &Path, file_size: u64) -> Result<Header, HeaderRead> {
     let mut f = File::open(path).map_err(HeaderRead::Io)?;
     let mut prefix = [0u8; 8];
     if file_size < 8 {
-        return Err(HeaderRead::Invalid(Box::new(zerocopy_api::safetensors::HeaderError::TooShort(file_size))));
+        return Err(HeaderRead::Invalid(Box::new(
+            zerocopy_api::safetensors::HeaderError::TooShort(file_size),
+        )));
     }
     f.read_exact(&mut prefix).map_err(HeaderRead::Io)?;
     let n = header_len(&prefix);
@@ -455,18 +536,50 @@ fn read_header(path: &Path, file_size: u64) -> Result<Header, HeaderRead> {
 fn fetch_error(wrapper: &str, f: &PlannedFile, e: FetchError) -> FillError {
     let (wrapper, component, uri) = (wrapper.to_string(), f.component.clone(), f.uri.to_string());
     match e {
-        FetchError::Unreachable(reason) => FillError::Source { wrapper, component, uri, reason },
+        FetchError::Unreachable(reason) => FillError::Source {
+            wrapper,
+            component,
+            uri,
+            reason,
+        },
         FetchError::Status(status) => {
             let hint = match status {
                 404 => ": the file does not exist at that URI; check the path",
                 401 | 403 => ": access denied; the URI needs credentials or a public object",
                 _ => "",
             };
-            FillError::HttpStatus { wrapper, component, uri, status, hint }
+            FillError::HttpStatus {
+                wrapper,
+                component,
+                uri,
+                status,
+                hint,
+            }
         }
-        FetchError::Truncated { got, expected, resumes } => FillError::Truncated { wrapper, component, uri, got, expected, resumes },
-        FetchError::TooLarge(limit) => FillError::Capacity { wrapper, needed: limit.saturating_add(1), capacity: limit, used: 0 },
-        FetchError::Write(source) => FillError::Io { wrapper, action: "writing staging file for", path: PathBuf::from(uri), source },
+        FetchError::Truncated {
+            got,
+            expected,
+            resumes,
+        } => FillError::Truncated {
+            wrapper,
+            component,
+            uri,
+            got,
+            expected,
+            resumes,
+        },
+        FetchError::TooLarge(limit) => FillError::Capacity {
+            wrapper,
+            needed: limit.saturating_add(1),
+            capacity: limit,
+            used: 0,
+        },
+        FetchError::Write(source) => FillError::Io {
+            wrapper,
+            action: "writing staging file for",
+            path: PathBuf::from(uri),
+            source,
+        },
     }
 }
 
@@ -488,5 +601,7 @@ fn can_mount(dir: &Path) -> bool {
 }
 
 fn host_memory() -> u64 {
-    nix::sys::sysinfo::sysinfo().map(|s| s.ram_total()).unwrap_or(u64::MAX)
+    nix::sys::sysinfo::sysinfo()
+        .map(|s| s.ram_total())
+        .unwrap_or(u64::MAX)
 }

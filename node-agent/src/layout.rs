@@ -68,7 +68,11 @@ impl VolumeRoot {
 
     /// Reads a complete generation's manifest, if the generation is complete.
     pub fn read_manifest(&self, namespace: &str, name: &str, generation: &str) -> Option<Manifest> {
-        let bytes = fs::read(self.generation_dir(namespace, name, generation).join(MANIFEST_FILE)).ok()?;
+        let bytes = fs::read(
+            self.generation_dir(namespace, name, generation)
+                .join(MANIFEST_FILE),
+        )
+        .ok()?;
         Manifest::from_json(&bytes).ok()
     }
 
@@ -108,19 +112,27 @@ impl VolumeRoot {
         let mounted: Vec<PathBuf> = mount::mounts_under(&self.root)?;
         let mut out = Vec::new();
         for ns in read_dirs(&self.root)? {
-            let Some(namespace) = file_name(&ns) else { continue };
+            let Some(namespace) = file_name(&ns) else {
+                continue;
+            };
             if namespace.starts_with('.') {
                 continue;
             }
             for wrapper in read_dirs(&ns)? {
-                let Some(name) = file_name(&wrapper) else { continue };
+                let Some(name) = file_name(&wrapper) else {
+                    continue;
+                };
                 for gen in read_dirs(&wrapper)? {
-                    let Some(generation) = file_name(&gen) else { continue };
+                    let Some(generation) = file_name(&gen) else {
+                        continue;
+                    };
                     if !is_generation_name(&generation) {
                         continue;
                     }
                     let manifest_path = gen.join(MANIFEST_FILE);
-                    let manifest = fs::read(&manifest_path).ok().and_then(|b| Manifest::from_json(&b).ok());
+                    let manifest = fs::read(&manifest_path)
+                        .ok()
+                        .and_then(|b| Manifest::from_json(&b).ok());
                     let published_at = fs::metadata(&manifest_path)
                         .and_then(|m| m.modified())
                         .ok()
@@ -138,13 +150,20 @@ impl VolumeRoot {
                 }
             }
         }
-        out.sort_by(|a, b| (&a.namespace, &a.name, &a.generation).cmp(&(&b.namespace, &b.name, &b.generation)));
+        out.sort_by(|a, b| {
+            (&a.namespace, &a.name, &a.generation).cmp(&(&b.namespace, &b.name, &b.generation))
+        });
         Ok(out)
     }
 
     /// Bytes held by complete generations.
     pub fn used_bytes(&self) -> io::Result<u64> {
-        Ok(self.generations()?.iter().filter_map(|g| g.manifest.as_ref()).map(|m| m.total_bytes).sum())
+        Ok(self
+            .generations()?
+            .iter()
+            .filter_map(|g| g.manifest.as_ref())
+            .map(|m| m.total_bytes)
+            .sum())
     }
 
     /// Removes a generation: its directory vanishes at once (rename or
@@ -155,7 +174,10 @@ impl VolumeRoot {
             mount::unmount_lazy(&g.path)?;
             fs::remove_dir(&g.path)?;
         } else {
-            let trash = self.staging_dir().join(format!("removed-{}-{}-{}", g.namespace, g.name, g.generation));
+            let trash = self.staging_dir().join(format!(
+                "removed-{}-{}-{}",
+                g.namespace, g.name, g.generation
+            ));
             fs::create_dir_all(self.staging_dir())?;
             fs::rename(&g.path, &trash)?;
             fs::remove_dir_all(&trash)?;
@@ -171,16 +193,26 @@ impl VolumeRoot {
 /// `/proc/<pid>/maps` and `/proc/<pid>/fd`. Processes in other mount
 /// namespaces see other paths; the CSI ledger covers those.
 pub fn processes_using(dir: &Path) -> Vec<u32> {
-    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     let prefix = format!("{}/", dir.display());
     let mut pids = Vec::new();
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
         let proc_dir = entry.path();
-        let maps_hit = fs::read_to_string(proc_dir.join("maps")).is_ok_and(|maps| maps.contains(&prefix));
+        let maps_hit =
+            fs::read_to_string(proc_dir.join("maps")).is_ok_and(|maps| maps.contains(&prefix));
         let fd_hit = maps_hit
             || fs::read_dir(proc_dir.join("fd")).is_ok_and(|fds| {
-                fds.flatten().any(|fd| fs::read_link(fd.path()).is_ok_and(|t| t.starts_with(dir)))
+                fds.flatten()
+                    .any(|fd| fs::read_link(fd.path()).is_ok_and(|t| t.starts_with(dir)))
             });
         if fd_hit {
             pids.push(pid);
@@ -192,7 +224,11 @@ pub fn processes_using(dir: &Path) -> Vec<u32> {
 fn read_dirs(dir: &Path) -> io::Result<Vec<PathBuf>> {
     match fs::read_dir(dir) {
         Ok(rd) => {
-            let mut v: Vec<PathBuf> = rd.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()).collect();
+            let mut v: Vec<PathBuf> = rd
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect();
             v.sort();
             Ok(v)
         }

@@ -15,10 +15,19 @@ const EXIT_INVALID: u8 = 2;
 const EXIT_FILL_FAILED: u8 = 1;
 
 #[derive(Parser)]
-#[command(name = "zerocopy-node-agent", version, about = "Fills ModelWrapper weights into node shared memory, once per node.")]
+#[command(
+    name = "zerocopy-node-agent",
+    version,
+    about = "Fills ModelWrapper weights into node shared memory, once per node."
+)]
 struct Cli {
     /// Volume root: generations live at <root>/<namespace>/<wrapper>/<generation>.
-    #[arg(long, global = true, env = "ZEROCOPY_ROOT", default_value = "/dev/shm/zerocopy")]
+    #[arg(
+        long,
+        global = true,
+        env = "ZEROCOPY_ROOT",
+        default_value = "/dev/shm/zerocopy"
+    )]
     root: PathBuf,
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -76,7 +85,13 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let root = VolumeRoot::new(&cli.root);
     match cli.command {
-        Command::Standalone { files, capacity, mount_mode, prune, quiet } => {
+        Command::Standalone {
+            files,
+            capacity,
+            mount_mode,
+            prune,
+            quiet,
+        } => {
             let capacity = capacity.as_deref().map(parse_size).transpose()?;
             let mut wrappers = Vec::new();
             for f in &files {
@@ -85,19 +100,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // Every problem in every file, before anything is filled.
             let invalid: Vec<String> = wrappers
                 .iter()
-                .filter_map(|w| zerocopy_api::validate_wrapper(&w.namespace, &w.name, &w.wrapper.spec).err())
+                .filter_map(|w| {
+                    zerocopy_api::validate_wrapper(&w.namespace, &w.name, &w.wrapper.spec).err()
+                })
                 .map(|e| e.to_string())
                 .collect();
             if !invalid.is_empty() {
-                eprintln!("{}\nnothing was filled; fix the files and run again", invalid.join("\n"));
+                eprintln!(
+                    "{}\nnothing was filled; fix the files and run again",
+                    invalid.join("\n")
+                );
                 return Ok(ExitCode::from(EXIT_INVALID));
             }
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
             let report = runtime.block_on(async {
                 let engine = FillEngine::new(root.clone(), capacity, mount_mode)
                     .with_context(|| format!("preparing volume root {}", cli.root.display()))?;
-                let opts = standalone::Options { progress: !quiet && std::io::stderr().is_terminal(), prune };
-                standalone::reconcile(&engine, &wrappers, opts).await.context("reconciling")
+                let opts = standalone::Options {
+                    progress: !quiet && std::io::stderr().is_terminal(),
+                    prune,
+                };
+                standalone::reconcile(&engine, &wrappers, opts)
+                    .await
+                    .context("reconciling")
             })?;
             println!("{}", standalone::summary_table(&report, root.path()));
             for w in &report.wrappers {
@@ -105,10 +132,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     eprintln!("error: {e}");
                 }
             }
-            Ok(if report.all_ready() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_FILL_FAILED) })
+            Ok(if report.all_ready() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_FILL_FAILED)
+            })
         }
         Command::Status { json } => {
-            let rows = status::collect(&root).with_context(|| format!("reading {}", cli.root.display()))?;
+            let rows = status::collect(&root)
+                .with_context(|| format!("reading {}", cli.root.display()))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
@@ -120,8 +152,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,zerocopy_node_agent=info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,zerocopy_node_agent=info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

@@ -73,7 +73,10 @@ struct TypeMeta {
 /// of a directory). Other kinds in the same files (ModelTask, RayCluster…)
 /// are skipped, so an examples directory can be given as is.
 pub fn load_wrappers(path: &Path) -> Result<Vec<LoadedWrapper>, LoadError> {
-    let read_err = |source| LoadError::Read { path: path.to_path_buf(), source };
+    let read_err = |source| LoadError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
     let files: Vec<PathBuf> = if path.is_dir() {
         let mut v: Vec<PathBuf> = fs::read_dir(path)
             .map_err(read_err)?
@@ -88,31 +91,67 @@ pub fn load_wrappers(path: &Path) -> Result<Vec<LoadedWrapper>, LoadError> {
     };
     let mut out: Vec<LoadedWrapper> = Vec::new();
     for file in files {
-        let text = fs::read_to_string(&file).map_err(|source| LoadError::Read { path: file.clone(), source })?;
+        let text = fs::read_to_string(&file).map_err(|source| LoadError::Read {
+            path: file.clone(),
+            source,
+        })?;
         for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            let parse_err = |message: String| LoadError::Parse { path: file.clone(), index: i + 1, message };
-            let value = serde_yaml::Value::deserialize(doc).map_err(|e| parse_err(e.to_string()))?;
+            let parse_err = |message: String| LoadError::Parse {
+                path: file.clone(),
+                index: i + 1,
+                message,
+            };
+            let value =
+                serde_yaml::Value::deserialize(doc).map_err(|e| parse_err(e.to_string()))?;
             if value.is_null() {
                 continue;
             }
-            let meta: TypeMeta = serde_yaml::from_value(value.clone()).map_err(|e| parse_err(e.to_string()))?;
+            let meta: TypeMeta =
+                serde_yaml::from_value(value.clone()).map_err(|e| parse_err(e.to_string()))?;
             if meta.kind != "ModelWrapper" {
                 continue;
             }
             if meta.api_version != format!("{GROUP}/{VERSION}") {
-                return Err(parse_err(format!("apiVersion {:?} is not served; use {GROUP}/{VERSION}", meta.api_version)));
+                return Err(parse_err(format!(
+                    "apiVersion {:?} is not served; use {GROUP}/{VERSION}",
+                    meta.api_version
+                )));
             }
-            let wrapper: ModelWrapper = serde_yaml::from_value(value).map_err(|e| parse_err(e.to_string()))?;
-            let namespace = wrapper.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-            let name = wrapper.metadata.name.clone().ok_or_else(|| parse_err("metadata.name is required".into()))?;
-            if let Some(prev) = out.iter().find(|w| w.namespace == namespace && w.name == name) {
-                return Err(LoadError::Duplicate { namespace, name, first: prev.file.clone(), second: file.clone() });
+            let wrapper: ModelWrapper =
+                serde_yaml::from_value(value).map_err(|e| parse_err(e.to_string()))?;
+            let namespace = wrapper
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into());
+            let name = wrapper
+                .metadata
+                .name
+                .clone()
+                .ok_or_else(|| parse_err("metadata.name is required".into()))?;
+            if let Some(prev) = out
+                .iter()
+                .find(|w| w.namespace == namespace && w.name == name)
+            {
+                return Err(LoadError::Duplicate {
+                    namespace,
+                    name,
+                    first: prev.file.clone(),
+                    second: file.clone(),
+                });
             }
-            out.push(LoadedWrapper { file: file.clone(), namespace, name, wrapper });
+            out.push(LoadedWrapper {
+                file: file.clone(),
+                namespace,
+                name,
+                wrapper,
+            });
         }
     }
     if out.is_empty() {
-        return Err(LoadError::Empty { path: path.to_path_buf() });
+        return Err(LoadError::Empty {
+            path: path.to_path_buf(),
+        });
     }
     Ok(out)
 }

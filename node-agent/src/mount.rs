@@ -12,8 +12,14 @@ pub fn mount_tmpfs(target: &Path, size_bytes: u64, huge_pages: bool) -> io::Resu
     if huge_pages {
         options.push_str(",huge=within_size");
     }
-    mount(Some("zerocopy"), target, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(options.as_str()))
-        .map_err(io::Error::from)
+    mount(
+        Some("zerocopy"),
+        target,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(options.as_str()),
+    )
+    .map_err(io::Error::from)
 }
 
 /// Makes `source` visible at `target` as a read-only, nosuid, nodev bind mount.
@@ -22,8 +28,19 @@ pub fn mount_tmpfs(target: &Path, size_bytes: u64, huge_pages: bool) -> io::Resu
 /// makes publishing a generation all-or-nothing even under shared propagation
 /// (where `MS_MOVE` is refused).
 pub fn bind_read_only(source: &Path, target: &Path, noexec: bool) -> io::Result<()> {
-    mount(Some(source), target, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(io::Error::from)?;
-    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(io::Error::from)?;
+    let mut flags = MsFlags::MS_BIND
+        | MsFlags::MS_REMOUNT
+        | MsFlags::MS_RDONLY
+        | MsFlags::MS_NOSUID
+        | MsFlags::MS_NODEV;
     if noexec {
         flags |= MsFlags::MS_NOEXEC;
     }
@@ -76,7 +93,12 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
             let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -90,7 +112,9 @@ fn unescape(s: &str) -> String {
 
 /// The current process's mounts.
 pub fn mounts() -> io::Result<Vec<MountEntry>> {
-    Ok(parse_mountinfo(&std::fs::read_to_string("/proc/self/mountinfo")?))
+    Ok(parse_mountinfo(&std::fs::read_to_string(
+        "/proc/self/mountinfo",
+    )?))
 }
 
 /// The mount whose mount point is exactly `path`, if any (the last one wins,
@@ -101,8 +125,11 @@ pub fn mount_at(path: &Path) -> io::Result<Option<MountEntry>> {
 
 /// Mount points strictly below `dir`, deepest first (the order to unmount in).
 pub fn mounts_under(dir: &Path) -> io::Result<Vec<PathBuf>> {
-    let mut found: Vec<PathBuf> =
-        mounts()?.into_iter().map(|m| m.mount_point).filter(|p| p != dir && p.starts_with(dir)).collect();
+    let mut found: Vec<PathBuf> = mounts()?
+        .into_iter()
+        .map(|m| m.mount_point)
+        .filter(|p| p != dir && p.starts_with(dir))
+        .collect();
     found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     found.dedup();
     Ok(found)

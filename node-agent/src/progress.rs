@@ -17,7 +17,10 @@ pub struct Bars {
 impl Bars {
     /// Bars for `wrapper` (`namespace/name`) on stderr.
     pub fn new(wrapper: &str) -> Self {
-        Self { multi: MultiProgress::with_draw_target(ProgressDrawTarget::stderr()), wrapper: wrapper.to_string() }
+        Self {
+            multi: MultiProgress::with_draw_target(ProgressDrawTarget::stderr()),
+            wrapper: wrapper.to_string(),
+        }
     }
 }
 

@@ -62,40 +62,84 @@ pub struct Options {
 }
 
 /// Fills every wrapper, then removes generations nothing wants or uses.
-pub async fn reconcile(engine: &FillEngine, wrappers: &[LoadedWrapper], opts: Options) -> std::io::Result<Report> {
-    let mut report = Report { cleaned: engine.root().clean_leftovers()?, ..Report::default() };
+pub async fn reconcile(
+    engine: &FillEngine,
+    wrappers: &[LoadedWrapper],
+    opts: Options,
+) -> std::io::Result<Report> {
+    let mut report = Report {
+        cleaned: engine.root().clean_leftovers()?,
+        ..Report::default()
+    };
     if report.cleaned > 0 {
-        tracing::info!(count = report.cleaned, "removed leftovers of interrupted fills");
+        tracing::info!(
+            count = report.cleaned,
+            "removed leftovers of interrupted fills"
+        );
     }
     for w in wrappers {
         let id = format!("{}/{}", w.namespace, w.name);
-        let bars: Box<dyn ProgressFactory> = if opts.progress { Box::new(Bars::new(&id)) } else { Box::new(crate::fill::Quiet) };
-        let outcome = engine.fill(&w.namespace, &w.name, &w.wrapper.spec, bars.as_ref()).await;
+        let bars: Box<dyn ProgressFactory> = if opts.progress {
+            Box::new(Bars::new(&id))
+        } else {
+            Box::new(crate::fill::Quiet)
+        };
+        let outcome = engine
+            .fill(&w.namespace, &w.name, &w.wrapper.spec, bars.as_ref())
+            .await;
         if let Err(e) = &outcome {
             tracing::error!(wrapper = %id, category = e.category(), error = %e, "fill failed");
         }
-        report.wrappers.push(WrapperResult { wrapper: id, generation: generation_digest(&w.wrapper.spec), outcome });
+        report.wrappers.push(WrapperResult {
+            wrapper: id,
+            generation: generation_digest(&w.wrapper.spec),
+            outcome,
+        });
     }
-    let wanted: BTreeSet<(String, String, String)> =
-        report.wrappers.iter().filter_map(|r| r.wrapper.split_once('/').map(|(ns, n)| (ns.to_string(), n.to_string(), r.generation.clone()))).collect();
-    let given: BTreeSet<(String, String)> = wanted.iter().map(|(ns, n, _)| (ns.clone(), n.clone())).collect();
+    let wanted: BTreeSet<(String, String, String)> = report
+        .wrappers
+        .iter()
+        .filter_map(|r| {
+            r.wrapper
+                .split_once('/')
+                .map(|(ns, n)| (ns.to_string(), n.to_string(), r.generation.clone()))
+        })
+        .collect();
+    let given: BTreeSet<(String, String)> = wanted
+        .iter()
+        .map(|(ns, n, _)| (ns.clone(), n.clone()))
+        .collect();
     for entry in engine.root().generations()? {
         let key = (entry.namespace.clone(), entry.name.clone());
-        let superseded = given.contains(&key) && !wanted.contains(&(key.0.clone(), key.1.clone(), entry.generation.clone()));
+        let superseded = given.contains(&key)
+            && !wanted.contains(&(key.0.clone(), key.1.clone(), entry.generation.clone()));
         if !(superseded || (opts.prune && !given.contains(&key))) {
             continue;
         }
         // A wrapper whose new generation failed keeps its old one: it is what
         // running processes and the next reader still have.
-        let failed = report.wrappers.iter().any(|r| r.wrapper == format!("{}/{}", key.0, key.1) && r.outcome.is_err());
+        let failed = report
+            .wrappers
+            .iter()
+            .any(|r| r.wrapper == format!("{}/{}", key.0, key.1) && r.outcome.is_err());
         if failed {
             continue;
         }
         let users = processes_using(&entry.path);
         let removed = if users.is_empty() {
-            engine.root().remove_generation(&entry).map_err(|e| e.to_string())
+            engine
+                .root()
+                .remove_generation(&entry)
+                .map_err(|e| e.to_string())
         } else {
-            Err(format!("in use by pid {}", users.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")))
+            Err(format!(
+                "in use by pid {}",
+                users
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
         };
         report.gc.push(GcResult { entry, removed });
     }
@@ -106,32 +150,83 @@ pub async fn reconcile(engine: &FillEngine, wrappers: &[LoadedWrapper], opts: Op
 pub fn summary_table(report: &Report, root: &Path) -> String {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED);
-    t.set_header(["wrapper", "generation", "components", "size", "result", "time", "throughput"]);
+    t.set_header([
+        "wrapper",
+        "generation",
+        "components",
+        "size",
+        "result",
+        "time",
+        "throughput",
+    ]);
     for w in &report.wrappers {
         match &w.outcome {
             Ok(FillOutcome::UpToDate(m)) => {
-                t.add_row([w.wrapper.clone(), w.generation.clone(), m.components.len().to_string(), HumanBytes(m.total_bytes).to_string(), "up to date".into(), "-".into(), "-".into()]);
+                t.add_row([
+                    w.wrapper.clone(),
+                    w.generation.clone(),
+                    m.components.len().to_string(),
+                    HumanBytes(m.total_bytes).to_string(),
+                    "up to date".into(),
+                    "-".into(),
+                    "-".into(),
+                ]);
             }
             Ok(FillOutcome::Filled { manifest, seconds }) => {
-                let rate = if *seconds > 0.0 { format!("{}/s", HumanBytes((manifest.total_bytes as f64 / seconds) as u64)) } else { "-".into() };
-                t.add_row([w.wrapper.clone(), w.generation.clone(), manifest.components.len().to_string(), HumanBytes(manifest.total_bytes).to_string(), "filled".into(), format!("{seconds:.2}s"), rate]);
+                let rate = if *seconds > 0.0 {
+                    format!(
+                        "{}/s",
+                        HumanBytes((manifest.total_bytes as f64 / seconds) as u64)
+                    )
+                } else {
+                    "-".into()
+                };
+                t.add_row([
+                    w.wrapper.clone(),
+                    w.generation.clone(),
+                    manifest.components.len().to_string(),
+                    HumanBytes(manifest.total_bytes).to_string(),
+                    "filled".into(),
+                    format!("{seconds:.2}s"),
+                    rate,
+                ]);
             }
             Err(e) => {
-                t.add_row([w.wrapper.clone(), w.generation.clone(), "-".into(), "-".into(), format!("FAILED ({})", e.category()), "-".into(), "-".into()]);
+                t.add_row([
+                    w.wrapper.clone(),
+                    w.generation.clone(),
+                    "-".into(),
+                    "-".into(),
+                    format!("FAILED ({})", e.category()),
+                    "-".into(),
+                    "-".into(),
+                ]);
             }
         }
     }
     let mut out = t.to_string();
     for g in &report.gc {
-        let what = format!("{}/{} generation {}", g.entry.namespace, g.entry.name, g.entry.generation);
+        let what = format!(
+            "{}/{} generation {}",
+            g.entry.namespace, g.entry.name, g.entry.generation
+        );
         match &g.removed {
             Ok(()) => out.push_str(&format!("\nremoved {what} (no longer wanted)")),
-            Err(why) => out.push_str(&format!("\nkept {what}: {why}; it is removed on a later run once unused")),
+            Err(why) => out.push_str(&format!(
+                "\nkept {what}: {why}; it is removed on a later run once unused"
+            )),
         }
     }
     for w in &report.wrappers {
         if let Ok(o) = &w.outcome {
-            out.push_str(&format!("\n{}: {}", w.wrapper, root.join(&o.manifest().namespace).join(&o.manifest().name).join(&w.generation).display()));
+            out.push_str(&format!(
+                "\n{}: {}",
+                w.wrapper,
+                root.join(&o.manifest().namespace)
+                    .join(&o.manifest().name)
+                    .join(&w.generation)
+                    .display()
+            ));
         }
     }
     out

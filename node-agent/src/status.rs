@@ -38,9 +38,17 @@ pub fn collect(root: &VolumeRoot) -> std::io::Result<Vec<GenerationStatus>> {
         .generations()?
         .into_iter()
         .map(|g| GenerationStatus {
-            state: if g.manifest.is_some() { "Ready" } else { "Incomplete" },
+            state: if g.manifest.is_some() {
+                "Ready"
+            } else {
+                "Incomplete"
+            },
             bytes: g.manifest.as_ref().map_or(0, |m| m.total_bytes),
-            components: g.manifest.as_ref().map(|m| m.components.iter().map(|c| c.name.clone()).collect()).unwrap_or_default(),
+            components: g
+                .manifest
+                .as_ref()
+                .map(|m| m.components.iter().map(|c| c.name.clone()).collect())
+                .unwrap_or_default(),
             created: g.manifest.as_ref().map(|m| m.created.clone()),
             backing: if g.mounted { "tmpfs" } else { "directory" },
             processes: processes_using(&g.path),
@@ -59,7 +67,16 @@ pub fn table(rows: &[GenerationStatus]) -> String {
     }
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED);
-    t.set_header(["wrapper", "generation", "state", "size", "components", "backing", "processes", "created"]);
+    t.set_header([
+        "wrapper",
+        "generation",
+        "state",
+        "size",
+        "components",
+        "backing",
+        "processes",
+        "created",
+    ]);
     for r in rows {
         t.add_row([
             format!("{}/{}", r.namespace, r.name),

@@ -13,11 +13,20 @@ use zerocopy_integration_tests::{sha256_hex, wrapper_yaml, TmpfsDir};
 const BIN: &str = env!("CARGO_BIN_EXE_zerocopy-node-agent");
 
 fn agent(root: &Path, args: &[&str]) -> Output {
-    Command::new(BIN).arg("--root").arg(root).args(args).output().expect("run agent")
+    Command::new(BIN)
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .output()
+        .expect("run agent")
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 fn generations(root: &Path) -> Vec<serde_json::Value> {
@@ -53,17 +62,35 @@ fn same_yaml_fills_once_and_a_new_sha_fills_a_new_generation() {
     let second = agent(&root, &["standalone", "-f", yaml.to_str().unwrap()]);
     assert!(second.status.success(), "{}", text(&second));
     assert!(text(&second).contains("up to date"), "{}", text(&second));
-    assert_eq!(fs::metadata(&manifest).unwrap().modified().unwrap(), created, "second run rewrote the generation");
+    assert_eq!(
+        fs::metadata(&manifest).unwrap().modified().unwrap(),
+        created,
+        "second run rewrote the generation"
+    );
 
     // new content, new sha: a new generation, the old one removed (nothing maps it)
     let (src2, sha2) = write_model(tmp.path(), "b.safetensors", 2);
-    fs::write(&yaml, wrapper_yaml("bert", &[("enc", &format!("file://{}", src2.display()), Some(&sha2))])).unwrap();
+    fs::write(
+        &yaml,
+        wrapper_yaml(
+            "bert",
+            &[("enc", &format!("file://{}", src2.display()), Some(&sha2))],
+        ),
+    )
+    .unwrap();
     let third = agent(&root, &["standalone", "-f", yaml.to_str().unwrap()]);
     assert!(third.status.success(), "{}", text(&third));
     let after = generations(&root);
     assert_eq!(after.len(), 1, "{after:?}");
     assert_ne!(after[0]["generation"], gens[0]["generation"]);
-    assert!(text(&third).contains(&format!("removed test/bert generation {}", gens[0]["generation"].as_str().unwrap())), "{}", text(&third));
+    assert!(
+        text(&third).contains(&format!(
+            "removed test/bert generation {}",
+            gens[0]["generation"].as_str().unwrap()
+        )),
+        "{}",
+        text(&third)
+    );
     assert_eq!(after[0]["state"], "Ready");
     assert_eq!(after[0]["backing"], "tmpfs");
 }
@@ -74,22 +101,48 @@ fn an_old_generation_in_use_is_kept_until_released() {
     let root = tmp.path().join("root");
     let yaml = tmp.path().join("mw.yaml");
     let (src, sha) = write_model(tmp.path(), "a.safetensors", 1);
-    fs::write(&yaml, wrapper_yaml("m", &[("enc", &format!("file://{}", src.display()), Some(&sha))])).unwrap();
-    assert!(agent(&root, &["standalone", "-f", yaml.to_str().unwrap()]).status.success());
+    fs::write(
+        &yaml,
+        wrapper_yaml(
+            "m",
+            &[("enc", &format!("file://{}", src.display()), Some(&sha))],
+        ),
+    )
+    .unwrap();
+    assert!(agent(&root, &["standalone", "-f", yaml.to_str().unwrap()])
+        .status
+        .success());
     let old = PathBuf::from(generations(&root)[0]["path"].as_str().unwrap().to_string());
     // a reader holding the old weights open
-    let mut reader = Command::new("sleep").arg("30").stdin(fs::File::open(old.join("enc.safetensors")).unwrap()).spawn().unwrap();
+    let mut reader = Command::new("sleep")
+        .arg("30")
+        .stdin(fs::File::open(old.join("enc.safetensors")).unwrap())
+        .spawn()
+        .unwrap();
 
     let (src2, sha2) = write_model(tmp.path(), "b.safetensors", 2);
-    fs::write(&yaml, wrapper_yaml("m", &[("enc", &format!("file://{}", src2.display()), Some(&sha2))])).unwrap();
+    fs::write(
+        &yaml,
+        wrapper_yaml(
+            "m",
+            &[("enc", &format!("file://{}", src2.display()), Some(&sha2))],
+        ),
+    )
+    .unwrap();
     let o = agent(&root, &["standalone", "-f", yaml.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains(&format!("in use by pid {}", reader.id())), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("in use by pid {}", reader.id())),
+        "{}",
+        text(&o)
+    );
     assert_eq!(generations(&root).len(), 2);
 
     reader.kill().unwrap();
     reader.wait().unwrap();
-    assert!(agent(&root, &["standalone", "-f", yaml.to_str().unwrap()]).status.success());
+    assert!(agent(&root, &["standalone", "-f", yaml.to_str().unwrap()])
+        .status
+        .success());
     assert_eq!(generations(&root).len(), 1);
 }
 
@@ -106,12 +159,26 @@ fn invalid_files_list_every_problem_and_fill_nothing() {
     let o = agent(&root, &["standalone", "-f", yaml.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     let t = text(&o);
-    for want in ["default/m is invalid (4 problems)", "\"../x\"", "64 hex", "ftp://", "duplicate component name \"b\"", "nothing was filled"] {
+    for want in [
+        "default/m is invalid (4 problems)",
+        "\"../x\"",
+        "64 hex",
+        "ftp://",
+        "duplicate component name \"b\"",
+        "nothing was filled",
+    ] {
         assert!(t.contains(want), "{t:?} lacks {want:?}");
     }
     assert!(generations(&root).is_empty());
 
-    let o = agent(&root, &["standalone", "-f", tmp.path().join("missing.yaml").to_str().unwrap()]);
+    let o = agent(
+        &root,
+        &[
+            "standalone",
+            "-f",
+            tmp.path().join("missing.yaml").to_str().unwrap(),
+        ],
+    );
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).contains("missing.yaml"), "{}", text(&o));
 }
@@ -122,27 +189,58 @@ fn a_failed_fill_exits_1_and_names_the_component() {
     let root = tmp.path().join("root");
     let (src, _) = write_model(tmp.path(), "a.safetensors", 1);
     let yaml = tmp.path().join("mw.yaml");
-    fs::write(&yaml, wrapper_yaml("m", &[("enc", &format!("file://{}", src.display()), Some(&"ab".repeat(32)))])).unwrap();
+    fs::write(
+        &yaml,
+        wrapper_yaml(
+            "m",
+            &[(
+                "enc",
+                &format!("file://{}", src.display()),
+                Some(&"ab".repeat(32)),
+            )],
+        ),
+    )
+    .unwrap();
     let o = agent(&root, &["standalone", "-f", yaml.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(text(&o).contains("component enc: sha256 mismatch"), "{}", text(&o));
+    assert!(
+        text(&o).contains("component enc: sha256 mismatch"),
+        "{}",
+        text(&o)
+    );
     assert!(generations(&root).is_empty());
 }
 
 /// Every generation directory with content has its manifest and files whole.
 fn assert_only_complete_generations_visible(root: &Path) {
-    let Ok(namespaces) = fs::read_dir(root) else { return };
-    for ns in namespaces.flatten().filter(|e| !e.file_name().to_string_lossy().starts_with('.')) {
+    let Ok(namespaces) = fs::read_dir(root) else {
+        return;
+    };
+    for ns in namespaces
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+    {
         for w in fs::read_dir(ns.path()).into_iter().flatten().flatten() {
             for g in fs::read_dir(w.path()).into_iter().flatten().flatten() {
-                let entries: Vec<_> = fs::read_dir(g.path()).into_iter().flatten().flatten().collect();
+                let entries: Vec<_> = fs::read_dir(g.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .collect();
                 if entries.is_empty() {
                     continue; // a mount point waiting for its bind: shows nothing
                 }
-                let manifest: zerocopy_api::Manifest =
-                    serde_json::from_slice(&fs::read(g.path().join("manifest.json")).expect("content without a manifest was visible")).unwrap();
+                let manifest: zerocopy_api::Manifest = serde_json::from_slice(
+                    &fs::read(g.path().join("manifest.json"))
+                        .expect("content without a manifest was visible"),
+                )
+                .unwrap();
                 for f in manifest.files() {
-                    assert_eq!(fs::metadata(g.path().join(&f.file)).unwrap().len(), f.bytes, "partial file visible");
+                    assert_eq!(
+                        fs::metadata(g.path().join(&f.file)).unwrap().len(),
+                        f.bytes,
+                        "partial file visible"
+                    );
                 }
             }
         }
@@ -157,7 +255,11 @@ fn sigkill_mid_fill_leaves_nothing_visible_and_the_next_run_completes() {
     let body = file(&[T::f32("w", 2_000_000, 3)]); // 8 MB at ~3 MB/s
     let url = server.put("enc.safetensors", body.clone());
     let yaml = tmp.path().join("mw.yaml");
-    fs::write(&yaml, wrapper_yaml("m", &[("enc", &url, Some(&sha256_hex(&body)))])).unwrap();
+    fs::write(
+        &yaml,
+        wrapper_yaml("m", &[("enc", &url, Some(&sha256_hex(&body)))]),
+    )
+    .unwrap();
 
     let mut child = Command::new(BIN)
         .arg("--root")
@@ -170,7 +272,13 @@ fn sigkill_mid_fill_leaves_nothing_visible_and_the_next_run_completes() {
     let staging = root.join(".staging");
     let deadline = Instant::now() + Duration::from_secs(20);
     let staged_bytes = |p: &Path| -> u64 {
-        fs::read_dir(p).into_iter().flatten().flatten().flat_map(|d| fs::read_dir(d.path()).into_iter().flatten().flatten()).map(|f| f.metadata().map(|m| m.len()).unwrap_or(0)).sum()
+        fs::read_dir(p)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|d| fs::read_dir(d.path()).into_iter().flatten().flatten())
+            .map(|f| f.metadata().map(|m| m.len()).unwrap_or(0))
+            .sum()
     };
     while staged_bytes(&staging) < 1_000_000 {
         assert!(Instant::now() < deadline, "fill never started");
@@ -178,16 +286,33 @@ fn sigkill_mid_fill_leaves_nothing_visible_and_the_next_run_completes() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_only_complete_generations_visible(&root);
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     child.wait().unwrap();
-    assert!(staged_bytes(&staging) > 0, "the killed fill should have left staging behind");
-    assert!(generations(&root).is_empty(), "a killed fill published something");
+    assert!(
+        staged_bytes(&staging) > 0,
+        "the killed fill should have left staging behind"
+    );
+    assert!(
+        generations(&root).is_empty(),
+        "a killed fill published something"
+    );
 
     let o = agent(&root, &["standalone", "-q", "-f", yaml.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("removed leftovers of interrupted fills"), "{}", text(&o));
+    assert!(
+        text(&o).contains("removed leftovers of interrupted fills"),
+        "{}",
+        text(&o)
+    );
     let gens = generations(&root);
     assert_eq!(gens.len(), 1);
-    assert_eq!(fs::read(PathBuf::from(gens[0]["path"].as_str().unwrap()).join("enc.safetensors")).unwrap(), body);
+    assert_eq!(
+        fs::read(PathBuf::from(gens[0]["path"].as_str().unwrap()).join("enc.safetensors")).unwrap(),
+        body
+    );
     assert_eq!(staged_bytes(&staging), 0);
 }

@@ -49,17 +49,29 @@ impl Server {
                 });
             }
         });
-        Self { base, files, requests }
+        Self {
+            base,
+            files,
+            requests,
+        }
     }
 
     /// Serves `body` at `/<name>` and returns its URL.
     pub fn put(&self, name: &str, body: Vec<u8>) -> String {
-        self.files.lock().expect("lock").insert(format!("/{name}"), body);
+        self.files
+            .lock()
+            .expect("lock")
+            .insert(format!("/{name}"), body);
         format!("{}/{name}", self.base)
     }
 }
 
-fn handle(stream: TcpStream, files: &Mutex<HashMap<String, Vec<u8>>>, requests: &AtomicU32, fault: Fault) -> std::io::Result<()> {
+fn handle(
+    stream: TcpStream,
+    files: &Mutex<HashMap<String, Vec<u8>>>,
+    requests: &AtomicU32,
+    fault: Fault,
+) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut out = stream;
     loop {
@@ -80,20 +92,35 @@ fn handle(stream: TcpStream, files: &Mutex<HashMap<String, Vec<u8>>>, requests: 
             }
             if let Some((k, v)) = h.split_once(':') {
                 if k.eq_ignore_ascii_case("range") {
-                    range = v.trim().strip_prefix("bytes=").and_then(|r| r.trim_end_matches('-').parse().ok());
+                    range = v
+                        .trim()
+                        .strip_prefix("bytes=")
+                        .and_then(|r| r.trim_end_matches('-').parse().ok());
                 }
             }
         }
         let n = requests.fetch_add(1, Ordering::SeqCst);
-        let body = files.lock().map_err(|_| std::io::Error::other("lock"))?.get(&path).cloned();
+        let body = files
+            .lock()
+            .map_err(|_| std::io::Error::other("lock"))?
+            .get(&path)
+            .cloned();
         let Some(body) = body else {
             out.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 9\r\n\r\nnot found")?;
             continue;
         };
         let ranges = fault != Fault::TruncateAlways;
-        let accept = if ranges { "accept-ranges: bytes\r\n" } else { "" };
+        let accept = if ranges {
+            "accept-ranges: bytes\r\n"
+        } else {
+            ""
+        };
         if method == "HEAD" {
-            write!(out, "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n{accept}\r\n", body.len())?;
+            write!(
+                out,
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n{accept}\r\n",
+                body.len()
+            )?;
             continue;
         }
         let (status, start) = match range {
@@ -101,9 +128,15 @@ fn handle(stream: TcpStream, files: &Mutex<HashMap<String, Vec<u8>>>, requests: 
             _ => ("200 OK", 0),
         };
         let total = body.len();
-        let mut head = format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\n{accept}", total - start);
+        let mut head = format!(
+            "HTTP/1.1 {status}\r\ncontent-length: {}\r\n{accept}",
+            total - start
+        );
         if start > 0 || status.starts_with("206") {
-            head.push_str(&format!("content-range: bytes {start}-{}/{total}\r\n", total.saturating_sub(1)));
+            head.push_str(&format!(
+                "content-range: bytes {start}-{}/{total}\r\n",
+                total.saturating_sub(1)
+            ));
         }
         head.push_str("\r\n");
         out.write_all(head.as_bytes())?;

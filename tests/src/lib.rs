@@ -1,3 +1,6 @@
+//! (Test support: a failed setup should panic the test that called it.)
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 //! Helpers for the one-node integration tests: a real HTTP server on
 //! 127.0.0.1 with fault modes, safetensors files built byte by byte, and
 //! ModelWrapper YAML.
@@ -18,7 +21,11 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 pub fn agent_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
     // target/<profile>/deps/<test> → target/<profile>/zerocopy-node-agent
-    let dir = exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
     dir.join("zerocopy-node-agent")
 }
 
@@ -26,7 +33,9 @@ pub fn agent_bin() -> PathBuf {
 pub fn wrapper_yaml(name: &str, components: &[(&str, &str, Option<&str>)]) -> String {
     let mut s = format!("apiVersion: zerocopy.dev/v1alpha1\nkind: ModelWrapper\nmetadata: {{name: {name}, namespace: test}}\nspec:\n  pipeline:\n    components:\n");
     for (cname, uri, sha) in components {
-        s.push_str(&format!("      - name: {cname:?}\n        weights: {{uri: {uri:?}"));
+        s.push_str(&format!(
+            "      - name: {cname:?}\n        weights: {{uri: {uri:?}"
+        ));
         if let Some(sha) = sha {
             s.push_str(&format!(", sha256: {sha:?}"));
         }
@@ -44,8 +53,14 @@ impl TmpfsDir {
     /// Mounts a 2 GiB tmpfs on a fresh temporary directory (tests run as root).
     pub fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        nix::mount::mount(Some("test"), dir.path(), Some("tmpfs"), nix::mount::MsFlags::empty(), Some("size=2g"))
-            .expect("mount tmpfs (the integration tests run as root)");
+        nix::mount::mount(
+            Some("test"),
+            dir.path(),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=2g"),
+        )
+        .expect("mount tmpfs (the integration tests run as root)");
         Self { dir }
     }
 

@@ -18,7 +18,9 @@ fn spec(yaml: &str) -> ModelWrapperSpec {
 
 fn one(uri: &str, sha: Option<&str>) -> ModelWrapperSpec {
     let sha = sha.map(|s| format!(", sha256: {s}")).unwrap_or_default();
-    spec(&format!("pipeline: {{components: [{{name: enc, weights: {{uri: '{uri}'{sha}}}}}]}}"))
+    spec(&format!(
+        "pipeline: {{components: [{{name: enc, weights: {{uri: '{uri}'{sha}}}}}]}}"
+    ))
 }
 
 fn model() -> Vec<u8> {
@@ -33,9 +35,16 @@ fn engine(root: &Path, capacity: Option<u64>, mode: MountMode) -> FillEngine {
 fn assert_nothing_published(root: &Path) {
     let gens = VolumeRoot::new(root).generations().expect("list");
     assert!(gens.is_empty(), "generations became visible: {gens:?}");
-    let staging: Vec<_> = fs::read_dir(root.join(".staging")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    let staging: Vec<_> = fs::read_dir(root.join(".staging"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
     assert!(staging.is_empty(), "staging left behind: {staging:?}");
-    assert!(mounts_under(&root.join(".staging")).expect("mountinfo").is_empty(), "staging mount left behind");
+    assert!(
+        mounts_under(&root.join(".staging"))
+            .expect("mountinfo")
+            .is_empty(),
+        "staging mount left behind"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -47,21 +56,34 @@ async fn http_fill_publishes_a_read_only_tmpfs_generation() {
     let s = one(&url, Some(&sha256_hex(&body)));
     let e = engine(tmp.path(), None, MountMode::Tmpfs);
     let out = e.fill("test", "m", &s, &Quiet).await.expect("fill");
-    let FillOutcome::Filled { manifest, .. } = out else { panic!("expected a fill") };
+    let FillOutcome::Filled { manifest, .. } = out else {
+        panic!("expected a fill")
+    };
     let gen_dir = tmp.path().join("test/m").join(generation_digest(&s));
     assert_eq!(fs::read(gen_dir.join("enc.safetensors")).unwrap(), body);
     assert_eq!(manifest.components[0].weights.tensors, 2);
     assert_eq!(manifest.total_bytes, body.len() as u64);
-    let m = mount_at(&gen_dir).unwrap().expect("generation is its own mount");
+    let m = mount_at(&gen_dir)
+        .unwrap()
+        .expect("generation is its own mount");
     assert_eq!(m.fs_type, "tmpfs");
     assert!(m.mount_options.split(',').any(|o| o == "ro"), "{m:?}");
     let err = fs::write(gen_dir.join("x"), b"x").unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc_erofs()), "{err}");
     // a second fill reads nothing
     let before = server.requests.load(std::sync::atomic::Ordering::SeqCst);
-    assert!(matches!(e.fill("test", "m", &s, &Quiet).await.unwrap(), FillOutcome::UpToDate(_)));
-    assert_eq!(server.requests.load(std::sync::atomic::Ordering::SeqCst), before);
-    assert!(fs::read_dir(tmp.path().join(".staging")).unwrap().next().is_none());
+    assert!(matches!(
+        e.fill("test", "m", &s, &Quiet).await.unwrap(),
+        FillOutcome::UpToDate(_)
+    ));
+    assert_eq!(
+        server.requests.load(std::sync::atomic::Ordering::SeqCst),
+        before
+    );
+    assert!(fs::read_dir(tmp.path().join(".staging"))
+        .unwrap()
+        .next()
+        .is_none());
 }
 
 fn libc_erofs() -> i32 {
@@ -104,7 +126,10 @@ async fn a_dropped_connection_is_resumed_with_range() {
     let body = model();
     let url = server.put("enc.safetensors", body.clone());
     let s = one(&url, Some(&sha256_hex(&body)));
-    engine(tmp.path(), None, MountMode::Tmpfs).fill("test", "m", &s, &Quiet).await.expect("resumed fill");
+    engine(tmp.path(), None, MountMode::Tmpfs)
+        .fill("test", "m", &s, &Quiet)
+        .await
+        .expect("resumed fill");
     let gen_dir = tmp.path().join("test/m").join(generation_digest(&s));
     assert_eq!(fs::read(gen_dir.join("enc.safetensors")).unwrap(), body);
 }
@@ -118,28 +143,89 @@ struct Case {
     says: &'static [&'static str],
 }
 
-fn header_case(what: &'static str, header: &str, data: usize, says: &'static [&'static str]) -> Case {
-    Case { what, body: raw(header, &vec![0u8; data]), sha: None, category: "bad_header", says }
+fn header_case(
+    what: &'static str,
+    header: &str,
+    data: usize,
+    says: &'static [&'static str],
+) -> Case {
+    Case {
+        what,
+        body: raw(header, &vec![0u8; data]),
+        sha: None,
+        category: "bad_header",
+        says,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_bad_source_fails_by_name_and_publishes_nothing() {
     let good = model();
-    let t = |dtype: &str, shape: &str, b: u64, e: u64| format!(r#"{{"t":{{"dtype":"{dtype}","shape":{shape},"data_offsets":[{b},{e}]}}}}"#);
+    let t = |dtype: &str, shape: &str, b: u64, e: u64| {
+        format!(r#"{{"t":{{"dtype":"{dtype}","shape":{shape},"data_offsets":[{b},{e}]}}}}"#)
+    };
     let mut huge_prefix = (200u64 * 1024 * 1024).to_le_bytes().to_vec();
     huge_prefix.extend_from_slice(b"{}");
     let cases = vec![
-        Case { what: "too short", body: vec![1, 2, 3], sha: None, category: "bad_header", says: &["too short"] },
-        Case { what: "header over the limit", body: huge_prefix, sha: None, category: "bad_header", says: &["exceeds"] },
-        Case { what: "header beyond the file", body: { let mut b = 64u64.to_le_bytes().to_vec(); b.extend_from_slice(b"{}"); b }, sha: None, category: "bad_header", says: &["does not fit"] },
+        Case {
+            what: "too short",
+            body: vec![1, 2, 3],
+            sha: None,
+            category: "bad_header",
+            says: &["too short"],
+        },
+        Case {
+            what: "header over the limit",
+            body: huge_prefix,
+            sha: None,
+            category: "bad_header",
+            says: &["exceeds"],
+        },
+        Case {
+            what: "header beyond the file",
+            body: {
+                let mut b = 64u64.to_le_bytes().to_vec();
+                b.extend_from_slice(b"{}");
+                b
+            },
+            sha: None,
+            category: "bad_header",
+            says: &["does not fit"],
+        },
         header_case("not JSON", "{not json", 0, &["not valid safetensors JSON"]),
-        header_case("unknown dtype", &t("Q3", "[1]", 0, 1), 1, &["unsupported dtype"]),
-        header_case("span mismatch", &t("F32", "[3]", 0, 8), 8, &["needs 12 bytes"]),
+        header_case(
+            "unknown dtype",
+            &t("Q3", "[1]", 0, 1),
+            1,
+            &["unsupported dtype"],
+        ),
+        header_case(
+            "span mismatch",
+            &t("F32", "[3]", 0, 8),
+            8,
+            &["needs 12 bytes"],
+        ),
         header_case("out of bounds", &t("F32", "[4]", 0, 16), 8, &["truncated"]),
-        header_case("overlap", r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#, 8, &["overlap"]),
+        header_case(
+            "overlap",
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+            8,
+            &["overlap"],
+        ),
         header_case("gap", &t("F32", "[1]", 4, 8), 8, &["belong to no tensor"]),
-        header_case("misaligned", r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"b":{"dtype":"F32","shape":[1],"data_offsets":[1,5]}}"#, 5, &["not a multiple of 4"]),
-        Case { what: "sha256 mismatch", body: good.clone(), sha: Some("0".repeat(64)), category: "digest_mismatch", says: &["sha256 mismatch", "expected 0000"] },
+        header_case(
+            "misaligned",
+            r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"b":{"dtype":"F32","shape":[1],"data_offsets":[1,5]}}"#,
+            5,
+            &["not a multiple of 4"],
+        ),
+        Case {
+            what: "sha256 mismatch",
+            body: good.clone(),
+            sha: Some("0".repeat(64)),
+            category: "digest_mismatch",
+            says: &["sha256 mismatch", "expected 0000"],
+        },
     ];
     for c in cases {
         let tmp = TmpfsDir::new();
@@ -147,7 +233,10 @@ async fn every_bad_source_fails_by_name_and_publishes_nothing() {
         fs::write(&src, &c.body).unwrap();
         let root = tmp.path().join("root");
         let s = one(&format!("file://{}", src.display()), c.sha.as_deref());
-        let err = engine(&root, None, MountMode::Tmpfs).fill("test", "m", &s, &Quiet).await.expect_err(c.what);
+        let err = engine(&root, None, MountMode::Tmpfs)
+            .fill("test", "m", &s, &Quiet)
+            .await
+            .expect_err(c.what);
         assert_eq!(err.category(), c.category, "{}: {err}", c.what);
         let msg = err.to_string();
         assert!(msg.contains("component enc"), "{}: {msg}", c.what);
@@ -166,15 +255,29 @@ async fn http_failures_fail_by_name_and_publish_nothing() {
     let ok = Server::start(Fault::None);
     let missing_url = format!("{}/missing.safetensors", ok.base);
     // a port that was free a moment ago: connection refused
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let unreachable_url = format!("http://{closed}/enc.safetensors");
     for (url, category, says) in [
-        (truncated_url, "truncated", vec!["truncated body", "of 1201344 bytes"]),
-        (missing_url, "http_status", vec!["HTTP 404", "does not exist"]),
+        (
+            truncated_url,
+            "truncated",
+            vec!["truncated body", "of 1201344 bytes"],
+        ),
+        (
+            missing_url,
+            "http_status",
+            vec!["HTTP 404", "does not exist"],
+        ),
         (unreachable_url, "source", vec!["cannot read", "onnect"]),
     ] {
         let tmp = TmpfsDir::new();
-        let err = engine(tmp.path(), None, MountMode::Tmpfs).fill("test", "m", &one(&url, None), &Quiet).await.expect_err(&url);
+        let err = engine(tmp.path(), None, MountMode::Tmpfs)
+            .fill("test", "m", &one(&url, None), &Quiet)
+            .await
+            .expect_err(&url);
         assert_eq!(err.category(), category, "{err}");
         let msg = err.to_string();
         assert!(msg.contains("component enc"), "{msg}");
@@ -194,19 +297,36 @@ async fn bad_names_and_capacity_are_refused_before_any_byte() {
     let root = tmp.path().join("root");
     let e = engine(&root, None, MountMode::Tmpfs);
 
-    let traversal = spec(&format!("pipeline: {{components: [{{name: '../x', weights: {{uri: '{uri}'}}}}]}}"));
+    let traversal = spec(&format!(
+        "pipeline: {{components: [{{name: '../x', weights: {{uri: '{uri}'}}}}]}}"
+    ));
     let err = e.fill("test", "m", &traversal, &Quiet).await.unwrap_err();
-    assert!(matches!(err, FillError::Invalid(_)) && err.to_string().contains("\"../x\" is not a DNS-1123 label"), "{err}");
+    assert!(
+        matches!(err, FillError::Invalid(_))
+            && err.to_string().contains("\"../x\" is not a DNS-1123 label"),
+        "{err}"
+    );
 
     let dup = spec(&format!("pipeline: {{components: [{{name: a, weights: {{uri: '{uri}'}}}}, {{name: a, weights: {{uri: '{uri}'}}}}]}}"));
     let err = e.fill("test", "m", &dup, &Quiet).await.unwrap_err();
-    assert!(err.to_string().contains("duplicate component name \"a\""), "{err}");
+    assert!(
+        err.to_string().contains("duplicate component name \"a\""),
+        "{err}"
+    );
     assert_nothing_published(&root);
 
     let small = engine(&root, Some(1 << 20), MountMode::Tmpfs);
-    let err = small.fill("test", "m", &one(&uri, None), &Quiet).await.unwrap_err();
+    let err = small
+        .fill("test", "m", &one(&uri, None), &Quiet)
+        .await
+        .unwrap_err();
     assert_eq!(err.category(), "capacity");
     let msg = err.to_string();
-    assert!(msg.contains("needs 1.1 MiB") && msg.contains("1.0 MiB capacity") && msg.contains("--capacity"), "{msg}");
+    assert!(
+        msg.contains("needs 1.1 MiB")
+            && msg.contains("1.0 MiB capacity")
+            && msg.contains("--capacity"),
+        "{msg}"
+    );
     assert_nothing_published(&root);
 }

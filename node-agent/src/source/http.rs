@@ -30,11 +30,19 @@ pub async fn size(client: &reqwest::Client, uri: &url::Url) -> Result<Option<u64
     if !resp.status().is_success() {
         return Err(FetchError::Status(resp.status().as_u16()));
     }
-    Ok(resp.headers().get(reqwest::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok()))
+    Ok(resp
+        .headers()
+        .get(reqwest::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok()))
 }
 
 /// Streams the body into `sink`.
-pub async fn fetch(client: &reqwest::Client, uri: &url::Url, mut sink: HashingSink, progress: &dyn Progress) -> Result<Fetched, FetchError> {
+pub async fn fetch(
+    client: &reqwest::Client,
+    uri: &url::Url,
+    mut sink: HashingSink,
+    progress: &dyn Progress,
+) -> Result<Fetched, FetchError> {
     let mut resumes = 0u32;
     let mut expected: Option<u64> = None;
     let mut can_resume = false;
@@ -58,7 +66,10 @@ pub async fn fetch(client: &reqwest::Client, uri: &url::Url, mut sink: HashingSi
                 return Err(FetchError::Status(resp.status().as_u16()));
             }
             expected = resp.content_length();
-            can_resume = resp.headers().get(ACCEPT_RANGES).is_some_and(|v| v.as_bytes() == b"bytes");
+            can_resume = resp
+                .headers()
+                .get(ACCEPT_RANGES)
+                .is_some_and(|v| v.as_bytes() == b"bytes");
             if let Some(total) = expected {
                 progress.set_total(total);
             }
@@ -96,8 +107,13 @@ pub async fn fetch(client: &reqwest::Client, uri: &url::Url, mut sink: HashingSi
             None => broke.is_none(),
         };
         if complete {
-            let (bytes, sha256) = tokio::task::block_in_place(|| sink.finish()).map_err(FetchError::Write)?;
-            return Ok(Fetched { bytes, sha256, resumes });
+            let (bytes, sha256) =
+                tokio::task::block_in_place(|| sink.finish()).map_err(FetchError::Write)?;
+            return Ok(Fetched {
+                bytes,
+                sha256,
+                resumes,
+            });
         }
         if can_resume && resumes < MAX_RESUMES {
             tracing::warn!(%uri, got = sink.written(), ?expected, reason = ?broke, "body ended early; resuming with Range");
@@ -109,7 +125,11 @@ pub async fn fetch(client: &reqwest::Client, uri: &url::Url, mut sink: HashingSi
 }
 
 fn truncated(got: u64, expected: Option<u64>, resumes: u32) -> FetchError {
-    FetchError::Truncated { got, expected: expected.unwrap_or(0), resumes }
+    FetchError::Truncated {
+        got,
+        expected: expected.unwrap_or(0),
+        resumes,
+    }
 }
 
 async fn send_with_retry(req: reqwest::RequestBuilder) -> Result<reqwest::Response, FetchError> {
@@ -117,7 +137,10 @@ async fn send_with_retry(req: reqwest::RequestBuilder) -> Result<reqwest::Respon
     let mut attempt = 1;
     loop {
         let Some(this) = req.try_clone() else {
-            return req.send().await.map_err(|e| FetchError::Unreachable(describe(&e)));
+            return req
+                .send()
+                .await
+                .map_err(|e| FetchError::Unreachable(describe(&e)));
         };
         match this.send().await {
             Ok(resp) => return Ok(resp),

@@ -40,7 +40,13 @@ impl HashingSink {
             }
             h
         });
-        Self { file, written: 0, limit, to_hasher: Some(tx), hasher: Some(hasher) }
+        Self {
+            file,
+            written: 0,
+            limit,
+            to_hasher: Some(tx),
+            hasher: Some(hasher),
+        }
     }
 
     /// Bytes written so far.
@@ -56,7 +62,8 @@ impl HashingSink {
         self.file.write_all(&chunk)?;
         self.written += chunk.len() as u64;
         if let Some(tx) = &self.to_hasher {
-            tx.send(chunk).map_err(|_| io::Error::other("hasher thread stopped"))?;
+            tx.send(chunk)
+                .map_err(|_| io::Error::other("hasher thread stopped"))?;
         }
         Ok(Ok(()))
     }
@@ -65,8 +72,14 @@ impl HashingSink {
     pub fn finish(mut self) -> io::Result<(u64, String)> {
         self.file.flush()?;
         drop(self.to_hasher.take());
-        let hasher = self.hasher.take().ok_or_else(|| io::Error::other("hasher already joined"))?;
-        let digest = hasher.join().map_err(|_| io::Error::other("hasher thread panicked"))?.finalize();
+        let hasher = self
+            .hasher
+            .take()
+            .ok_or_else(|| io::Error::other("hasher already joined"))?;
+        let digest = hasher
+            .join()
+            .map_err(|_| io::Error::other("hasher thread panicked"))?
+            .finalize();
         Ok((self.written, hex::encode(digest)))
     }
 }
