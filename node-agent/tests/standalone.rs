@@ -1,6 +1,8 @@
 //! `zerocopy-node-agent standalone` and `status` as a user runs them: the real
 //! binary, real tmpfs mounts, SIGKILL in the middle of a fill.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: panics are the failure report
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

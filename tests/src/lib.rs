@@ -1,9 +1,9 @@
-//! (Test support: a failed setup should panic the test that called it.)
-#![allow(clippy::expect_used, clippy::unwrap_used)]
-
 //! Helpers for the one-node integration tests: a real HTTP server on
 //! 127.0.0.1 with fault modes, safetensors files built byte by byte, and
 //! ModelWrapper YAML.
+
+// Test support: a failed setup should panic the test that called it.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
 
 pub mod http;
 pub mod safetensors;

@@ -1,5 +1,7 @@
 //! Fill engine against real tmpfs mounts and a real HTTP server on 127.0.0.1.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: panics are the failure report
+
 use std::fs;
 use std::path::Path;
 
