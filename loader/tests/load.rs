@@ -1,0 +1,125 @@
+//! The Rust loader over a volume written byte by byte.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: panics are the failure report
+
+use std::fs;
+use std::path::Path;
+
+use zerocopy_api::format::FORMAT_V1;
+use zerocopy_api::manifest::{Manifest, ManifestComponent, ManifestFile, ManifestWeights};
+use zerocopy_api::spec::Mode;
+
+/// Writes a one-component volume holding `l.weight` (3×4) and `l.bias` (3).
+fn volume(dir: &Path) -> (Vec<f32>, Vec<f32>) {
+    let w: Vec<f32> = (0..12).map(|i| i as f32 * 0.5).collect();
+    let b: Vec<f32> = vec![1.0, -1.0, 0.25];
+    let header = r#"{"l.bias":{"dtype":"F32","shape":[3],"data_offsets":[0,12]},"l.weight":{"dtype":"F32","shape":[3,4],"data_offsets":[12,60]}}"#;
+    let mut h = header.as_bytes().to_vec();
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let mut file = (h.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(&h);
+    let data_offset = file.len() as u64;
+    for v in b.iter().chain(&w) {
+        file.extend_from_slice(&v.to_le_bytes());
+    }
+    fs::write(dir.join("lin.safetensors"), &file).unwrap();
+    let m = Manifest {
+        format: FORMAT_V1.into(),
+        namespace: "t".into(),
+        name: "m".into(),
+        generation: "0123456789abcdef".into(),
+        mode: Mode::Actor,
+        created: "2026-01-01T00:00:00Z".into(),
+        total_bytes: file.len() as u64,
+        huge_pages: false,
+        prefault: false,
+        components: vec![ManifestComponent {
+            name: "lin".into(),
+            weights: ManifestWeights {
+                file: ManifestFile { file: "lin.safetensors".into(), bytes: file.len() as u64, sha256: String::new(), source: String::new() },
+                tensors: 2,
+                dtypes: vec!["F32".into()],
+                data_offset,
+            },
+            skeleton: None,
+        }],
+        pipeline_skeleton: None,
+    };
+    fs::write(dir.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+    (w, b)
+}
+
+#[test]
+fn views_lie_inside_the_mapping() {
+    let dir = tempfile::tempdir().unwrap();
+    let (w, _) = volume(dir.path());
+    let p = zerocopy_loader::load(dir.path()).unwrap();
+    let c = p.component("lin").unwrap();
+    let v = c.tensor_view("l.weight").unwrap();
+    assert_eq!(v.info.shape, [3, 4]);
+    assert!(c.mapped_range().contains(&(v.data.as_ptr() as usize)));
+    let first = f32::from_le_bytes(v.data[4..8].try_into().unwrap());
+    assert_eq!(first, w[1]);
+}
+
+#[test]
+fn a_damaged_volume_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    volume(dir.path());
+    let f = dir.path().join("lin.safetensors");
+    let mut bytes = fs::read(&f).unwrap();
+    bytes.truncate(bytes.len() - 4);
+    fs::write(&f, bytes).unwrap();
+    let err = zerocopy_loader::load(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("manifest says") && err.contains("refill"), "{err}");
+    fs::remove_file(dir.path().join("manifest.json")).unwrap();
+    let err = zerocopy_loader::load(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("manifest.json"), "{err}");
+}
+
+#[cfg(feature = "tch")]
+mod tch_tests {
+    use super::*;
+    use tch::nn::{self, Module};
+    use tch::{Device, Kind, Tensor};
+
+    #[test]
+    fn a_var_store_binds_without_copying_and_computes_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, b) = volume(dir.path());
+        let p = zerocopy_loader::load(dir.path()).unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let linear = nn::linear(vs.root() / "l", 4, 3, Default::default());
+        let binding = p.bind("lin", vs).unwrap();
+        assert_eq!(binding.bound, ["l.bias", "l.weight"]);
+        assert!(binding.unused.is_empty());
+        let range = p.component("lin").unwrap().mapped_range();
+        for (name, t) in binding.variables() {
+            assert!(range.contains(&(t.data_ptr() as usize)), "{name} was copied");
+        }
+        let x = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).reshape([1, 4]);
+        let y = tch::no_grad(|| linear.forward(&x));
+        let expect: Vec<f32> = (0..3).map(|r| (0..4).map(|c| w[r * 4 + c] * (c + 1) as f32).sum::<f32>() + b[r]).collect();
+        let got: Vec<f32> = Vec::try_from(y.flatten(0, -1)).unwrap();
+        assert_eq!(got, expect);
+    }
+
+    #[test]
+    fn a_mismatching_var_store_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        volume(dir.path());
+        let p = zerocopy_loader::load(dir.path()).unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _ = nn::linear(vs.root() / "l", 5, 3, Default::default());
+        let err = p.bind("lin", vs).unwrap_err().to_string();
+        assert!(err.contains("l.weight") && err.contains("[3, 4]") && err.contains("[3, 5]"), "{err}");
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _ = vs.root().zeros("other", &[1]);
+        let err = p.bind("lin", vs).unwrap_err().to_string();
+        assert!(err.contains("missing from the weights: other"), "{err}");
+        let t = p.component("lin").unwrap().tensor("l.bias").unwrap();
+        assert_eq!(t.kind(), Kind::Float);
+    }
+}

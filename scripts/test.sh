@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The test command of README.md. Runs as root: the integration tests mount
+# tmpfs and bind mounts for real.
+#   lint -> Rust unit + one-node integration tests -> Python tests
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/torch-env.sh
+source scripts/torch-env.sh
+target_dir="${CARGO_TARGET_DIR:-target}"
+
+echo "== rustfmt"; cargo fmt --all --check
+echo "== clippy"; cargo clippy --workspace --all-targets --all-features -- -D warnings
+echo "== cargo test"; cargo test --workspace --all-features
+echo "== build binaries for the Python tests"; cargo build --workspace --bins --examples --all-features
+echo "== pytest"
+ZEROCOPY_AGENT_BIN="$target_dir/debug/zerocopy-node-agent" \
+ZEROCOPY_LOADER_EXAMPLE="$target_dir/debug/examples/tensor-digests" \
+  python3 -m pytest -n 2 -q tests/python
