@@ -1,0 +1,51 @@
+"""Fixtures: a private tmpfs per test, the node agent binary, fills through it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def agent_bin() -> Path:
+    path = Path(os.environ.get("ZEROCOPY_AGENT_BIN", REPO / "target/debug/zerocopy-node-agent"))
+    if not path.exists():
+        pytest.fail(f"{path} is missing: run `cargo build -p zerocopy-node-agent` (scripts/test.sh does)")
+    return path
+
+
+@pytest.fixture
+def shm(tmp_path: Path):
+    """A fresh tmpfs (the tests run as root), so PSS and sharing are real shared memory."""
+    mnt = tmp_path / "shm"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6g", "zerocopy-test", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-R", "-l", str(mnt)], check=False)
+
+
+def fill(yaml_path: Path, root: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """Runs `zerocopy-node-agent standalone` like a user would."""
+    return subprocess.run(
+        [str(agent_bin()), "--root", str(root), "standalone", "-q", "-f", str(yaml_path), *extra],
+        capture_output=True,
+        text=True,
+    )
+
+
+def filled_volume(yaml_path: Path, root: Path) -> Path:
+    """Fills and returns the generation directory."""
+    proc = fill(yaml_path, root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    status = subprocess.run([str(agent_bin()), "--root", str(root), "status", "--json"], capture_output=True, text=True, check=True)
+    import json
+
+    gens = json.loads(status.stdout)
+    assert len(gens) == 1, gens
+    return Path(gens[0]["path"])

@@ -1,0 +1,73 @@
+"""Small models used by the Python tests (importable for factory skeletons)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Encoder(nn.Module):
+    def __init__(self, dim: int = 64, hidden: int = 128):
+        super().__init__()
+        self.inp = nn.Linear(dim, hidden)
+        self.norm = nn.LayerNorm(hidden)
+        self.out = nn.Linear(hidden, dim)
+        # not in the weights: its value must come from the constructor
+        self.register_buffer("scale", torch.full((dim,), 0.5), persistent=False)
+        self.register_buffer("shift", torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.norm(self.inp(x)))) * self.scale + self.shift
+
+
+class TiedDecoder(nn.Module):
+    def __init__(self, vocab: int = 50, dim: int = 64):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+
+class Pipeline:
+    """A seed-style pipeline: plain object, nn.Module attributes."""
+
+    def __init__(self, dim: int = 64):
+        self.text_encoder = Encoder(dim)
+        self.decoder = TiedDecoder(dim=dim)
+        self.temperature = 2.0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.text_encoder(x)) / self.temperature
+
+
+class Big(nn.Module):
+    """``n`` float32 parameters in square layers, deterministic."""
+
+    def __init__(self, mib: int, seed: int):
+        super().__init__()
+        side = 1024
+        layers = max(1, (mib << 20) // (side * side * 4))
+        g = torch.Generator().manual_seed(seed)
+        self.layers = nn.ModuleList()
+        for _ in range(layers):
+            lin = nn.Linear(side, side, bias=False)
+            with torch.no_grad():
+                lin.weight.copy_(torch.randn(side, side, generator=g) / side**0.5)
+            self.layers.append(lin)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+class BigPipeline:
+    def __init__(self, mib_each: int):
+        self.first = Big(mib_each, seed=1)
+        self.second = Big(mib_each, seed=2)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
