@@ -6,17 +6,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import json
 import logging
 import os
 import pickle
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 import yaml
-from safetensors.torch import save_file
 from torch import nn
 
 from ._format import ATTRIBUTE_KEY, PIPELINE_SKELETON_FILE, skeleton_file, weights_file
@@ -78,6 +79,41 @@ class Exported:
     pipeline_skeleton_sha256: str | None
     yaml_path: Path
     spec: dict[str, Any]
+
+
+#: Tensor data starts at a multiple of this in files export() writes, so the
+#: mapped tensors are as aligned as freshly allocated ones (SIMD kernels pick
+#: the same code paths, and outputs match the original bit for bit).
+DATA_ALIGNMENT = 64
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Writes a standard safetensors file whose header is padded with spaces so
+    the data starts on a 64-byte boundary. Tensors are ordered by element size
+    (largest first), then name, as the reference writer does, which keeps
+    every tensor aligned to its element size."""
+    from ._format import DTYPES
+
+    names = {v: k for k, v in DTYPES.items()}
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for k in order:
+        t = tensors[k]
+        if t.dtype not in names:
+            raise TypeError(f"tensor {k!r} has dtype {t.dtype}, which safetensors cannot store")
+        size = t.numel() * t.element_size()
+        header[k] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * ((-(8 + len(raw))) % DATA_ALIGNMENT)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for k in order:
+            t = tensors[k].contiguous()
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
 def _unique_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -155,7 +191,7 @@ def export(
         names[cname] = attribute
         state = _unique_state(module)
         wpath = out / weights_file(cname)
-        save_file(state, str(wpath), metadata={ATTRIBUTE_KEY: attribute, "format": "pt"})
+        save_safetensors(state, wpath, {ATTRIBUTE_KEY: attribute, "format": "pt"})
         spath = None
         if skeletons:
             spath = out / skeleton_file(cname)

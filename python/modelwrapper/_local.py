@@ -11,7 +11,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from ._export import Exported, export
+from ._export import Exported, detect_components, export
 from ._format import DTYPES, FORMAT_V1, MANIFEST_FILE, parse_header
 
 DEFAULT_ROOT = "/dev/shm/zerocopy"
@@ -36,10 +36,12 @@ def publish_local(model_or_pipeline: object, *, name: str, mode: str, root: Path
     try:
         exported = export(model_or_pipeline, staging, name=name, mode=mode)
         (staging / "modelwrapper.yaml").unlink()
-        digest = hashlib.sha256(mode.encode())
+        # torch.save stamps a random id into every archive, so the skeleton
+        # files never hash alike; the architecture's repr stands in for them.
+        _, modules = detect_components(model_or_pipeline)
+        digest = hashlib.sha256(f"{mode}:{type(model_or_pipeline).__qualname__}".encode())
         for c in exported.components:
-            digest.update(f"{c.name}:{c.weights_sha256}:{c.skeleton_sha256}".encode())
-        digest.update(str(exported.pipeline_skeleton_sha256).encode())
+            digest.update(f"{c.name}:{c.weights_sha256}:{modules[c.attribute]!r}".encode())
         generation = digest.hexdigest()[:16]
         target = root / LOCAL_NAMESPACE / name / generation
         if (target / MANIFEST_FILE).exists():
