@@ -10,7 +10,9 @@ use sha2::{Digest, Sha256};
 use tch::Kind;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let path = std::env::args().nth(1).ok_or("usage: tensor-digests <volume-path>")?;
+    let path = std::env::args()
+        .nth(1)
+        .ok_or("usage: tensor-digests <volume-path>")?;
     let pipeline = zerocopy_loader::load(&path)?;
     let mut out: BTreeMap<String, BTreeMap<String, serde_json::Value>> = BTreeMap::new();
     for c in pipeline.components() {

@@ -38,7 +38,12 @@ fn volume(dir: &Path) -> (Vec<f32>, Vec<f32>) {
         components: vec![ManifestComponent {
             name: "lin".into(),
             weights: ManifestWeights {
-                file: ManifestFile { file: "lin.safetensors".into(), bytes: file.len() as u64, sha256: String::new(), source: String::new() },
+                file: ManifestFile {
+                    file: "lin.safetensors".into(),
+                    bytes: file.len() as u64,
+                    sha256: String::new(),
+                    source: String::new(),
+                },
                 tensors: 2,
                 dtypes: vec!["F32".into()],
                 data_offset,
@@ -73,7 +78,10 @@ fn a_damaged_volume_is_refused() {
     bytes.truncate(bytes.len() - 4);
     fs::write(&f, bytes).unwrap();
     let err = zerocopy_loader::load(dir.path()).unwrap_err().to_string();
-    assert!(err.contains("manifest says") && err.contains("refill"), "{err}");
+    assert!(
+        err.contains("manifest says") && err.contains("refill"),
+        "{err}"
+    );
     fs::remove_file(dir.path().join("manifest.json")).unwrap();
     let err = zerocopy_loader::load(dir.path()).unwrap_err().to_string();
     assert!(err.contains("manifest.json"), "{err}");
@@ -97,11 +105,16 @@ mod tch_tests {
         assert!(binding.unused.is_empty());
         let range = p.component("lin").unwrap().mapped_range();
         for (name, t) in binding.variables() {
-            assert!(range.contains(&(t.data_ptr() as usize)), "{name} was copied");
+            assert!(
+                range.contains(&(t.data_ptr() as usize)),
+                "{name} was copied"
+            );
         }
         let x = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).reshape([1, 4]);
         let y = tch::no_grad(|| linear.forward(&x));
-        let expect: Vec<f32> = (0..3).map(|r| (0..4).map(|c| w[r * 4 + c] * (c + 1) as f32).sum::<f32>() + b[r]).collect();
+        let expect: Vec<f32> = (0..3)
+            .map(|r| (0..4).map(|c| w[r * 4 + c] * (c + 1) as f32).sum::<f32>() + b[r])
+            .collect();
         let got: Vec<f32> = Vec::try_from(y.flatten(0, -1)).unwrap();
         assert_eq!(got, expect);
     }
@@ -114,7 +127,10 @@ mod tch_tests {
         let vs = nn::VarStore::new(Device::Cpu);
         let _ = nn::linear(vs.root() / "l", 5, 3, Default::default());
         let err = p.bind("lin", vs).unwrap_err().to_string();
-        assert!(err.contains("l.weight") && err.contains("[3, 4]") && err.contains("[3, 5]"), "{err}");
+        assert!(
+            err.contains("l.weight") && err.contains("[3, 4]") && err.contains("[3, 5]"),
+            "{err}"
+        );
         let vs = nn::VarStore::new(Device::Cpu);
         let _ = vs.root().zeros("other", &[1]);
         let err = p.bind("lin", vs).unwrap_err().to_string();
