@@ -64,11 +64,7 @@ pub fn generation_digest(spec: &ModelWrapperSpec) -> String {
             )
         })
         .collect();
-    let pipeline_sha = spec
-        .pipeline
-        .skeleton
-        .as_ref()
-        .and_then(|s| lower(&s.sha256));
+    let pipeline_sha = spec.pipeline.skeleton.as_ref().and_then(|s| lower(&s.sha256));
     let input = GenerationInput {
         format: FORMAT_V1,
         mode: spec.mode,
@@ -105,9 +101,7 @@ pub fn generation_digest(spec: &ModelWrapperSpec) -> String {
 
 /// True for a directory name that can be a generation.
 pub fn is_generation_name(s: &str) -> bool {
-    s.len() == GENERATION_LEN
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == GENERATION_LEN && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 #[cfg(test)]
@@ -132,10 +126,7 @@ mod tests {
         let base = "pipeline: {components: [{name: m, weights: {uri: 'file:///m', sha256: 'aa'}}]}";
         let g = generation_digest(&spec(base));
         assert_ne!(g, generation_digest(&spec(&base.replace("aa", "bb"))));
-        assert_ne!(
-            g,
-            generation_digest(&spec(&base.replace("file:///m", "file:///n")))
-        );
+        assert_ne!(g, generation_digest(&spec(&base.replace("file:///m", "file:///n"))));
         assert_ne!(
             g,
             generation_digest(&spec(&format!("memory: {{hugePages: true}}\n{base}")))

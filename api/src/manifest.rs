@@ -100,7 +100,9 @@ pub enum ManifestError {
     #[error("manifest.json is not a valid zerocopy manifest: {0}")]
     Parse(#[from] serde_json::Error),
     /// Written by a newer or foreign format.
-    #[error("manifest.json has format {found:?}; this build reads {FORMAT_V1:?}: upgrade the loader or refill the volume")]
+    #[error(
+        "manifest.json has format {found:?}; this build reads {FORMAT_V1:?}: upgrade the loader or refill the volume"
+    )]
     Format {
         /// What the file says.
         found: String,
@@ -121,10 +123,7 @@ impl Manifest {
     pub fn files(&self) -> impl Iterator<Item = &ManifestFile> {
         self.components
             .iter()
-            .flat_map(|c| {
-                std::iter::once(&c.weights.file)
-                    .chain(c.skeleton.as_ref().and_then(|s| s.file.as_ref()))
-            })
+            .flat_map(|c| std::iter::once(&c.weights.file).chain(c.skeleton.as_ref().and_then(|s| s.file.as_ref())))
             .chain(self.pipeline_skeleton.as_ref())
     }
 }

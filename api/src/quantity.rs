@@ -4,7 +4,9 @@ use std::fmt;
 
 /// A size string that could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid size {input:?}: expected a number with an optional suffix Ki, Mi, Gi, Ti, k, M, G, T (for example 8Gi)")]
+#[error(
+    "invalid size {input:?}: expected a number with an optional suffix Ki, Mi, Gi, Ti, k, M, G, T (for example 8Gi)"
+)]
 pub struct ParseSizeError {
     /// What the user wrote.
     pub input: String,
@@ -16,9 +18,7 @@ pub fn parse_size(input: &str) -> Result<u64, ParseSizeError> {
         input: input.to_string(),
     };
     let s = input.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
     let (number, suffix) = s.split_at(split);
     let multiplier: u64 = match suffix {
         "" => 1,

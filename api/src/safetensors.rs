@@ -190,7 +190,9 @@ pub enum HeaderError {
         actual: u64,
     },
     /// Data beyond the end of the file.
-    #[error("tensor {tensor:?} ends at data byte {end} but the file holds {available} data bytes: the file is truncated")]
+    #[error(
+        "tensor {tensor:?} ends at data byte {end} but the file holds {available} data bytes: the file is truncated"
+    )]
     OutOfBounds {
         /// Tensor name.
         tensor: String,
@@ -258,13 +260,12 @@ pub fn validate_header(header_json: &[u8], file_size: u64) -> Result<Header, Hea
     let mut tensors = Vec::with_capacity(raw.len());
     for (name, value) in raw {
         if name == "__metadata__" {
-            metadata = serde_json::from_value(value).map_err(|e| {
-                HeaderError::Json(format!("__metadata__ must map strings to strings: {e}"))
-            })?;
+            metadata = serde_json::from_value(value)
+                .map_err(|e| HeaderError::Json(format!("__metadata__ must map strings to strings: {e}")))?;
             continue;
         }
-        let t: RawTensor = serde_json::from_value(value)
-            .map_err(|e| HeaderError::Json(format!("tensor {name:?}: {e}")))?;
+        let t: RawTensor =
+            serde_json::from_value(value).map_err(|e| HeaderError::Json(format!("tensor {name:?}: {e}")))?;
         let dtype = Dtype::parse(&t.dtype).ok_or_else(|| HeaderError::Dtype {
             tensor: name.clone(),
             dtype: t.dtype.clone(),
@@ -281,9 +282,7 @@ pub fn validate_header(header_json: &[u8], file_size: u64) -> Result<Header, Hea
             .shape
             .iter()
             .try_fold(dtype.size(), |acc, d| acc.checked_mul(*d))
-            .ok_or_else(|| {
-                HeaderError::Json(format!("tensor {name:?}: shape {:?} overflows", t.shape))
-            })?;
+            .ok_or_else(|| HeaderError::Json(format!("tensor {name:?}: shape {:?} overflows", t.shape)))?;
         if expected != end - begin {
             return Err(HeaderError::SpanMismatch {
                 tensor: name,
@@ -420,10 +419,7 @@ mod tests {
         ];
         for (header, data, want) in cases {
             let err = check(&header, data).unwrap_err().to_string();
-            assert!(
-                err.contains(want),
-                "header {header}: got {err:?}, want {want:?}"
-            );
+            assert!(err.contains(want), "header {header}: got {err:?}, want {want:?}");
         }
     }
 

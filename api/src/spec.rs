@@ -216,10 +216,9 @@ spec:
 
     #[test]
     fn mode_defaults_to_actor() {
-        let spec: ModelWrapperSpec = serde_yaml::from_str(
-            "pipeline: {components: [{name: m, weights: {uri: 'file:///m.safetensors'}}]}",
-        )
-        .unwrap();
+        let spec: ModelWrapperSpec =
+            serde_yaml::from_str("pipeline: {components: [{name: m, weights: {uri: 'file:///m.safetensors'}}]}")
+                .unwrap();
         assert_eq!(spec.mode, Mode::Actor);
         assert!(spec.task.is_none());
     }

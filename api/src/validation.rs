@@ -77,28 +77,27 @@ pub fn is_sha256_hex(s: &str) -> bool {
 }
 
 /// Validates a wrapper's name, namespace and spec, collecting every problem.
-pub fn validate_wrapper(
-    namespace: &str,
-    name: &str,
-    spec: &ModelWrapperSpec,
-) -> Result<(), ValidationErrors> {
+pub fn validate_wrapper(namespace: &str, name: &str, spec: &ModelWrapperSpec) -> Result<(), ValidationErrors> {
     let mut errs = ValidationErrors {
         object: format!("{namespace}/{name}"),
         errors: Vec::new(),
     };
     if !is_dns1123_label(namespace) {
-        errs.push("metadata.namespace", format!("{namespace:?} is not a DNS-1123 label (lowercase letters, digits and '-', at most 63)"));
+        errs.push(
+            "metadata.namespace",
+            format!("{namespace:?} is not a DNS-1123 label (lowercase letters, digits and '-', at most 63)"),
+        );
     }
     if !is_dns1123_subdomain(name) {
-        errs.push("metadata.name", format!("{name:?} is not a DNS-1123 name (lowercase letters, digits, '-' and '.', at most 253)"));
+        errs.push(
+            "metadata.name",
+            format!("{name:?} is not a DNS-1123 name (lowercase letters, digits, '-' and '.', at most 253)"),
+        );
     }
 
     let components = &spec.pipeline.components;
     if components.is_empty() {
-        errs.push(
-            "spec.pipeline.components",
-            "at least one component is required",
-        );
+        errs.push("spec.pipeline.components", "at least one component is required");
     }
     let mut seen = BTreeSet::new();
     for (i, c) in components.iter().enumerate() {
@@ -116,33 +115,46 @@ pub fn validate_wrapper(
         } else if !seen.insert(c.name.as_str()) {
             errs.push(
                 format!("{at}.name"),
-                format!(
-                    "duplicate component name {:?}: names must be unique",
-                    c.name
-                ),
+                format!("duplicate component name {:?}: names must be unique", c.name),
             );
         }
         check_source(&mut errs, &format!("{at}.weights"), &c.weights);
         if let Some(sk) = &c.skeleton {
             let at = format!("{at}.skeleton");
             match (&sk.uri, &sk.factory) {
-                (Some(uri), None) => check_source(&mut errs, &at, &SourceSpec { uri: uri.clone(), sha256: sk.sha256.clone() }),
+                (Some(uri), None) => check_source(
+                    &mut errs,
+                    &at,
+                    &SourceSpec {
+                        uri: uri.clone(),
+                        sha256: sk.sha256.clone(),
+                    },
+                ),
                 (None, Some(factory)) => {
                     if !is_factory_ref(factory) {
-                        errs.push(format!("{at}.factory"), format!("{factory:?} is not a factory reference: write \"package.module:callable\""));
+                        errs.push(
+                            format!("{at}.factory"),
+                            format!("{factory:?} is not a factory reference: write \"package.module:callable\""),
+                        );
                     }
                     if sk.sha256.is_some() {
-                        errs.push(format!("{at}.sha256"), "sha256 applies to a skeleton uri, not to a factory; remove it");
+                        errs.push(
+                            format!("{at}.sha256"),
+                            "sha256 applies to a skeleton uri, not to a factory; remove it",
+                        );
                     }
                 }
-                (Some(_), Some(_)) => errs.push(at.clone(), "set either uri (a pickled meta-device module) or factory, not both"),
-                (None, None) => errs.push(at.clone(), "set uri (a pickled meta-device module) or factory (\"package.module:callable\")"),
+                (Some(_), Some(_)) => errs.push(
+                    at.clone(),
+                    "set either uri (a pickled meta-device module) or factory, not both",
+                ),
+                (None, None) => errs.push(
+                    at.clone(),
+                    "set uri (a pickled meta-device module) or factory (\"package.module:callable\")",
+                ),
             }
             if sk.kwargs.is_some() && sk.factory.is_none() {
-                errs.push(
-                    format!("{at}.kwargs"),
-                    "kwargs apply only to a factory skeleton",
-                );
+                errs.push(format!("{at}.kwargs"), "kwargs apply only to a factory skeleton");
             }
         }
     }
@@ -190,30 +202,22 @@ fn check_source(errs: &mut ValidationErrors, at: &str, source: &SourceSpec) {
                 u.scheme()
             ),
         ),
-        Ok(u)
-            if u.scheme() == "file"
-                && (u
-                    .host_str()
-                    .is_some_and(|h| !h.is_empty() && h != "localhost")) =>
-        {
-            errs.push(
+        Ok(u) if u.scheme() == "file" && (u.host_str().is_some_and(|h| !h.is_empty() && h != "localhost")) => errs
+            .push(
                 format!("{at}.uri"),
                 format!(
                     "{:?} names host {:?}; a file URI needs an absolute path: file:///path",
                     source.uri,
                     u.host_str().unwrap_or_default()
                 ),
-            )
-        }
+            ),
         Ok(_) => {}
     }
     if let Some(sha) = &source.sha256 {
         if !is_sha256_hex(sha) {
             errs.push(
                 format!("{at}.sha256"),
-                format!(
-                    "{sha:?} is not a sha256: expected 64 hex characters (sha256sum prints it)"
-                ),
+                format!("{sha:?} is not a sha256: expected 64 hex characters (sha256sum prints it)"),
             );
         }
     }

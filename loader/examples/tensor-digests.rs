@@ -10,9 +10,7 @@ use sha2::{Digest, Sha256};
 use tch::Kind;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let path = std::env::args()
-        .nth(1)
-        .ok_or("usage: tensor-digests <volume-path>")?;
+    let path = std::env::args().nth(1).ok_or("usage: tensor-digests <volume-path>")?;
     let pipeline = zerocopy_loader::load(&path)?;
     let mut out: BTreeMap<String, BTreeMap<String, serde_json::Value>> = BTreeMap::new();
     for c in pipeline.components() {
@@ -22,7 +20,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let bytes: Vec<u8> = Vec::<u8>::try_from(t.view_dtype(Kind::Uint8).flatten(0, -1))?;
             let ptr = t.data_ptr() as usize;
             let inside = bytes.is_empty() || range.contains(&ptr);
-            entry.insert(name, serde_json::json!({"sha256": hex::encode(Sha256::digest(&bytes)), "zeroCopy": inside}));
+            entry.insert(
+                name,
+                serde_json::json!({"sha256": hex::encode(Sha256::digest(&bytes)), "zeroCopy": inside}),
+            );
         }
     }
     println!("{}", serde_json::to_string(&out)?);

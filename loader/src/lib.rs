@@ -116,12 +116,7 @@ pub fn load(path: impl AsRef<Path>) -> Result<Pipeline, LoadError> {
     })
 }
 
-fn map_component(
-    dir: &Path,
-    name: &str,
-    file: &str,
-    expected: u64,
-) -> Result<Component, LoadError> {
+fn map_component(dir: &Path, name: &str, file: &str, expected: u64) -> Result<Component, LoadError> {
     let path = dir.join(file);
     let io = |source| LoadError::Io {
         path: path.clone(),
@@ -146,13 +141,10 @@ fn map_component(
         component: name.into(),
         source,
     };
-    let prefix: [u8; 8] =
-        map.get(..8)
-            .and_then(|s| s.try_into().ok())
-            .ok_or(LoadError::Header {
-                component: name.into(),
-                source: HeaderError::TooShort(actual),
-            })?;
+    let prefix: [u8; 8] = map.get(..8).and_then(|s| s.try_into().ok()).ok_or(LoadError::Header {
+        component: name.into(),
+        source: HeaderError::TooShort(actual),
+    })?;
     let n = header_len(&prefix);
     check_header_len(n, actual).map_err(header_err)?;
     let header = validate_header(&map[8..8 + n as usize], actual).map_err(header_err)?;

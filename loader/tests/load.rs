@@ -78,10 +78,7 @@ fn a_damaged_volume_is_refused() {
     bytes.truncate(bytes.len() - 4);
     fs::write(&f, bytes).unwrap();
     let err = zerocopy_loader::load(dir.path()).unwrap_err().to_string();
-    assert!(
-        err.contains("manifest says") && err.contains("refill"),
-        "{err}"
-    );
+    assert!(err.contains("manifest says") && err.contains("refill"), "{err}");
     fs::remove_file(dir.path().join("manifest.json")).unwrap();
     let err = zerocopy_loader::load(dir.path()).unwrap_err().to_string();
     assert!(err.contains("manifest.json"), "{err}");
@@ -105,10 +102,7 @@ mod tch_tests {
         assert!(binding.unused.is_empty());
         let range = p.component("lin").unwrap().mapped_range();
         for (name, t) in binding.variables() {
-            assert!(
-                range.contains(&(t.data_ptr() as usize)),
-                "{name} was copied"
-            );
+            assert!(range.contains(&(t.data_ptr() as usize)), "{name} was copied");
         }
         let x = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).reshape([1, 4]);
         let y = tch::no_grad(|| linear.forward(&x));

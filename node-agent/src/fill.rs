@@ -15,12 +15,9 @@ use std::time::Instant;
 
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use zerocopy_api::format::{
-    generation_digest, skeleton_file, weights_file, FORMAT_V1, MANIFEST_FILE,
-    PIPELINE_SKELETON_FILE,
+    generation_digest, skeleton_file, weights_file, FORMAT_V1, MANIFEST_FILE, PIPELINE_SKELETON_FILE,
 };
-use zerocopy_api::manifest::{
-    Manifest, ManifestComponent, ManifestFile, ManifestSkeleton, ManifestWeights,
-};
+use zerocopy_api::manifest::{Manifest, ManifestComponent, ManifestFile, ManifestSkeleton, ManifestWeights};
 use zerocopy_api::safetensors::{check_header_len, header_len, validate_header, Header};
 use zerocopy_api::{validate_wrapper, ModelWrapperSpec};
 
@@ -178,16 +175,10 @@ impl FillEngine {
 
         let mut plan = plan_files(spec)?;
         for f in &mut plan {
-            f.size = self
-                .size_of(f)
-                .await
-                .map_err(|e| fetch_error(&wrapper, f, e))?;
+            f.size = self.size_of(f).await.map_err(|e| fetch_error(&wrapper, f, e))?;
         }
         let needed: u64 = plan.iter().filter_map(|f| f.size).sum();
-        let used = self
-            .root
-            .used_bytes()
-            .map_err(io_err("reading", self.root.path()))?;
+        let used = self.root.used_bytes().map_err(io_err("reading", self.root.path()))?;
         let limit = match self.capacity {
             Some(capacity) if used + needed > capacity => {
                 return Err(FillError::Capacity {
@@ -201,19 +192,11 @@ impl FillEngine {
             None => u64::MAX,
         };
 
-        let staging = self
-            .root
-            .staging_dir()
-            .join(format!("{namespace}.{name}.{generation}"));
-        let mut guard = StagingGuard::create(&staging, self.use_tmpfs)
-            .map_err(io_err("creating staging", &staging))?;
+        let staging = self.root.staging_dir().join(format!("{namespace}.{name}.{generation}"));
+        let mut guard = StagingGuard::create(&staging, self.use_tmpfs).map_err(io_err("creating staging", &staging))?;
         if self.use_tmpfs {
             let all_known = plan.iter().all(|f| f.size.is_some());
-            let size = if all_known {
-                needed
-            } else {
-                limit.min(host_memory())
-            };
+            let size = if all_known { needed } else { limit.min(host_memory()) };
             let size = (size + TMPFS_SLACK).div_ceil(TMPFS_ROUND) * TMPFS_ROUND;
             mount::mount_tmpfs(&staging, size, spec.memory.huge_pages)
                 .map_err(io_err("mounting tmpfs at", &staging))?;
@@ -244,8 +227,7 @@ impl FillEngine {
         fs::write(&manifest_path, manifest_json).map_err(io_err("writing", &manifest_path))?;
 
         let target = self.root.generation_dir(namespace, name, &generation);
-        self.publish(&staging, &target)
-            .map_err(io_err("publishing", &target))?;
+        self.publish(&staging, &target).map_err(io_err("publishing", &target))?;
         guard.disarm();
         let seconds = started.elapsed().as_secs_f64();
         tracing::info!(wrapper = %wrapper, %generation, bytes = total_bytes, seconds, tmpfs = self.use_tmpfs, "generation published");
@@ -420,12 +402,7 @@ fn plan_files(spec: &ModelWrapperSpec) -> Result<Vec<PlannedFile>, FillError> {
                 kind: FileKind::Weights,
             });
         }
-        if let Some(uri) = c
-            .skeleton
-            .as_ref()
-            .and_then(|s| s.uri.as_deref())
-            .and_then(parse)
-        {
+        if let Some(uri) = c.skeleton.as_ref().and_then(|s| s.uri.as_deref()).and_then(parse) {
             plan.push(PlannedFile {
                 component: c.name.clone(),
                 file_name: skeleton_file(&c.name),
@@ -556,11 +533,7 @@ fn fetch_error(wrapper: &str, f: &PlannedFile, e: FetchError) -> FillError {
                 hint,
             }
         }
-        FetchError::Truncated {
-            got,
-            expected,
-            resumes,
-        } => FillError::Truncated {
+        FetchError::Truncated { got, expected, resumes } => FillError::Truncated {
             wrapper,
             component,
             uri,
@@ -601,7 +574,5 @@ fn can_mount(dir: &Path) -> bool {
 }
 
 fn host_memory() -> u64 {
-    nix::sys::sysinfo::sysinfo()
-        .map(|s| s.ram_total())
-        .unwrap_or(u64::MAX)
+    nix::sys::sysinfo::sysinfo().map(|s| s.ram_total()).unwrap_or(u64::MAX)
 }

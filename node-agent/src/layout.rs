@@ -68,11 +68,7 @@ impl VolumeRoot {
 
     /// Reads a complete generation's manifest, if the generation is complete.
     pub fn read_manifest(&self, namespace: &str, name: &str, generation: &str) -> Option<Manifest> {
-        let bytes = fs::read(
-            self.generation_dir(namespace, name, generation)
-                .join(MANIFEST_FILE),
-        )
-        .ok()?;
+        let bytes = fs::read(self.generation_dir(namespace, name, generation).join(MANIFEST_FILE)).ok()?;
         Manifest::from_json(&bytes).ok()
     }
 
@@ -130,9 +126,7 @@ impl VolumeRoot {
                         continue;
                     }
                     let manifest_path = gen.join(MANIFEST_FILE);
-                    let manifest = fs::read(&manifest_path)
-                        .ok()
-                        .and_then(|b| Manifest::from_json(&b).ok());
+                    let manifest = fs::read(&manifest_path).ok().and_then(|b| Manifest::from_json(&b).ok());
                     let published_at = fs::metadata(&manifest_path)
                         .and_then(|m| m.modified())
                         .ok()
@@ -150,9 +144,7 @@ impl VolumeRoot {
                 }
             }
         }
-        out.sort_by(|a, b| {
-            (&a.namespace, &a.name, &a.generation).cmp(&(&b.namespace, &b.name, &b.generation))
-        });
+        out.sort_by(|a, b| (&a.namespace, &a.name, &a.generation).cmp(&(&b.namespace, &b.name, &b.generation)));
         Ok(out)
     }
 
@@ -174,10 +166,9 @@ impl VolumeRoot {
             mount::unmount_lazy(&g.path)?;
             fs::remove_dir(&g.path)?;
         } else {
-            let trash = self.staging_dir().join(format!(
-                "removed-{}-{}-{}",
-                g.namespace, g.name, g.generation
-            ));
+            let trash = self
+                .staging_dir()
+                .join(format!("removed-{}-{}-{}", g.namespace, g.name, g.generation));
             fs::create_dir_all(self.staging_dir())?;
             fs::rename(&g.path, &trash)?;
             fs::remove_dir_all(&trash)?;
@@ -199,16 +190,11 @@ pub fn processes_using(dir: &Path) -> Vec<u32> {
     let prefix = format!("{}/", dir.display());
     let mut pids = Vec::new();
     for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
         let proc_dir = entry.path();
-        let maps_hit =
-            fs::read_to_string(proc_dir.join("maps")).is_ok_and(|maps| maps.contains(&prefix));
+        let maps_hit = fs::read_to_string(proc_dir.join("maps")).is_ok_and(|maps| maps.contains(&prefix));
         let fd_hit = maps_hit
             || fs::read_dir(proc_dir.join("fd")).is_ok_and(|fds| {
                 fds.flatten()

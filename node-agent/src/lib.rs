@@ -1,12 +1,14 @@
 //! The zerocopy node agent: fills ModelWrapper generations into shared
 //! memory. `main.rs` is a thin CLI over this library.
 
+pub mod csi;
 pub mod error;
 pub mod fill;
 pub mod layout;
 pub mod manifests;
 pub mod mount;
 pub mod progress;
+pub mod serve;
 pub mod source;
 pub mod standalone;
 pub mod status;

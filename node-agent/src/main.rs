@@ -22,13 +22,17 @@ const EXIT_FILL_FAILED: u8 = 1;
 )]
 struct Cli {
     /// Volume root: generations live at <root>/<namespace>/<wrapper>/<generation>.
-    #[arg(
-        long,
-        global = true,
-        env = "ZEROCOPY_ROOT",
-        default_value = "/dev/shm/zerocopy"
-    )]
+    #[arg(long, global = true, env = "ZEROCOPY_ROOT", default_value = "/dev/shm/zerocopy")]
     root: PathBuf,
+    /// Where CSI publications are recorded (keep it on disk, not on the tmpfs).
+    #[arg(long, global = true, env = "ZEROCOPY_STATE_DIR", default_value = "/var/lib/zerocopy")]
+    state_dir: PathBuf,
+    /// The CSI socket (served with --serve).
+    #[arg(long, global = true, default_value = "/run/zerocopy/csi.sock")]
+    csi_socket: PathBuf,
+    /// Node id reported to kubelet (default: the host name).
+    #[arg(long, global = true)]
+    node_id: Option<String>,
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -61,6 +65,21 @@ enum Command {
         /// No progress bars.
         #[arg(long, short)]
         quiet: bool,
+        /// Keep running: serve CSI on --csi-socket, metrics, and re-read the files when they change.
+        #[arg(long)]
+        serve: bool,
+        /// With --serve: CSI target paths must lie inside this directory (kubelet's, e.g. /var/lib/kubelet).
+        #[arg(long)]
+        kubelet_dir: Option<PathBuf>,
+        /// With --serve: seconds a publish waits for a fill before answering "still filling".
+        #[arg(long, default_value_t = 30.0)]
+        publish_wait: f64,
+        /// With --serve: serve /metrics, /healthz and /readyz here (e.g. 127.0.0.1:9464).
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
+        /// With --serve: seconds between checks of the files for changes.
+        #[arg(long, default_value_t = 2.0)]
+        watch_interval: f64,
     },
     /// List wrappers, generations, sizes and state under the root.
     Status {
@@ -91,6 +110,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             mount_mode,
             prune,
             quiet,
+            serve,
+            kubelet_dir,
+            publish_wait,
+            metrics_addr,
+            watch_interval,
         } => {
             let capacity = capacity.as_deref().map(parse_size).transpose()?;
             let mut wrappers = Vec::new();
@@ -100,9 +124,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // Every problem in every file, before anything is filled.
             let invalid: Vec<String> = wrappers
                 .iter()
-                .filter_map(|w| {
-                    zerocopy_api::validate_wrapper(&w.namespace, &w.name, &w.wrapper.spec).err()
-                })
+                .filter_map(|w| zerocopy_api::validate_wrapper(&w.namespace, &w.name, &w.wrapper.spec).err())
                 .map(|e| e.to_string())
                 .collect();
             if !invalid.is_empty() {
@@ -112,9 +134,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
                 return Ok(ExitCode::from(EXIT_INVALID));
             }
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            if serve {
+                let opts = zerocopy_node_agent::serve::ServeOptions {
+                    files: files.clone(),
+                    csi_socket: cli.csi_socket.clone(),
+                    state_dir: cli.state_dir.clone(),
+                    node_id: cli.node_id.clone().unwrap_or_else(zerocopy_node_agent::serve::hostname),
+                    kubelet_dir,
+                    publish_wait: std::time::Duration::from_secs_f64(publish_wait),
+                    metrics_addr,
+                    watch_interval: std::time::Duration::from_secs_f64(watch_interval),
+                    prune,
+                };
+                runtime.block_on(async {
+                    let engine = FillEngine::new(root.clone(), capacity, mount_mode)
+                        .with_context(|| format!("preparing volume root {}", cli.root.display()))?;
+                    zerocopy_node_agent::serve::serve(std::sync::Arc::new(engine), wrappers, opts, shutdown_signal())
+                        .await
+                        .context("serving")
+                })?;
+                return Ok(ExitCode::SUCCESS);
+            }
             let report = runtime.block_on(async {
                 let engine = FillEngine::new(root.clone(), capacity, mount_mode)
                     .with_context(|| format!("preparing volume root {}", cli.root.display()))?;
@@ -139,14 +180,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Status { json } => {
-            let rows = status::collect(&root)
-                .with_context(|| format!("reading {}", cli.root.display()))?;
+            let rows = status::collect(&root).with_context(|| format!("reading {}", cli.root.display()))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 println!("{}", status::table(&rows));
             }
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }

@@ -101,13 +101,11 @@ pub fn load_wrappers(path: &Path) -> Result<Vec<LoadedWrapper>, LoadError> {
                 index: i + 1,
                 message,
             };
-            let value =
-                serde_yaml::Value::deserialize(doc).map_err(|e| parse_err(e.to_string()))?;
+            let value = serde_yaml::Value::deserialize(doc).map_err(|e| parse_err(e.to_string()))?;
             if value.is_null() {
                 continue;
             }
-            let meta: TypeMeta =
-                serde_yaml::from_value(value.clone()).map_err(|e| parse_err(e.to_string()))?;
+            let meta: TypeMeta = serde_yaml::from_value(value.clone()).map_err(|e| parse_err(e.to_string()))?;
             if meta.kind != "ModelWrapper" {
                 continue;
             }
@@ -117,22 +115,14 @@ pub fn load_wrappers(path: &Path) -> Result<Vec<LoadedWrapper>, LoadError> {
                     meta.api_version
                 )));
             }
-            let wrapper: ModelWrapper =
-                serde_yaml::from_value(value).map_err(|e| parse_err(e.to_string()))?;
-            let namespace = wrapper
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into());
+            let wrapper: ModelWrapper = serde_yaml::from_value(value).map_err(|e| parse_err(e.to_string()))?;
+            let namespace = wrapper.metadata.namespace.clone().unwrap_or_else(|| "default".into());
             let name = wrapper
                 .metadata
                 .name
                 .clone()
                 .ok_or_else(|| parse_err("metadata.name is required".into()))?;
-            if let Some(prev) = out
-                .iter()
-                .find(|w| w.namespace == namespace && w.name == name)
-            {
+            if let Some(prev) = out.iter().find(|w| w.namespace == namespace && w.name == name) {
                 return Err(LoadError::Duplicate {
                     namespace,
                     name,

@@ -28,19 +28,9 @@ pub fn mount_tmpfs(target: &Path, size_bytes: u64, huge_pages: bool) -> io::Resu
 /// makes publishing a generation all-or-nothing even under shared propagation
 /// (where `MS_MOVE` is refused).
 pub fn bind_read_only(source: &Path, target: &Path, noexec: bool) -> io::Result<()> {
-    mount(
-        Some(source),
-        target,
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )
-    .map_err(io::Error::from)?;
-    let mut flags = MsFlags::MS_BIND
-        | MsFlags::MS_REMOUNT
-        | MsFlags::MS_RDONLY
-        | MsFlags::MS_NOSUID
-        | MsFlags::MS_NODEV;
+    mount(Some(source), target, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(io::Error::from)?;
+    let mut flags =
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     if noexec {
         flags |= MsFlags::MS_NOEXEC;
     }
@@ -93,12 +83,7 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4]
-                .iter()
-                .all(|b| (b'0'..=b'7').contains(b))
-        {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
             let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -112,9 +97,7 @@ fn unescape(s: &str) -> String {
 
 /// The current process's mounts.
 pub fn mounts() -> io::Result<Vec<MountEntry>> {
-    Ok(parse_mountinfo(&std::fs::read_to_string(
-        "/proc/self/mountinfo",
-    )?))
+    Ok(parse_mountinfo(&std::fs::read_to_string("/proc/self/mountinfo")?))
 }
 
 /// The mount whose mount point is exactly `path`, if any (the last one wins,

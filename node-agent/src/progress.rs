@@ -44,8 +44,10 @@ impl Drop for Bar {
 impl ProgressFactory for Bars {
     fn file(&self, component: &str, file: &str, total: Option<u64>) -> Arc<dyn Progress> {
         let bar = self.multi.add(ProgressBar::new(total.unwrap_or(0)));
-        let style = ProgressStyle::with_template("{prefix:.bold} {bar:30} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar());
+        let style = ProgressStyle::with_template(
+            "{prefix:.bold} {bar:30} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
         bar.set_style(style);
         bar.set_prefix(format!("{} {component} ({file})", self.wrapper));
         Arc::new(Bar(bar))

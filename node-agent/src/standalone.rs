@@ -62,31 +62,35 @@ pub struct Options {
 }
 
 /// Fills every wrapper, then removes generations nothing wants or uses.
-pub async fn reconcile(
-    engine: &FillEngine,
-    wrappers: &[LoadedWrapper],
-    opts: Options,
-) -> std::io::Result<Report> {
-    let mut report = Report {
-        cleaned: engine.root().clean_leftovers()?,
-        ..Report::default()
-    };
-    if report.cleaned > 0 {
-        tracing::info!(
-            count = report.cleaned,
-            "removed leftovers of interrupted fills"
-        );
+pub async fn reconcile(engine: &FillEngine, wrappers: &[LoadedWrapper], opts: Options) -> std::io::Result<Report> {
+    let cleaned = engine.root().clean_leftovers()?;
+    if cleaned > 0 {
+        tracing::info!(count = cleaned, "removed leftovers of interrupted fills");
     }
-    for w in wrappers {
-        let id = format!("{}/{}", w.namespace, w.name);
-        let bars: Box<dyn ProgressFactory> = if opts.progress {
-            Box::new(Bars::new(&id))
+    let mut report = fill_all(engine, wrappers, |id| -> Box<dyn ProgressFactory> {
+        if opts.progress {
+            Box::new(Bars::new(id))
         } else {
             Box::new(crate::fill::Quiet)
-        };
-        let outcome = engine
-            .fill(&w.namespace, &w.name, &w.wrapper.spec, bars.as_ref())
-            .await;
+        }
+    })
+    .await;
+    report.cleaned = cleaned;
+    collect_garbage(engine, &mut report, opts.prune, |_| false)?;
+    Ok(report)
+}
+
+/// Fills each wrapper in turn with the progress reporter `progress` makes.
+pub async fn fill_all(
+    engine: &FillEngine,
+    wrappers: &[LoadedWrapper],
+    progress: impl Fn(&str) -> Box<dyn ProgressFactory>,
+) -> Report {
+    let mut report = Report::default();
+    for w in wrappers {
+        let id = format!("{}/{}", w.namespace, w.name);
+        let bars = progress(&id);
+        let outcome = engine.fill(&w.namespace, &w.name, &w.wrapper.spec, bars.as_ref()).await;
         if let Err(e) = &outcome {
             tracing::error!(wrapper = %id, category = e.category(), error = %e, "fill failed");
         }
@@ -96,6 +100,18 @@ pub async fn reconcile(
             outcome,
         });
     }
+    report
+}
+
+/// Removes superseded generations of the wrappers in `report` (and, with
+/// `prune`, generations of wrappers not in it), except those `keep` protects
+/// (CSI publications) and those processes on this machine still use.
+pub fn collect_garbage(
+    engine: &FillEngine,
+    report: &mut Report,
+    prune: bool,
+    keep: impl Fn(&GenerationEntry) -> bool,
+) -> std::io::Result<()> {
     let wanted: BTreeSet<(String, String, String)> = report
         .wrappers
         .iter()
@@ -105,15 +121,12 @@ pub async fn reconcile(
                 .map(|(ns, n)| (ns.to_string(), n.to_string(), r.generation.clone()))
         })
         .collect();
-    let given: BTreeSet<(String, String)> = wanted
-        .iter()
-        .map(|(ns, n, _)| (ns.clone(), n.clone()))
-        .collect();
+    let given: BTreeSet<(String, String)> = wanted.iter().map(|(ns, n, _)| (ns.clone(), n.clone())).collect();
     for entry in engine.root().generations()? {
         let key = (entry.namespace.clone(), entry.name.clone());
-        let superseded = given.contains(&key)
-            && !wanted.contains(&(key.0.clone(), key.1.clone(), entry.generation.clone()));
-        if !(superseded || (opts.prune && !given.contains(&key))) {
+        let superseded =
+            given.contains(&key) && !wanted.contains(&(key.0.clone(), key.1.clone(), entry.generation.clone()));
+        if !(superseded || (prune && !given.contains(&key))) {
             continue;
         }
         // A wrapper whose new generation failed keeps its old one: it is what
@@ -125,25 +138,25 @@ pub async fn reconcile(
         if failed {
             continue;
         }
+        if keep(&entry) {
+            report.gc.push(GcResult {
+                entry,
+                removed: Err("mounted by a pod (CSI publication)".into()),
+            });
+            continue;
+        }
         let users = processes_using(&entry.path);
         let removed = if users.is_empty() {
-            engine
-                .root()
-                .remove_generation(&entry)
-                .map_err(|e| e.to_string())
+            engine.root().remove_generation(&entry).map_err(|e| e.to_string())
         } else {
             Err(format!(
                 "in use by pid {}",
-                users
-                    .iter()
-                    .map(u32::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                users.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
             ))
         };
         report.gc.push(GcResult { entry, removed });
     }
-    Ok(report)
+    Ok(())
 }
 
 /// The summary table printed at the end.
@@ -174,10 +187,7 @@ pub fn summary_table(report: &Report, root: &Path) -> String {
             }
             Ok(FillOutcome::Filled { manifest, seconds }) => {
                 let rate = if *seconds > 0.0 {
-                    format!(
-                        "{}/s",
-                        HumanBytes((manifest.total_bytes as f64 / seconds) as u64)
-                    )
+                    format!("{}/s", HumanBytes((manifest.total_bytes as f64 / seconds) as u64))
                 } else {
                     "-".into()
                 };

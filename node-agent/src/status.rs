@@ -38,11 +38,7 @@ pub fn collect(root: &VolumeRoot) -> std::io::Result<Vec<GenerationStatus>> {
         .generations()?
         .into_iter()
         .map(|g| GenerationStatus {
-            state: if g.manifest.is_some() {
-                "Ready"
-            } else {
-                "Incomplete"
-            },
+            state: if g.manifest.is_some() { "Ready" } else { "Incomplete" },
             bytes: g.manifest.as_ref().map_or(0, |m| m.total_bytes),
             components: g
                 .manifest

@@ -74,10 +74,7 @@ fn same_yaml_fills_once_and_a_new_sha_fills_a_new_generation() {
     let (src2, sha2) = write_model(tmp.path(), "b.safetensors", 2);
     fs::write(
         &yaml,
-        wrapper_yaml(
-            "bert",
-            &[("enc", &format!("file://{}", src2.display()), Some(&sha2))],
-        ),
+        wrapper_yaml("bert", &[("enc", &format!("file://{}", src2.display()), Some(&sha2))]),
     )
     .unwrap();
     let third = agent(&root, &["standalone", "-f", yaml.to_str().unwrap()]);
@@ -105,10 +102,7 @@ fn an_old_generation_in_use_is_kept_until_released() {
     let (src, sha) = write_model(tmp.path(), "a.safetensors", 1);
     fs::write(
         &yaml,
-        wrapper_yaml(
-            "m",
-            &[("enc", &format!("file://{}", src.display()), Some(&sha))],
-        ),
+        wrapper_yaml("m", &[("enc", &format!("file://{}", src.display()), Some(&sha))]),
     )
     .unwrap();
     assert!(agent(&root, &["standalone", "-f", yaml.to_str().unwrap()])
@@ -125,10 +119,7 @@ fn an_old_generation_in_use_is_kept_until_released() {
     let (src2, sha2) = write_model(tmp.path(), "b.safetensors", 2);
     fs::write(
         &yaml,
-        wrapper_yaml(
-            "m",
-            &[("enc", &format!("file://{}", src2.display()), Some(&sha2))],
-        ),
+        wrapper_yaml("m", &[("enc", &format!("file://{}", src2.display()), Some(&sha2))]),
     )
     .unwrap();
     let o = agent(&root, &["standalone", "-f", yaml.to_str().unwrap()]);
@@ -175,11 +166,7 @@ fn invalid_files_list_every_problem_and_fill_nothing() {
 
     let o = agent(
         &root,
-        &[
-            "standalone",
-            "-f",
-            tmp.path().join("missing.yaml").to_str().unwrap(),
-        ],
+        &["standalone", "-f", tmp.path().join("missing.yaml").to_str().unwrap()],
     );
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).contains("missing.yaml"), "{}", text(&o));
@@ -195,21 +182,13 @@ fn a_failed_fill_exits_1_and_names_the_component() {
         &yaml,
         wrapper_yaml(
             "m",
-            &[(
-                "enc",
-                &format!("file://{}", src.display()),
-                Some(&"ab".repeat(32)),
-            )],
+            &[("enc", &format!("file://{}", src.display()), Some(&"ab".repeat(32)))],
         ),
     )
     .unwrap();
     let o = agent(&root, &["standalone", "-f", yaml.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(
-        text(&o).contains("component enc: sha256 mismatch"),
-        "{}",
-        text(&o)
-    );
+    assert!(text(&o).contains("component enc: sha256 mismatch"), "{}", text(&o));
     assert!(generations(&root).is_empty());
 }
 
@@ -224,17 +203,12 @@ fn assert_only_complete_generations_visible(root: &Path) {
     {
         for w in fs::read_dir(ns.path()).into_iter().flatten().flatten() {
             for g in fs::read_dir(w.path()).into_iter().flatten().flatten() {
-                let entries: Vec<_> = fs::read_dir(g.path())
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .collect();
+                let entries: Vec<_> = fs::read_dir(g.path()).into_iter().flatten().flatten().collect();
                 if entries.is_empty() {
                     continue; // a mount point waiting for its bind: shows nothing
                 }
                 let manifest: zerocopy_api::Manifest = serde_json::from_slice(
-                    &fs::read(g.path().join("manifest.json"))
-                        .expect("content without a manifest was visible"),
+                    &fs::read(g.path().join("manifest.json")).expect("content without a manifest was visible"),
                 )
                 .unwrap();
                 for f in manifest.files() {
@@ -257,11 +231,7 @@ fn sigkill_mid_fill_leaves_nothing_visible_and_the_next_run_completes() {
     let body = file(&[T::f32("w", 2_000_000, 3)]); // 8 MB at ~3 MB/s
     let url = server.put("enc.safetensors", body.clone());
     let yaml = tmp.path().join("mw.yaml");
-    fs::write(
-        &yaml,
-        wrapper_yaml("m", &[("enc", &url, Some(&sha256_hex(&body)))]),
-    )
-    .unwrap();
+    fs::write(&yaml, wrapper_yaml("m", &[("enc", &url, Some(&sha256_hex(&body)))])).unwrap();
 
     let mut child = Command::new(BIN)
         .arg("--root")
@@ -298,10 +268,7 @@ fn sigkill_mid_fill_leaves_nothing_visible_and_the_next_run_completes() {
         staged_bytes(&staging) > 0,
         "the killed fill should have left staging behind"
     );
-    assert!(
-        generations(&root).is_empty(),
-        "a killed fill published something"
-    );
+    assert!(generations(&root).is_empty(), "a killed fill published something");
 
     let o = agent(&root, &["standalone", "-q", "-f", yaml.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));

@@ -49,19 +49,12 @@ impl Server {
                 });
             }
         });
-        Self {
-            base,
-            files,
-            requests,
-        }
+        Self { base, files, requests }
     }
 
     /// Serves `body` at `/<name>` and returns its URL.
     pub fn put(&self, name: &str, body: Vec<u8>) -> String {
-        self.files
-            .lock()
-            .expect("lock")
-            .insert(format!("/{name}"), body);
+        self.files.lock().expect("lock").insert(format!("/{name}"), body);
         format!("{}/{name}", self.base)
     }
 }
@@ -110,17 +103,9 @@ fn handle(
             continue;
         };
         let ranges = fault != Fault::TruncateAlways;
-        let accept = if ranges {
-            "accept-ranges: bytes\r\n"
-        } else {
-            ""
-        };
+        let accept = if ranges { "accept-ranges: bytes\r\n" } else { "" };
         if method == "HEAD" {
-            write!(
-                out,
-                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n{accept}\r\n",
-                body.len()
-            )?;
+            write!(out, "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n{accept}\r\n", body.len())?;
             continue;
         }
         let (status, start) = match range {
@@ -128,10 +113,7 @@ fn handle(
             _ => ("200 OK", 0),
         };
         let total = body.len();
-        let mut head = format!(
-            "HTTP/1.1 {status}\r\ncontent-length: {}\r\n{accept}",
-            total - start
-        );
+        let mut head = format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\n{accept}", total - start);
         if start > 0 || status.starts_with("206") {
             head.push_str(&format!(
                 "content-range: bytes {start}-{}/{total}\r\n",

@@ -33,9 +33,7 @@ pub fn agent_bin() -> PathBuf {
 pub fn wrapper_yaml(name: &str, components: &[(&str, &str, Option<&str>)]) -> String {
     let mut s = format!("apiVersion: zerocopy.dev/v1alpha1\nkind: ModelWrapper\nmetadata: {{name: {name}, namespace: test}}\nspec:\n  pipeline:\n    components:\n");
     for (cname, uri, sha) in components {
-        s.push_str(&format!(
-            "      - name: {cname:?}\n        weights: {{uri: {uri:?}"
-        ));
+        s.push_str(&format!("      - name: {cname:?}\n        weights: {{uri: {uri:?}"));
         if let Some(sha) = sha {
             s.push_str(&format!(", sha256: {sha:?}"));
         }

@@ -18,9 +18,7 @@ impl T {
     /// An f32 tensor of `n` deterministic values seeded by `seed`.
     pub fn f32(name: &str, n: usize, seed: u32) -> Self {
         let data = (0..n)
-            .flat_map(|i| {
-                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) as f32 / 1e9).to_le_bytes()
-            })
+            .flat_map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) as f32 / 1e9).to_le_bytes())
             .collect();
         Self {
             name: name.into(),
@@ -43,10 +41,7 @@ pub fn file(tensors: &[T]) -> Vec<u8> {
         );
         offset = end;
     }
-    let data: Vec<u8> = tensors
-        .iter()
-        .flat_map(|t| t.data.iter().copied())
-        .collect();
+    let data: Vec<u8> = tensors.iter().flat_map(|t| t.data.iter().copied()).collect();
     raw(&serde_json::Value::Object(header).to_string(), &data)
 }
 

@@ -42,9 +42,7 @@ fn assert_nothing_published(root: &Path) {
         .unwrap_or_default();
     assert!(staging.is_empty(), "staging left behind: {staging:?}");
     assert!(
-        mounts_under(&root.join(".staging"))
-            .expect("mountinfo")
-            .is_empty(),
+        mounts_under(&root.join(".staging")).expect("mountinfo").is_empty(),
         "staging mount left behind"
     );
 }
@@ -65,9 +63,7 @@ async fn http_fill_publishes_a_read_only_tmpfs_generation() {
     assert_eq!(fs::read(gen_dir.join("enc.safetensors")).unwrap(), body);
     assert_eq!(manifest.components[0].weights.tensors, 2);
     assert_eq!(manifest.total_bytes, body.len() as u64);
-    let m = mount_at(&gen_dir)
-        .unwrap()
-        .expect("generation is its own mount");
+    let m = mount_at(&gen_dir).unwrap().expect("generation is its own mount");
     assert_eq!(m.fs_type, "tmpfs");
     assert!(m.mount_options.split(',').any(|o| o == "ro"), "{m:?}");
     let err = fs::write(gen_dir.join("x"), b"x").unwrap_err();
@@ -78,14 +74,8 @@ async fn http_fill_publishes_a_read_only_tmpfs_generation() {
         e.fill("test", "m", &s, &Quiet).await.unwrap(),
         FillOutcome::UpToDate(_)
     ));
-    assert_eq!(
-        server.requests.load(std::sync::atomic::Ordering::SeqCst),
-        before
-    );
-    assert!(fs::read_dir(tmp.path().join(".staging"))
-        .unwrap()
-        .next()
-        .is_none());
+    assert_eq!(server.requests.load(std::sync::atomic::Ordering::SeqCst), before);
+    assert!(fs::read_dir(tmp.path().join(".staging")).unwrap().next().is_none());
 }
 
 fn libc_erofs() -> i32 {
@@ -145,12 +135,7 @@ struct Case {
     says: &'static [&'static str],
 }
 
-fn header_case(
-    what: &'static str,
-    header: &str,
-    data: usize,
-    says: &'static [&'static str],
-) -> Case {
+fn header_case(what: &'static str, header: &str, data: usize, says: &'static [&'static str]) -> Case {
     Case {
         what,
         body: raw(header, &vec![0u8; data]),
@@ -195,18 +180,8 @@ async fn every_bad_source_fails_by_name_and_publishes_nothing() {
             says: &["does not fit"],
         },
         header_case("not JSON", "{not json", 0, &["not valid safetensors JSON"]),
-        header_case(
-            "unknown dtype",
-            &t("Q3", "[1]", 0, 1),
-            1,
-            &["unsupported dtype"],
-        ),
-        header_case(
-            "span mismatch",
-            &t("F32", "[3]", 0, 8),
-            8,
-            &["needs 12 bytes"],
-        ),
+        header_case("unknown dtype", &t("Q3", "[1]", 0, 1), 1, &["unsupported dtype"]),
+        header_case("span mismatch", &t("F32", "[3]", 0, 8), 8, &["needs 12 bytes"]),
         header_case("out of bounds", &t("F32", "[4]", 0, 16), 8, &["truncated"]),
         header_case(
             "overlap",
@@ -263,16 +238,8 @@ async fn http_failures_fail_by_name_and_publish_nothing() {
         .unwrap();
     let unreachable_url = format!("http://{closed}/enc.safetensors");
     for (url, category, says) in [
-        (
-            truncated_url,
-            "truncated",
-            vec!["truncated body", "of 1201344 bytes"],
-        ),
-        (
-            missing_url,
-            "http_status",
-            vec!["HTTP 404", "does not exist"],
-        ),
+        (truncated_url, "truncated", vec!["truncated body", "of 1201344 bytes"]),
+        (missing_url, "http_status", vec!["HTTP 404", "does not exist"]),
         (unreachable_url, "source", vec!["cannot read", "onnect"]),
     ] {
         let tmp = TmpfsDir::new();
@@ -304,30 +271,23 @@ async fn bad_names_and_capacity_are_refused_before_any_byte() {
     ));
     let err = e.fill("test", "m", &traversal, &Quiet).await.unwrap_err();
     assert!(
-        matches!(err, FillError::Invalid(_))
-            && err.to_string().contains("\"../x\" is not a DNS-1123 label"),
+        matches!(err, FillError::Invalid(_)) && err.to_string().contains("\"../x\" is not a DNS-1123 label"),
         "{err}"
     );
 
-    let dup = spec(&format!("pipeline: {{components: [{{name: a, weights: {{uri: '{uri}'}}}}, {{name: a, weights: {{uri: '{uri}'}}}}]}}"));
+    let dup = spec(&format!(
+        "pipeline: {{components: [{{name: a, weights: {{uri: '{uri}'}}}}, {{name: a, weights: {{uri: '{uri}'}}}}]}}"
+    ));
     let err = e.fill("test", "m", &dup, &Quiet).await.unwrap_err();
-    assert!(
-        err.to_string().contains("duplicate component name \"a\""),
-        "{err}"
-    );
+    assert!(err.to_string().contains("duplicate component name \"a\""), "{err}");
     assert_nothing_published(&root);
 
     let small = engine(&root, Some(1 << 20), MountMode::Tmpfs);
-    let err = small
-        .fill("test", "m", &one(&uri, None), &Quiet)
-        .await
-        .unwrap_err();
+    let err = small.fill("test", "m", &one(&uri, None), &Quiet).await.unwrap_err();
     assert_eq!(err.category(), "capacity");
     let msg = err.to_string();
     assert!(
-        msg.contains("needs 1.1 MiB")
-            && msg.contains("1.0 MiB capacity")
-            && msg.contains("--capacity"),
+        msg.contains("needs 1.1 MiB") && msg.contains("1.0 MiB capacity") && msg.contains("--capacity"),
         "{msg}"
     );
     assert_nothing_published(&root);

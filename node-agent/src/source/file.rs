@@ -27,14 +27,9 @@ pub fn size(uri: &url::Url) -> Result<u64, FetchError> {
 }
 
 /// Copies the file into `sink`, reporting progress.
-pub fn fetch(
-    uri: &url::Url,
-    mut sink: HashingSink,
-    progress: &dyn Progress,
-) -> Result<Fetched, FetchError> {
+pub fn fetch(uri: &url::Url, mut sink: HashingSink, progress: &dyn Progress) -> Result<Fetched, FetchError> {
     let path = path_of(uri)?;
-    let mut src = File::open(&path)
-        .map_err(|e| FetchError::Unreachable(format!("{}: {e}", path.display())))?;
+    let mut src = File::open(&path).map_err(|e| FetchError::Unreachable(format!("{}: {e}", path.display())))?;
     loop {
         let mut buf = BytesMut::zeroed(CHUNK);
         let n = src

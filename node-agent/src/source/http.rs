@@ -107,13 +107,8 @@ pub async fn fetch(
             None => broke.is_none(),
         };
         if complete {
-            let (bytes, sha256) =
-                tokio::task::block_in_place(|| sink.finish()).map_err(FetchError::Write)?;
-            return Ok(Fetched {
-                bytes,
-                sha256,
-                resumes,
-            });
+            let (bytes, sha256) = tokio::task::block_in_place(|| sink.finish()).map_err(FetchError::Write)?;
+            return Ok(Fetched { bytes, sha256, resumes });
         }
         if can_resume && resumes < MAX_RESUMES {
             tracing::warn!(%uri, got = sink.written(), ?expected, reason = ?broke, "body ended early; resuming with Range");
@@ -137,10 +132,7 @@ async fn send_with_retry(req: reqwest::RequestBuilder) -> Result<reqwest::Respon
     let mut attempt = 1;
     loop {
         let Some(this) = req.try_clone() else {
-            return req
-                .send()
-                .await
-                .map_err(|e| FetchError::Unreachable(describe(&e)));
+            return req.send().await.map_err(|e| FetchError::Unreachable(describe(&e)));
         };
         match this.send().await {
             Ok(resp) => return Ok(resp),

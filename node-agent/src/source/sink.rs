@@ -62,8 +62,7 @@ impl HashingSink {
         self.file.write_all(&chunk)?;
         self.written += chunk.len() as u64;
         if let Some(tx) = &self.to_hasher {
-            tx.send(chunk)
-                .map_err(|_| io::Error::other("hasher thread stopped"))?;
+            tx.send(chunk).map_err(|_| io::Error::other("hasher thread stopped"))?;
         }
         Ok(Ok(()))
     }

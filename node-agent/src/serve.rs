@@ -1,0 +1,280 @@
+//! `standalone --serve`: the same reconcile as a one-shot run, kept running
+//! with the CSI server (so a local client can act as kubelet), metrics, and
+//! the YAML files re-read when they change.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::csi::catalog::{Catalog, FillState};
+use crate::csi::identity::IdentityService;
+use crate::csi::inflight::InFlight;
+use crate::csi::ledger::Ledger;
+use crate::csi::metrics::{self, Metrics};
+use crate::csi::node::NodeService;
+use crate::csi::server;
+use crate::fill::{FillEngine, FillOutcome, ProgressFactory};
+use crate::manifests::{load_wrappers, LoadedWrapper};
+use crate::standalone::{collect_garbage, fill_all};
+
+/// Settings of the long-running mode.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// ModelWrapper files or directories.
+    pub files: Vec<PathBuf>,
+    /// The CSI socket.
+    pub csi_socket: PathBuf,
+    /// Where the publication ledger lives (keep it off the tmpfs).
+    pub state_dir: PathBuf,
+    /// NodeGetInfo's node id.
+    pub node_id: String,
+    /// Targets must lie inside this directory when set.
+    pub kubelet_dir: Option<PathBuf>,
+    /// How long a publish waits for a fill.
+    pub publish_wait: Duration,
+    /// Where `/metrics` is served, if anywhere.
+    pub metrics_addr: Option<SocketAddr>,
+    /// How often the files are checked for changes.
+    pub watch_interval: Duration,
+    /// Remove generations of wrappers no longer in the files.
+    pub prune: bool,
+}
+
+/// Why serving could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Root, state dir or socket.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being prepared.
+        what: String,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// Metrics registry.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// The gRPC server stopped with an error.
+    #[error("CSI server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
+    let what = what.into();
+    move |source| ServeError::Io { what, source }
+}
+
+/// Runs until `shutdown` resolves.
+pub async fn serve(
+    engine: Arc<FillEngine>,
+    wrappers: Vec<LoadedWrapper>,
+    opts: ServeOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let root = engine.root().clone();
+    let cleaned = root
+        .clean_leftovers()
+        .map_err(io(format!("cleaning {}", root.path().display())))?;
+    let (ledger, dropped) =
+        Ledger::load(&opts.state_dir).map_err(io(format!("loading ledger in {}", opts.state_dir.display())))?;
+    tracing::info!(publications = ledger.all().len(), dropped, cleaned, "ledger recovered");
+    let ledger = Arc::new(ledger);
+    let catalog = Arc::new(Catalog::default());
+    catalog.set_wanted(
+        wrappers
+            .iter()
+            .map(|w| ((w.namespace.clone(), w.name.clone()), w.wrapper.spec.clone())),
+    );
+    let metrics = Metrics::new()?;
+    let ready = Arc::new(AtomicBool::new(false));
+    let node = NodeService {
+        node_id: opts.node_id.clone(),
+        root: root.clone(),
+        catalog: catalog.clone(),
+        ledger: ledger.clone(),
+        inflight: InFlight::default(),
+        kubelet_dir: opts.kubelet_dir.clone(),
+        publish_wait: opts.publish_wait,
+        metrics: metrics.clone(),
+    };
+    let listener = server::bind(&opts.csi_socket)
+        .await
+        .map_err(io(format!("binding {}", opts.csi_socket.display())))?;
+    if let Some(addr) = opts.metrics_addr {
+        let (m, r, l, rd) = (metrics.clone(), root.clone(), ledger.clone(), ready.clone());
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, m, r, l, rd).await {
+                tracing::error!(%addr, error = %e, "metrics server stopped");
+            }
+        });
+    }
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let socket = opts.csi_socket.clone();
+    let identity = IdentityService { ready: ready.clone() };
+    let mut csi_stop = stop_rx.clone();
+    let grpc = tokio::spawn({
+        let node = node.clone();
+        async move {
+            server::serve(&socket, listener, identity, node, async move {
+                let _ = csi_stop.wait_for(|s| *s).await;
+            })
+            .await
+        }
+    });
+    ready.store(true, Ordering::SeqCst);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+
+    let mut current = wrappers;
+    let mut fingerprint = files_fingerprint(&opts.files);
+    loop {
+        reconcile_once(&engine, &catalog, &ledger, &node, &metrics, &current, opts.prune).await;
+        // Wait for a change in the files, or shutdown.
+        loop {
+            tokio::select! {
+                _ = stop_rx.wait_for(|s| *s) => {
+                    tracing::info!("shutting down; mounts stay in place");
+                    return grpc.await.map_err(|e| io("CSI server task")(std::io::Error::other(e)))?.map_err(ServeError::from);
+                }
+                _ = tokio::time::sleep(opts.watch_interval) => {}
+            }
+            let now = files_fingerprint(&opts.files);
+            if now == fingerprint {
+                continue;
+            }
+            fingerprint = now;
+            match reload(&opts.files) {
+                Ok(w) => {
+                    tracing::info!(wrappers = w.len(), "files changed; reconciling");
+                    catalog.set_wanted(
+                        w.iter()
+                            .map(|w| ((w.namespace.clone(), w.name.clone()), w.wrapper.spec.clone())),
+                    );
+                    current = w;
+                    break;
+                }
+                Err(e) => tracing::error!(error = %e, "files changed but cannot be used; keeping the previous state"),
+            }
+        }
+    }
+}
+
+fn reload(files: &[PathBuf]) -> Result<Vec<LoadedWrapper>, String> {
+    let mut out = Vec::new();
+    for f in files {
+        out.extend(load_wrappers(f).map_err(|e| e.to_string())?);
+    }
+    for w in &out {
+        zerocopy_api::validate_wrapper(&w.namespace, &w.name, &w.wrapper.spec).map_err(|e| e.to_string())?;
+    }
+    Ok(out)
+}
+
+async fn reconcile_once(
+    engine: &FillEngine,
+    catalog: &Arc<Catalog>,
+    ledger: &Ledger,
+    node: &NodeService,
+    metrics: &Metrics,
+    wrappers: &[LoadedWrapper],
+    prune: bool,
+) {
+    for w in wrappers {
+        let generation = zerocopy_api::format::generation_digest(&w.wrapper.spec);
+        if engine
+            .root()
+            .read_manifest(&w.namespace, &w.name, &generation)
+            .is_none()
+        {
+            catalog.set_state(&w.namespace, &w.name, &generation, FillState::Filling(Vec::new()));
+        }
+    }
+    let started = Instant::now();
+    let mut report = fill_all(engine, wrappers, |id| -> Box<dyn ProgressFactory> {
+        let (ns, name) = id.split_once('/').unwrap_or((id, ""));
+        let w = wrappers.iter().find(|w| w.namespace == ns && w.name == name);
+        let generation = w
+            .map(|w| zerocopy_api::format::generation_digest(&w.wrapper.spec))
+            .unwrap_or_default();
+        Box::new(catalog.progress(ns, name, &generation))
+    })
+    .await;
+    for r in &report.wrappers {
+        let (ns, name) = r.wrapper.split_once('/').unwrap_or((&r.wrapper, ""));
+        match &r.outcome {
+            Ok(outcome) => {
+                if let FillOutcome::Filled { manifest, seconds } = outcome {
+                    metrics
+                        .fill_bytes_total
+                        .with_label_values(&[ns, name])
+                        .inc_by(manifest.total_bytes);
+                    metrics.fill_seconds.with_label_values(&["ok"]).observe(*seconds);
+                }
+                catalog.set_state(ns, name, &r.generation, FillState::Ready);
+            }
+            Err(e) => {
+                metrics
+                    .fill_seconds
+                    .with_label_values(&[e.category()])
+                    .observe(started.elapsed().as_secs_f64());
+                catalog.set_state(ns, name, &r.generation, FillState::Failed(e.to_string()));
+            }
+        }
+    }
+    if let Err(e) = collect_garbage(engine, &mut report, prune, |g| {
+        ledger.references(&g.namespace, &g.name, &g.generation)
+    }) {
+        tracing::warn!(error = %e, "garbage collection failed");
+    }
+    for g in &report.gc {
+        match &g.removed {
+            Ok(()) => {
+                tracing::info!(wrapper = %format!("{}/{}", g.entry.namespace, g.entry.name), generation = %g.entry.generation, "removed generation")
+            }
+            Err(why) => {
+                tracing::info!(wrapper = %format!("{}/{}", g.entry.namespace, g.entry.name), generation = %g.entry.generation, reason = %why, "kept generation")
+            }
+        }
+    }
+    // Generations a pod released while they were still wanted are freed by
+    // unpublish; re-check the ones the files just stopped wanting.
+    for p in ledger.all() {
+        node.collect(&p.namespace, &p.name, &p.generation);
+    }
+    metrics.refresh(engine.root(), ledger);
+}
+
+fn files_fingerprint(files: &[PathBuf]) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
+    let mut out = Vec::new();
+    for f in files {
+        let entries: Vec<PathBuf> = if f.is_dir() {
+            std::fs::read_dir(f)
+                .map(|d| d.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default()
+        } else {
+            vec![f.clone()]
+        };
+        for p in entries {
+            let meta = std::fs::metadata(&p).ok();
+            out.push((
+                p.clone(),
+                meta.as_ref().and_then(|m| m.modified().ok()),
+                meta.map_or(0, |m| m.len()),
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The default node id: the host name.
+pub fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
