@@ -1,0 +1,361 @@
+//! The CSI node plugin over its real unix socket: real bind mounts, a real
+//! gRPC client acting as kubelet, SIGKILL and restart.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: panics are the failure report
+
+mod support;
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{mounts_at, mounts_under, publish, unpublish, Agent};
+use tonic::Code;
+use zerocopy_integration_tests::http::{Fault, Server};
+use zerocopy_integration_tests::safetensors::{file, T};
+use zerocopy_integration_tests::{sha256_hex, TmpfsDir};
+use zerocopy_node_agent::csi::proto::{GetPluginInfoRequest, NodeGetCapabilitiesRequest, NodeGetInfoRequest};
+
+/// Writes `n` wrappers `m0..m{n-1}` in namespace `test`, each with its own model file.
+fn wrappers(dir: &Path, n: usize, floats: usize) -> std::path::PathBuf {
+    let mut yaml = String::new();
+    for i in 0..n {
+        let body = file(&[T::f32("w", floats, i as u32)]);
+        let src = dir.join(format!("m{i}.safetensors"));
+        fs::write(&src, &body).unwrap();
+        yaml.push_str(&format!(
+            "---\napiVersion: zerocopy.dev/v1alpha1\nkind: ModelWrapper\nmetadata: {{name: m{i}, namespace: test}}\nspec:\n  pipeline:\n    components:\n      - name: enc\n        weights: {{uri: 'file://{}', sha256: '{}'}}\n",
+            src.display(),
+            sha256_hex(&body)
+        ));
+    }
+    let path = dir.join("wrappers.yaml");
+    fs::write(&path, yaml).unwrap();
+    path
+}
+
+/// Pss in bytes of mappings of `file` in process `pid`.
+fn pss_of(pid: u32, file: &Path) -> u64 {
+    let smaps = fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut current = false;
+    let mut total = 0;
+    for line in smaps.lines() {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        if !parts[0].ends_with(':') {
+            current = parts.len() >= 6 && Path::new(parts[5]) == file;
+        } else if current && parts[0] == "Pss:" {
+            total += parts[1].parse::<u64>().unwrap() * 1024;
+        }
+    }
+    total
+}
+
+/// A process that maps `file` read-only, touches every page and waits.
+fn mapper(file: &Path) -> std::process::Child {
+    let script = "import mmap,sys\nf=open(sys.argv[1],'rb')\nm=mmap.mmap(f.fileno(),0,prot=mmap.PROT_READ)\ns=sum(m[i] for i in range(0,len(m),4096))\nprint('ready',flush=True)\nsys.stdin.readline()\n";
+    let mut c = Command::new("python3")
+        .args(["-c", script])
+        .arg(file)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(c.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    c
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn publish_mounts_read_only_shares_pages_and_is_idempotent() {
+    let tmp = TmpfsDir::new();
+    let yaml = wrappers(tmp.path(), 1, 1 << 20); // 4 MiB
+    let agent = Agent::start(tmp.path(), &yaml, &[]).await;
+    let info = agent
+        .identity()
+        .await
+        .get_plugin_info(GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.name, "csi.zerocopy.dev");
+    let mut node = agent.node().await;
+    assert_eq!(
+        node.node_get_info(NodeGetInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .node_id,
+        "node-a"
+    );
+    assert!(node
+        .node_get_capabilities(NodeGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities
+        .is_empty());
+
+    let target = agent.target("vol-1");
+    node.node_publish_volume(publish("vol-1", &target, "m0", "test"))
+        .await
+        .unwrap();
+    let mut names: Vec<String> = fs::read_dir(&target)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["enc.safetensors", "manifest.json"]);
+    let err = fs::write(target.join("x"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(nix::errno::Errno::EROFS as i32));
+    let m = zerocopy_node_agent::mount::mount_at(&target).unwrap().unwrap();
+    for opt in ["ro", "nosuid", "nodev", "noexec"] {
+        assert!(m.mount_options.split(',').any(|o| o == opt), "{opt} missing: {m:?}");
+    }
+
+    // a second process mapping the same file shares its pages: PSS halves
+    let weights = target.join("enc.safetensors");
+    let size = fs::metadata(&weights).unwrap().len();
+    let mut a = mapper(&weights);
+    let alone = pss_of(a.id(), &weights);
+    let mut b = mapper(&weights);
+    let shared = pss_of(a.id(), &weights);
+    assert!(alone as f64 > 0.95 * size as f64, "alone {alone} of {size}");
+    assert!(
+        (shared as f64 - alone as f64 / 2.0).abs() < 0.05 * alone as f64,
+        "alone {alone}, shared {shared}"
+    );
+    for c in [&mut a, &mut b] {
+        c.stdin.take().unwrap().write_all(b"\n").unwrap();
+        c.wait().unwrap();
+    }
+
+    // idempotence
+    node.node_publish_volume(publish("vol-1", &target, "m0", "test"))
+        .await
+        .unwrap();
+    assert_eq!(mounts_at(&target), 1);
+    assert_eq!(agent.ledger_len(), 1);
+    let metrics = agent.metrics_text().await;
+    assert!(
+        metrics.contains("zerocopy_csi_publish_total{result=\"ok\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("zerocopy_active_mounts{namespace=\"test\",wrapper=\"m0\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("zerocopy_bytes_resident{namespace=\"test\",wrapper=\"m0\"}"),
+        "{metrics}"
+    );
+    node.node_unpublish_volume(unpublish("vol-1", &target)).await.unwrap();
+    node.node_unpublish_volume(unpublish("vol-1", &target)).await.unwrap();
+    node.node_unpublish_volume(unpublish("never-published", &agent.target("never-published")))
+        .await
+        .unwrap();
+    assert_eq!(mounts_at(&target), 0);
+    assert!(!target.exists(), "the target directory should be removed");
+    assert_eq!(agent.ledger_len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_get_the_right_code_a_clear_message_and_no_mount() {
+    let tmp = TmpfsDir::new();
+    let yaml = wrappers(tmp.path(), 1, 1000);
+    let agent = Agent::start(tmp.path(), &yaml, &[]).await;
+    let mut node = agent.node().await;
+    let t = agent.target("v");
+    let mut no_wrapper = publish("v", &t, "m0", "test");
+    no_wrapper.volume_context.remove("modelWrapper");
+    let mut no_namespace = publish("v", &t, "m0", "test");
+    no_namespace.volume_context.remove("csi.storage.k8s.io/pod.namespace");
+    let mut writable = publish("v", &t, "m0", "test");
+    writable.readonly = false;
+    let mut relative = publish("v", &t, "m0", "test");
+    relative.target_path = "pods/x/mount".into();
+    let mut traversing = publish("v", &t, "m0", "test");
+    traversing.target_path = format!("{}/../../etc/x", agent.kubelet.display());
+    let mut outside = publish("v", &t, "m0", "test");
+    outside.target_path = tmp.path().join("elsewhere/mount").display().to_string();
+    let cases = [
+        (
+            no_wrapper,
+            Code::InvalidArgument,
+            "volumeAttributes.modelWrapper is required",
+        ),
+        (no_namespace, Code::InvalidArgument, "podInfoOnMount: true"),
+        (writable, Code::InvalidArgument, "readOnly: true"),
+        (relative, Code::InvalidArgument, "must be an absolute path"),
+        (traversing, Code::InvalidArgument, "'..'"),
+        (outside, Code::InvalidArgument, "outside the kubelet directory"),
+        (
+            publish("v", &t, "m0", "other"),
+            Code::NotFound,
+            "ModelWrapper other/m0 not found",
+        ),
+        (
+            publish("v", &t, "missing", "test"),
+            Code::NotFound,
+            "create the ModelWrapper there",
+        ),
+    ];
+    for (req, code, says) in cases {
+        let status = node.node_publish_volume(req.clone()).await.unwrap_err();
+        assert_eq!(status.code(), code, "{req:?}: {status:?}");
+        assert!(status.message().contains(says), "{:?} lacks {says:?}", status.message());
+    }
+    assert_eq!(mounts_under(&agent.kubelet), 0, "something got mounted");
+    assert_eq!(agent.ledger_len(), 0);
+    let status = node
+        .node_unpublish_volume(unpublish("v", Path::new("relative")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let metrics = agent.metrics_text().await;
+    assert!(
+        metrics.contains("zerocopy_csi_publish_total{result=\"invalid\"} 6"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("zerocopy_csi_publish_total{result=\"not_found\"} 2"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hundred_concurrent_publishes_and_unpublishes_leave_exact_mounts() {
+    let tmp = TmpfsDir::new();
+    let yaml = wrappers(tmp.path(), 10, 1000);
+    let agent = Agent::start(tmp.path(), &yaml, &[]).await;
+    for i in 0..10 {
+        agent.wait_generations("test", &format!("m{i}"), 1).await;
+    }
+    // every volume twice at once: one runs, the other gets ABORTED or OK
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        for _ in 0..2 {
+            let mut node = agent.node().await;
+            let id = format!("vol-{i}");
+            let req = publish(&id, &agent.target(&id), &format!("m{}", i % 10), "test");
+            tasks.push(tokio::spawn(async move {
+                (
+                    id,
+                    node.node_publish_volume(req).await.map(|_| ()).map_err(|s| s.code()),
+                )
+            }));
+        }
+    }
+    let mut aborted = 0;
+    for t in tasks {
+        let (id, r) = t.await.unwrap();
+        match r {
+            Ok(()) => {}
+            Err(Code::Aborted) => aborted += 1,
+            Err(c) => panic!("{id}: unexpected {c:?}"),
+        }
+    }
+    for i in 0..100 {
+        let target = agent.target(&format!("vol-{i}"));
+        assert_eq!(mounts_at(&target), 1, "vol-{i}");
+        assert!(target.join("manifest.json").exists());
+    }
+    assert_eq!(agent.ledger_len(), 100);
+    eprintln!("{aborted} of 100 duplicate publishes were ABORTED");
+
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let mut node = agent.node().await;
+        let id = format!("vol-{i}");
+        let req = unpublish(&id, &agent.target(&id));
+        tasks.push(tokio::spawn(async move {
+            node.node_unpublish_volume(req).await.map(|_| ()).map_err(|s| s.code())
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(agent.ledger_len(), 0);
+    assert_eq!(mounts_under(&agent.kubelet), 0, "leaked mounts");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn publications_survive_sigkill_and_restart() {
+    let tmp = TmpfsDir::new();
+    let yaml = wrappers(tmp.path(), 1, 10_000);
+    let mut agent = Agent::start(tmp.path(), &yaml, &[]).await;
+    let mut node = agent.node().await;
+    let ids: Vec<String> = (0..5).map(|i| format!("vol-{i}")).collect();
+    for id in &ids {
+        node.node_publish_volume(publish(id, &agent.target(id), "m0", "test"))
+            .await
+            .unwrap();
+    }
+    let expected = fs::read(agent.target("vol-0").join("enc.safetensors")).unwrap();
+    agent.sigkill();
+    for id in &ids {
+        assert_eq!(mounts_at(&agent.target(id)), 1);
+        assert_eq!(
+            fs::read(agent.target(id).join("enc.safetensors")).unwrap(),
+            expected,
+            "mount stopped serving while the agent was down"
+        );
+    }
+    agent.spawn().await;
+    let metrics = agent.metrics_text().await;
+    assert!(
+        metrics.contains("zerocopy_active_mounts{namespace=\"test\",wrapper=\"m0\"} 5"),
+        "ledger not recovered: {metrics}"
+    );
+    let mut node = agent.node().await;
+    node.node_publish_volume(publish("vol-0", &agent.target("vol-0"), "m0", "test"))
+        .await
+        .unwrap();
+    assert_eq!(mounts_at(&agent.target("vol-0")), 1);
+    for id in &ids {
+        node.node_unpublish_volume(unpublish(id, &agent.target(id)))
+            .await
+            .unwrap();
+        assert_eq!(mounts_at(&agent.target(id)), 0);
+    }
+    assert_eq!(agent.ledger_len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publish_during_a_fill_reports_progress_then_succeeds() {
+    let tmp = TmpfsDir::new();
+    let server = Server::start(Fault::Slow);
+    let body = file(&[T::f32("w", 1_500_000, 9)]); // 6 MB at ~3 MB/s
+    let url = server.put("enc.safetensors", body.clone());
+    let yaml = tmp.path().join("slow.yaml");
+    fs::write(
+        &yaml,
+        zerocopy_integration_tests::wrapper_yaml("slow", &[("enc", &url, Some(&sha256_hex(&body)))]),
+    )
+    .unwrap();
+    let agent = Agent::start(tmp.path(), &yaml, &[]).await;
+    let mut node = agent.node().await;
+    let target = agent.target("v");
+    let status = node
+        .node_publish_volume(publish("v", &target, "slow", "test"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().starts_with("test/slow: filling enc ") && status.message().contains(" MiB/5.7 MiB"),
+        "{:?}",
+        status.message()
+    );
+    assert_eq!(mounts_at(&target), 0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match node.node_publish_volume(publish("v", &target, "slow", "test")).await {
+            Ok(_) => break,
+            Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => continue,
+            Err(s) => panic!("{s:?}"),
+        }
+    }
+    assert_eq!(fs::read(target.join("enc.safetensors")).unwrap(), body);
+}
