@@ -24,8 +24,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from torch import nn
+# Keep every Ray process on 127.0.0.1: without this, ray.init(address=...)
+# rewrites a loopback address to the host's interface address.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benches"))

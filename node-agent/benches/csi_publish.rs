@@ -30,7 +30,14 @@ async fn main() {
     let src = tmp.path().join("m.safetensors");
     fs::write(&src, &body).unwrap();
     let yaml = tmp.path().join("mw.yaml");
-    fs::write(&yaml, wrapper_yaml("bench", &[("enc", &format!("file://{}", src.display()), Some(&sha256_hex(&body)))])).unwrap();
+    fs::write(
+        &yaml,
+        wrapper_yaml(
+            "bench",
+            &[("enc", &format!("file://{}", src.display()), Some(&sha256_hex(&body)))],
+        ),
+    )
+    .unwrap();
     let agent = Agent::start(tmp.path(), &yaml, &[]).await;
     agent.wait_generations("test", "bench", 1).await;
     let mut node = agent.node().await;
@@ -39,7 +46,9 @@ async fn main() {
         let id = format!("vol-{i}");
         let target = agent.target(&id);
         let t0 = Instant::now();
-        node.node_publish_volume(publish(&id, &target, "bench", "test")).await.unwrap();
+        node.node_publish_volume(publish(&id, &target, "bench", "test"))
+            .await
+            .unwrap();
         let t1 = Instant::now();
         node.node_unpublish_volume(unpublish(&id, &target)).await.unwrap();
         let t2 = Instant::now();
@@ -51,9 +60,17 @@ async fn main() {
     println!("| operation ({PAIRS} pairs, client-side, ms) | p50 | p90 | p99 | max |\n|---|---|---|---|---|");
     let mut json = serde_json::Map::new();
     for (name, v) in [("NodePublishVolume", &pubs), ("NodeUnpublishVolume", &unpubs)] {
-        let (p50, p90, p99, max) = (percentile(v, 0.5), percentile(v, 0.9), percentile(v, 0.99), v[v.len() - 1]);
+        let (p50, p90, p99, max) = (
+            percentile(v, 0.5),
+            percentile(v, 0.9),
+            percentile(v, 0.99),
+            v[v.len() - 1],
+        );
         println!("| {name} | {p50:.2} | {p90:.2} | {p99:.2} | {max:.2} |");
-        json.insert(name.into(), serde_json::json!({"p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "max_ms": max, "samples_ms": v}));
+        json.insert(
+            name.into(),
+            serde_json::json!({"p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "max_ms": max, "samples_ms": v}),
+        );
     }
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks-csi.json");
     fs::write(&out, serde_json::to_string(&json).unwrap()).unwrap();

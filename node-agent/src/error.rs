@@ -93,6 +93,18 @@ pub enum FillError {
         /// Bytes other generations hold.
         used: u64,
     },
+    /// The source sent more bytes than the capacity left for this fill.
+    #[error("{wrapper}: component {component}: {uri} sent more than the {} still free under the capacity; raise --capacity or check the source", HumanBytes(*.limit))]
+    SourceTooLarge {
+        /// namespace/name
+        wrapper: String,
+        /// Component.
+        component: String,
+        /// The source URI.
+        uri: String,
+        /// Bytes that were free.
+        limit: u64,
+    },
     /// Local filesystem or mount failure.
     #[error("{wrapper}: {action} {}: {source}", path.display())]
     Io {
@@ -117,7 +129,7 @@ impl FillError {
             FillError::Truncated { .. } => "truncated",
             FillError::DigestMismatch { .. } => "digest_mismatch",
             FillError::Header { .. } => "bad_header",
-            FillError::Capacity { .. } => "capacity",
+            FillError::Capacity { .. } | FillError::SourceTooLarge { .. } => "capacity",
             FillError::Io { .. } => "io",
         }
     }

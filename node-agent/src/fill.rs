@@ -541,11 +541,11 @@ fn fetch_error(wrapper: &str, f: &PlannedFile, e: FetchError) -> FillError {
             expected,
             resumes,
         },
-        FetchError::TooLarge(limit) => FillError::Capacity {
+        FetchError::TooLarge(limit) => FillError::SourceTooLarge {
             wrapper,
-            needed: limit.saturating_add(1),
-            capacity: limit,
-            used: 0,
+            component,
+            uri,
+            limit,
         },
         FetchError::Write(source) => FillError::Io {
             wrapper,

@@ -37,7 +37,9 @@ async fn an_update_reaches_new_pods_and_frees_the_old_generation_after_the_last_
     let mut node = agent.node().await;
 
     let a = agent.target("pod-a");
-    node.node_publish_volume(publish("pod-a", &a, "bert", "test")).await.unwrap();
+    node.node_publish_volume(publish("pod-a", &a, "bert", "test"))
+        .await
+        .unwrap();
     let gen1 = generation_at(&a);
 
     // the spec changes: generation 2 fills beside generation 1
@@ -49,7 +51,9 @@ async fn an_update_reaches_new_pods_and_frees_the_old_generation_after_the_last_
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         // until the agent has re-read the file, a publish still resolves to generation 1
-        node.node_publish_volume(publish("pod-b", &b, "bert", "test")).await.unwrap();
+        node.node_publish_volume(publish("pod-b", &b, "bert", "test"))
+            .await
+            .unwrap();
         if generation_at(&b) != gen1 {
             break;
         }
@@ -69,11 +73,24 @@ async fn an_update_reaches_new_pods_and_frees_the_old_generation_after_the_last_
     assert!(!gen1_dir.exists(), "generation 1 should be removed once pod A is gone");
     let freed = before.saturating_sub(shmem());
     let size = body1.len() as u64;
-    assert!(freed as f64 >= 0.9 * size as f64, "Shmem dropped by {freed} bytes; generation 1 holds {size}");
+    assert!(
+        freed as f64 >= 0.9 * size as f64,
+        "Shmem dropped by {freed} bytes; generation 1 holds {size}"
+    );
     node.node_unpublish_volume(unpublish("pod-b", &b)).await.unwrap();
-    assert!(agent.root.join("test/bert").join(generation_at_path(&agent)).exists(), "the wanted generation stays");
+    assert!(
+        agent.root.join("test/bert").join(generation_at_path(&agent)).exists(),
+        "the wanted generation stays"
+    );
 }
 
 fn generation_at_path(agent: &Agent) -> String {
-    fs::read_dir(agent.root.join("test/bert")).unwrap().next().unwrap().unwrap().file_name().into_string().unwrap()
+    fs::read_dir(agent.root.join("test/bert"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .file_name()
+        .into_string()
+        .unwrap()
 }

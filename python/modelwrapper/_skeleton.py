@@ -91,16 +91,55 @@ def assign_state(component: str, module: nn.Module, tensors: dict[str, torch.Ten
     if problems:
         raise VolumeError(f"component {component}: weights do not match the module: " + "; ".join(problems))
     provided = {k: v for k, v in tensors.items() if k in expected}
-    for names in groups.values():
-        source = next(n for n in names if n in provided)
-        for alias in names:
-            provided.setdefault(alias, provided[source])
-    module.load_state_dict(provided, strict=False, assign=True)
-    _retie(module, groups, provided)
+    if _plain_loading(module):
+        _assign_directly(module, groups, provided)
+    else:
+        for names in groups.values():
+            source = next(n for n in names if n in provided)
+            for alias in names:
+                provided.setdefault(alias, provided[source])
+        module.load_state_dict(provided, strict=False, assign=True)
+        _retie(module, groups, provided)
     left = [n for n, p in list(module.named_parameters()) + list(module.named_buffers()) if p.device.type == "meta"]
     if left:
         raise VolumeError(f"component {component}: still on the meta device after loading: {', '.join(left)}")
     return module
+
+
+def _plain_loading(module: nn.Module) -> bool:
+    """True when no module customises state-dict loading, so tensors can be
+    bound directly: ``load_state_dict`` filters the whole dict once per
+    submodule, which is quadratic and dominates load() on deep models."""
+    for m in module.modules():
+        hook = type(m)._load_from_state_dict
+        if hook is not nn.Module._load_from_state_dict and hook is not _NORM_LOAD:
+            return False
+        if m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks:
+            return False
+    return True
+
+
+# BatchNorm's override only fills in num_batches_tracked for old checkpoints;
+# export() always writes it, so binding directly is equivalent.
+_NORM_LOAD = nn.modules.batchnorm._NormBase._load_from_state_dict
+
+
+def _assign_directly(module: nn.Module, groups: dict[int, list[str]], provided: dict[str, torch.Tensor]) -> None:
+    """``load_state_dict(assign=True)`` in one pass, tied names sharing one Parameter."""
+    owners = dict(module.named_modules(remove_duplicate=False))
+    for names in groups.values():
+        source = next(n for n in names if n in provided)
+        tensor = provided[source]
+        value: torch.Tensor | None = None
+        for name in names:
+            path, _, leaf = name.rpartition(".")
+            owner = owners[path] if path else module
+            if leaf in owner._parameters:
+                if not isinstance(value, nn.Parameter):
+                    value = nn.Parameter(tensor, requires_grad=False)
+                owner._parameters[leaf] = value
+            else:
+                owner._buffers[leaf] = tensor
 
 
 def _retie(module: nn.Module, groups: dict[int, list[str]], provided: dict[str, torch.Tensor]) -> None:

@@ -122,6 +122,9 @@ impl Catalog {
 
 /// "filling encoder 3.1 GiB/6.0 GiB, decoder 0 B/1.0 GiB"
 pub fn describe_progress(files: &[(String, u64, Option<u64>)]) -> String {
+    if files.is_empty() {
+        return "queued for filling".into();
+    }
     let parts: Vec<String> = files
         .iter()
         .map(|(c, done, total)| match total {
@@ -206,6 +209,7 @@ mod tests {
     fn progress_reads_like_a_sentence() {
         let s = describe_progress(&[("encoder".into(), 3 << 29, Some(6 << 30)), ("decoder".into(), 0, None)]);
         assert_eq!(s, "filling encoder 1.5 GiB/6.0 GiB, decoder 0 B");
+        assert_eq!(describe_progress(&[]), "queued for filling");
     }
 
     #[test]
