@@ -51,8 +51,11 @@ def volume_of(agent: str, root: Path) -> Path:
 
 
 def clear(root: Path) -> None:
-    subprocess.run(["umount", "-R", "-l", str(root)], capture_output=True)
-    shutil.rmtree(root, ignore_errors=True)
+    """Unmounts every generation under ``root`` (deepest first), then deletes it."""
+    mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    for m in sorted((m for m in mounts if m.startswith(f"{root}/")), key=len, reverse=True):
+        subprocess.run(["umount", "-l", m], check=True)
+    shutil.rmtree(root)
 
 
 def main() -> int:
