@@ -193,7 +193,7 @@ impl FillEngine {
         };
 
         let staging = self.root.staging_dir().join(format!("{namespace}.{name}.{generation}"));
-        let mut guard = StagingGuard::create(&staging, self.use_tmpfs).map_err(io_err("creating staging", &staging))?;
+        let mut guard = StagingGuard::create(&staging).map_err(io_err("creating staging", &staging))?;
         if self.use_tmpfs {
             let all_known = plan.iter().all(|f| f.size.is_some());
             let size = if all_known { needed } else { limit.min(host_memory()) };
@@ -351,7 +351,7 @@ struct StagingGuard {
 }
 
 impl StagingGuard {
-    fn create(path: &Path, _tmpfs: bool) -> io::Result<Self> {
+    fn create(path: &Path) -> io::Result<Self> {
         if path.exists() {
             if mount::mount_at(path)?.is_some() {
                 mount::unmount_lazy(path)?;

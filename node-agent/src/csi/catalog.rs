@@ -148,11 +148,11 @@ struct FileSlot {
     index: usize,
 }
 
-impl CatalogProgress {
-    fn update(&self, index: usize, f: impl FnOnce(&mut (String, u64, Option<u64>))) {
+impl FileSlot {
+    fn update(&self, f: impl FnOnce(&mut (String, u64, Option<u64>))) {
         let mut inner = self.catalog.lock();
         if let Some(FillState::Filling(files)) = inner.fills.get_mut(&self.key) {
-            if let Some(slot) = files.get_mut(index) {
+            if let Some(slot) = files.get_mut(self.index) {
                 f(slot);
             }
         }
@@ -186,18 +186,10 @@ impl ProgressFactory for CatalogProgress {
 
 impl Progress for FileSlot {
     fn set_total(&self, total: u64) {
-        CatalogProgress {
-            catalog: self.catalog.clone(),
-            key: self.key.clone(),
-        }
-        .update(self.index, |s| s.2 = Some(total));
+        self.update(|s| s.2 = Some(total));
     }
     fn advance(&self, n: u64) {
-        CatalogProgress {
-            catalog: self.catalog.clone(),
-            key: self.key.clone(),
-        }
-        .update(self.index, |s| s.1 += n);
+        self.update(|s| s.1 += n);
     }
 }
 
