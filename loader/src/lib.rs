@@ -14,9 +14,7 @@ use std::path::{Path, PathBuf};
 
 use memmap2::{Mmap, MmapOptions};
 use zerocopy_api::manifest::{Manifest, ManifestError};
-use zerocopy_api::safetensors::{
-    check_header_len, header_len, validate_header, Dtype, Header, HeaderError, TensorInfo,
-};
+use zerocopy_api::safetensors::{check_header_len, header_len, validate_header, Header, HeaderError, TensorInfo};
 
 #[cfg(feature = "tch")]
 mod torch;
@@ -222,9 +220,4 @@ impl Component {
         let start = self.map.as_ptr() as usize;
         start..start + self.map.len()
     }
-}
-
-/// Bytes per element of a dtype (re-exported for callers).
-pub fn dtype_size(d: Dtype) -> u64 {
-    d.size()
 }

@@ -173,7 +173,7 @@ impl FillEngine {
             }
         };
 
-        let mut plan = plan_files(spec)?;
+        let mut plan = plan_files(spec);
         for f in &mut plan {
             f.size = self.size_of(f).await.map_err(|e| fetch_error(&wrapper, f, e))?;
         }
@@ -387,7 +387,7 @@ impl Drop for StagingGuard {
     }
 }
 
-fn plan_files(spec: &ModelWrapperSpec) -> Result<Vec<PlannedFile>, FillError> {
+fn plan_files(spec: &ModelWrapperSpec) -> Vec<PlannedFile> {
     let parse = |s: &str| url::Url::parse(s).ok();
     let mut plan = Vec::new();
     for c in &spec.pipeline.components {
@@ -425,7 +425,7 @@ fn plan_files(spec: &ModelWrapperSpec) -> Result<Vec<PlannedFile>, FillError> {
             });
         }
     }
-    Ok(plan)
+    plan
 }
 
 fn build_manifest(
