@@ -117,23 +117,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             watch_interval,
         } => {
             let capacity = capacity.as_deref().map(parse_size).transpose()?;
-            let mut wrappers = Vec::new();
-            for f in &files {
-                wrappers.extend(manifests::load_wrappers(f)?);
-            }
             // Every problem in every file, before anything is filled.
-            let invalid: Vec<String> = wrappers
-                .iter()
-                .filter_map(|w| zerocopy_api::validate_wrapper(&w.namespace, &w.name, &w.wrapper.spec).err())
-                .map(|e| e.to_string())
-                .collect();
-            if !invalid.is_empty() {
-                eprintln!(
-                    "{}\nnothing was filled; fix the files and run again",
-                    invalid.join("\n")
-                );
-                return Ok(ExitCode::from(EXIT_INVALID));
-            }
+            let wrappers = match manifests::load_valid(&files) {
+                Ok(w) => w,
+                Err(e) => {
+                    eprintln!("{e}\nnothing was filled; fix the files and run again");
+                    return Ok(ExitCode::from(EXIT_INVALID));
+                }
+            };
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             if serve {
                 let opts = zerocopy_node_agent::serve::ServeOptions {

@@ -47,6 +47,9 @@ pub enum LoadError {
         /// Path.
         path: PathBuf,
     },
+    /// Specs that fail validation: every problem of every wrapper.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<zerocopy_api::ValidationErrors>),
     /// The same namespace/name twice.
     #[error("ModelWrapper {namespace}/{name} is defined twice: in {} and {}", first.display(), second.display())]
     Duplicate {
@@ -144,4 +147,21 @@ pub fn load_wrappers(path: &Path) -> Result<Vec<LoadedWrapper>, LoadError> {
         });
     }
     Ok(out)
+}
+
+/// Reads every file and validates every wrapper, reporting all problems at once.
+pub fn load_valid(paths: &[PathBuf]) -> Result<Vec<LoadedWrapper>, LoadError> {
+    let mut out = Vec::new();
+    for p in paths {
+        out.extend(load_wrappers(p)?);
+    }
+    let invalid: Vec<_> = out
+        .iter()
+        .filter_map(|w| zerocopy_api::validate_wrapper(&w.namespace, &w.name, &w.wrapper.spec).err())
+        .collect();
+    if invalid.is_empty() {
+        Ok(out)
+    } else {
+        Err(LoadError::Invalid(invalid))
+    }
 }

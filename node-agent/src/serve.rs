@@ -16,7 +16,7 @@ use crate::csi::metrics::{self, Metrics};
 use crate::csi::node::NodeService;
 use crate::csi::server;
 use crate::fill::{FillEngine, FillOutcome, ProgressFactory};
-use crate::manifests::{load_wrappers, LoadedWrapper};
+use crate::manifests::{load_valid, LoadedWrapper};
 use crate::standalone::{collect_garbage, fill_all};
 
 /// Settings of the long-running mode.
@@ -147,7 +147,7 @@ pub async fn serve(
                 continue;
             }
             fingerprint = now;
-            match reload(&opts.files) {
+            match load_valid(&opts.files) {
                 Ok(w) => {
                     tracing::info!(wrappers = w.len(), "files changed; reconciling");
                     catalog.set_wanted(
@@ -161,17 +161,6 @@ pub async fn serve(
             }
         }
     }
-}
-
-fn reload(files: &[PathBuf]) -> Result<Vec<LoadedWrapper>, String> {
-    let mut out = Vec::new();
-    for f in files {
-        out.extend(load_wrappers(f).map_err(|e| e.to_string())?);
-    }
-    for w in &out {
-        zerocopy_api::validate_wrapper(&w.namespace, &w.name, &w.wrapper.spec).map_err(|e| e.to_string())?;
-    }
-    Ok(out)
 }
 
 async fn reconcile_once(
