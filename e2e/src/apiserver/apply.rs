@@ -1,0 +1,388 @@
+//! Server-side apply: field ownership per field manager, recorded in
+//! `metadata.managedFields` as FieldsV1, conflicts when another applier owns a
+//! field with a different value (unless `force`), and removal of fields a
+//! manager applied before and no longer applies.
+//!
+//! Not modelled: ownership taken by non-apply writes (operation `Update`), so
+//! conflicts only arise between appliers; `x-kubernetes-list-type: set` lists.
+
+use std::collections::BTreeSet;
+
+use serde_json::{json, Map, Value};
+
+use super::patch::{list_merge_keys, same_key};
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Seg {
+    /// A map field.
+    F(String),
+    /// An element of a keyed list, by its merge-key values (as JSON).
+    K(String),
+}
+
+type Path = Vec<Seg>;
+type FieldSet = BTreeSet<Path>;
+
+/// Metadata the server owns; appliers never own these.
+const SYSTEM_METADATA: &[&str] = &[
+    "name",
+    "namespace",
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "managedFields",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "selfLink",
+];
+
+fn key_json(keys: &[&str], elem: &Value) -> String {
+    let mut m = Map::new();
+    for k in keys {
+        if let Some(v) = elem.get(*k) {
+            m.insert((*k).to_string(), v.clone());
+        }
+    }
+    Value::Object(m).to_string()
+}
+
+fn collect(v: &Value, path: &Path, out: &mut FieldSet) {
+    match v {
+        Value::Object(m) if !m.is_empty() => {
+            for (k, child) in m {
+                if path.is_empty() && (k == "apiVersion" || k == "kind") {
+                    continue;
+                }
+                if path.len() == 1 && path[0] == Seg::F("metadata".into()) && SYSTEM_METADATA.contains(&k.as_str()) {
+                    continue;
+                }
+                let mut p = path.clone();
+                p.push(Seg::F(k.clone()));
+                match (list_merge_keys(k), child) {
+                    (Some(keys), Value::Array(items)) if items.iter().all(Value::is_object) => {
+                        for item in items {
+                            let mut ip = p.clone();
+                            ip.push(Seg::K(key_json(keys, item)));
+                            out.insert(ip.clone());
+                            collect(item, &ip, out);
+                        }
+                    }
+                    _ => collect(child, &p, out),
+                }
+            }
+        }
+        _ => {
+            if !path.is_empty() {
+                out.insert(path.clone());
+            }
+        }
+    }
+}
+
+/// Fields set by an applied configuration, limited to `status` (status
+/// subresource) or to everything but `status` (main endpoint of a type with one).
+fn field_set(applied: &Value, scope: Scope) -> FieldSet {
+    let mut all = FieldSet::new();
+    collect(applied, &Vec::new(), &mut all);
+    let status = Seg::F("status".into());
+    all.into_iter()
+        .filter(|p| match scope {
+            Scope::All => true,
+            Scope::Status => p.first() == Some(&status),
+            Scope::NotStatus => p.first() != Some(&status),
+        })
+        .collect()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Scope {
+    All,
+    Status,
+    NotStatus,
+}
+
+fn get<'a>(v: &'a Value, path: &[Seg]) -> Option<&'a Value> {
+    let mut cur = v;
+    for seg in path {
+        cur = match seg {
+            Seg::F(f) => cur.get(f)?,
+            Seg::K(k) => {
+                let key: Value = serde_json::from_str(k).ok()?;
+                let keys: Vec<&str> = key.as_object()?.keys().map(String::as_str).collect();
+                cur.as_array()?.iter().find(|e| same_key(&keys, e, &key))?
+            }
+        };
+    }
+    Some(cur)
+}
+
+fn remove(v: &mut Value, path: &[Seg]) {
+    let Some((last, parent)) = path.split_last() else { return };
+    let mut cur = v;
+    for seg in parent {
+        let next = match seg {
+            Seg::F(f) => cur.get_mut(f),
+            Seg::K(k) => {
+                let Ok(key) = serde_json::from_str::<Value>(k) else { return };
+                let keys: Vec<String> = key.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
+                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                cur.as_array_mut().and_then(|a| a.iter_mut().find(|e| same_key(&keys, e, &key)))
+            }
+        };
+        let Some(next) = next else { return };
+        cur = next;
+    }
+    match last {
+        Seg::F(f) => {
+            if let Some(m) = cur.as_object_mut() {
+                m.remove(f);
+            }
+        }
+        Seg::K(k) => {
+            let Ok(key) = serde_json::from_str::<Value>(k) else { return };
+            let keys: Vec<String> = key.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
+            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            if let Some(a) = cur.as_array_mut() {
+                a.retain(|e| !same_key(&keys, e, &key));
+            }
+        }
+    }
+}
+
+/// Deep merge of an applied configuration: maps recursively, keyed lists by
+/// key, everything else replaced.
+fn merge(target: &mut Value, applied: &Value) {
+    let (Value::Object(t), Value::Object(a)) = (&mut *target, applied) else {
+        *target = applied.clone();
+        return;
+    };
+    for (k, v) in a {
+        match (list_merge_keys(k), v, t.get_mut(k)) {
+            (Some(keys), Value::Array(items), Some(Value::Array(cur))) if items.iter().all(Value::is_object) => {
+                for item in items {
+                    match cur.iter_mut().find(|c| same_key(keys, c, item)) {
+                        Some(c) => merge(c, item),
+                        None => cur.push(item.clone()),
+                    }
+                }
+            }
+            (_, Value::Object(_), Some(existing @ Value::Object(_))) => merge(existing, v),
+            _ => {
+                t.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
+fn encode(set: &FieldSet) -> Value {
+    fn insert(node: &mut Map<String, Value>, path: &[Seg]) {
+        let Some((first, rest)) = path.split_first() else {
+            node.insert(".".into(), json!({}));
+            return;
+        };
+        let key = match first {
+            Seg::F(f) => format!("f:{f}"),
+            Seg::K(k) => format!("k:{k}"),
+        };
+        if let Value::Object(child) = node.entry(key).or_insert_with(|| json!({})) {
+            insert(child, rest);
+        }
+    }
+    let mut root = Map::new();
+    for path in set {
+        insert(&mut root, path);
+    }
+    Value::Object(root)
+}
+
+fn decode(v: &Value, path: &mut Path, out: &mut FieldSet) {
+    let Some(m) = v.as_object() else { return };
+    for (k, child) in m {
+        if k == "." {
+            out.insert(path.clone());
+            continue;
+        }
+        let seg = if let Some(f) = k.strip_prefix("f:") {
+            Seg::F(f.to_string())
+        } else if let Some(key) = k.strip_prefix("k:") {
+            Seg::K(key.to_string())
+        } else {
+            continue;
+        };
+        path.push(seg);
+        decode(child, path, out);
+        path.pop();
+    }
+}
+
+fn path_string(path: &Path) -> String {
+    path.iter()
+        .map(|s| match s {
+            Seg::F(f) => format!(".{f}"),
+            Seg::K(k) => format!("[{k}]"),
+        })
+        .collect()
+}
+
+/// A field another manager owns with a different value.
+#[derive(Debug, Clone)]
+pub struct Conflict {
+    pub manager: String,
+    pub field: String,
+}
+
+/// Applies `applied` to `live` for `manager`; on success returns the merged
+/// object with its `metadata.managedFields` updated.
+pub fn server_side_apply(
+    live: &Value,
+    applied: &Value,
+    manager: &str,
+    force: bool,
+    scope: Scope,
+    now: &str,
+) -> Result<Value, Vec<Conflict>> {
+    let subresource = if scope == Scope::Status { "status" } else { "" };
+    let mut entries: Vec<Value> = live["metadata"]["managedFields"].as_array().cloned().unwrap_or_default();
+    let entry_sub = |e: &Value| e["subresource"].as_str().unwrap_or("").to_string();
+    let sets: Vec<(String, String, FieldSet)> = entries
+        .iter()
+        .filter(|e| e["operation"] == "Apply")
+        .map(|e| {
+            let mut set = FieldSet::new();
+            decode(&e["fieldsV1"], &mut Vec::new(), &mut set);
+            (e["manager"].as_str().unwrap_or("").to_string(), entry_sub(e), set)
+        })
+        .collect();
+    let new_set = field_set(applied, scope);
+
+    let mut conflicts = Vec::new();
+    for (other, _, owned) in sets.iter().filter(|(m, s, _)| !(m == manager && s == subresource)) {
+        for p in new_set.intersection(owned) {
+            let want = get(applied, p);
+            if want.is_some_and(Value::is_object) {
+                continue;
+            }
+            if get(live, p) != want {
+                conflicts.push(Conflict {
+                    manager: other.clone(),
+                    field: path_string(p),
+                });
+            }
+        }
+    }
+    if !conflicts.is_empty() && !force {
+        return Err(conflicts);
+    }
+
+    let mine_before: FieldSet = sets
+        .iter()
+        .find(|(m, s, _)| m == manager && s == subresource)
+        .map(|(_, _, s)| s.clone())
+        .unwrap_or_default();
+    let owned_by_others: FieldSet = sets
+        .iter()
+        .filter(|(m, s, _)| !(m == manager && s == subresource))
+        .flat_map(|(_, _, s)| s.iter().cloned())
+        .collect();
+
+    let mut out = live.clone();
+    let mut dropped: Vec<&Path> = mine_before
+        .difference(&new_set)
+        .filter(|p| !owned_by_others.contains(*p))
+        .collect();
+    dropped.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in dropped {
+        remove(&mut out, p);
+    }
+    let mut scoped = applied.clone();
+    if let Some(m) = scoped.as_object_mut() {
+        m.remove("apiVersion");
+        m.remove("kind");
+        match scope {
+            Scope::Status => m.retain(|k, _| k == "status"),
+            Scope::NotStatus => {
+                m.remove("status");
+            }
+            Scope::All => {}
+        }
+        if let Some(md) = m.get_mut("metadata").and_then(Value::as_object_mut) {
+            md.retain(|k, _| !SYSTEM_METADATA.contains(&k.as_str()));
+        }
+    }
+    merge(&mut out, &scoped);
+
+    // Ownership: mine becomes the new set; with force, others lose what I took.
+    entries.retain(|e| !(e["manager"] == manager && e["operation"] == "Apply" && entry_sub(e) == subresource));
+    if force {
+        for e in entries.iter_mut().filter(|e| e["operation"] == "Apply") {
+            let mut set = FieldSet::new();
+            decode(&e["fieldsV1"], &mut Vec::new(), &mut set);
+            let kept: FieldSet = set.difference(&new_set).cloned().collect();
+            e["fieldsV1"] = encode(&kept);
+        }
+    }
+    let mut mine = json!({
+        "manager": manager,
+        "operation": "Apply",
+        "apiVersion": applied["apiVersion"].clone(),
+        "time": now,
+        "fieldsType": "FieldsV1",
+        "fieldsV1": encode(&new_set),
+    });
+    if !subresource.is_empty() {
+        mine["subresource"] = json!(subresource);
+    }
+    entries.push(mine);
+    out["metadata"]["managedFields"] = Value::Array(entries);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn apply(live: &Value, applied: Value, mgr: &str, force: bool) -> Result<Value, Vec<Conflict>> {
+        server_side_apply(live, &applied, mgr, force, Scope::All, "t")
+    }
+
+    #[test]
+    fn owners_conflict_and_force_takes_over() {
+        let live = json!({"metadata": {"name": "x"}});
+        let a = apply(&live, json!({"metadata": {"name": "x"}, "spec": {"a": 1, "b": 2}}), "alice", false).unwrap();
+        // Same value: shared ownership, no conflict.
+        let b = apply(&a, json!({"metadata": {"name": "x"}, "spec": {"a": 1}}), "bob", false).unwrap();
+        let err = apply(&b, json!({"metadata": {"name": "x"}, "spec": {"b": 3}}), "bob", false).unwrap_err();
+        assert_eq!(err[0].manager, "alice");
+        assert_eq!(err[0].field, ".spec.b");
+        let forced = apply(&b, json!({"metadata": {"name": "x"}, "spec": {"b": 3}}), "bob", true).unwrap();
+        assert_eq!(forced["spec"]["b"], 3);
+        // alice no longer owns b: her re-apply without b keeps bob's value.
+        let again = apply(&forced, json!({"metadata": {"name": "x"}, "spec": {"a": 1}}), "alice", false).unwrap();
+        assert_eq!(again["spec"], json!({"a": 1, "b": 3}));
+    }
+
+    #[test]
+    fn fields_no_longer_applied_are_removed_unless_shared() {
+        let live = json!({"metadata": {"name": "x"}});
+        let a = apply(&live, json!({"metadata": {"name": "x", "labels": {"l1": "v", "l2": "v"}}}), "alice", false).unwrap();
+        let a2 = apply(&a, json!({"metadata": {"name": "x", "labels": {"l1": "v"}}}), "alice", false).unwrap();
+        assert_eq!(a2["metadata"]["labels"], json!({"l1": "v"}));
+    }
+
+    #[test]
+    fn conditions_merge_by_type() {
+        let live = json!({"metadata": {"name": "x"}, "status": {"conditions": [{"type": "A", "status": "True"}]}});
+        let out = server_side_apply(
+            &live,
+            &json!({"status": {"conditions": [{"type": "B", "status": "False"}]}}),
+            "m",
+            false,
+            Scope::Status,
+            "t",
+        )
+        .unwrap();
+        assert_eq!(out["status"]["conditions"].as_array().unwrap().len(), 2);
+        assert_eq!(out["metadata"]["managedFields"][0]["subresource"], "status");
+    }
+}

@@ -1,0 +1,228 @@
+//! An in-process Kubernetes API server over real HTTP on 127.0.0.1.
+//!
+//! - [`store`]: objects, resourceVersions, watch history, write semantics.
+//! - [`http`]: discovery, REST verbs, watch streams, Tables.
+//! - [`apply`], [`patch`], [`schema`], [`selector`], [`table`]: the pieces a
+//!   real server has, as far as the project's clients use them.
+//! - [`gc`]: ownerReference garbage collection and deletion propagation.
+
+pub mod apply;
+pub mod error;
+pub mod gc;
+pub mod http;
+pub mod patch;
+pub mod schema;
+pub mod selector;
+pub mod store;
+pub mod table;
+pub mod types;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::Method;
+use rand::Rng;
+use tokio::sync::watch;
+
+pub use error::ApiError;
+pub use store::Store;
+
+/// Faults injected into requests, for resilience tests.
+#[derive(Clone, Default)]
+pub struct Faults(Arc<Mutex<FaultConfig>>);
+
+#[derive(Clone, Debug, Default)]
+pub struct FaultConfig {
+    /// Fraction of non-watch requests answered 500 (reads) or 500/409 (writes)
+    /// before they reach the store.
+    pub error_rate: f64,
+    /// Watch streams end after a random time up to this long.
+    pub cut_watches_within: Option<Duration>,
+}
+
+impl Faults {
+    pub fn set(&self, config: FaultConfig) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = config;
+    }
+
+    fn config(&self) -> FaultConfig {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn maybe_fail(&self, method: &Method, is_watch: bool) -> Option<ApiError> {
+        let c = self.config();
+        if is_watch || c.error_rate <= 0.0 {
+            return None;
+        }
+        let mut rng = rand::thread_rng();
+        if !rng.gen_bool(c.error_rate.min(1.0)) {
+            return None;
+        }
+        if method != Method::GET && rng.gen_bool(0.5) {
+            return Some(ApiError::new(409, "Conflict", "injected fault: conflict, retry with the latest version"));
+        }
+        Some(ApiError::new(500, "InternalError", "injected fault: internal error"))
+    }
+
+    fn watch_cut(&self) -> Option<Duration> {
+        let within = self.config().cut_watches_within?;
+        let ms = rand::thread_rng().gen_range(1..=within.as_millis().max(2) as u64);
+        Some(Duration::from_millis(ms))
+    }
+}
+
+/// Requests counted per client (User-Agent) and per second, for benchmarks.
+#[derive(Clone, Default)]
+pub struct RequestStats(Arc<Mutex<StatsInner>>);
+
+#[derive(Default)]
+struct StatsInner {
+    start: Option<Instant>,
+    per_agent: BTreeMap<String, AgentStats>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct AgentStats {
+    pub total: u64,
+    pub watches: u64,
+    pub writes: u64,
+    /// Requests in each second since the server started.
+    pub per_second: BTreeMap<u64, u64>,
+}
+
+impl AgentStats {
+    pub fn peak_qps(&self) -> u64 {
+        self.per_second.values().copied().max().unwrap_or(0)
+    }
+}
+
+impl RequestStats {
+    fn record(&self, agent: &str, method: &str, is_watch: bool) {
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let start = *s.start.get_or_insert_with(Instant::now);
+        let second = start.elapsed().as_secs();
+        let a = s.per_agent.entry(agent.to_string()).or_default();
+        a.total += 1;
+        if is_watch {
+            a.watches += 1;
+        }
+        if method != "GET" {
+            a.writes += 1;
+        }
+        *a.per_second.entry(second).or_default() += 1;
+    }
+
+    /// Statistics of clients whose User-Agent starts with `prefix`, merged.
+    pub fn for_agent(&self, prefix: &str) -> AgentStats {
+        let s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = AgentStats::default();
+        for (_, a) in s.per_agent.iter().filter(|(k, _)| k.starts_with(prefix)) {
+            out.total += a.total;
+            out.watches += a.watches;
+            out.writes += a.writes;
+            for (sec, n) in &a.per_second {
+                *out.per_second.entry(*sec).or_default() += n;
+            }
+        }
+        out
+    }
+
+    pub fn agents(&self) -> Vec<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).per_agent.keys().cloned().collect()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ApiServerOptions {
+    /// Watch events kept for resuming; older versions answer 410 Gone.
+    pub history: usize,
+    pub bookmark_interval: Duration,
+    /// 0 picks a free port.
+    pub port: u16,
+}
+
+impl Default for ApiServerOptions {
+    fn default() -> Self {
+        ApiServerOptions {
+            history: 10_000,
+            bookmark_interval: Duration::from_secs(5),
+            port: 0,
+        }
+    }
+}
+
+/// A running API server; stops when dropped.
+pub struct ApiServer {
+    pub addr: SocketAddr,
+    pub store: Store,
+    pub faults: Faults,
+    pub stats: RequestStats,
+    shutdown: watch::Sender<bool>,
+}
+
+impl ApiServer {
+    pub async fn start(opts: ApiServerOptions) -> std::io::Result<Self> {
+        let store = Store::new(opts.history);
+        let faults = Faults::default();
+        let stats = RequestStats::default();
+        let state = Arc::new(http::ServerState {
+            store: store.clone(),
+            faults: faults.clone(),
+            stats: stats.clone(),
+            bookmark_interval: opts.bookmark_interval,
+        });
+        let app = axum::Router::new().fallback(http::handle).with_state(state);
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", opts.port)).await?;
+        let addr = listener.local_addr()?;
+        let (shutdown, rx) = watch::channel(false);
+        let mut server_rx = rx.clone();
+        tokio::spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+                let _ = server_rx.changed().await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "simulated API server stopped");
+            }
+        });
+        tokio::spawn(gc::run(store.clone(), rx));
+        Ok(ApiServer {
+            addr,
+            store,
+            faults,
+            stats,
+            shutdown,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Writes a kubeconfig (no credentials; plain HTTP) pointing at this server.
+    pub fn write_kubeconfig(&self, path: &Path) -> std::io::Result<PathBuf> {
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: zerocopy-sim\n  cluster:\n    server: {}\n\
+             contexts:\n- name: zerocopy-sim\n  context:\n    cluster: zerocopy-sim\n    user: zerocopy-sim\n    namespace: default\n\
+             current-context: zerocopy-sim\nusers:\n- name: zerocopy-sim\n  user: {{}}\n",
+            self.url()
+        );
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(path, text)?;
+        Ok(path.to_path_buf())
+    }
+
+    pub fn stop(&self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
