@@ -226,3 +226,14 @@ impl Drop for ApiServer {
         self.stop();
     }
 }
+
+impl ApiServer {
+    /// A `kube::Client` for this server, configured as a kubeconfig user's would be.
+    pub async fn client(&self) -> Result<kube::Client, kube::Error> {
+        let mut config = kube::Config::new(self.url().parse().map_err(|e: axum::http::uri::InvalidUri| {
+            kube::Error::Service(e.to_string().into())
+        })?);
+        config.default_namespace = "default".into();
+        kube::Client::try_from(config)
+    }
+}
