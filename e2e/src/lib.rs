@@ -4,3 +4,7 @@
 //! models and what it does not.
 
 pub mod apiserver;
+pub mod cluster;
+pub mod controllers;
+
+pub use cluster::{AgentMode, Cluster, ClusterOptions, NodeDirs, NodeSpec};

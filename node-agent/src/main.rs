@@ -118,7 +118,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let capacity = capacity.as_deref().map(parse_size).transpose()?;
             // Every problem in every file, before anything is filled.
-            let wrappers = match manifests::load_valid(&files) {
+            let loaded = if serve {
+                manifests::load_for_serve(&files)
+            } else {
+                manifests::load_valid(&files)
+            };
+            let wrappers = match loaded {
                 Ok(w) => w,
                 Err(e) => {
                     eprintln!("{e}\nnothing was filled; fix the files and run again");

@@ -149,11 +149,24 @@ pub fn load_wrappers(path: &Path) -> Result<Vec<LoadedWrapper>, LoadError> {
     Ok(out)
 }
 
+/// As [`load_valid`], for `--serve`: a directory with no ModelWrapper yet is
+/// an empty set (files may be added later), not an error.
+pub fn load_for_serve(paths: &[PathBuf]) -> Result<Vec<LoadedWrapper>, LoadError> {
+    load_all(paths, true)
+}
+
 /// Reads every file and validates every wrapper, reporting all problems at once.
 pub fn load_valid(paths: &[PathBuf]) -> Result<Vec<LoadedWrapper>, LoadError> {
+    load_all(paths, false)
+}
+
+fn load_all(paths: &[PathBuf], empty_dirs_ok: bool) -> Result<Vec<LoadedWrapper>, LoadError> {
     let mut out = Vec::new();
     for p in paths {
-        out.extend(load_wrappers(p)?);
+        match load_wrappers(p) {
+            Err(LoadError::Empty { path }) if empty_dirs_ok && path.is_dir() => {}
+            other => out.extend(other?),
+        }
     }
     let invalid: Vec<_> = out
         .iter()

@@ -16,7 +16,7 @@ use crate::csi::metrics::{self, Metrics};
 use crate::csi::node::NodeService;
 use crate::csi::server;
 use crate::fill::{FillEngine, FillOutcome, ProgressFactory};
-use crate::manifests::{load_valid, LoadedWrapper};
+use crate::manifests::{load_for_serve, LoadedWrapper};
 use crate::standalone::{collect_garbage, fill_all};
 
 /// Settings of the long-running mode.
@@ -147,7 +147,7 @@ pub async fn serve(
                 continue;
             }
             fingerprint = now;
-            match load_valid(&opts.files) {
+            match load_for_serve(&opts.files) {
                 Ok(w) => {
                     tracing::info!(wrappers = w.len(), "files changed; reconciling");
                     catalog.set_wanted(
