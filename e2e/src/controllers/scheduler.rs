@@ -214,7 +214,10 @@ mod tests {
         let pod = |spec: Value| json!({"spec": spec});
         assert_eq!(choose_node(&pod(json!({"nodeSelector": {"zone": "1"}})), &nodes, &none).unwrap(), "a");
         let err = choose_node(&pod(json!({"nodeSelector": {"zone": "2"}})), &nodes, &none).unwrap_err();
-        assert_eq!(err, "0/3 nodes are available: 2 node(s) didn't match Pod's node affinity/selector, 1 node(s) were not ready.");
+        assert_eq!(
+            err,
+            "0/3 nodes are available: 1 node(s) didn't match Pod's node affinity/selector, 1 node(s) had untolerated taint(s), 1 node(s) were not ready."
+        );
         let tolerant = pod(json!({"nodeSelector": {"zone": "2"}, "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ray", "effect": "NoSchedule"}]}));
         assert_eq!(choose_node(&tolerant, &nodes, &none).unwrap(), "b");
         let affinity = |op: &str, values: Value| {
