@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 source scripts/torch-env.sh
 target_dir="${CARGO_TARGET_DIR:-target}"
 
+echo "== kubectl and helm (for the simulator and chart tests)"; bash scripts/k8s-tools.sh
 echo "== rustfmt"; cargo fmt --all --check
 echo "== clippy"; cargo clippy --workspace --all-targets --all-features -- -D warnings
 echo "== cargo test"; cargo test --workspace --all-features

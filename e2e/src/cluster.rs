@@ -100,7 +100,10 @@ impl ClusterOptions {
     }
 
     pub fn with_nodes(nodes: Vec<NodeSpec>) -> Self {
-        ClusterOptions { nodes, ..Self::nodes(0) }
+        ClusterOptions {
+            nodes,
+            ..Self::nodes(0)
+        }
     }
 
     pub fn agent(mut self, bin: impl Into<PathBuf>, mode: AgentMode) -> Self {
@@ -285,26 +288,46 @@ impl Cluster {
             .args(["--node-id", &spec.name]);
         match &self.opts.agent_mode {
             AgentMode::Standalone => {
-                cmd.args(["standalone", "-q", "--serve", "--watch-interval", "0.2", "--publish-wait", "1", "-f"])
-                    .arg(&dirs.wrappers);
+                cmd.args([
+                    "standalone",
+                    "-q",
+                    "--serve",
+                    "--watch-interval",
+                    "0.2",
+                    "--publish-wait",
+                    "1",
+                    "-f",
+                ])
+                .arg(&dirs.wrappers);
             }
             AgentMode::Cluster { namespace } => {
-                cmd.arg("run").arg("--kubeconfig").arg(&self.kubeconfig).args(["--namespace", namespace]);
+                cmd.arg("run")
+                    .arg("--kubeconfig")
+                    .arg(&self.kubeconfig)
+                    .args(["--namespace", namespace]);
             }
         }
-        cmd.arg("--kubelet-dir").arg(&dirs.kubelet).args(["--metrics-addr", &dirs.metrics_addr]);
+        cmd.arg("--kubelet-dir")
+            .arg(&dirs.kubelet)
+            .args(["--metrics-addr", &dirs.metrics_addr]);
         if let Some(c) = &spec.capacity {
             cmd.args(["--capacity", c]);
         }
         cmd.args(&self.opts.agent_args);
         let log = std::fs::File::create(dirs.base.join("agent.log"))?;
-        cmd.stdout(Stdio::from(log.try_clone()?)).stderr(Stdio::from(log)).kill_on_drop(true);
+        cmd.stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true);
         Ok(cmd.spawn()?)
     }
 
     /// Restarts a node's agent process (SIGKILL, then a fresh start).
     pub async fn restart_agent(&self, name: &str) -> anyhow::Result<()> {
-        let bin = self.opts.agent_bin.clone().ok_or_else(|| anyhow::anyhow!("no agent binary"))?;
+        let bin = self
+            .opts
+            .agent_bin
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("no agent binary"))?;
         let (spec, dirs, old) = {
             let mut nodes = self.lock_nodes();
             let n = nodes.get_mut(name).ok_or_else(|| anyhow::anyhow!("no node {name}"))?;
@@ -356,7 +379,13 @@ impl Cluster {
     pub fn pod_log(&self, namespace: &str, pod: &str, container: &str) -> Option<String> {
         let nodes = self.lock_nodes();
         nodes.values().find_map(|n| {
-            std::fs::read_to_string(n.dirs.logs.join(format!("{namespace}_{pod}")).join(format!("{container}.log"))).ok()
+            std::fs::read_to_string(
+                n.dirs
+                    .logs
+                    .join(format!("{namespace}_{pod}"))
+                    .join(format!("{container}.log")),
+            )
+            .ok()
         })
     }
 
@@ -396,7 +425,9 @@ impl Drop for Cluster {
 
 /// Lazily unmounts every mount point below `dir`, deepest first.
 pub fn unmount_below(dir: &Path) {
-    let Ok(mounts) = zerocopy_node_agent::mount::mounts() else { return };
+    let Ok(mounts) = zerocopy_node_agent::mount::mounts() else {
+        return;
+    };
     let mut points: Vec<PathBuf> = mounts
         .into_iter()
         .map(|m| m.mount_point)

@@ -20,7 +20,13 @@ use serde_json::json;
 use zerocopy_e2e::apiserver::{ApiServer, ApiServerOptions, FaultConfig};
 
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, JsonSchema, PartialEq)]
-#[kube(group = "test.zerocopy.dev", version = "v1", kind = "Widget", namespaced, status = "WidgetStatus")]
+#[kube(
+    group = "test.zerocopy.dev",
+    version = "v1",
+    kind = "Widget",
+    namespaced,
+    status = "WidgetStatus"
+)]
 #[kube(printcolumn = r#"{"name":"Size","type":"integer","jsonPath":".spec.size"}"#)]
 pub struct WidgetSpec {
     #[schemars(range(min = 1, max = 10))]
@@ -59,7 +65,10 @@ async fn crud_with_optimistic_concurrency() {
     let created = cms.create(&PostParams::default(), &cm("a", &[])).await.unwrap();
     assert!(created.metadata.uid.is_some());
     let err = cms.create(&PostParams::default(), &cm("a", &[])).await.unwrap_err();
-    assert!(matches!(err, kube::Error::Api(ref e) if e.code == 409 && e.reason == "AlreadyExists"), "{err}");
+    assert!(
+        matches!(err, kube::Error::Api(ref e) if e.code == 409 && e.reason == "AlreadyExists"),
+        "{err}"
+    );
 
     let mut first = cms.get("a").await.unwrap();
     first.data = Some(BTreeMap::from([("k".to_string(), "v2".to_string())]));
@@ -67,15 +76,25 @@ async fn crud_with_optimistic_concurrency() {
     assert_ne!(updated.metadata.resource_version, first.metadata.resource_version);
     // The same (now stale) version again: 409 Conflict.
     let err = cms.replace("a", &PostParams::default(), &first).await.unwrap_err();
-    assert!(matches!(err, kube::Error::Api(ref e) if e.code == 409 && e.reason == "Conflict"), "{err}");
+    assert!(
+        matches!(err, kube::Error::Api(ref e) if e.code == 409 && e.reason == "Conflict"),
+        "{err}"
+    );
 
     let patched = cms
-        .patch("a", &PatchParams::default(), &Patch::Merge(json!({"data": {"extra": "1"}})))
+        .patch(
+            "a",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"extra": "1"}})),
+        )
         .await
         .unwrap();
     assert_eq!(patched.data.unwrap().len(), 2);
     let jp: json_patch::Patch = serde_json::from_value(json!([{"op": "remove", "path": "/data/extra"}])).unwrap();
-    let patched = cms.patch("a", &PatchParams::default(), &Patch::<()>::Json(jp)).await.unwrap();
+    let patched = cms
+        .patch("a", &PatchParams::default(), &Patch::<()>::Json(jp))
+        .await
+        .unwrap();
     assert_eq!(patched.data.unwrap().len(), 1);
 
     cms.delete("a", &DeleteParams::default()).await.unwrap();
@@ -104,25 +123,42 @@ async fn label_selectors_and_pagination() {
     };
     assert_eq!(names("tier").await, "a,b");
     assert_eq!(names("!tier").await, "c,d");
-    assert_eq!(names("tier!=web").await, "b,c,d", "!= also matches objects without the key");
+    assert_eq!(
+        names("tier!=web").await,
+        "b,c,d",
+        "!= also matches objects without the key"
+    );
     assert_eq!(names("zone in (x,y),tier notin (db)").await, "a,c");
     assert_eq!(names("tier=web,zone=y").await, "");
-    let err = cms.list(&ListParams::default().labels("tier in web")).await.unwrap_err();
+    let err = cms
+        .list(&ListParams::default().labels("tier in web"))
+        .await
+        .unwrap_err();
     assert!(matches!(err, kube::Error::Api(ref e) if e.code == 400), "{err}");
-    let by_name = cms.list(&ListParams::default().fields("metadata.name=c")).await.unwrap();
+    let by_name = cms
+        .list(&ListParams::default().fields("metadata.name=c"))
+        .await
+        .unwrap();
     assert_eq!(by_name.items.len(), 1);
 
     let page = cms.list(&ListParams::default().limit(3)).await.unwrap();
     assert_eq!(page.items.len(), 3);
     let token = page.metadata.continue_.clone().unwrap();
-    let rest = cms.list(&ListParams::default().limit(3).continue_token(&token)).await.unwrap();
+    let rest = cms
+        .list(&ListParams::default().limit(3).continue_token(&token))
+        .await
+        .unwrap();
     assert_eq!(rest.items.iter().map(|c| c.name_any()).collect::<Vec<_>>(), vec!["d"]);
     assert!(rest.metadata.continue_.is_none());
 }
 
 #[tokio::test]
 async fn watch_resumes_from_a_version_and_expired_versions_are_gone() {
-    let (_s, client) = server(ApiServerOptions { history: 5, ..Default::default() }).await;
+    let (_s, client) = server(ApiServerOptions {
+        history: 5,
+        ..Default::default()
+    })
+    .await;
     let cms: Api<ConfigMap> = Api::default_namespaced(client);
     let a = cms.create(&PostParams::default(), &cm("a", &[])).await.unwrap();
     let rv_a = a.resource_version().unwrap();
@@ -130,7 +166,11 @@ async fn watch_resumes_from_a_version_and_expired_versions_are_gone() {
     cms.create(&PostParams::default(), &cm("c", &[])).await.unwrap();
 
     // A watch from a's version replays what came after it, then goes on live.
-    let mut stream = cms.watch(&WatchParams::default().timeout(5), &rv_a).await.unwrap().boxed();
+    let mut stream = cms
+        .watch(&WatchParams::default().timeout(5), &rv_a)
+        .await
+        .unwrap()
+        .boxed();
     let mut seen = Vec::new();
     while seen.len() < 2 {
         if let WatchEvent::Added(c) = stream.try_next().await.unwrap().unwrap() {
@@ -153,9 +193,15 @@ async fn watch_resumes_from_a_version_and_expired_versions_are_gone() {
 
     // Push a's version out of the bounded history: resuming from it is 410 Gone.
     for i in 0..8 {
-        cms.create(&PostParams::default(), &cm(&format!("x{i}"), &[])).await.unwrap();
+        cms.create(&PostParams::default(), &cm(&format!("x{i}"), &[]))
+            .await
+            .unwrap();
     }
-    let mut stream = cms.watch(&WatchParams::default().timeout(5), &rv_a).await.unwrap().boxed();
+    let mut stream = cms
+        .watch(&WatchParams::default().timeout(5), &rv_a)
+        .await
+        .unwrap()
+        .boxed();
     match stream.try_next().await.unwrap().unwrap() {
         WatchEvent::Error(e) => assert_eq!(e.code, 410),
         other => panic!("expected 410, got {other:?}"),
@@ -164,7 +210,11 @@ async fn watch_resumes_from_a_version_and_expired_versions_are_gone() {
 
 #[tokio::test]
 async fn watcher_survives_cut_streams_and_errors() {
-    let (s, client) = server(ApiServerOptions { history: 20, ..Default::default() }).await;
+    let (s, client) = server(ApiServerOptions {
+        history: 20,
+        ..Default::default()
+    })
+    .await;
     let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());
     s.faults.set(FaultConfig {
         error_rate: 0.2,
@@ -174,7 +224,10 @@ async fn watcher_survives_cut_streams_and_errors() {
     let seen = names.clone();
     let task = tokio::spawn(async move {
         let cms: Api<ConfigMap> = Api::default_namespaced(client);
-        let mut stream = watcher(cms, watcher::Config::default()).default_backoff().applied_objects().boxed();
+        let mut stream = watcher(cms, watcher::Config::default())
+            .default_backoff()
+            .applied_objects()
+            .boxed();
         loop {
             if let Ok(Some(c)) = stream.try_next().await {
                 seen.lock().unwrap().insert(c.name_any());
@@ -192,7 +245,11 @@ async fn watcher_survives_cut_streams_and_errors() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     task.abort();
-    assert_eq!(names.lock().unwrap().len(), 40, "the watcher saw every object despite cut streams and 410s");
+    assert_eq!(
+        names.lock().unwrap().len(),
+        40,
+        "the watcher saw every object despite cut streams and 410s"
+    );
 }
 
 #[tokio::test]
@@ -200,16 +257,27 @@ async fn server_side_apply_conflicts_and_force() {
     let (_s, client) = server(ApiServerOptions::default()).await;
     let cms: Api<ConfigMap> = Api::default_namespaced(client);
     let apply = |data: serde_json::Value| json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "s"}, "data": data});
-    cms.patch("s", &PatchParams::apply("alice"), &Patch::Apply(apply(json!({"a": "1", "b": "1"}))))
-        .await
-        .unwrap();
+    cms.patch(
+        "s",
+        &PatchParams::apply("alice"),
+        &Patch::Apply(apply(json!({"a": "1", "b": "1"}))),
+    )
+    .await
+    .unwrap();
     let err = cms
         .patch("s", &PatchParams::apply("bob"), &Patch::Apply(apply(json!({"a": "2"}))))
         .await
         .unwrap_err();
-    assert!(matches!(err, kube::Error::Api(ref e) if e.code == 409 && e.message.contains("alice")), "{err}");
+    assert!(
+        matches!(err, kube::Error::Api(ref e) if e.code == 409 && e.message.contains("alice")),
+        "{err}"
+    );
     let forced = cms
-        .patch("s", &PatchParams::apply("bob").force(), &Patch::Apply(apply(json!({"a": "2"}))))
+        .patch(
+            "s",
+            &PatchParams::apply("bob").force(),
+            &Patch::Apply(apply(json!({"a": "2"}))),
+        )
         .await
         .unwrap();
     assert_eq!(forced.data.as_ref().unwrap()["a"], "2");
@@ -218,8 +286,17 @@ async fn server_side_apply_conflicts_and_force() {
         .patch("s", &PatchParams::apply("alice"), &Patch::Apply(apply(json!({}))))
         .await
         .unwrap();
-    assert_eq!(after.data.unwrap(), BTreeMap::from([("a".to_string(), "2".to_string())]));
-    let managers: Vec<String> = after.metadata.managed_fields.unwrap().iter().filter_map(|m| m.manager.clone()).collect();
+    assert_eq!(
+        after.data.unwrap(),
+        BTreeMap::from([("a".to_string(), "2".to_string())])
+    );
+    let managers: Vec<String> = after
+        .metadata
+        .managed_fields
+        .unwrap()
+        .iter()
+        .filter_map(|m| m.manager.clone())
+        .collect();
     assert!(managers.contains(&"bob".to_string()));
 }
 
@@ -236,14 +313,27 @@ async fn finalizers_block_deletion_and_gc_removes_children() {
 
     cms.delete("parent", &DeleteParams::default()).await.unwrap();
     let held = cms.get("parent").await.unwrap();
-    assert!(held.metadata.deletion_timestamp.is_some(), "a finalizer keeps the object, marked for deletion");
+    assert!(
+        held.metadata.deletion_timestamp.is_some(),
+        "a finalizer keeps the object, marked for deletion"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(cms.get("child").await.is_ok(), "the owner still exists, so its child stays");
+    assert!(
+        cms.get("child").await.is_ok(),
+        "the owner still exists, so its child stays"
+    );
 
-    cms.patch("parent", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}})))
-        .await
-        .unwrap();
-    assert!(cms.get("parent").await.is_err(), "removing the last finalizer deletes it");
+    cms.patch(
+        "parent",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .unwrap();
+    assert!(
+        cms.get("parent").await.is_err(),
+        "removing the last finalizer deletes it"
+    );
     wait_gone(&cms, "child").await;
 
     // Foreground: the owner stays until its children are gone.
@@ -256,9 +346,13 @@ async fn finalizers_block_deletion_and_gc_removes_children() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(cms.get("owner").await.unwrap().metadata.deletion_timestamp.is_some());
     assert!(cms.get("kid").await.unwrap().metadata.deletion_timestamp.is_some());
-    cms.patch("kid", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}})))
-        .await
-        .unwrap();
+    cms.patch(
+        "kid",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .unwrap();
     wait_gone(&cms, "owner").await;
 }
 
@@ -282,15 +376,30 @@ async fn custom_resources_validate_and_keep_generation_for_status() {
 
     let bad = Widget::new("bad", WidgetSpec { size: 50 });
     let err = widgets.create(&PostParams::default(), &bad).await.unwrap_err();
-    assert!(matches!(err, kube::Error::Api(ref e) if e.code == 422 && e.message.contains("spec.size")), "{err}");
+    assert!(
+        matches!(err, kube::Error::Api(ref e) if e.code == 422 && e.message.contains("spec.size")),
+        "{err}"
+    );
 
     let status = widgets
-        .patch_status("w", &PatchParams::default(), &Patch::Merge(json!({"status": {"observed": 1}})))
+        .patch_status(
+            "w",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"observed": 1}})),
+        )
         .await
         .unwrap();
-    assert_eq!(status.metadata.generation, Some(1), "status writes do not bump generation");
+    assert_eq!(
+        status.metadata.generation,
+        Some(1),
+        "status writes do not bump generation"
+    );
     let spec = widgets
-        .patch("w", &PatchParams::default(), &Patch::Merge(json!({"spec": {"size": 4}, "status": {"observed": 99}})))
+        .patch(
+            "w",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"size": 4}, "status": {"observed": 99}})),
+        )
         .await
         .unwrap();
     assert_eq!(spec.metadata.generation, Some(2));
@@ -298,7 +407,11 @@ async fn custom_resources_validate_and_keep_generation_for_status() {
 
     // Unknown fields are pruned, as for any structural schema.
     let pruned = widgets
-        .patch("w", &PatchParams::default(), &Patch::Merge(json!({"spec": {"bogus": true}})))
+        .patch(
+            "w",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"bogus": true}})),
+        )
         .await
         .unwrap();
     assert_eq!(pruned.metadata.generation, Some(2));
@@ -316,7 +429,10 @@ async fn a_kube_runtime_controller_converges_and_reacts() {
     })
     .await;
     let widgets = with_widgets(&client).await;
-    widgets.create(&PostParams::default(), &Widget::new("one", WidgetSpec { size: 2 })).await.unwrap();
+    widgets
+        .create(&PostParams::default(), &Widget::new("one", WidgetSpec { size: 2 }))
+        .await
+        .unwrap();
 
     // The controller mirrors spec.size into status.observed.
     let ctl_api = widgets.clone();
@@ -348,9 +464,19 @@ async fn a_kube_runtime_controller_converges_and_reacts() {
         }
     };
     observed("one", 2).await;
-    widgets.patch("one", &PatchParams::default(), &Patch::Merge(json!({"spec": {"size": 7}}))).await.unwrap();
+    widgets
+        .patch(
+            "one",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"size": 7}})),
+        )
+        .await
+        .unwrap();
     observed("one", 7).await;
-    widgets.create(&PostParams::default(), &Widget::new("two", WidgetSpec { size: 5 })).await.unwrap();
+    widgets
+        .create(&PostParams::default(), &Widget::new("two", WidgetSpec { size: 5 }))
+        .await
+        .unwrap();
     observed("two", 5).await;
     controller.abort();
 }
@@ -359,15 +485,25 @@ async fn a_kube_runtime_controller_converges_and_reacts() {
 async fn watches_filtered_by_label_see_objects_leave_the_selection() {
     let (_s, client) = server(ApiServerOptions::default()).await;
     let cms: Api<ConfigMap> = Api::default_namespaced(client);
-    let c = cms.create(&PostParams::default(), &cm("m", &[("sel", "yes")])).await.unwrap();
+    let c = cms
+        .create(&PostParams::default(), &cm("m", &[("sel", "yes")]))
+        .await
+        .unwrap();
     let mut stream = cms
-        .watch(&WatchParams::default().labels("sel=yes").timeout(5), &c.resource_version().unwrap())
+        .watch(
+            &WatchParams::default().labels("sel=yes").timeout(5),
+            &c.resource_version().unwrap(),
+        )
         .await
         .unwrap()
         .boxed();
-    cms.patch("m", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"sel": "no"}}})))
-        .await
-        .unwrap();
+    cms.patch(
+        "m",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"sel": "no"}}})),
+    )
+    .await
+    .unwrap();
     match stream.try_next().await.unwrap().unwrap() {
         WatchEvent::Deleted(o) => assert_eq!(o.name_any(), "m"),
         other => panic!("expected DELETED when the object leaves the selector, got {other:?}"),

@@ -77,9 +77,12 @@ async fn a_pod_mounts_a_real_agents_volume_and_deleting_it_unpublishes() {
     .unwrap();
     let client = cluster.client().await.unwrap();
     let nss: Api<Namespace> = Api::all(client.clone());
-    nss.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "test"}})).unwrap())
-        .await
-        .unwrap();
+    nss.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "test"}})).unwrap(),
+    )
+    .await
+    .unwrap();
 
     // The wrapper lives on gpu-1's agent (standalone-backed node).
     let dirs = cluster.node_dirs("gpu-1").unwrap();
@@ -100,43 +103,87 @@ async fn a_pod_mounts_a_real_agents_volume_and_deleting_it_unpublishes() {
     let script = "import json, os; m = json.load(open(os.environ['MODELWRAPPER_PATH'] + '/manifest.json')); \
                   c = m['components'][0]['weights']; print(m['name'], c['sha256'], os.environ['MY_NODE']); \
                   open('/dev/termination-log', 'w').write(c['sha256'])";
-    pods.create(&PostParams::default(), &pod("reader", json!({"zerocopy": "yes"}), &["python3", "-c", script], "Never"))
-        .await
-        .unwrap();
+    pods.create(
+        &PostParams::default(),
+        &pod(
+            "reader",
+            json!({"zerocopy": "yes"}),
+            &["python3", "-c", script],
+            "Never",
+        ),
+    )
+    .await
+    .unwrap();
     wait_for("reader to succeed", 60, || async {
         (pod_phase(&pods, "reader").await.as_deref() == Some("Succeeded")).then_some(())
     })
     .await;
     let reader = pods.get("reader").await.unwrap();
     assert_eq!(reader.spec.unwrap().node_name.as_deref(), Some("gpu-1"));
-    let state = reader.status.unwrap().container_statuses.unwrap()[0].state.clone().unwrap();
+    let state = reader.status.unwrap().container_statuses.unwrap()[0]
+        .state
+        .clone()
+        .unwrap();
     let terminated = state.terminated.unwrap();
     assert_eq!(terminated.exit_code, 0);
-    assert_eq!(terminated.message.as_deref(), Some(sha256_hex(&body).as_str()), "the termination message carries the digest read from the volume");
+    assert_eq!(
+        terminated.message.as_deref(),
+        Some(sha256_hex(&body).as_str()),
+        "the termination message carries the digest read from the volume"
+    );
     let log = cluster.pod_log("test", "reader", "main").unwrap();
     assert_eq!(log.trim(), format!("m {} gpu-1", sha256_hex(&body)));
     // A finished pod's volume is torn down by its kubelet.
-    wait_for("the finished pod's volume to be unpublished", 10, || async { (mounts_under(&dirs.kubelet) == 0).then_some(()) }).await;
+    wait_for("the finished pod's volume to be unpublished", 10, || async {
+        (mounts_under(&dirs.kubelet) == 0).then_some(())
+    })
+    .await;
 
     // A long-running pod keeps its mount until it is deleted.
-    pods.create(&PostParams::default(), &pod("sleeper", json!({"zerocopy": "yes"}), &["sleep", "300"], "Always"))
-        .await
-        .unwrap();
-    wait_for("sleeper to run", 30, || async { (pod_phase(&pods, "sleeper").await.as_deref() == Some("Running")).then_some(()) }).await;
-    assert_eq!(mounts_under(&dirs.kubelet), 1, "one publication at the pod's target path");
+    pods.create(
+        &PostParams::default(),
+        &pod("sleeper", json!({"zerocopy": "yes"}), &["sleep", "300"], "Always"),
+    )
+    .await
+    .unwrap();
+    wait_for("sleeper to run", 30, || async {
+        (pod_phase(&pods, "sleeper").await.as_deref() == Some("Running")).then_some(())
+    })
+    .await;
+    assert_eq!(
+        mounts_under(&dirs.kubelet),
+        1,
+        "one publication at the pod's target path"
+    );
     pods.delete("sleeper", &DeleteParams::default()).await.unwrap();
-    wait_for("sleeper to be gone", 30, || async { pods.get("sleeper").await.is_err().then_some(()) }).await;
-    assert_eq!(mounts_under(&dirs.kubelet), 0, "deleting the pod unpublished its volume");
+    wait_for("sleeper to be gone", 30, || async {
+        pods.get("sleeper").await.is_err().then_some(())
+    })
+    .await;
+    assert_eq!(
+        mounts_under(&dirs.kubelet),
+        0,
+        "deleting the pod unpublished its volume"
+    );
 
     // A wrapper the agent does not have: FailedMount events with the driver's message, pod stays Pending.
     let mut missing = pod("missing", json!({"zerocopy": "yes"}), &["true"], "Never");
-    missing.spec.as_mut().unwrap().volumes.as_mut().unwrap()[0].csi.as_mut().unwrap().volume_attributes =
-        Some([("modelWrapper".to_string(), "nope".to_string())].into());
+    missing.spec.as_mut().unwrap().volumes.as_mut().unwrap()[0]
+        .csi
+        .as_mut()
+        .unwrap()
+        .volume_attributes = Some([("modelWrapper".to_string(), "nope".to_string())].into());
     pods.create(&PostParams::default(), &missing).await.unwrap();
     let events: Api<Event> = Api::namespaced(client.clone(), "test");
     let message = wait_for("a FailedMount event", 30, || async {
-        let list = events.list(&ListParams::default().fields("involvedObject.name=missing")).await.ok()?;
-        list.items.into_iter().find(|e| e.reason.as_deref() == Some("FailedMount")).and_then(|e| e.message)
+        let list = events
+            .list(&ListParams::default().fields("involvedObject.name=missing"))
+            .await
+            .ok()?;
+        list.items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("FailedMount"))
+            .and_then(|e| e.message)
     })
     .await;
     assert!(message.contains("NotFound") && message.contains("nope"), "{message}");
@@ -148,7 +195,9 @@ async fn a_pod_mounts_a_real_agents_volume_and_deleting_it_unpublishes() {
 async fn scheduler_and_job_controller() {
     let cluster = Cluster::start(ClusterOptions::with_nodes(vec![
         NodeSpec::new("a").label("pool", "x"),
-        NodeSpec::new("b").label("pool", "y").taint("dedicated", "ray", "NoSchedule"),
+        NodeSpec::new("b")
+            .label("pool", "y")
+            .taint("dedicated", "ray", "NoSchedule"),
     ]))
     .await
     .unwrap();
@@ -165,47 +214,90 @@ async fn scheduler_and_job_controller() {
         }))
         .unwrap()
     };
-    jobs.create(&PostParams::default(), &job("ok", "echo -n done > /dev/termination-log", 2, 0)).await.unwrap();
+    jobs.create(
+        &PostParams::default(),
+        &job("ok", "echo -n done > /dev/termination-log", 2, 0),
+    )
+    .await
+    .unwrap();
     let done = wait_for("job ok to complete", 30, || async {
         let j = jobs.get("ok").await.ok()?;
         let conds = j.status.clone()?.conditions?;
-        conds.iter().any(|c| c.type_ == "Complete" && c.status == "True").then_some(j)
+        conds
+            .iter()
+            .any(|c| c.type_ == "Complete" && c.status == "True")
+            .then_some(j)
     })
     .await;
     assert_eq!(done.status.unwrap().succeeded, Some(2));
     let owned = pods.list(&ListParams::default().labels("job-name=ok")).await.unwrap();
     assert_eq!(owned.items.len(), 2);
     for p in &owned.items {
-        assert_eq!(p.spec.as_ref().unwrap().node_name.as_deref(), Some("a"), "b's taint is not tolerated");
-        let t = p.status.as_ref().unwrap().container_statuses.as_ref().unwrap()[0].state.as_ref().unwrap().terminated.clone().unwrap();
+        assert_eq!(
+            p.spec.as_ref().unwrap().node_name.as_deref(),
+            Some("a"),
+            "b's taint is not tolerated"
+        );
+        let t = p.status.as_ref().unwrap().container_statuses.as_ref().unwrap()[0]
+            .state
+            .as_ref()
+            .unwrap()
+            .terminated
+            .clone()
+            .unwrap();
         assert_eq!(t.message.as_deref(), Some("done"));
         assert_eq!(p.metadata.owner_references.as_ref().unwrap()[0].kind, "Job");
     }
 
-    jobs.create(&PostParams::default(), &job("bad", "echo boom >&2; exit 3", 1, 1)).await.unwrap();
+    jobs.create(&PostParams::default(), &job("bad", "echo boom >&2; exit 3", 1, 1))
+        .await
+        .unwrap();
     let failed = wait_for("job bad to fail", 30, || async {
         let j = jobs.get("bad").await.ok()?;
-        j.status.clone()?.conditions?.into_iter().find(|c| c.type_ == "Failed" && c.status == "True")
+        j.status
+            .clone()?
+            .conditions?
+            .into_iter()
+            .find(|c| c.type_ == "Failed" && c.status == "True")
     })
     .await;
     assert_eq!(failed.reason.as_deref(), Some("BackoffLimitExceeded"));
-    assert_eq!(pods.list(&ListParams::default().labels("job-name=bad")).await.unwrap().items.len(), 2, "one try plus one retry");
+    assert_eq!(
+        pods.list(&ListParams::default().labels("job-name=bad"))
+            .await
+            .unwrap()
+            .items
+            .len(),
+        2,
+        "one try plus one retry"
+    );
 
     // Deleting a Job with background propagation removes its pods (ownerReference GC).
     jobs.delete("ok", &DeleteParams::background()).await.unwrap();
     wait_for("job ok's pods to be collected", 30, || async {
-        pods.list(&ListParams::default().labels("job-name=ok")).await.ok()?.items.is_empty().then_some(())
+        pods.list(&ListParams::default().labels("job-name=ok"))
+            .await
+            .ok()?
+            .items
+            .is_empty()
+            .then_some(())
     })
     .await;
 
     // Nothing fits: PodScheduled=False with the scheduler's reasons.
-    let stuck: Pod = serde_json::from_value(json!({"metadata": {"name": "stuck"}, "spec": {"nodeSelector": {"pool": "y"},
-        "containers": [{"name": "c", "image": "x", "command": ["true"]}]}}))
+    let stuck: Pod = serde_json::from_value(
+        json!({"metadata": {"name": "stuck"}, "spec": {"nodeSelector": {"pool": "y"},
+        "containers": [{"name": "c", "image": "x", "command": ["true"]}]}}),
+    )
     .unwrap();
     pods.create(&PostParams::default(), &stuck).await.unwrap();
     let message = wait_for("stuck to be unschedulable", 10, || async {
         let p = pods.get("stuck").await.ok()?;
-        p.status?.conditions?.into_iter().find(|c| c.type_ == "PodScheduled" && c.status == "False")?.message
+        p.status?
+            .conditions?
+            .into_iter()
+            .find(|c| c.type_ == "PodScheduled" && c.status == "False")?
+            .message
     })
     .await;
     assert_eq!(message, "0/2 nodes are available: 1 node(s) didn't match Pod's node affinity/selector, 1 node(s) had untolerated taint(s).");

@@ -118,16 +118,21 @@ fn get<'a>(v: &'a Value, path: &[Seg]) -> Option<&'a Value> {
 }
 
 fn remove(v: &mut Value, path: &[Seg]) {
-    let Some((last, parent)) = path.split_last() else { return };
+    let Some((last, parent)) = path.split_last() else {
+        return;
+    };
     let mut cur = v;
     for seg in parent {
         let next = match seg {
             Seg::F(f) => cur.get_mut(f),
             Seg::K(k) => {
-                let Ok(key) = serde_json::from_str::<Value>(k) else { return };
+                let Ok(key) = serde_json::from_str::<Value>(k) else {
+                    return;
+                };
                 let keys: Vec<String> = key.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
                 let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-                cur.as_array_mut().and_then(|a| a.iter_mut().find(|e| same_key(&keys, e, &key)))
+                cur.as_array_mut()
+                    .and_then(|a| a.iter_mut().find(|e| same_key(&keys, e, &key)))
             }
         };
         let Some(next) = next else { return };
@@ -140,7 +145,9 @@ fn remove(v: &mut Value, path: &[Seg]) {
             }
         }
         Seg::K(k) => {
-            let Ok(key) = serde_json::from_str::<Value>(k) else { return };
+            let Ok(key) = serde_json::from_str::<Value>(k) else {
+                return;
+            };
             let keys: Vec<String> = key.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
             let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
             if let Some(a) = cur.as_array_mut() {
@@ -243,7 +250,10 @@ pub fn server_side_apply(
     now: &str,
 ) -> Result<Value, Vec<Conflict>> {
     let subresource = if scope == Scope::Status { "status" } else { "" };
-    let mut entries: Vec<Value> = live["metadata"]["managedFields"].as_array().cloned().unwrap_or_default();
+    let mut entries: Vec<Value> = live["metadata"]["managedFields"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     let entry_sub = |e: &Value| e["subresource"].as_str().unwrap_or("").to_string();
     let sets: Vec<(String, String, FieldSet)> = entries
         .iter()
@@ -349,7 +359,13 @@ mod tests {
     #[test]
     fn owners_conflict_and_force_takes_over() {
         let live = json!({"metadata": {"name": "x"}});
-        let a = apply(&live, json!({"metadata": {"name": "x"}, "spec": {"a": 1, "b": 2}}), "alice", false).unwrap();
+        let a = apply(
+            &live,
+            json!({"metadata": {"name": "x"}, "spec": {"a": 1, "b": 2}}),
+            "alice",
+            false,
+        )
+        .unwrap();
         // Same value: shared ownership, no conflict.
         let b = apply(&a, json!({"metadata": {"name": "x"}, "spec": {"a": 1}}), "bob", false).unwrap();
         let err = apply(&b, json!({"metadata": {"name": "x"}, "spec": {"b": 3}}), "bob", false).unwrap_err();
@@ -358,15 +374,33 @@ mod tests {
         let forced = apply(&b, json!({"metadata": {"name": "x"}, "spec": {"b": 3}}), "bob", true).unwrap();
         assert_eq!(forced["spec"]["b"], 3);
         // alice no longer owns b: her re-apply without b keeps bob's value.
-        let again = apply(&forced, json!({"metadata": {"name": "x"}, "spec": {"a": 1}}), "alice", false).unwrap();
+        let again = apply(
+            &forced,
+            json!({"metadata": {"name": "x"}, "spec": {"a": 1}}),
+            "alice",
+            false,
+        )
+        .unwrap();
         assert_eq!(again["spec"], json!({"a": 1, "b": 3}));
     }
 
     #[test]
     fn fields_no_longer_applied_are_removed_unless_shared() {
         let live = json!({"metadata": {"name": "x"}});
-        let a = apply(&live, json!({"metadata": {"name": "x", "labels": {"l1": "v", "l2": "v"}}}), "alice", false).unwrap();
-        let a2 = apply(&a, json!({"metadata": {"name": "x", "labels": {"l1": "v"}}}), "alice", false).unwrap();
+        let a = apply(
+            &live,
+            json!({"metadata": {"name": "x", "labels": {"l1": "v", "l2": "v"}}}),
+            "alice",
+            false,
+        )
+        .unwrap();
+        let a2 = apply(
+            &a,
+            json!({"metadata": {"name": "x", "labels": {"l1": "v"}}}),
+            "alice",
+            false,
+        )
+        .unwrap();
         assert_eq!(a2["metadata"]["labels"], json!({"l1": "v"}));
     }
 

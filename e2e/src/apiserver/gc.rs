@@ -24,7 +24,9 @@ fn owner_uids(o: &Value) -> Vec<&str> {
 }
 
 fn has_finalizer(o: &Value, f: &str) -> bool {
-    o["metadata"]["finalizers"].as_array().is_some_and(|a| a.iter().any(|x| x == f))
+    o["metadata"]["finalizers"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|x| x == f))
 }
 
 /// One pass over every object; returns how many writes it made.
@@ -38,9 +40,15 @@ pub fn collect_once(store: &Store) -> usize {
             o["metadata"]["name"].as_str().unwrap_or("").to_string(),
         )
     };
-    for (t, owner) in snapshot.iter().filter(|(_, o)| !o["metadata"]["deletionTimestamp"].is_null()) {
+    for (t, owner) in snapshot
+        .iter()
+        .filter(|(_, o)| !o["metadata"]["deletionTimestamp"].is_null())
+    {
         let owner_uid = uid(owner);
-        let dependents: Vec<_> = snapshot.iter().filter(|(_, o)| owner_uids(o).contains(&owner_uid)).collect();
+        let dependents: Vec<_> = snapshot
+            .iter()
+            .filter(|(_, o)| owner_uids(o).contains(&owner_uid))
+            .collect();
         let (ns, name) = ns_name(owner);
         if has_finalizer(owner, "orphan") {
             for (dt, d) in &dependents {
@@ -59,7 +67,10 @@ pub fn collect_once(store: &Store) -> usize {
                 let _ = store.modify(t, &ns, &name, Sub::Main, |o| remove_finalizer(o, "foregroundDeletion"));
                 writes += 1;
             } else {
-                for (dt, d) in dependents.iter().filter(|(_, d)| d["metadata"]["deletionTimestamp"].is_null()) {
+                for (dt, d) in dependents
+                    .iter()
+                    .filter(|(_, d)| d["metadata"]["deletionTimestamp"].is_null())
+                {
                     let (dns, dname) = ns_name(d);
                     let _ = store.delete(dt, &dns, &dname, Some(Propagation::Foreground), false, None);
                     writes += 1;

@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::error::ApiError;
+use super::schema;
 use super::selector::{FieldSelector, LabelSelector};
 use super::store::{EventKind, ListOptions, PatchKind, Propagation, Store, Sub};
 use super::table::to_table;
@@ -53,7 +54,11 @@ pub async fn handle(
         .query()
         .map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default();
-    let agent = headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let agent = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
     let path = uri.path().trim_end_matches('/').to_string();
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let is_watch = query.get("watch").is_some_and(|w| w == "true" || w == "1");
@@ -70,11 +75,37 @@ pub async fn handle(
         Err(e) => return error_response(&e),
     };
     let ns = target.namespace.as_deref().unwrap_or("");
+    if query.get("fieldValidation").is_some_and(|v| v == "Strict")
+        && matches!(method, Method::POST | Method::PUT | Method::PATCH)
+    {
+        if let (Some(schema), Ok(obj)) = (&target.t.schema, parse_body(&headers, &body)) {
+            let unknown = if obj.is_object() {
+                schema::unknown_fields(schema, &obj)
+            } else {
+                vec![]
+            };
+            if !unknown.is_empty() {
+                let list: Vec<String> = unknown.iter().map(|f| format!("unknown field {f:?}")).collect();
+                return error_response(&ApiError::bad_request(format!(
+                    "{} in version {:?} cannot be handled as a {}: strict decoding error: {}",
+                    target.t.kind,
+                    target.t.versions[0],
+                    target.t.kind,
+                    list.join(", ")
+                )));
+            }
+        }
+    }
     let result: Result<(u16, Value), ApiError> = match (&method, &target.name) {
         (&Method::GET, None) if is_watch => return watch(&state, &target, &query),
         (&Method::GET, None) => list(&state.store, &target, &query, &headers).map(|v| (200, v)),
-        (&Method::GET, Some(name)) => state.store.get(&target.t, ns, name).map(|o| (200, maybe_table(&target.t, &headers, o))),
-        (&Method::POST, None) => parse_body(&headers, &body).and_then(|o| state.store.create(&target.t, ns, o)).map(|o| (201, o)),
+        (&Method::GET, Some(name)) => state
+            .store
+            .get(&target.t, ns, name)
+            .map(|o| (200, maybe_table(&target.t, &headers, o))),
+        (&Method::POST, None) => parse_body(&headers, &body)
+            .and_then(|o| state.store.create(&target.t, ns, o))
+            .map(|o| (201, o)),
         (&Method::PUT, Some(name)) => parse_body(&headers, &body)
             .and_then(|o| state.store.update(&target.t, ns, name, o, sub(&target)))
             .map(|o| (200, o)),
@@ -83,7 +114,11 @@ pub async fn handle(
         }
         (&Method::DELETE, Some(name)) => delete(&state.store, &target, name, &query, &body),
         (&Method::DELETE, None) => delete_collection(&state.store, &target, &query).map(|v| (200, v)),
-        _ => Err(ApiError::new(405, "MethodNotAllowed", format!("{method} is not supported on {path}"))),
+        _ => Err(ApiError::new(
+            405,
+            "MethodNotAllowed",
+            format!("{method} is not supported on {path}"),
+        )),
     };
     match result {
         Ok((code, v)) => json_response(code, &v),
@@ -103,9 +138,16 @@ fn sub(t: &Target) -> Sub {
 }
 
 fn parse_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
-    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     if ct.contains("protobuf") {
-        return Err(ApiError::new(415, "UnsupportedMediaType", "protobuf is not supported by the simulator; send JSON"));
+        return Err(ApiError::new(
+            415,
+            "UnsupportedMediaType",
+            "protobuf is not supported by the simulator; send JSON",
+        ));
     }
     if ct.contains("yaml") {
         serde_yaml::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid YAML body: {e}")))
@@ -115,7 +157,10 @@ fn parse_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
 }
 
 fn wants_table(headers: &HeaderMap) -> bool {
-    headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("as=Table"))
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("as=Table"))
 }
 
 fn maybe_table(t: &ResourceType, headers: &HeaderMap, obj: Value) -> Value {
@@ -138,7 +183,12 @@ fn list_options(query: &HashMap<String, String>) -> Result<ListOptions, ApiError
     })
 }
 
-fn list(store: &Store, target: &Target, query: &HashMap<String, String>, headers: &HeaderMap) -> Result<Value, ApiError> {
+fn list(
+    store: &Store,
+    target: &Target,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+) -> Result<Value, ApiError> {
     let opts = list_options(query)?;
     let (items, rv, next) = store.list(&target.t, target.namespace.as_deref(), &opts)?;
     if wants_table(headers) {
@@ -169,7 +219,10 @@ fn patch(
     query: &HashMap<String, String>,
     agent: &str,
 ) -> Result<Value, ApiError> {
-    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     let kind = if ct.starts_with("application/apply-patch") {
         PatchKind::Apply
     } else if ct.starts_with("application/json-patch+json") {
@@ -182,16 +235,35 @@ fn patch(
     } else if ct.starts_with("application/merge-patch+json") {
         PatchKind::Merge
     } else {
-        return Err(ApiError::new(415, "UnsupportedMediaType", format!("unsupported patch content type {ct:?}")));
+        return Err(ApiError::new(
+            415,
+            "UnsupportedMediaType",
+            format!("unsupported patch content type {ct:?}"),
+        ));
     };
     let manager = query.get("fieldManager").cloned().unwrap_or_default();
     if kind == PatchKind::Apply && manager.is_empty() {
-        return Err(ApiError::bad_request("PATCH with application/apply-patch+yaml requires the fieldManager parameter"));
+        return Err(ApiError::bad_request(
+            "PATCH with application/apply-patch+yaml requires the fieldManager parameter",
+        ));
     }
-    let manager = if manager.is_empty() { agent.split('/').next().unwrap_or("unknown").to_string() } else { manager };
+    let manager = if manager.is_empty() {
+        agent.split('/').next().unwrap_or("unknown").to_string()
+    } else {
+        manager
+    };
     let force = query.get("force").is_some_and(|f| f == "true");
     let body = parse_body(headers, body)?;
-    store.patch(&target.t, target.namespace.as_deref().unwrap_or(""), name, kind, &body, sub(target), &manager, force)
+    store.patch(
+        &target.t,
+        target.namespace.as_deref().unwrap_or(""),
+        name,
+        kind,
+        &body,
+        sub(target),
+        &manager,
+        force,
+    )
 }
 
 fn delete_options(query: &HashMap<String, String>, body: &Bytes) -> (Option<Propagation>, bool, Option<String>) {
@@ -210,7 +282,8 @@ fn delete_options(query: &HashMap<String, String>, body: &Bytes) -> (Option<Prop
         "Background" => Some(Propagation::Background),
         _ => None,
     });
-    let grace_zero = opts["gracePeriodSeconds"].as_i64() == Some(0) || query.get("gracePeriodSeconds").is_some_and(|g| g == "0");
+    let grace_zero =
+        opts["gracePeriodSeconds"].as_i64() == Some(0) || query.get("gracePeriodSeconds").is_some_and(|g| g == "0");
     let uid = opts["preconditions"]["uid"].as_str().map(String::from);
     (propagation, grace_zero, uid)
 }
@@ -226,7 +299,11 @@ fn delete(
     let ns = target.namespace.as_deref().unwrap_or("");
     let obj = store.delete(&target.t, ns, name, propagation, grace_zero, uid.as_deref())?;
     // Gone at once: 200 with the last state; pending finalizers or a kubelet: 202.
-    let code = if obj["metadata"]["deletionTimestamp"].is_null() { 200 } else { 202 };
+    let code = if obj["metadata"]["deletionTimestamp"].is_null() {
+        200
+    } else {
+        202
+    };
     Ok((code, obj))
 }
 
@@ -238,7 +315,9 @@ fn delete_collection(store: &Store, target: &Target, query: &HashMap<String, Str
         let name = o["metadata"]["name"].as_str().unwrap_or("");
         store.delete(&target.t, ns, name, None, false, None)?;
     }
-    Ok(json!({"apiVersion": target.t.api_version(), "kind": format!("{}List", target.t.kind), "metadata": {}, "items": items}))
+    Ok(
+        json!({"apiVersion": target.t.api_version(), "kind": format!("{}List", target.t.kind), "metadata": {}, "items": items}),
+    )
 }
 
 fn watch(state: &Arc<ServerState>, target: &Target, query: &HashMap<String, String>) -> Response {
@@ -280,13 +359,16 @@ fn watch(state: &Arc<ServerState>, target: &Target, query: &HashMap<String, Stri
                 return;
             }
         };
-        let in_scope = |o: &Value| ns.as_deref().is_none_or(|n| o["metadata"]["namespace"].as_str() == Some(n)) && opts.matches(o);
+        let in_scope = |o: &Value| {
+            ns.as_deref()
+                .is_none_or(|n| o["metadata"]["namespace"].as_str() == Some(n))
+                && opts.matches(o)
+        };
         let mut seen_rv = start_rv;
         for e in initial {
-            if in_scope(&e.object) {
-                if tx.send(send_line(json!({"type": e.kind.as_str(), "object": e.object}))).await.is_err() {
-                    return;
-                }
+            let line = json!({"type": e.kind.as_str(), "object": e.object});
+            if in_scope(&e.object) && tx.send(send_line(line)).await.is_err() {
+                return;
             }
             seen_rv = seen_rv.max(e.rv);
         }
@@ -351,9 +433,21 @@ fn parse_target(store: &Store, segs: &[&str]) -> Result<Target, ApiError> {
     let (group, version, rest) = match segs {
         ["api", v, rest @ ..] => ("", *v, rest),
         ["apis", g, v, rest @ ..] => (*g, *v, rest),
-        _ => return Err(ApiError::new(404, "NotFound", format!("the server could not find the requested resource: /{}", segs.join("/")))),
+        _ => {
+            return Err(ApiError::new(
+                404,
+                "NotFound",
+                format!("the server could not find the requested resource: /{}", segs.join("/")),
+            ))
+        }
     };
-    let unknown = || ApiError::new(404, "NotFound", format!("the server could not find the requested resource: /{}", segs.join("/")));
+    let unknown = || {
+        ApiError::new(
+            404,
+            "NotFound",
+            format!("the server could not find the requested resource: /{}", segs.join("/")),
+        )
+    };
     let find = |plural: &str| store.with_registry(|r| r.lookup(group, version, plural).cloned());
     let (namespace, rest) = match rest {
         ["namespaces", ns, plural, tail @ ..] if group.is_empty() || find(plural).is_some() => {
@@ -383,21 +477,36 @@ fn parse_target(store: &Store, segs: &[&str]) -> Result<Target, ApiError> {
     if t.namespaced && namespace.is_none() && name.is_some() {
         return Err(unknown());
     }
-    Ok(Target { t, namespace, name, sub })
+    Ok(Target {
+        t,
+        namespace,
+        name,
+        sub,
+    })
 }
 
 fn discovery(store: &Store, segs: &[&str]) -> Option<Response> {
     let body = match segs {
-        ["version"] => json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-zerocopy-sim", "gitCommit": "", "gitTreeState": "clean",
-            "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.24", "compiler": "gc", "platform": "linux/amd64"}),
+        ["version"] => {
+            json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-zerocopy-sim", "gitCommit": "", "gitTreeState": "clean",
+            "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.24", "compiler": "gc", "platform": "linux/amd64"})
+        }
         ["healthz"] | ["readyz"] | ["livez"] => return Some((StatusCode::OK, "ok").into_response()),
-        ["api"] => json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]}),
+        ["api"] => {
+            json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]})
+        }
         ["apis"] => {
             let mut groups: Vec<(String, Vec<String>)> = Vec::new();
             store.with_registry(|r| {
                 for t in r.all().filter(|t| !t.group.is_empty()) {
                     match groups.iter_mut().find(|(g, _)| *g == t.group) {
-                        Some((_, vs)) => vs.extend(t.versions.iter().filter(|v| !vs.contains(v)).cloned().collect::<Vec<_>>()),
+                        Some((_, vs)) => vs.extend(
+                            t.versions
+                                .iter()
+                                .filter(|v| !vs.contains(v))
+                                .cloned()
+                                .collect::<Vec<_>>(),
+                        ),
                         None => groups.push((t.group.clone(), t.versions.clone())),
                     }
                 }
@@ -412,7 +521,13 @@ fn discovery(store: &Store, segs: &[&str]) -> Option<Response> {
             let vs: Vec<String> = store.with_registry(|r| {
                 let mut vs: Vec<String> = Vec::new();
                 for t in r.all().filter(|t| t.group == *g) {
-                    vs.extend(t.versions.iter().filter(|v| !vs.contains(v)).cloned().collect::<Vec<_>>());
+                    vs.extend(
+                        t.versions
+                            .iter()
+                            .filter(|v| !vs.contains(v))
+                            .cloned()
+                            .collect::<Vec<_>>(),
+                    );
                 }
                 vs
             });
@@ -425,8 +540,14 @@ fn discovery(store: &Store, segs: &[&str]) -> Option<Response> {
         }
         ["api", v] => resource_list(store, "", v)?,
         ["apis", g, v] => resource_list(store, g, v)?,
+        ["openapi", "v3"] => openapi_index(store),
+        ["openapi", "v3", rest @ ..] => openapi_group_version(store, &rest.join("/"))?,
         ["openapi", ..] => {
-            return Some(error_response(&ApiError::new(404, "NotFound", "the simulator does not serve OpenAPI documents")))
+            return Some(error_response(&ApiError::new(
+                404,
+                "NotFound",
+                "the simulator serves OpenAPI v3 only",
+            )))
         }
         _ => return None,
     };
@@ -438,12 +559,25 @@ fn resource_list(store: &Store, group: &str, version: &str) -> Option<Value> {
         r.all()
             .filter(|t| t.group == group && t.versions.iter().any(|v| v == version))
             .flat_map(|t| {
-                let verbs = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"];
-                let mut out = vec![json!({"name": t.plural, "singularName": t.singular, "namespaced": t.namespaced,
-                    "kind": t.kind, "verbs": verbs, "shortNames": t.short_names})];
+                let verbs = [
+                    "create",
+                    "delete",
+                    "deletecollection",
+                    "get",
+                    "list",
+                    "patch",
+                    "update",
+                    "watch",
+                ];
+                let mut out = vec![
+                    json!({"name": t.plural, "singularName": t.singular, "namespaced": t.namespaced,
+                    "kind": t.kind, "verbs": verbs, "shortNames": t.short_names}),
+                ];
                 if t.status_subresource {
-                    out.push(json!({"name": format!("{}/status", t.plural), "singularName": "", "namespaced": t.namespaced,
-                        "kind": t.kind, "verbs": ["get", "patch", "update"]}));
+                    out.push(
+                        json!({"name": format!("{}/status", t.plural), "singularName": "", "namespaced": t.namespaced,
+                        "kind": t.kind, "verbs": ["get", "patch", "update"]}),
+                    );
                 }
                 out
             })
@@ -452,6 +586,61 @@ fn resource_list(store: &Store, group: &str, version: &str) -> Option<Value> {
     if resources.is_empty() {
         return None;
     }
-    let gv = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
+    let gv = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
     Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}))
+}
+
+/// `/openapi/v3`: one entry per group-version, as clients discover documents.
+fn openapi_index(store: &Store) -> Value {
+    let mut paths = serde_json::Map::new();
+    store.with_registry(|r| {
+        for t in r.all() {
+            for v in &t.versions {
+                let key = if t.group.is_empty() {
+                    format!("api/{v}")
+                } else {
+                    format!("apis/{}/{v}", t.group)
+                };
+                let url = format!("/openapi/v3/{key}?hash=sim");
+                paths.insert(key, json!({"serverRelativeURL": url}));
+            }
+        }
+    });
+    json!({"paths": paths})
+}
+
+/// A group-version's OpenAPI v3 document: the operations, with the
+/// `x-kubernetes-group-version-kind` and `fieldValidation` parameter kubectl
+/// checks for server-side field validation. Schemas are not published
+/// (clients fall back to JSON merge patch for custom resources).
+fn openapi_group_version(store: &Store, gv: &str) -> Option<Value> {
+    let (group, version) = match gv.split('/').collect::<Vec<_>>()[..] {
+        ["api", v] => ("", v),
+        ["apis", g, v] => (g, v),
+        _ => return None,
+    };
+    let mut paths = serde_json::Map::new();
+    store.with_registry(|r| {
+        for t in r.all().filter(|t| t.group == group && t.versions.iter().any(|v| v == version)) {
+            let prefix = if group.is_empty() { format!("/api/{version}") } else { format!("/apis/{group}/{version}") };
+            let base = if t.namespaced { format!("{prefix}/namespaces/{{namespace}}/{}", t.plural) } else { format!("{prefix}/{}", t.plural) };
+            let gvk = json!({"group": t.group, "version": version, "kind": t.kind});
+            let params = json!([{"name": "fieldValidation", "in": "query", "schema": {"type": "string"}},
+                                {"name": "fieldManager", "in": "query", "schema": {"type": "string"}},
+                                {"name": "dryRun", "in": "query", "schema": {"type": "string"}}]);
+            let op = |id: &str| json!({"operationId": format!("{id}{}", t.kind), "x-kubernetes-group-version-kind": gvk, "parameters": params, "responses": {"200": {"description": "OK"}}});
+            paths.insert(format!("{base}/{{name}}"), json!({"get": op("read"), "put": op("replace"), "patch": op("patch"), "delete": op("delete")}));
+            paths.insert(base, json!({"get": op("list"), "post": op("create")}));
+        }
+    });
+    if paths.is_empty() {
+        return None;
+    }
+    Some(
+        json!({"openapi": "3.0.0", "info": {"title": "Kubernetes (zerocopy-sim)", "version": "v1.33.0"}, "paths": paths, "components": {"schemas": {}}}),
+    )
 }

@@ -62,7 +62,11 @@ impl Faults {
             return None;
         }
         if method != Method::GET && rng.gen_bool(0.5) {
-            return Some(ApiError::new(409, "Conflict", "injected fault: conflict, retry with the latest version"));
+            return Some(ApiError::new(
+                409,
+                "Conflict",
+                "injected fault: conflict, retry with the latest version",
+            ));
         }
         Some(ApiError::new(500, "InternalError", "injected fault: internal error"))
     }
@@ -131,7 +135,13 @@ impl RequestStats {
     }
 
     pub fn agents(&self) -> Vec<String> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).per_agent.keys().cloned().collect()
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .per_agent
+            .keys()
+            .cloned()
+            .collect()
     }
 }
 
@@ -230,9 +240,11 @@ impl Drop for ApiServer {
 impl ApiServer {
     /// A `kube::Client` for this server, configured as a kubeconfig user's would be.
     pub async fn client(&self) -> Result<kube::Client, kube::Error> {
-        let mut config = kube::Config::new(self.url().parse().map_err(|e: axum::http::uri::InvalidUri| {
-            kube::Error::Service(e.to_string().into())
-        })?);
+        let mut config = kube::Config::new(
+            self.url()
+                .parse()
+                .map_err(|e: axum::http::uri::InvalidUri| kube::Error::Service(e.to_string().into()))?,
+        );
         config.default_namespace = "default".into();
         kube::Client::try_from(config)
     }

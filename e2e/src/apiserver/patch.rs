@@ -19,7 +19,8 @@ pub fn list_merge_keys(field: &str) -> Option<&'static [&'static str]> {
 
 /// Does `elem` have the same merge-key values as `other`?
 pub fn same_key(keys: &[&str], elem: &Value, other: &Value) -> bool {
-    keys.iter().all(|k| elem.get(*k).is_some() && elem.get(*k) == other.get(*k))
+    keys.iter()
+        .all(|k| elem.get(*k).is_some() && elem.get(*k) == other.get(*k))
 }
 
 pub fn json_merge(target: &mut Value, patch: &Value) {

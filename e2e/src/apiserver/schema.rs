@@ -12,6 +12,17 @@ use serde_json::Value;
 /// Validates `obj` (a whole custom resource) and prunes unknown fields in place.
 /// Returns every problem as `(field path, message)`.
 pub fn validate_and_prune(schema: &Value, obj: &mut Value) -> Vec<(String, String)> {
+    validate_and_prune_reporting(schema, obj, &mut Vec::new())
+}
+
+/// Paths of the fields pruning would drop: `fieldValidation=Strict` rejects them.
+pub fn unknown_fields(schema: &Value, obj: &Value) -> Vec<String> {
+    let mut pruned = Vec::new();
+    validate_and_prune_reporting(schema, &mut obj.clone(), &mut pruned);
+    pruned
+}
+
+fn validate_and_prune_reporting(schema: &Value, obj: &mut Value, pruned: &mut Vec<String>) -> Vec<(String, String)> {
     let mut errors = Vec::new();
     // apiVersion, kind and metadata are validated by the server, not the schema.
     if let Value::Object(m) = obj {
@@ -25,11 +36,12 @@ pub fn validate_and_prune(schema: &Value, obj: &mut Value) -> Vec<(String, Strin
             match props.and_then(|p| p.get(&k)) {
                 Some(sub) => {
                     if let Some(v) = m.get_mut(&k) {
-                        check(sub, v, &k, &mut errors);
+                        check(sub, v, &k, &mut errors, pruned);
                     }
                 }
                 None if !preserve => {
                     m.remove(&k);
+                    pruned.push(k);
                 }
                 None => {}
             }
@@ -44,11 +56,17 @@ pub fn validate_and_prune(schema: &Value, obj: &mut Value) -> Vec<(String, Strin
 }
 
 fn preserves(schema: &Value) -> bool {
-    schema["x-kubernetes-preserve-unknown-fields"].as_bool().unwrap_or(false)
+    schema["x-kubernetes-preserve-unknown-fields"]
+        .as_bool()
+        .unwrap_or(false)
 }
 
 fn required(schema: &Value) -> impl Iterator<Item = &str> {
-    schema["required"].as_array().into_iter().flatten().filter_map(Value::as_str)
+    schema["required"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
 }
 
 fn type_name(v: &Value) -> &'static str {
@@ -63,7 +81,7 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-fn check(schema: &Value, v: &mut Value, path: &str, errors: &mut Vec<(String, String)>) {
+fn check(schema: &Value, v: &mut Value, path: &str, errors: &mut Vec<(String, String)>, pruned: &mut Vec<String>) {
     if v.is_null() {
         if !schema["nullable"].as_bool().unwrap_or(false) {
             errors.push((path.into(), "Invalid value: null: field must not be null".into()));
@@ -73,7 +91,9 @@ fn check(schema: &Value, v: &mut Value, path: &str, errors: &mut Vec<(String, St
     let int_or_string = schema["x-kubernetes-int-or-string"].as_bool().unwrap_or(false);
     if let Some(want) = schema["type"].as_str() {
         let have = type_name(v);
-        let ok = have == want || (want == "number" && have == "integer") || (int_or_string && (have == "integer" || have == "string"));
+        let ok = have == want
+            || (want == "number" && have == "integer")
+            || (int_or_string && (have == "integer" || have == "string"));
         if !ok {
             errors.push((path.into(), format!("Invalid value: {have}: must be of type {want}")));
             return;
@@ -82,7 +102,10 @@ fn check(schema: &Value, v: &mut Value, path: &str, errors: &mut Vec<(String, St
     if let Some(allowed) = schema["enum"].as_array() {
         if !allowed.contains(v) {
             let list: Vec<String> = allowed.iter().map(Value::to_string).collect();
-            errors.push((path.into(), format!("Unsupported value: {v}: supported values: {}", list.join(", "))));
+            errors.push((
+                path.into(),
+                format!("Unsupported value: {v}: supported values: {}", list.join(", ")),
+            ));
         }
     }
     match v {
@@ -94,7 +117,10 @@ fn check(schema: &Value, v: &mut Value, path: &str, errors: &mut Vec<(String, St
             }
             if let Some(min) = schema["minLength"].as_u64() {
                 if (s.chars().count() as u64) < min {
-                    errors.push((path.into(), format!("Invalid value: {s:?}: should be at least {min} chars long")));
+                    errors.push((
+                        path.into(),
+                        format!("Invalid value: {s:?}: should be at least {min} chars long"),
+                    ));
                 }
             }
             if let Some(p) = schema["pattern"].as_str() {
@@ -111,36 +137,45 @@ fn check(schema: &Value, v: &mut Value, path: &str, errors: &mut Vec<(String, St
             let x = n.as_f64().unwrap_or(0.0);
             if let Some(min) = schema["minimum"].as_f64() {
                 if x < min {
-                    errors.push((path.into(), format!("Invalid value: {n}: should be greater than or equal to {min}")));
+                    errors.push((
+                        path.into(),
+                        format!("Invalid value: {n}: should be greater than or equal to {min}"),
+                    ));
                 }
             }
             if let Some(max) = schema["maximum"].as_f64() {
                 if x > max {
-                    errors.push((path.into(), format!("Invalid value: {n}: should be less than or equal to {max}")));
+                    errors.push((
+                        path.into(),
+                        format!("Invalid value: {n}: should be less than or equal to {max}"),
+                    ));
                 }
             }
         }
         Value::Array(items) => {
             if let Some(max) = schema["maxItems"].as_u64() {
                 if items.len() as u64 > max {
-                    errors.push((path.into(), format!("Too many: {}: must have at most {max} items", items.len())));
+                    errors.push((
+                        path.into(),
+                        format!("Too many: {}: must have at most {max} items", items.len()),
+                    ));
                 }
             }
             if let Some(min) = schema["minItems"].as_u64() {
                 if (items.len() as u64) < min {
-                    errors.push((path.into(), format!("Invalid value: {} items: must have at least {min}", items.len())));
+                    errors.push((
+                        path.into(),
+                        format!("Invalid value: {} items: must have at least {min}", items.len()),
+                    ));
                 }
             }
             if let Some(item_schema) = schema.get("items") {
                 for (i, item) in items.iter_mut().enumerate() {
-                    check(item_schema, item, &format!("{path}[{i}]"), errors);
+                    check(item_schema, item, &format!("{path}[{i}]"), errors, pruned);
                 }
             }
         }
         Value::Object(m) => {
-            if schema["x-kubernetes-embedded-resource"].as_bool().unwrap_or(false) {
-                // apiVersion/kind/metadata of an embedded object are always kept.
-            }
             let props = schema.get("properties").and_then(Value::as_object);
             let additional = schema.get("additionalProperties");
             let keys: Vec<String> = m.keys().cloned().collect();
@@ -150,14 +185,15 @@ fn check(schema: &Value, v: &mut Value, path: &str, errors: &mut Vec<(String, St
                     && matches!(k.as_str(), "apiVersion" | "kind" | "metadata");
                 if let Some(sub) = props.and_then(|p| p.get(&k)) {
                     if let Some(child) = m.get_mut(&k) {
-                        check(sub, child, &child_path, errors);
+                        check(sub, child, &child_path, errors, pruned);
                     }
                 } else if let Some(add) = additional.filter(|a| a.is_object()) {
                     if let Some(child) = m.get_mut(&k) {
-                        check(add, child, &child_path, errors);
+                        check(add, child, &child_path, errors, pruned);
                     }
                 } else if !(preserves(schema) || embedded_meta || additional.and_then(Value::as_bool) == Some(true)) {
                     m.remove(&k);
+                    pruned.push(child_path);
                 }
             }
             for req in required(schema) {
@@ -189,9 +225,15 @@ mod tests {
         let mut o = json!({"spec": {"mode": "batch", "name": "ABCDEFG", "count": 9, "labels": {"a": 1}}});
         let errs = validate_and_prune(&schema(), &mut o);
         let paths: Vec<&str> = errs.iter().map(|(p, _)| p.as_str()).collect();
-        assert_eq!(paths, vec!["spec.count", "spec.labels.a", "spec.mode", "spec.name", "spec.name"]);
+        assert_eq!(
+            paths,
+            vec!["spec.count", "spec.labels.a", "spec.mode", "spec.name", "spec.name"]
+        );
         let mut o = json!({"spec": {}});
-        assert_eq!(validate_and_prune(&schema(), &mut o)[0], ("spec.mode".into(), "Required value".into()));
+        assert_eq!(
+            validate_and_prune(&schema(), &mut o)[0],
+            ("spec.mode".into(), "Required value".into())
+        );
     }
 
     #[test]
@@ -199,5 +241,10 @@ mod tests {
         let mut o = json!({"spec": {"mode": "actor", "bogus": 1, "free": {"x": {"y": 1}}}, "extra": true});
         assert!(validate_and_prune(&schema(), &mut o).is_empty());
         assert_eq!(o, json!({"spec": {"mode": "actor", "free": {"x": {"y": 1}}}}));
+        let o = json!({"spec": {"mode": "actor", "bogus": 1}, "extra": true});
+        assert_eq!(
+            unknown_fields(&schema(), &o),
+            vec!["extra".to_string(), "spec.bogus".to_string()]
+        );
     }
 }

@@ -49,7 +49,11 @@ fn parse_set(key: &str, rest: &str) -> Result<Vec<String>, String> {
         .strip_prefix('(')
         .and_then(|r| r.strip_suffix(')'))
         .ok_or_else(|| format!("set for {key:?} must be in parentheses"))?;
-    Ok(inner.split(',').map(|v| v.trim().to_string()).filter(|v| !v.is_empty()).collect())
+    Ok(inner
+        .split(',')
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+        .collect())
 }
 
 impl LabelSelector {
@@ -117,7 +121,9 @@ impl FieldSelector {
             } else if let Some((k, v)) = part.split_once('=') {
                 (k, true, v)
             } else {
-                return Err(format!("invalid field selector term {part:?}: expected path=value or path!=value"));
+                return Err(format!(
+                    "invalid field selector term {part:?}: expected path=value or path!=value"
+                ));
             };
             terms.push((path.trim().to_string(), equal, value.trim().to_string()));
         }

@@ -112,7 +112,9 @@ fn meta_str<'a>(obj: &'a Value, field: &str) -> &'a str {
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 253
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
         && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
         && name.chars().last().is_some_and(|c| c.is_ascii_alphanumeric())
 }
@@ -170,11 +172,13 @@ impl Store {
     }
 
     pub fn resource_type(&self, group: &str, plural: &str) -> Result<ResourceType, ApiError> {
-        self.lock()
-            .registry
-            .get(group, plural)
-            .cloned()
-            .ok_or_else(|| ApiError::new(404, "NotFound", format!("the server could not find the requested resource ({group}/{plural})")))
+        self.lock().registry.get(group, plural).cloned().ok_or_else(|| {
+            ApiError::new(
+                404,
+                "NotFound",
+                format!("the server could not find the requested resource ({group}/{plural})"),
+            )
+        })
     }
 
     pub fn get(&self, t: &ResourceType, ns: &str, name: &str) -> Result<Value, ApiError> {
@@ -189,7 +193,12 @@ impl Store {
 
     /// Objects of a type (in one namespace, or all when `ns` is None), the
     /// list's resourceVersion, and a continue token when `limit` cut it.
-    pub fn list(&self, t: &ResourceType, ns: Option<&str>, opts: &ListOptions) -> Result<(Vec<Value>, u64, Option<String>), ApiError> {
+    pub fn list(
+        &self,
+        t: &ResourceType,
+        ns: Option<&str>,
+        opts: &ListOptions,
+    ) -> Result<(Vec<Value>, u64, Option<String>), ApiError> {
         let inner = self.lock();
         let start: Option<ObjKey> = match &opts.continue_token {
             Some(tok) => Some(decode_continue(tok)?),
@@ -248,7 +257,12 @@ impl Store {
                     inner.compacted + 1
                 )))
             }
-            Some(rv) => inner.history.iter().filter(|e| e.rv > rv && e.type_key == key).cloned().collect(),
+            Some(rv) => inner
+                .history
+                .iter()
+                .filter(|e| e.rv > rv && e.type_key == key)
+                .cloned()
+                .collect(),
         };
         Ok((initial, inner.rv, rx))
     }
@@ -258,7 +272,14 @@ impl Store {
         if obj["metadata"]["name"].as_str().unwrap_or("").is_empty() {
             let prefix = obj["metadata"]["generateName"].as_str().unwrap_or("").to_string();
             if prefix.is_empty() {
-                return Err(ApiError::invalid(&t.kind, "", &[("metadata.name".into(), "Required value: name or generateName is required".into())]));
+                return Err(ApiError::invalid(
+                    &t.kind,
+                    "",
+                    &[(
+                        "metadata.name".into(),
+                        "Required value: name or generateName is required".into(),
+                    )],
+                ));
             }
             obj["metadata"]["name"] = json!(format!("{prefix}{}", random_suffix()));
         }
@@ -268,14 +289,24 @@ impl Store {
         }
         if t.namespaced {
             if ns.is_empty() {
-                return Err(ApiError::bad_request(format!("{} is namespaced: a namespace is required", t.plural)));
+                return Err(ApiError::bad_request(format!(
+                    "{} is namespaced: a namespace is required",
+                    t.plural
+                )));
             }
             let ns_key = (String::new(), "namespaces".to_string());
-            let ns_obj = inner.objects.get(&ns_key).and_then(|m| m.get(&(String::new(), ns.to_string())));
+            let ns_obj = inner
+                .objects
+                .get(&ns_key)
+                .and_then(|m| m.get(&(String::new(), ns.to_string())));
             match ns_obj {
                 None => return Err(ApiError::not_found("namespaces", ns)),
                 Some(n) if !n["metadata"]["deletionTimestamp"].is_null() => {
-                    return Err(ApiError::new(403, "Forbidden", format!("unable to create new content in namespace {ns} because it is being terminated")))
+                    return Err(ApiError::new(
+                        403,
+                        "Forbidden",
+                        format!("unable to create new content in namespace {ns} because it is being terminated"),
+                    ))
                 }
                 Some(_) => {}
             }
@@ -309,7 +340,10 @@ impl Store {
             return Err(ApiError::conflict(&t.plural, name));
         }
         if !meta_str(&obj, "name").is_empty() && meta_str(&obj, "name") != name {
-            return Err(ApiError::bad_request(format!("the name of the object ({}) does not match the name on the URL ({name})", meta_str(&obj, "name"))));
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({}) does not match the name on the URL ({name})",
+                meta_str(&obj, "name")
+            )));
         }
         self.commit_update(&mut inner, t, ns, name, current, obj, sub)
     }
@@ -365,10 +399,21 @@ impl Store {
         self.commit_update(&mut inner, t, ns, name, current, next, sub)
     }
 
-    fn apply_create(&self, t: &ResourceType, ns: &str, name: &str, body: &Value, manager: &str) -> Result<Value, ApiError> {
+    fn apply_create(
+        &self,
+        t: &ResourceType,
+        ns: &str,
+        name: &str,
+        body: &Value,
+        manager: &str,
+    ) -> Result<Value, ApiError> {
         check_apply_body(t, name, body)?;
         let base = json!({"apiVersion": t.api_version(), "kind": t.kind, "metadata": {"name": name}});
-        let scope = if t.status_subresource { Scope::NotStatus } else { Scope::All };
+        let scope = if t.status_subresource {
+            Scope::NotStatus
+        } else {
+            Scope::All
+        };
         let obj = server_side_apply(&base, body, manager, true, scope, &now())
             .map_err(|_| ApiError::new(500, "InternalError", "apply to an empty object conflicted"))?;
         self.create(t, ns, obj)
@@ -388,7 +433,15 @@ impl Store {
         next["apiVersion"] = json!(t.api_version());
         next["kind"] = json!(t.kind);
         // The server owns identity and bookkeeping fields.
-        for f in ["name", "namespace", "uid", "creationTimestamp", "generation", "deletionTimestamp", "deletionGracePeriodSeconds"] {
+        for f in [
+            "name",
+            "namespace",
+            "uid",
+            "creationTimestamp",
+            "generation",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+        ] {
             match current["metadata"].get(f) {
                 Some(v) => next["metadata"][f] = v.clone(),
                 None => {
@@ -427,10 +480,24 @@ impl Store {
             }
         }
         if !current["metadata"]["deletionTimestamp"].is_null() {
-            let had: Vec<Value> = current["metadata"]["finalizers"].as_array().cloned().unwrap_or_default();
-            let adds = next["metadata"]["finalizers"].as_array().into_iter().flatten().any(|f| !had.contains(f));
+            let had: Vec<Value> = current["metadata"]["finalizers"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let adds = next["metadata"]["finalizers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|f| !had.contains(f));
             if adds {
-                return Err(ApiError::invalid(&t.kind, name, &[("metadata.finalizers".into(), "Forbidden: no new finalizers can be added if the object is being deleted".into())]));
+                return Err(ApiError::invalid(
+                    &t.kind,
+                    name,
+                    &[(
+                        "metadata.finalizers".into(),
+                        "Forbidden: no new finalizers can be added if the object is being deleted".into(),
+                    )],
+                ));
             }
         }
         admit(&inner.registry, t, &mut next, Some(&current))?;
@@ -460,7 +527,11 @@ impl Store {
             self.remove_now(inner, t, ns, name);
             return Ok(next);
         }
-        inner.objects.entry(t.key()).or_default().insert((ns.to_string(), name.to_string()), next.clone());
+        inner
+            .objects
+            .entry(t.key())
+            .or_default()
+            .insert((ns.to_string(), name.to_string()), next.clone());
         self.emit(inner, t.key(), EventKind::Modified, next.clone(), Some(current));
         Ok(next)
     }
@@ -481,7 +552,11 @@ impl Store {
         if precondition_uid.is_some_and(|u| u != meta_str(&current, "uid")) {
             return Err(ApiError::conflict(&t.plural, name));
         }
-        let propagation = propagation.unwrap_or(if t.group == "batch" { Propagation::Orphan } else { Propagation::Background });
+        let propagation = propagation.unwrap_or(if t.group == "batch" {
+            Propagation::Orphan
+        } else {
+            Propagation::Background
+        });
         let mut next = current.clone();
         let mut finalizers: Vec<Value> = next["metadata"]["finalizers"].as_array().cloned().unwrap_or_default();
         let already = !current["metadata"]["deletionTimestamp"].is_null();
@@ -514,13 +589,21 @@ impl Store {
         next["metadata"]["deletionGracePeriodSeconds"] = json!(if pod_waits { 30 } else { 0 });
         inner.rv += 1;
         next["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
-        inner.objects.entry(t.key()).or_default().insert((ns.to_string(), name.to_string()), next.clone());
+        inner
+            .objects
+            .entry(t.key())
+            .or_default()
+            .insert((ns.to_string(), name.to_string()), next.clone());
         self.emit(&mut inner, t.key(), EventKind::Modified, next.clone(), Some(current));
         Ok(next)
     }
 
     fn remove_now(&self, inner: &mut Inner, t: &ResourceType, ns: &str, name: &str) {
-        let Some(obj) = inner.objects.get_mut(&t.key()).and_then(|m| m.remove(&(ns.to_string(), name.to_string()))) else {
+        let Some(obj) = inner
+            .objects
+            .get_mut(&t.key())
+            .and_then(|m| m.remove(&(ns.to_string(), name.to_string())))
+        else {
             return;
         };
         inner.rv += 1;
@@ -553,9 +636,17 @@ impl Store {
     }
 
     /// Side effects of writes on special kinds: CRDs (un)register their type.
-    fn after_write(&self, inner: &mut Inner, t: &ResourceType, _old: Option<&Value>, obj: &Value) -> Result<(), ApiError> {
+    fn after_write(
+        &self,
+        inner: &mut Inner,
+        t: &ResourceType,
+        _old: Option<&Value>,
+        obj: &Value,
+    ) -> Result<(), ApiError> {
         if t.kind == "CustomResourceDefinition" {
-            let crd_type = ResourceType::from_crd(obj).map_err(|m| ApiError::invalid("CustomResourceDefinition", meta_str(obj, "name"), &[("spec".into(), m)]))?;
+            let crd_type = ResourceType::from_crd(obj).map_err(|m| {
+                ApiError::invalid("CustomResourceDefinition", meta_str(obj, "name"), &[("spec".into(), m)])
+            })?;
             inner.registry.insert(crd_type);
         }
         Ok(())
@@ -596,7 +687,14 @@ impl Store {
     }
 
     /// Read-modify-write without conflicts, for the simulator's own controllers.
-    pub fn modify(&self, t: &ResourceType, ns: &str, name: &str, sub: Sub, f: impl FnOnce(&mut Value)) -> Result<Value, ApiError> {
+    pub fn modify(
+        &self,
+        t: &ResourceType,
+        ns: &str,
+        name: &str,
+        sub: Sub,
+        f: impl FnOnce(&mut Value),
+    ) -> Result<Value, ApiError> {
         let mut inner = self.lock();
         let current = lookup(&inner, t, ns, name)?;
         let mut next = current.clone();
@@ -623,7 +721,9 @@ fn decode_continue(tok: &str) -> Result<ObjKey, ApiError> {
         .decode(tok)
         .map_err(|_| ApiError::bad_request("invalid continue token"))?;
     let s = String::from_utf8(bytes).map_err(|_| ApiError::bad_request("invalid continue token"))?;
-    let (ns, name) = s.split_once('\n').ok_or_else(|| ApiError::bad_request("invalid continue token"))?;
+    let (ns, name) = s
+        .split_once('\n')
+        .ok_or_else(|| ApiError::bad_request("invalid continue token"))?;
     Ok((ns.to_string(), name.to_string()))
 }
 
@@ -650,7 +750,9 @@ fn random_suffix() -> String {
     use rand::Rng;
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     let mut rng = rand::thread_rng();
-    (0..5).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect()
+    (0..5)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect()
 }
 
 /// A pod bound to a node and not finished needs its kubelet to stop it.
@@ -664,7 +766,9 @@ fn check_apply_body(t: &ResourceType, name: &str, body: &Value) -> Result<(), Ap
         return Err(ApiError::bad_request(format!("apply: kind must be {:?}", t.kind)));
     }
     if body["metadata"]["name"].as_str() != Some(name) {
-        return Err(ApiError::bad_request(format!("apply: metadata.name must be {name:?} (the name in the URL)")));
+        return Err(ApiError::bad_request(format!(
+            "apply: metadata.name must be {name:?} (the name in the URL)"
+        )));
     }
     Ok(())
 }
@@ -676,14 +780,25 @@ fn admit(_registry: &Registry, t: &ResourceType, obj: &mut Value, old: Option<&V
         for (k, v) in labels {
             let bad_value = !v.is_string() || v.as_str().is_some_and(|s| s.len() > 63);
             if bad_value || k.is_empty() {
-                return Err(ApiError::invalid(&t.kind, &name, &[(format!("metadata.labels.{k}"), "Invalid value: label values must be strings of at most 63 characters".into())]));
+                return Err(ApiError::invalid(
+                    &t.kind,
+                    &name,
+                    &[(
+                        format!("metadata.labels.{k}"),
+                        "Invalid value: label values must be strings of at most 63 characters".into(),
+                    )],
+                ));
             }
         }
     }
     match t.kind.as_str() {
         "Pod" => {
             if obj["spec"]["containers"].as_array().is_none_or(Vec::is_empty) {
-                return Err(ApiError::invalid("Pod", &name, &[("spec.containers".into(), "Required value".into())]));
+                return Err(ApiError::invalid(
+                    "Pod",
+                    &name,
+                    &[("spec.containers".into(), "Required value".into())],
+                ));
             }
             if obj["spec"]["serviceAccountName"].is_null() {
                 obj["spec"]["serviceAccountName"] = json!("default");
@@ -695,8 +810,17 @@ fn admit(_registry: &Registry, t: &ResourceType, obj: &mut Value, old: Option<&V
                 obj["status"] = json!({"phase": "Pending"});
             }
             if let Some(o) = old {
-                if !o["spec"]["nodeName"].as_str().unwrap_or("").is_empty() && o["spec"]["nodeName"] != obj["spec"]["nodeName"] {
-                    return Err(ApiError::invalid("Pod", &name, &[("spec.nodeName".into(), "Forbidden: pod updates may not change nodeName".into())]));
+                if !o["spec"]["nodeName"].as_str().unwrap_or("").is_empty()
+                    && o["spec"]["nodeName"] != obj["spec"]["nodeName"]
+                {
+                    return Err(ApiError::invalid(
+                        "Pod",
+                        &name,
+                        &[(
+                            "spec.nodeName".into(),
+                            "Forbidden: pod updates may not change nodeName".into(),
+                        )],
+                    ));
                 }
             }
         }
@@ -712,7 +836,8 @@ fn admit(_registry: &Registry, t: &ResourceType, obj: &mut Value, old: Option<&V
             }
         }
         "CustomResourceDefinition" => {
-            let crd = ResourceType::from_crd(obj).map_err(|m| ApiError::invalid("CustomResourceDefinition", &name, &[("spec".into(), m)]))?;
+            let crd = ResourceType::from_crd(obj)
+                .map_err(|m| ApiError::invalid("CustomResourceDefinition", &name, &[("spec".into(), m)]))?;
             obj["status"] = json!({
                 "acceptedNames": obj["spec"]["names"].clone(),
                 "storedVersions": crd.versions,
@@ -752,7 +877,10 @@ mod tests {
         assert_eq!(updated["metadata"]["generation"], 2);
         assert_eq!(s.update(&t, "default", "x", stale, Sub::Main).unwrap_err().code, 409);
         let same = s.update(&t, "default", "x", updated.clone(), Sub::Main).unwrap();
-        assert_eq!(same["metadata"]["resourceVersion"], updated["metadata"]["resourceVersion"]);
+        assert_eq!(
+            same["metadata"]["resourceVersion"],
+            updated["metadata"]["resourceVersion"]
+        );
     }
 
     #[test]

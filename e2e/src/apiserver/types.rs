@@ -74,11 +74,16 @@ impl ResourceType {
         let spec = crd.get("spec").ok_or("spec is required")?;
         let group = spec["group"].as_str().ok_or("spec.group is required")?.to_string();
         let names = &spec["names"];
-        let plural = names["plural"].as_str().ok_or("spec.names.plural is required")?.to_string();
+        let plural = names["plural"]
+            .as_str()
+            .ok_or("spec.names.plural is required")?
+            .to_string();
         let kind = names["kind"].as_str().ok_or("spec.names.kind is required")?.to_string();
         let expected = format!("{plural}.{group}");
         if crd["metadata"]["name"].as_str() != Some(expected.as_str()) {
-            return Err(format!("metadata.name must be spec.names.plural+\".\"+spec.group: {expected}"));
+            return Err(format!(
+                "metadata.name must be spec.names.plural+\".\"+spec.group: {expected}"
+            ));
         }
         let versions: Vec<&Value> = spec["versions"]
             .as_array()
@@ -103,8 +108,14 @@ impl ResourceType {
             .unwrap_or_default();
         Ok(ResourceType {
             group,
-            versions: versions.iter().filter_map(|v| v["name"].as_str().map(String::from)).collect(),
-            singular: names["singular"].as_str().map(String::from).unwrap_or_else(|| kind.to_lowercase()),
+            versions: versions
+                .iter()
+                .filter_map(|v| v["name"].as_str().map(String::from))
+                .collect(),
+            singular: names["singular"]
+                .as_str()
+                .map(String::from)
+                .unwrap_or_else(|| kind.to_lowercase()),
             plural,
             kind,
             namespaced: spec["scope"].as_str() != Some("Cluster"),
@@ -138,9 +149,30 @@ pub fn builtin_types() -> Vec<ResourceType> {
         R::builtin("batch", "v1", "jobs", "Job", true, true),
         R::builtin("coordination.k8s.io", "v1", "leases", "Lease", true, false),
         R::builtin("rbac.authorization.k8s.io", "v1", "roles", "Role", true, false),
-        R::builtin("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", true, false),
-        R::builtin("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", false, false),
-        R::builtin("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", false, false),
+        R::builtin(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "rolebindings",
+            "RoleBinding",
+            true,
+            false,
+        ),
+        R::builtin(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "clusterroles",
+            "ClusterRole",
+            false,
+            false,
+        ),
+        R::builtin(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "clusterrolebindings",
+            "ClusterRoleBinding",
+            false,
+            false,
+        ),
         R::builtin("storage.k8s.io", "v1", "csidrivers", "CSIDriver", false, false),
         R::builtin(
             "apiextensions.k8s.io",
@@ -183,7 +215,8 @@ impl Registry {
 
     /// The type served at `group/version/plural`.
     pub fn lookup(&self, group: &str, version: &str, plural: &str) -> Option<&ResourceType> {
-        self.get(group, plural).filter(|t| t.versions.iter().any(|v| v == version))
+        self.get(group, plural)
+            .filter(|t| t.versions.iter().any(|v| v == version))
     }
 
     pub fn by_kind(&self, api_version: &str, kind: &str) -> Option<&ResourceType> {

@@ -3,13 +3,18 @@
 
 use serde_json::{json, Value};
 
-use crate::apiserver::store::{now, ListOptions, Store, Sub};
 use crate::apiserver::selector::FieldSelector;
+use crate::apiserver::store::{now, ListOptions, Store, Sub};
 
 /// Records (or bumps the count of) an Event about `object`.
 pub fn record(store: &Store, object: &Value, type_: &str, reason: &str, message: &str, component: &str) {
-    let Ok(t) = store.resource_type("", "events") else { return };
-    let ns = object["metadata"]["namespace"].as_str().unwrap_or("default").to_string();
+    let Ok(t) = store.resource_type("", "events") else {
+        return;
+    };
+    let ns = object["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or("default")
+        .to_string();
     let uid = object["metadata"]["uid"].as_str().unwrap_or("");
     let opts = ListOptions {
         fields: FieldSelector::parse(&format!("involvedObject.uid={uid},reason={reason}")).unwrap_or_default(),

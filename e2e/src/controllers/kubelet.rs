@@ -44,7 +44,9 @@ pub struct KubeletConfig {
 
 impl KubeletConfig {
     pub fn pod_log(&self, namespace: &str, name: &str, container: &str) -> PathBuf {
-        self.log_dir.join(format!("{namespace}_{name}")).join(format!("{container}.log"))
+        self.log_dir
+            .join(format!("{namespace}_{name}"))
+            .join(format!("{container}.log"))
     }
 }
 
@@ -73,14 +75,19 @@ fn terminal(pod: &Value) -> bool {
 
 /// The volume id the kubelet uses for an inline volume: `csi-` + sha256(pod uid + volume name).
 pub fn inline_volume_id(pod_uid: &str, volume: &str) -> String {
-    format!("csi-{}", hex::encode(Sha256::digest(format!("{pod_uid}{volume}").as_bytes())))
+    format!(
+        "csi-{}",
+        hex::encode(Sha256::digest(format!("{pod_uid}{volume}").as_bytes()))
+    )
 }
 
 pub async fn run(store: Store, cfg: KubeletConfig, mut shutdown: watch::Receiver<bool>) {
     let mut running: HashMap<String, Running> = HashMap::new();
     let mut rx = store.subscribe();
     loop {
-        let Ok(pods_t) = store.resource_type("", "pods") else { return };
+        let Ok(pods_t) = store.resource_type("", "pods") else {
+            return;
+        };
         let opts = ListOptions {
             fields: FieldSelector::parse(&format!("spec.nodeName={}", cfg.node)).unwrap_or_default(),
             ..Default::default()
@@ -143,7 +150,9 @@ async fn pod_task(store: Store, cfg: KubeletConfig, pod: Value, mut stop: watch:
     let ns = meta(&pod, "namespace").to_string();
     let name = meta(&pod, "name").to_string();
     let uid = meta(&pod, "uid").to_string();
-    let Ok(pods_t) = store.resource_type("", "pods") else { return };
+    let Ok(pods_t) = store.resource_type("", "pods") else {
+        return;
+    };
     let pod_dir = cfg.kubelet_dir.join("pods").join(&uid);
     let mut mounted: BTreeMap<String, Mounted> = BTreeMap::new();
     let mut stopped = *stop.borrow();
@@ -157,8 +166,12 @@ async fn pod_task(store: Store, cfg: KubeletConfig, pod: Value, mut stop: watch:
     // (a restarted kubelet does not remember what it mounted).
     for vol in pod["spec"]["volumes"].as_array().into_iter().flatten() {
         let vname = vol["name"].as_str().unwrap_or("");
-        let Some(driver) = vol["csi"]["driver"].as_str() else { continue };
-        let Some(socket) = cfg.csi_drivers.get(driver) else { continue };
+        let Some(driver) = vol["csi"]["driver"].as_str() else {
+            continue;
+        };
+        let Some(socket) = cfg.csi_drivers.get(driver) else {
+            continue;
+        };
         let target = csi_target(&pod_dir, vname);
         let id = mounted
             .get(vname)
@@ -170,7 +183,14 @@ async fn pod_task(store: Store, cfg: KubeletConfig, pod: Value, mut stop: watch:
                 Err(message) => {
                     tracing::warn!(pod = %name, volume = vname, %message, "unpublish failed; retrying");
                     if attempt == 0 {
-                        events::record(&store, &pod, "Warning", "FailedUnmount", &format!("UnmountVolume.TearDown failed for volume {vname:?}: {message}"), "kubelet");
+                        events::record(
+                            &store,
+                            &pod,
+                            "Warning",
+                            "FailedUnmount",
+                            &format!("UnmountVolume.TearDown failed for volume {vname:?}: {message}"),
+                            "kubelet",
+                        );
                     }
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
@@ -184,7 +204,11 @@ async fn pod_task(store: Store, cfg: KubeletConfig, pod: Value, mut stop: watch:
 }
 
 fn csi_target(pod_dir: &Path, volume: &str) -> PathBuf {
-    pod_dir.join("volumes").join("kubernetes.io~csi").join(volume).join("mount")
+    pod_dir
+        .join("volumes")
+        .join("kubernetes.io~csi")
+        .join(volume)
+        .join("mount")
 }
 
 /// Mounts every volume, retrying with backoff; returns true if stopped meanwhile.
@@ -248,18 +272,27 @@ async fn mount_one(
         if let Some(d) = &csidriver {
             let modes = &d["spec"]["volumeLifecycleModes"];
             if modes.is_array() && !modes.as_array().into_iter().flatten().any(|m| m == "Ephemeral") {
-                return Err(format!("CSI driver {driver} does not support the Ephemeral volume lifecycle mode"));
+                return Err(format!(
+                    "CSI driver {driver} does not support the Ephemeral volume lifecycle mode"
+                ));
             }
         }
         let mut ctx: HashMap<String, String> = vol["csi"]["volumeAttributes"]
             .as_object()
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string())).collect())
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string()))
+                    .collect()
+            })
             .unwrap_or_default();
         if pod_info {
             ctx.insert("csi.storage.k8s.io/pod.name".into(), meta(pod, "name").into());
             ctx.insert("csi.storage.k8s.io/pod.namespace".into(), ns.into());
             ctx.insert("csi.storage.k8s.io/pod.uid".into(), uid.into());
-            ctx.insert("csi.storage.k8s.io/serviceAccount.name".into(), pod["spec"]["serviceAccountName"].as_str().unwrap_or("default").into());
+            ctx.insert(
+                "csi.storage.k8s.io/serviceAccount.name".into(),
+                pod["spec"]["serviceAccountName"].as_str().unwrap_or("default").into(),
+            );
             ctx.insert("csi.storage.k8s.io/ephemeral".into(), "true".into());
         }
         let target = csi_target(pod_dir, vname);
@@ -277,7 +310,9 @@ async fn mount_one(
             }),
             ..Default::default()
         };
-        let channel = connect(socket).await.map_err(|e| format!("rpc error: code = Unavailable desc = connection error: {e}"))?;
+        let channel = connect(socket)
+            .await
+            .map_err(|e| format!("rpc error: code = Unavailable desc = connection error: {e}"))?;
         NodeClient::new(channel)
             .node_publish_volume(req)
             .await
@@ -290,10 +325,16 @@ async fn mount_one(
     let dir = pod_dir.join("volumes").join(vname);
     if vol.get("emptyDir").is_some() {
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        return Ok(Mounted { host_path: dir, csi: None });
+        return Ok(Mounted {
+            host_path: dir,
+            csi: None,
+        });
     }
     if let Some(p) = vol["hostPath"]["path"].as_str() {
-        return Ok(Mounted { host_path: PathBuf::from(p), csi: None });
+        return Ok(Mounted {
+            host_path: PathBuf::from(p),
+            csi: None,
+        });
     }
     let (plural, ref_name, decode) = if let Some(n) = vol["configMap"]["name"].as_str() {
         ("configmaps", n, false)
@@ -303,19 +344,26 @@ async fn mount_one(
         return Err("volume type not supported by the simulated kubelet".into());
     };
     let t = store.resource_type("", plural).map_err(|e| e.message)?;
-    let obj = store.get(&t, ns, ref_name).map_err(|_| format!("{plural} {ref_name:?} not found"))?;
+    let obj = store
+        .get(&t, ns, ref_name)
+        .map_err(|_| format!("{plural} {ref_name:?} not found"))?;
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     for (k, v) in obj["data"].as_object().into_iter().flatten() {
         let text = v.as_str().unwrap_or("");
         let bytes = if decode {
             use base64::Engine;
-            base64::engine::general_purpose::STANDARD.decode(text).map_err(|e| e.to_string())?
+            base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .map_err(|e| e.to_string())?
         } else {
             text.as_bytes().to_vec()
         };
         std::fs::write(dir.join(k), bytes).map_err(|e| e.to_string())?;
     }
-    Ok(Mounted { host_path: dir, csi: None })
+    Ok(Mounted {
+        host_path: dir,
+        csi: None,
+    })
 }
 
 async fn unpublish(socket: &Path, id: &str, target: &Path) -> Result<(), String> {
@@ -353,7 +401,10 @@ fn env_value(store: &Store, pod: &Value, e: &Value) -> Option<String> {
         });
     }
     let ns = meta(pod, "namespace");
-    for (key, plural, decode) in [("configMapKeyRef", "configmaps", false), ("secretKeyRef", "secrets", true)] {
+    for (key, plural, decode) in [
+        ("configMapKeyRef", "configmaps", false),
+        ("secretKeyRef", "secrets", true),
+    ] {
         if let Some(name) = from[key]["name"].as_str() {
             let t = store.resource_type("", plural).ok()?;
             let obj = store.get(&t, ns, name).ok()?;
@@ -428,26 +479,44 @@ fn spawn_container(
         script.push_str(&format!("mkdir -p {0} && cd {0}\n", shell_quote(wd)));
     }
     script.push_str("exec \"$@\"\n");
-    let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).map_err(|e| e.to_string())?;
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .map_err(|e| e.to_string())?;
     let err = out.try_clone().map_err(|e| e.to_string())?;
     let mut cmd = tokio::process::Command::new("unshare");
-    cmd.args(["--mount", "--propagation", "private", "--", "/bin/sh", "-c", &script, "sh"])
-        .args(&command)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()))
-        .env("HOME", "/root")
-        .env("HOSTNAME", meta(pod, "name"))
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .process_group(0)
-        .kill_on_drop(true);
+    cmd.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "/bin/sh",
+        "-c",
+        &script,
+        "sh",
+    ])
+    .args(&command)
+    .env_clear()
+    .env(
+        "PATH",
+        std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+    )
+    .env("HOME", "/root")
+    .env("HOSTNAME", meta(pod, "name"))
+    .stdin(Stdio::null())
+    .stdout(out)
+    .stderr(err)
+    .process_group(0)
+    .kill_on_drop(true);
     for e in c["env"].as_array().into_iter().flatten() {
         if let (Some(k), Some(v)) = (e["name"].as_str(), env_value(store, pod, e)) {
             cmd.env(k, v);
         }
     }
-    let child = cmd.spawn().map_err(|e| format!("failed to start container {cname:?}: {e}"))?;
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("failed to start container {cname:?}: {e}"))?;
     Ok(ContainerRun {
         name: cname,
         child,
@@ -474,7 +543,9 @@ async fn run_containers(
 ) -> bool {
     let ns = meta(pod, "namespace").to_string();
     let name = meta(pod, "name").to_string();
-    let Ok(pods_t) = store.resource_type("", "pods") else { return false };
+    let Ok(pods_t) = store.resource_type("", "pods") else {
+        return false;
+    };
     let policy = pod["spec"]["restartPolicy"].as_str().unwrap_or("Always").to_string();
     let containers: Vec<Value> = pod["spec"]["containers"].as_array().cloned().unwrap_or_default();
     let mut runs = Vec::new();
@@ -499,8 +570,10 @@ async fn run_containers(
         let statuses: Vec<Value> = runs
             .iter()
             .zip(&containers)
-            .map(|(r, c)| json!({"name": r.name, "image": c["image"], "imageID": "", "ready": true, "started": true,
-                "restartCount": r.restarts, "state": {"running": {"startedAt": r.started}}}))
+            .map(|(r, c)| {
+                json!({"name": r.name, "image": c["image"], "imageID": "", "ready": true, "started": true,
+                "restartCount": r.restarts, "state": {"running": {"startedAt": r.started}}})
+            })
             .collect();
         let _ = store.modify(&pods_t, &ns, &name, Sub::Status, |p| {
             p["status"]["phase"] = json!("Running");
@@ -555,7 +628,14 @@ async fn run_containers(
         let r = &mut runs[i];
         let restart = policy == "Always" || (policy == "OnFailure" && code != 0);
         if restart {
-            events::record(store, pod, "Warning", "BackOff", &format!("Back-off restarting container {}", r.name), "kubelet");
+            events::record(
+                store,
+                pod,
+                "Warning",
+                "BackOff",
+                &format!("Back-off restarting container {}", r.name),
+                "kubelet",
+            );
             tokio::time::sleep(Duration::from_millis(500)).await;
             let restarts = r.restarts + 1;
             match spawn_container(store, cfg, pod, &containers[i], mounted) {
@@ -564,7 +644,9 @@ async fn run_containers(
                     runs[i] = fresh;
                     write_running(&runs);
                 }
-                Err(message) => finished[i] = Some(json!({"exitCode": 128, "reason": "ContainerCannotRun", "message": message})),
+                Err(message) => {
+                    finished[i] = Some(json!({"exitCode": 128, "reason": "ContainerCannotRun", "message": message}))
+                }
             }
             continue;
         }
@@ -588,8 +670,10 @@ async fn run_containers(
         .iter()
         .zip(&finished)
         .zip(&containers)
-        .map(|((r, t), c)| json!({"name": r.name, "image": c["image"], "imageID": "", "ready": false, "started": false,
-            "restartCount": r.restarts, "state": {"terminated": t}}))
+        .map(|((r, t), c)| {
+            json!({"name": r.name, "image": c["image"], "imageID": "", "ready": false, "started": false,
+            "restartCount": r.restarts, "state": {"terminated": t}})
+        })
         .collect();
     let _ = store.modify(&pods_t, &ns, &name, Sub::Status, |p| {
         p["status"]["phase"] = json!(if failed { "Failed" } else { "Succeeded" });

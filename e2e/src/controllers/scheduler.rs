@@ -26,14 +26,22 @@ fn node_ready(node: &Value) -> bool {
 fn expression_matches(expr: &Value, labels: &Value) -> bool {
     let key = expr["key"].as_str().unwrap_or("");
     let value = labels.get(key).and_then(Value::as_str);
-    let values: Vec<&str> = expr["values"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    let values: Vec<&str> = expr["values"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
     match expr["operator"].as_str().unwrap_or("") {
         "In" => value.is_some_and(|v| values.contains(&v)),
         "NotIn" => value.is_none_or(|v| !values.contains(&v)),
         "Exists" => value.is_some(),
         "DoesNotExist" => value.is_none(),
         "Gt" | "Lt" => {
-            let (Some(v), Some(bound)) = (value.and_then(|v| v.parse::<i64>().ok()), values.first().and_then(|b| b.parse::<i64>().ok())) else {
+            let (Some(v), Some(bound)) = (
+                value.and_then(|v| v.parse::<i64>().ok()),
+                values.first().and_then(|b| b.parse::<i64>().ok()),
+            ) else {
                 return false;
             };
             if expr["operator"] == "Gt" {
@@ -48,12 +56,15 @@ fn expression_matches(expr: &Value, labels: &Value) -> bool {
 
 fn tolerates(pod: &Value, taint: &Value) -> bool {
     pod["spec"]["tolerations"].as_array().into_iter().flatten().any(|t| {
-        let effect_ok = t["effect"].as_str().is_none_or(|e| e.is_empty() || Some(e) == taint["effect"].as_str());
+        let effect_ok = t["effect"]
+            .as_str()
+            .is_none_or(|e| e.is_empty() || Some(e) == taint["effect"].as_str());
         let key_ok = match t["key"].as_str() {
             None | Some("") => t["operator"] == "Exists",
             Some(k) => Some(k) == taint["key"].as_str(),
         };
-        let value_ok = t["operator"] == "Exists" || t["value"].as_str().unwrap_or("") == taint["value"].as_str().unwrap_or("");
+        let value_ok =
+            t["operator"] == "Exists" || t["value"].as_str().unwrap_or("") == taint["value"].as_str().unwrap_or("");
         effect_ok && key_ok && value_ok
     })
 }
@@ -72,10 +83,15 @@ pub fn unfit_reason(pod: &Value, node: &Value) -> Option<&'static str> {
             return Some("node(s) didn't match Pod's node affinity/selector");
         }
     }
-    let terms = &pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"];
+    let terms =
+        &pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"];
     if let Some(terms) = terms.as_array() {
         let any = terms.iter().any(|term| {
-            term["matchExpressions"].as_array().into_iter().flatten().all(|e| expression_matches(e, labels))
+            term["matchExpressions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .all(|e| expression_matches(e, labels))
         });
         if !any {
             return Some("node(s) didn't match Pod's node affinity/selector");
@@ -119,8 +135,12 @@ pub fn schedule_once(store: &Store) {
     let (Ok(pods_t), Ok(nodes_t)) = (store.resource_type("", "pods"), store.resource_type("", "nodes")) else {
         return;
     };
-    let Ok((pods, _, _)) = store.list(&pods_t, None, &ListOptions::default()) else { return };
-    let Ok((nodes, _, _)) = store.list(&nodes_t, None, &ListOptions::default()) else { return };
+    let Ok((pods, _, _)) = store.list(&pods_t, None, &ListOptions::default()) else {
+        return;
+    };
+    let Ok((nodes, _, _)) = store.list(&nodes_t, None, &ListOptions::default()) else {
+        return;
+    };
     let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
     for p in &pods {
         if let Some(n) = p["spec"]["nodeName"].as_str().filter(|n| !n.is_empty()) {
@@ -140,7 +160,14 @@ pub fn schedule_once(store: &Store) {
                     let _ = store.modify(&pods_t, ns, name, Sub::Status, |p| {
                         set_condition(p, "PodScheduled", "True", "", "");
                     });
-                    events::record(store, pod, "Normal", "Scheduled", &format!("Successfully assigned {ns}/{name} to {node}"), "default-scheduler");
+                    events::record(
+                        store,
+                        pod,
+                        "Normal",
+                        "Scheduled",
+                        &format!("Successfully assigned {ns}/{name} to {node}"),
+                        "default-scheduler",
+                    );
                 }
             }
             Err(message) => {
@@ -165,7 +192,9 @@ pub fn set_condition(pod: &mut Value, type_: &str, status: &str, reason: &str, m
     if !pod["status"]["conditions"].is_array() {
         pod["status"]["conditions"] = json!([]);
     }
-    let Some(conds) = pod["status"]["conditions"].as_array_mut() else { return };
+    let Some(conds) = pod["status"]["conditions"].as_array_mut() else {
+        return;
+    };
     let mut c = json!({"type": type_, "status": status, "lastTransitionTime": now()});
     if !reason.is_empty() {
         c["reason"] = json!(reason);
@@ -207,32 +236,53 @@ mod tests {
     fn selectors_affinity_and_taints() {
         let nodes = vec![
             node("a", json!({"zone": "1", "gpu": "yes"}), json!([]), true),
-            node("b", json!({"zone": "2"}), json!([{"key": "dedicated", "value": "ray", "effect": "NoSchedule"}]), true),
+            node(
+                "b",
+                json!({"zone": "2"}),
+                json!([{"key": "dedicated", "value": "ray", "effect": "NoSchedule"}]),
+                true,
+            ),
             node("c", json!({"zone": "3"}), json!([]), false),
         ];
         let none = BTreeMap::new();
         let pod = |spec: Value| json!({"spec": spec});
-        assert_eq!(choose_node(&pod(json!({"nodeSelector": {"zone": "1"}})), &nodes, &none).unwrap(), "a");
+        assert_eq!(
+            choose_node(&pod(json!({"nodeSelector": {"zone": "1"}})), &nodes, &none).unwrap(),
+            "a"
+        );
         let err = choose_node(&pod(json!({"nodeSelector": {"zone": "2"}})), &nodes, &none).unwrap_err();
         assert_eq!(
             err,
             "0/3 nodes are available: 1 node(s) didn't match Pod's node affinity/selector, 1 node(s) had untolerated taint(s), 1 node(s) were not ready."
         );
-        let tolerant = pod(json!({"nodeSelector": {"zone": "2"}, "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ray", "effect": "NoSchedule"}]}));
+        let tolerant = pod(
+            json!({"nodeSelector": {"zone": "2"}, "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ray", "effect": "NoSchedule"}]}),
+        );
         assert_eq!(choose_node(&tolerant, &nodes, &none).unwrap(), "b");
         let affinity = |op: &str, values: Value| {
-            pod(json!({"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-                {"matchExpressions": [{"key": "gpu", "operator": op, "values": values}]}]}}}}))
+            pod(
+                json!({"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "gpu", "operator": op, "values": values}]}]}}}}),
+            )
         };
-        assert_eq!(choose_node(&affinity("In", json!(["yes"])), &nodes, &none).unwrap(), "a");
+        assert_eq!(
+            choose_node(&affinity("In", json!(["yes"])), &nodes, &none).unwrap(),
+            "a"
+        );
         assert_eq!(choose_node(&affinity("Exists", json!([])), &nodes, &none).unwrap(), "a");
-        assert!(choose_node(&affinity("DoesNotExist", json!([])), &nodes, &none).is_err(), "b is tainted, c not ready");
+        assert!(
+            choose_node(&affinity("DoesNotExist", json!([])), &nodes, &none).is_err(),
+            "b is tainted, c not ready"
+        );
         assert!(choose_node(&affinity("NotIn", json!(["yes"])), &nodes, &none).is_err());
     }
 
     #[test]
     fn spreads_by_pod_count() {
-        let nodes = vec![node("a", json!({}), json!([]), true), node("b", json!({}), json!([]), true)];
+        let nodes = vec![
+            node("a", json!({}), json!([]), true),
+            node("b", json!({}), json!([]), true),
+        ];
         let counts = BTreeMap::from([("a".to_string(), 2usize)]);
         assert_eq!(choose_node(&json!({"spec": {}}), &nodes, &counts).unwrap(), "b");
     }
