@@ -9,10 +9,14 @@ pub mod format;
 pub mod labels;
 pub mod manifest;
 pub mod quantity;
+pub mod replica;
 pub mod safetensors;
 pub mod spec;
+pub mod task;
 pub mod validation;
 
 pub use manifest::Manifest;
-pub use spec::{ModelWrapper, ModelWrapperSpec};
+pub use replica::{ModelReplica, ModelReplicaSpec, ModelReplicaStatus, ReplicaPhase};
+pub use spec::{ModelWrapper, ModelWrapperSpec, ModelWrapperStatus};
+pub use task::{ModelTask, ModelTaskSpec, ModelTaskStatus};
 pub use validation::{validate_wrapper, ValidationErrors};

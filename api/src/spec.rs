@@ -22,8 +22,18 @@ use serde::{Deserialize, Serialize};
     kind = "ModelWrapper",
     namespaced,
     shortname = "mw",
-    status = "ModelWrapperStatus"
+    status = "ModelWrapperStatus",
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyNodes"}"#,
+    printcolumn = r#"{"name":"Desired","type":"integer","jsonPath":".status.desiredNodes"}"#,
+    printcolumn = r#"{"name":"Size","type":"string","jsonPath":".status.size"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.mode != 'task' || has(self.task)", "message": "mode: task needs spec.task.template (the pod each ModelTask runs)"},
+    {"rule": "self.pipeline.components.all(c, self.pipeline.components.exists_one(d, d.name == c.name))", "message": "component names must be unique"}
+]))]
 #[serde(rename_all = "camelCase")]
 pub struct ModelWrapperSpec {
     /// `actor` (default): long-lived processes `load()` the pipeline.
@@ -70,6 +80,7 @@ impl Mode {
 pub struct PipelineSpec {
     /// One entry per `nn.Module` attribute of the pipeline object (or one for
     /// a standalone module).
+    #[schemars(length(min = 1, max = 64))]
     pub components: Vec<ComponentSpec>,
     /// A pickle of the pipeline object with its module attributes removed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -81,6 +92,7 @@ pub struct PipelineSpec {
 #[serde(rename_all = "camelCase")]
 pub struct ComponentSpec {
     /// DNS-1123 label, unique within the pipeline; also the file name stem.
+    #[schemars(length(min = 1, max = 63))]
     pub name: String,
     /// The safetensors file holding the component's weights.
     pub weights: SourceSpec,
@@ -160,6 +172,9 @@ pub struct ModelWrapperStatus {
     /// Bytes of one copy of the pipeline.
     #[serde(default)]
     pub total_bytes: u64,
+    /// `total_bytes` for people (`1.5 GiB`), shown by `kubectl get mw`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<String>,
     /// Generation digest of the resolved sources.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,

@@ -147,7 +147,7 @@ impl Store {
             let t = (String::new(), "namespaces".to_string());
             s.rv += 1;
             let mut obj = obj;
-            stamp_new(&mut obj, s.rv);
+            stamp_new(&mut obj, s.rv, true);
             s.objects.entry(t).or_default().insert((String::new(), ns.into()), obj);
         }
         s.compacted = s.rv;
@@ -323,7 +323,7 @@ impl Store {
         admit(&inner.registry, t, &mut obj, None)?;
         inner.rv += 1;
         let rv = inner.rv;
-        stamp_new(&mut obj, rv);
+        stamp_new(&mut obj, rv, t.status_subresource);
         self.after_write(&mut inner, t, None, &obj)?;
         inner.objects.entry(t.key()).or_default().insert(key, obj.clone());
         self.emit(&mut inner, t.key(), EventKind::Added, obj.clone(), None);
@@ -514,9 +514,11 @@ impl Store {
             // A no-op write does not bump the resourceVersion or notify watchers.
             return Ok(current);
         }
-        let spec_changed = spec_part(&current, t.status_subresource) != spec_part(&next, t.status_subresource);
-        let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
-        next["metadata"]["generation"] = json!(if spec_changed { generation + 1 } else { generation });
+        if t.status_subresource {
+            let spec_changed = spec_part(&current, true) != spec_part(&next, true);
+            let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
+            next["metadata"]["generation"] = json!(if spec_changed { generation + 1 } else { generation });
+        }
         inner.rv += 1;
         next["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
         self.after_write(inner, t, Some(&current), &next)?;
@@ -736,11 +738,13 @@ fn lookup(inner: &Inner, t: &ResourceType, ns: &str, name: &str) -> Result<Value
         .ok_or_else(|| ApiError::not_found(&t.plural, name))
 }
 
-fn stamp_new(obj: &mut Value, rv: u64) {
+fn stamp_new(obj: &mut Value, rv: u64, has_generation: bool) {
     obj["metadata"]["uid"] = json!(uuid::Uuid::new_v4().to_string());
     obj["metadata"]["creationTimestamp"] = json!(now());
     obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-    obj["metadata"]["generation"] = json!(1);
+    if has_generation {
+        obj["metadata"]["generation"] = json!(1);
+    }
     if let Some(m) = obj["metadata"].as_object_mut() {
         m.remove("deletionTimestamp");
     }
@@ -874,7 +878,7 @@ mod tests {
         let mut stale = created.clone();
         stale["data"]["a"] = json!("2");
         let updated = s.update(&t, "default", "x", stale.clone(), Sub::Main).unwrap();
-        assert_eq!(updated["metadata"]["generation"], 2);
+        assert!(updated["metadata"]["generation"].is_null(), "ConfigMaps have no generation");
         assert_eq!(s.update(&t, "default", "x", stale, Sub::Main).unwrap_err().code, 409);
         let same = s.update(&t, "default", "x", updated.clone(), Sub::Main).unwrap();
         assert_eq!(

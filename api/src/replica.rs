@@ -1,0 +1,101 @@
+//! `ModelReplica`: one ModelWrapper on one node. The operator creates,
+//! updates and deletes them (server-side apply, owner = the wrapper, label
+//! `zerocopy.dev/node`); the node agent on that node fills the generation and
+//! writes the status. One object per node keeps writes small and
+//! conflict-free at 1,000 nodes.
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::spec::{MemorySpec, Mode, ModelWrapperSpec, PipelineSpec};
+
+/// What one node must hold: the wrapper's resolved sources at one generation.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "zerocopy.dev",
+    version = "v1alpha1",
+    kind = "ModelReplica",
+    namespaced,
+    shortname = "mr",
+    status = "ModelReplicaStatus",
+    printcolumn = r#"{"name":"Wrapper","type":"string","jsonPath":".spec.wrapper"}"#,
+    printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.node"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Generation","type":"string","jsonPath":".spec.generation"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelReplicaSpec {
+    /// The ModelWrapper (same namespace) this replica places.
+    pub wrapper: String,
+    /// The node that holds it.
+    pub node: String,
+    /// Generation digest of the sources below (`format::generation_digest`).
+    pub generation: String,
+    /// Mode of the wrapper (part of the generation).
+    #[serde(default)]
+    pub mode: Mode,
+    /// The sources to fill.
+    pub pipeline: PipelineSpec,
+    /// Memory options.
+    #[serde(default)]
+    pub memory: MemorySpec,
+}
+
+impl ModelReplicaSpec {
+    /// The wrapper spec the node agent fills (no selector or task template:
+    /// those do not change what is on the node).
+    pub fn wrapper_spec(&self) -> ModelWrapperSpec {
+        ModelWrapperSpec {
+            mode: self.mode,
+            pipeline: self.pipeline.clone(),
+            node_selector: Default::default(),
+            memory: self.memory.clone(),
+            task: None,
+        }
+    }
+}
+
+/// Phase of one replica, written by the node agent.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ReplicaPhase {
+    /// Not started on the node yet.
+    #[default]
+    Pending,
+    /// Downloading and verifying.
+    Filling,
+    /// The generation is published on the node.
+    Ready,
+    /// The fill failed; `message` says why.
+    Failed,
+    /// Being removed from the node.
+    Evicting,
+}
+
+/// Observed state on the node.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelReplicaStatus {
+    /// Pending, Filling, Ready, Failed or Evicting.
+    #[serde(default)]
+    pub phase: ReplicaPhase,
+    /// Bytes of the generation.
+    #[serde(default)]
+    pub bytes_total: u64,
+    /// Bytes filled so far.
+    #[serde(default)]
+    pub bytes_done: u64,
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<String>,
+    /// Digest of the filled generation (equal to `generation` when Ready).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// Why it failed, or fill progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Pods on the node that mount this wrapper.
+    #[serde(default)]
+    pub mounts: u32,
+}
