@@ -64,9 +64,18 @@ mod tests {
     #[test]
     fn ready_labels_fit_label_rules() {
         assert_eq!(ready_label("ml", "bert"), "ready.zerocopy.dev/ml.bert");
-        let long = ready_label("a-very-long-namespace-name-for-tests", "and-a-very-long-wrapper-name-too");
+        let long = ready_label(
+            "a-very-long-namespace-name-for-tests",
+            "and-a-very-long-wrapper-name-too",
+        );
         let key = long.strip_prefix(READY_LABEL_PREFIX).unwrap();
         assert!(key.len() <= 63, "{key}");
-        assert_ne!(long, ready_label("a-very-long-namespace-name-for-tests", "and-a-very-long-wrapper-name-to0"));
+        assert_ne!(
+            long,
+            ready_label(
+                "a-very-long-namespace-name-for-tests",
+                "and-a-very-long-wrapper-name-to0"
+            )
+        );
     }
 }

@@ -177,6 +177,12 @@ fn check(schema: &Value, v: &mut Value, path: &str, errors: &mut Vec<(String, St
         }
         Value::Object(m) => {
             let props = schema.get("properties").and_then(Value::as_object);
+            // Defaults of absent properties, as the API server applies them.
+            for (k, sub) in props.into_iter().flatten() {
+                if let (None, Some(d)) = (m.get(k), sub.get("default")) {
+                    m.insert(k.clone(), d.clone());
+                }
+            }
             let additional = schema.get("additionalProperties");
             let keys: Vec<String> = m.keys().cloned().collect();
             for k in keys {
@@ -234,6 +240,14 @@ mod tests {
             validate_and_prune(&schema(), &mut o)[0],
             ("spec.mode".into(), "Required value".into())
         );
+    }
+
+    #[test]
+    fn applies_defaults() {
+        let schema = json!({"type": "object", "properties": {"spec": {"type": "object", "properties": {"mode": {"type": "string", "default": "actor"}}}}});
+        let mut o = json!({"spec": {}});
+        assert!(validate_and_prune(&schema, &mut o).is_empty());
+        assert_eq!(o, json!({"spec": {"mode": "actor"}}));
     }
 
     #[test]

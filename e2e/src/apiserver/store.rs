@@ -878,7 +878,10 @@ mod tests {
         let mut stale = created.clone();
         stale["data"]["a"] = json!("2");
         let updated = s.update(&t, "default", "x", stale.clone(), Sub::Main).unwrap();
-        assert!(updated["metadata"]["generation"].is_null(), "ConfigMaps have no generation");
+        assert!(
+            updated["metadata"]["generation"].is_null(),
+            "ConfigMaps have no generation"
+        );
         assert_eq!(s.update(&t, "default", "x", stale, Sub::Main).unwrap_err().code, 409);
         let same = s.update(&t, "default", "x", updated.clone(), Sub::Main).unwrap();
         assert_eq!(

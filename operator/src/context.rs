@@ -1,0 +1,151 @@
+//! Shared state of the controllers: the client, caches of the objects they
+//! read (so a reconcile makes no read requests), the event recorder and metrics.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::Store;
+use kube::ResourceExt;
+use zerocopy_api::labels::{LEASE_CAPACITY, LEASE_USED};
+use zerocopy_api::{ModelReplica, ModelWrapper};
+
+use crate::metrics::Metrics;
+use crate::placement::{AgentInfo, NodeInfo};
+
+/// Errors of one reconcile; each is retried with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("object has no namespace")]
+    NoNamespace,
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Namespace of the agents' Leases.
+    pub agent_namespace: String,
+    /// This replica's name (events, leader lease).
+    pub identity: String,
+}
+
+pub struct Context {
+    pub client: kube::Client,
+    pub opts: Options,
+    pub nodes: Store<Node>,
+    pub leases: Store<Lease>,
+    pub replicas: Store<ModelReplica>,
+    pub wrappers: Store<ModelWrapper>,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+}
+
+impl Context {
+    pub fn new(
+        client: kube::Client,
+        opts: Options,
+        nodes: Store<Node>,
+        leases: Store<Lease>,
+        replicas: Store<ModelReplica>,
+        wrappers: Store<ModelWrapper>,
+        metrics: Metrics,
+    ) -> Arc<Self> {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: zerocopy_api::labels::OPERATOR_MANAGER.into(),
+                instance: Some(opts.identity.clone()),
+            },
+        );
+        Arc::new(Context {
+            client,
+            opts,
+            nodes,
+            leases,
+            replicas,
+            wrappers,
+            recorder,
+            metrics,
+        })
+    }
+
+    /// Nodes with their agents, from the caches.
+    pub fn node_infos(&self, now: Timestamp) -> Vec<NodeInfo> {
+        let leases: BTreeMap<String, Arc<Lease>> = self
+            .leases
+            .state()
+            .into_iter()
+            .filter(|l| l.namespace().as_deref() == Some(self.opts.agent_namespace.as_str()))
+            .map(|l| (l.name_any(), l))
+            .collect();
+        self.nodes
+            .state()
+            .iter()
+            .map(|n| node_info(n, leases.get(&n.name_any()).map(|l| l.as_ref()), now))
+            .collect()
+    }
+}
+
+/// A node as placement sees it.
+pub fn node_info(node: &Node, lease: Option<&Lease>, now: Timestamp) -> NodeInfo {
+    let ready = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    let schedulable = !node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
+    NodeInfo {
+        name: node.name_any(),
+        labels: node.labels().clone(),
+        ready,
+        schedulable,
+        agent: lease.filter(|l| lease_live(l, now)).map(|l| {
+            let ann = l.annotations();
+            AgentInfo {
+                capacity: ann.get(LEASE_CAPACITY).and_then(|v| v.parse().ok()),
+                used: ann.get(LEASE_USED).and_then(|v| v.parse().ok()).unwrap_or(0),
+            }
+        }),
+    }
+}
+
+/// An agent's Lease is live while `renewTime + leaseDurationSeconds` is in the future.
+pub fn lease_live(lease: &Lease, now: Timestamp) -> bool {
+    let Some(spec) = &lease.spec else { return false };
+    let (Some(renew), Some(secs)) = (&spec.renew_time, spec.lease_duration_seconds) else {
+        return false;
+    };
+    renew
+        .0
+        .checked_add(SignedDuration::from_secs(i64::from(secs)))
+        .is_ok_and(|expiry| expiry > now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+
+    #[test]
+    fn leases_expire() {
+        let now = Timestamp::now();
+        let lease = |ago: i64| Lease {
+            spec: Some(LeaseSpec {
+                renew_time: Some(MicroTime(now.checked_sub(SignedDuration::from_secs(ago)).unwrap())),
+                lease_duration_seconds: Some(15),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(lease_live(&lease(5), now));
+        assert!(!lease_live(&lease(20), now));
+        assert!(!lease_live(&Lease::default(), now));
+    }
+}

@@ -1,0 +1,174 @@
+//! The ModelTask controller: one Job per task (server-side apply, owner = the
+//! task) once its wrapper is Ready somewhere; status mirrors the Job and its pod.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event as KubeEvent, EventType};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use zerocopy_api::labels::OPERATOR_MANAGER;
+use zerocopy_api::{ModelTask, ModelTaskStatus};
+
+use crate::context::{Context, Error};
+use crate::task::{build_job, job_name, task_status, TASK_LABEL};
+
+pub async fn reconcile(t: Arc<ModelTask>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile_inner(&t, &ctx).await;
+    ctx.metrics
+        .reconcile_seconds
+        .with_label_values(&["modeltask"])
+        .observe(started.elapsed().as_secs_f64());
+    ctx.metrics
+        .reconciles
+        .with_label_values(&["modeltask", if result.is_ok() { "ok" } else { "error" }])
+        .inc();
+    result
+}
+
+pub fn error_policy(_t: Arc<ModelTask>, error: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(%error, "ModelTask reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(2))
+}
+
+/// Tasks that name `wrapper`: a wrapper change may unblock them.
+pub fn tasks_of_wrapper(ctx: &Context, ns: &str, wrapper: &str, tasks: &[Arc<ModelTask>]) -> Vec<ObjectRef<ModelTask>> {
+    let _ = ctx;
+    tasks
+        .iter()
+        .filter(|t| t.namespace().as_deref() == Some(ns) && t.spec.wrapper == wrapper)
+        .map(|t| ObjectRef::from_obj(t.as_ref()))
+        .collect()
+}
+
+async fn reconcile_inner(t: &ModelTask, ctx: &Context) -> Result<Action, Error> {
+    let ns = t.namespace().ok_or(Error::NoNamespace)?;
+    let name = t.name_any();
+    let previous = t.status.clone();
+    if matches!(
+        previous.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    ) {
+        return Ok(Action::await_change());
+    }
+    let now = Time(Timestamp::now());
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+    let jname = job_name(&name);
+    let uid = t.uid().unwrap_or_default();
+    let job = jobs
+        .get_opt(&jname)
+        .await?
+        .filter(|j| j.owner_references().iter().any(|o| o.uid == uid));
+    let status = match job {
+        Some(job) => {
+            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+            let list = pods
+                .list(&ListParams::default().labels(&format!("{TASK_LABEL}={name}")))
+                .await?;
+            // The newest pod is the one that tells the outcome.
+            let pod = list
+                .items
+                .into_iter()
+                .max_by_key(|p| p.metadata.creation_timestamp.clone());
+            task_status(
+                previous.as_ref(),
+                None,
+                Some(&job),
+                pod.as_ref(),
+                t.metadata.generation,
+                &now,
+            )
+        }
+        None => {
+            let wrapper = ctx
+                .wrappers
+                .get(&ObjectRef::new(&t.spec.wrapper).within(&ns))
+                .map(|w| (*w).clone());
+            match build_job(t, wrapper.as_ref()) {
+                Ok(job) => {
+                    jobs.patch(
+                        &jname,
+                        &PatchParams::apply(OPERATOR_MANAGER).force(),
+                        &Patch::Apply(&job),
+                    )
+                    .await?;
+                    ctx.metrics.write("Job", "apply");
+                    publish(ctx, t, EventType::Normal, "JobCreated", format!("created Job {jname}")).await;
+                    let mut s = previous.clone().unwrap_or_default();
+                    s.phase = Some("Pending".into());
+                    s.job_name = Some(jname.clone());
+                    s
+                }
+                Err(blocked) => {
+                    let s = task_status(
+                        previous.as_ref(),
+                        Some(&blocked),
+                        None,
+                        None,
+                        t.metadata.generation,
+                        &now,
+                    );
+                    if previous.as_ref() != Some(&s) && blocked.is_error() {
+                        publish(ctx, t, EventType::Warning, blocked.reason(), blocked.to_string()).await;
+                    }
+                    s
+                }
+            }
+        }
+    };
+    write_status(ctx, &ns, t, previous.as_ref(), status).await?;
+    Ok(Action::requeue(Duration::from_secs(5)))
+}
+
+async fn write_status(
+    ctx: &Context,
+    ns: &str,
+    t: &ModelTask,
+    previous: Option<&ModelTaskStatus>,
+    status: ModelTaskStatus,
+) -> Result<(), Error> {
+    if previous == Some(&status) {
+        return Ok(());
+    }
+    let api: Api<ModelTask> = Api::namespaced(ctx.client.clone(), ns);
+    let body = json!({"apiVersion": "zerocopy.dev/v1alpha1", "kind": "ModelTask", "status": status});
+    api.patch_status(
+        &t.name_any(),
+        &PatchParams::apply(OPERATOR_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
+    ctx.metrics.write("ModelTask", "status");
+    if previous.and_then(|p| p.phase.clone()) != status.phase {
+        if let Some(phase) = &status.phase {
+            let kind = if phase == "Failed" {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            };
+            publish(ctx, t, kind, phase, format!("task is {phase}")).await;
+        }
+    }
+    Ok(())
+}
+
+async fn publish(ctx: &Context, t: &ModelTask, type_: EventType, reason: &str, note: String) {
+    let event = KubeEvent {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &t.object_ref(&())).await {
+        tracing::warn!(error = %e, "could not record event");
+    }
+}

@@ -1,0 +1,259 @@
+//! The ModelWrapper controller: placement → ModelReplicas (server-side
+//! apply, owner = the wrapper), ready labels on nodes, status aggregated from
+//! the replicas, Events on phase changes. Reads come from the caches; a
+//! reconcile writes only what differs.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event as KubeEvent, EventType};
+use kube::runtime::finalizer::{finalizer, Event as Finalizer};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use zerocopy_api::format::generation_digest;
+use zerocopy_api::labels::{ready_label, replica_name, NODE_LABEL, OPERATOR_MANAGER, WRAPPER_LABEL};
+use zerocopy_api::{validate_wrapper, ModelReplica, ModelReplicaSpec, ModelWrapper, ModelWrapperStatus};
+
+use crate::context::{Context, Error};
+use crate::placement::place;
+use crate::status::{aggregate, condition, set_condition};
+
+/// Removes this wrapper's ready label from nodes when it is deleted (node
+/// labels are not owned objects, so owner references cannot clean them).
+pub const FINALIZER: &str = "zerocopy.dev/node-labels";
+
+/// How often a wrapper is re-checked without any event: agent Leases expire silently.
+pub const RESYNC: Duration = Duration::from_secs(10);
+
+pub async fn reconcile(w: Arc<ModelWrapper>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let ns = w.namespace().ok_or(Error::NoNamespace)?;
+    let api: Api<ModelWrapper> = Api::namespaced(ctx.client.clone(), &ns);
+    let result = finalizer(&api, FINALIZER, w, |event| async {
+        match event {
+            Finalizer::Apply(w) => apply(&w, &ctx).await,
+            Finalizer::Cleanup(w) => cleanup(&w, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.metrics
+        .reconcile_seconds
+        .with_label_values(&["modelwrapper"])
+        .observe(started.elapsed().as_secs_f64());
+    ctx.metrics
+        .reconciles
+        .with_label_values(&["modelwrapper", if result.is_ok() { "ok" } else { "error" }])
+        .inc();
+    result
+}
+
+pub fn error_policy(_w: Arc<ModelWrapper>, error: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(%error, "ModelWrapper reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(2))
+}
+
+fn desired_replica(w: &ModelWrapper, ns: &str, node: &str, digest: &str) -> serde_json::Value {
+    let spec = ModelReplicaSpec {
+        wrapper: w.name_any(),
+        node: node.into(),
+        generation: digest.into(),
+        mode: w.spec.mode,
+        pipeline: w.spec.pipeline.clone(),
+        memory: w.spec.memory.clone(),
+    };
+    json!({
+        "apiVersion": "zerocopy.dev/v1alpha1",
+        "kind": "ModelReplica",
+        "metadata": {
+            "name": replica_name(&w.name_any(), node),
+            "namespace": ns,
+            "labels": {NODE_LABEL: node, WRAPPER_LABEL: w.name_any()},
+            "ownerReferences": [w.controller_owner_ref(&())],
+        },
+        "spec": spec,
+    })
+}
+
+async fn apply(w: &ModelWrapper, ctx: &Context) -> Result<Action, Error> {
+    let ns = w.namespace().ok_or(Error::NoNamespace)?;
+    let name = w.name_any();
+    let now = Time(Timestamp::now());
+    let api: Api<ModelWrapper> = Api::namespaced(ctx.client.clone(), &ns);
+    let previous = w.status.clone();
+
+    if let Err(errors) = validate_wrapper(&ns, &name, &w.spec) {
+        // Invalid specs change nothing on the nodes; the status says what to fix.
+        let mut status = previous.clone().unwrap_or_default();
+        status.phase = Some("Failed".into());
+        status.observed_generation = w.metadata.generation;
+        set_condition(
+            &mut status.conditions,
+            condition(
+                "Ready",
+                false,
+                "InvalidSpec",
+                errors.to_string(),
+                w.metadata.generation,
+                &now,
+            ),
+        );
+        write_status(&api, ctx, w, previous.as_ref(), status).await?;
+        return Ok(Action::await_change());
+    }
+
+    let digest = generation_digest(&w.spec);
+    let label = ready_label(&ns, &name);
+    let uid = w.uid().unwrap_or_default();
+    let mine: Vec<Arc<ModelReplica>> = ctx
+        .replicas
+        .state()
+        .into_iter()
+        .filter(|r| r.namespace().as_deref() == Some(ns.as_str()) && r.spec.wrapper == name)
+        .filter(|r| r.owner_references().iter().any(|o| o.uid == uid))
+        .collect();
+    let current_nodes: Vec<String> = mine.iter().map(|r| r.spec.node.clone()).collect();
+    let bytes = mine
+        .iter()
+        .filter_map(|r| r.status.as_ref())
+        .map(|s| s.bytes_total)
+        .max()
+        .unwrap_or(0);
+    let placement = place(
+        &w.spec.node_selector,
+        bytes,
+        &ctx.node_infos(Timestamp::now()),
+        &current_nodes,
+    );
+
+    // Replicas: apply what differs, delete what is no longer placed.
+    let replicas: Api<ModelReplica> = Api::namespaced(ctx.client.clone(), &ns);
+    for node in &placement.nodes {
+        let desired = desired_replica(w, &ns, node, &digest);
+        let existing = mine.iter().find(|r| &r.spec.node == node);
+        let same = existing.is_some_and(|r| {
+            serde_json::to_value(&r.spec).ok().as_ref() == Some(&desired["spec"])
+                && r.labels().get(NODE_LABEL).map(String::as_str) == Some(node.as_str())
+        });
+        if !same {
+            let rname = replica_name(&name, node);
+            replicas
+                .patch(
+                    &rname,
+                    &PatchParams::apply(OPERATOR_MANAGER).force(),
+                    &Patch::Apply(&desired),
+                )
+                .await?;
+            ctx.metrics.write("ModelReplica", "apply");
+        }
+    }
+    for r in mine.iter().filter(|r| !placement.nodes.contains(&r.spec.node)) {
+        if r.metadata.deletion_timestamp.is_none() {
+            match replicas.delete(&r.name_any(), &DeleteParams::background()).await {
+                Ok(_) => ctx.metrics.write("ModelReplica", "delete"),
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    let mine_now: Vec<ModelReplica> = mine.iter().map(|r| (**r).clone()).collect();
+    let status = aggregate(
+        previous.as_ref(),
+        w.metadata.generation,
+        &digest,
+        &label,
+        &placement,
+        &mine_now,
+        &now,
+    );
+    let ready_nodes: Vec<String> = crate::status::tally(&placement.nodes, &digest, &mine_now).ready;
+    sync_labels(ctx, &label, &ready_nodes).await?;
+    write_status(&api, ctx, w, previous.as_ref(), status).await?;
+    Ok(Action::requeue(RESYNC))
+}
+
+/// Ready label on exactly `ready_nodes`; JSON merge patches touch only this label.
+async fn sync_labels(ctx: &Context, label: &str, ready_nodes: &[String]) -> Result<(), Error> {
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    for n in ctx.nodes.state() {
+        let name = n.name_any();
+        let has = n.labels().contains_key(label);
+        let want = ready_nodes.contains(&name);
+        if has == want {
+            continue;
+        }
+        let value = if want { json!("true") } else { json!(null) };
+        match nodes
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {label: value}}})),
+            )
+            .await
+        {
+            Ok(_) => ctx.metrics.write("Node", "patch"),
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+async fn write_status(
+    api: &Api<ModelWrapper>,
+    ctx: &Context,
+    w: &ModelWrapper,
+    previous: Option<&ModelWrapperStatus>,
+    status: ModelWrapperStatus,
+) -> Result<(), Error> {
+    if previous == Some(&status) {
+        return Ok(());
+    }
+    let body = json!({"apiVersion": "zerocopy.dev/v1alpha1", "kind": "ModelWrapper", "status": status});
+    api.patch_status(
+        &w.name_any(),
+        &PatchParams::apply(OPERATOR_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
+    ctx.metrics.write("ModelWrapper", "status");
+    let old_phase = previous.and_then(|p| p.phase.clone());
+    if old_phase != status.phase {
+        let phase = status.phase.clone().unwrap_or_default();
+        let ready = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        let event = KubeEvent {
+            type_: if matches!(phase.as_str(), "Failed" | "Degraded") {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: phase.clone(),
+            note: Some(format!("{} -> {phase}: {ready}", old_phase.as_deref().unwrap_or("New"))),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &w.object_ref(&())).await {
+            tracing::warn!(error = %e, "could not record event");
+        }
+        tracing::info!(wrapper = %format!("{}/{}", w.namespace().unwrap_or_default(), w.name_any()), %phase, "phase changed");
+    }
+    Ok(())
+}
+
+async fn cleanup(w: &ModelWrapper, ctx: &Context) -> Result<Action, Error> {
+    let ns = w.namespace().ok_or(Error::NoNamespace)?;
+    // Replicas go with the wrapper (owner references); the labels are ours to remove.
+    sync_labels(ctx, &ready_label(&ns, &w.name_any()), &[]).await?;
+    Ok(Action::await_change())
+}
