@@ -1,6 +1,7 @@
 //! The zerocopy node agent: fills ModelWrapper generations into shared
 //! memory. `main.rs` is a thin CLI over this library.
 
+pub mod cluster;
 pub mod csi;
 pub mod error;
 pub mod fill;

@@ -81,6 +81,33 @@ enum Command {
         #[arg(long, default_value_t = 2.0)]
         watch_interval: f64,
     },
+    /// In a cluster: fill this node's ModelReplicas, serve CSI, report status, keep a Lease.
+    Run {
+        /// A kubeconfig file; default: in-cluster config, then $KUBECONFIG / ~/.kube/config.
+        #[arg(long, env = "KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
+        /// Namespace of the agents' Leases (the agent's own).
+        #[arg(long, env = "POD_NAMESPACE", default_value = "zerocopy-system")]
+        namespace: String,
+        /// Most bytes all generations together may hold (e.g. 8Gi); advertised on the Lease.
+        #[arg(long)]
+        capacity: Option<String>,
+        /// How generations are backed.
+        #[arg(long, value_enum, default_value_t = MountMode::Auto)]
+        mount_mode: MountMode,
+        /// CSI target paths must lie inside this directory.
+        #[arg(long, default_value = "/var/lib/kubelet")]
+        kubelet_dir: PathBuf,
+        /// Seconds a publish waits for a fill before answering "still filling".
+        #[arg(long, default_value_t = 30.0)]
+        publish_wait: f64,
+        /// Serve /metrics, /healthz and /readyz here.
+        #[arg(long, default_value = "0.0.0.0:9464")]
+        metrics_addr: std::net::SocketAddr,
+        /// Seconds between Lease renewals (it expires after three).
+        #[arg(long, default_value_t = 5)]
+        renew_seconds: u64,
+    },
     /// List wrappers, generations, sizes and state under the root.
     Status {
         /// Print JSON instead of a table.
@@ -104,6 +131,55 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let root = VolumeRoot::new(&cli.root);
     match cli.command {
+        Command::Run {
+            kubeconfig,
+            namespace,
+            capacity,
+            mount_mode,
+            kubelet_dir,
+            publish_wait,
+            metrics_addr,
+            renew_seconds,
+        } => {
+            let capacity = capacity.as_deref().map(parse_size).transpose()?;
+            let node = cli.node_id.clone().unwrap_or_else(zerocopy_node_agent::serve::hostname);
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(async {
+                let config = match &kubeconfig {
+                    Some(path) => {
+                        let kc = kube::config::Kubeconfig::read_from(path)
+                            .with_context(|| format!("reading {}", path.display()))?;
+                        kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
+                    }
+                    None => kube::Config::infer().await?,
+                };
+                let client = kube::Client::try_from(config)?;
+                let engine = FillEngine::new(root.clone(), capacity, mount_mode)
+                    .with_context(|| format!("preparing volume root {}", cli.root.display()))?;
+                let serve = zerocopy_node_agent::serve::ServeOptions {
+                    files: vec![],
+                    csi_socket: cli.csi_socket.clone(),
+                    state_dir: cli.state_dir.clone(),
+                    node_id: node.clone(),
+                    kubelet_dir: Some(kubelet_dir),
+                    publish_wait: std::time::Duration::from_secs_f64(publish_wait),
+                    metrics_addr: Some(metrics_addr),
+                    watch_interval: std::time::Duration::from_secs(2),
+                    prune: true,
+                };
+                let opts = zerocopy_node_agent::cluster::RunOptions {
+                    node,
+                    lease_namespace: namespace,
+                    capacity,
+                    renew_every: std::time::Duration::from_secs(renew_seconds.max(1)),
+                    status_every: std::time::Duration::from_secs(1),
+                };
+                zerocopy_node_agent::cluster::run(client, std::sync::Arc::new(engine), serve, opts, shutdown_signal())
+                    .await
+                    .context("running")
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Standalone {
             files,
             capacity,

@@ -66,13 +66,62 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
     move |source| ServeError::Io { what, source }
 }
 
-/// Runs until `shutdown` resolves.
+/// What the CSI server and fill loop share, for a mode that reports status.
+#[derive(Clone)]
+pub struct Shared {
+    /// Wanted generations and fill states.
+    pub catalog: Arc<Catalog>,
+    /// Publications (pods mounting generations).
+    pub ledger: Arc<Ledger>,
+    /// Metrics registry.
+    pub metrics: Metrics,
+}
+
+/// Runs until `shutdown` resolves, re-reading the files every `watch_interval`.
 pub async fn serve(
     engine: Arc<FillEngine>,
     wrappers: Vec<LoadedWrapper>,
     opts: ServeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let (tx, rx) = tokio::sync::watch::channel(wrappers);
+    let (files, interval) = (opts.files.clone(), opts.watch_interval);
+    let poller = tokio::spawn(async move {
+        let mut fingerprint = files_fingerprint(&files);
+        loop {
+            tokio::time::sleep(interval).await;
+            let now = files_fingerprint(&files);
+            if now == fingerprint {
+                continue;
+            }
+            fingerprint = now;
+            match load_for_serve(&files) {
+                Ok(w) => {
+                    tracing::info!(wrappers = w.len(), "files changed; reconciling");
+                    if tx.send(w).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "files changed but cannot be used; keeping the previous state"),
+            }
+        }
+    });
+    let result = serve_wanted(engine, opts, rx, |_| {}, shutdown).await;
+    poller.abort();
+    result
+}
+
+/// The long-running core shared by `standalone --serve` and cluster `run`:
+/// CSI server, metrics, and a fill + GC pass whenever `wanted` changes.
+/// `on_start` gets the shared state (cluster mode reports status from it).
+pub async fn serve_wanted(
+    engine: Arc<FillEngine>,
+    opts: ServeOptions,
+    mut wanted: tokio::sync::watch::Receiver<Vec<LoadedWrapper>>,
+    on_start: impl FnOnce(Shared),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let wrappers = wanted.borrow_and_update().clone();
     let root = engine.root().clone();
     let cleaned = root
         .clean_leftovers()
@@ -129,37 +178,34 @@ pub async fn serve(
         let _ = stop_tx.send(true);
     });
 
+    on_start(Shared {
+        catalog: catalog.clone(),
+        ledger: ledger.clone(),
+        metrics: metrics.clone(),
+    });
     let mut current = wrappers;
-    let mut fingerprint = files_fingerprint(&opts.files);
     loop {
         reconcile_once(&engine, &catalog, &ledger, &node, &metrics, &current, opts.prune).await;
-        // Wait for a change in the files, or shutdown.
-        loop {
-            tokio::select! {
-                _ = stop_rx.wait_for(|s| *s) => {
-                    tracing::info!("shutting down; mounts stay in place");
-                    return grpc.await.map_err(|e| io("CSI server task")(std::io::Error::other(e)))?.map_err(ServeError::from);
-                }
-                _ = tokio::time::sleep(opts.watch_interval) => {}
-            }
-            let now = files_fingerprint(&opts.files);
-            if now == fingerprint {
-                continue;
-            }
-            fingerprint = now;
-            match load_for_serve(&opts.files) {
-                Ok(w) => {
-                    tracing::info!(wrappers = w.len(), "files changed; reconciling");
-                    catalog.set_wanted(
-                        w.iter()
-                            .map(|w| ((w.namespace.clone(), w.name.clone()), w.wrapper.spec.clone())),
-                    );
-                    current = w;
-                    break;
-                }
-                Err(e) => tracing::error!(error = %e, "files changed but cannot be used; keeping the previous state"),
-            }
+        let changed = tokio::select! {
+            _ = stop_rx.wait_for(|s| *s) => false,
+            changed = wanted.changed() => changed.is_ok(),
+        };
+        if !changed {
+            // Shutdown, or the source of wanted wrappers ended: keep serving
+            // what we have until shutdown.
+            let _ = stop_rx.wait_for(|s| *s).await;
+            tracing::info!("shutting down; mounts stay in place");
+            return grpc
+                .await
+                .map_err(|e| io("CSI server task")(std::io::Error::other(e)))?
+                .map_err(ServeError::from);
         }
+        current = wanted.borrow_and_update().clone();
+        catalog.set_wanted(
+            current
+                .iter()
+                .map(|w| ((w.namespace.clone(), w.name.clone()), w.wrapper.spec.clone())),
+        );
     }
 }
 

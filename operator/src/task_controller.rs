@@ -139,7 +139,7 @@ async fn write_status(
         return Ok(());
     }
     let api: Api<ModelTask> = Api::namespaced(ctx.client.clone(), ns);
-    let body = json!({"apiVersion": "zerocopy.dev/v1alpha1", "kind": "ModelTask", "status": status});
+    let body = json!({"apiVersion": "zerocopy.dev/v1alpha1", "kind": "ModelTask", "metadata": {"name": t.name_any()}, "status": status});
     api.patch_status(
         &t.name_any(),
         &PatchParams::apply(OPERATOR_MANAGER).force(),

@@ -215,7 +215,7 @@ async fn write_status(
     if previous == Some(&status) {
         return Ok(());
     }
-    let body = json!({"apiVersion": "zerocopy.dev/v1alpha1", "kind": "ModelWrapper", "status": status});
+    let body = json!({"apiVersion": "zerocopy.dev/v1alpha1", "kind": "ModelWrapper", "metadata": {"name": w.name_any()}, "status": status});
     api.patch_status(
         &w.name_any(),
         &PatchParams::apply(OPERATOR_MANAGER).force(),

@@ -28,8 +28,17 @@ pub fn json_merge(target: &mut Value, patch: &Value) {
 }
 
 pub fn json_patch(target: &mut Value, patch: &Value) -> Result<(), String> {
+    // As the real server (evanphx/json-patch): `test` for null passes on a missing path.
+    let mut ops_json = patch
+        .as_array()
+        .cloned()
+        .ok_or("invalid JSON patch: expected an array of operations")?;
+    ops_json.retain(|op| {
+        let missing = op["path"].as_str().is_some_and(|p| target.pointer(p).is_none());
+        !(op["op"] == "test" && op["value"].is_null() && missing)
+    });
     let ops: json_patch::Patch =
-        serde_json::from_value(patch.clone()).map_err(|e| format!("invalid JSON patch: {e}"))?;
+        serde_json::from_value(Value::Array(ops_json)).map_err(|e| format!("invalid JSON patch: {e}"))?;
     json_patch::patch(target, &ops).map_err(|e| format!("JSON patch failed: {e}"))
 }
 
@@ -114,6 +123,23 @@ mod tests {
             json!({"spec": {"containers": [{"name": "a", "image": "x2", "args": ["1"]}, {"name": "c", "image": "z"}],
                             "tolerations": [{"key": "u"}]}})
         );
+    }
+
+    #[test]
+    fn test_for_null_passes_on_a_missing_path() {
+        let mut o = json!({"metadata": {}});
+        json_patch(
+            &mut o,
+            &json!([{"op": "test", "path": "/metadata/finalizers", "value": null},
+            {"op": "add", "path": "/metadata/finalizers", "value": ["f"]}]),
+        )
+        .unwrap();
+        assert_eq!(o["metadata"]["finalizers"], json!(["f"]));
+        assert!(json_patch(
+            &mut o,
+            &json!([{"op": "test", "path": "/metadata/finalizers", "value": null}])
+        )
+        .is_err());
     }
 
     #[test]

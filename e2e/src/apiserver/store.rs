@@ -769,7 +769,7 @@ fn check_apply_body(t: &ResourceType, name: &str, body: &Value) -> Result<(), Ap
     if body["kind"].as_str() != Some(t.kind.as_str()) {
         return Err(ApiError::bad_request(format!("apply: kind must be {:?}", t.kind)));
     }
-    if body["metadata"]["name"].as_str() != Some(name) {
+    if body["metadata"]["name"].as_str().is_some_and(|n| n != name) {
         return Err(ApiError::bad_request(format!(
             "apply: metadata.name must be {name:?} (the name in the URL)"
         )));

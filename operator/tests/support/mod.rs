@@ -1,0 +1,221 @@
+//! A simulated cluster with real node agents in cluster mode and the real
+//! operator binary, for the operator's whole-system tests.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)] // each test binary uses a subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, PostParams};
+use serde_json::json;
+use zerocopy_e2e::{AgentMode, Cluster, ClusterOptions, NodeSpec};
+use zerocopy_integration_tests::safetensors::{file, T};
+use zerocopy_integration_tests::{agent_bin, sha256_hex};
+
+pub const SYSTEM_NS: &str = "zerocopy-system";
+pub const NS: &str = "ml";
+pub const OPERATOR: &str = env!("CARGO_BIN_EXE_zerocopy-operator");
+
+pub struct Env {
+    pub cluster: Cluster,
+    pub client: kube::Client,
+    pub operators: Vec<Child>,
+}
+
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("127.0.0.1:{}", l.local_addr().unwrap().port())
+}
+
+impl Env {
+    /// CRDs installed, namespaces created, nodes (with agents in cluster
+    /// mode) added, and `operators` operator processes started.
+    pub async fn start(nodes: Vec<NodeSpec>, operators: usize) -> Env {
+        let mut opts = ClusterOptions::with_nodes(vec![]).agent(
+            agent_bin(),
+            AgentMode::Cluster {
+                namespace: SYSTEM_NS.into(),
+            },
+        );
+        opts.agent_args = vec!["--renew-seconds".into(), "1".into()];
+        // Keep logs and node roots for a post-mortem: ZEROCOPY_E2E_DIR=/tmp/x cargo test ...
+        opts.dir = std::env::var_os("ZEROCOPY_E2E_DIR").map(PathBuf::from);
+        let cluster = Cluster::start(opts).await.unwrap();
+        let client = cluster.client().await.unwrap();
+        let nss: Api<Namespace> = Api::all(client.clone());
+        for ns in [SYSTEM_NS, NS] {
+            nss.create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+            )
+            .await
+            .unwrap();
+        }
+        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let crd: CustomResourceDefinition =
+                serde_yaml::from_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap()).unwrap();
+            crds.create(&PostParams::default(), &crd).await.unwrap();
+        }
+        for n in nodes {
+            cluster.add_node(n).await.unwrap();
+        }
+        let mut env = Env {
+            cluster,
+            client,
+            operators: vec![],
+        };
+        for i in 0..operators {
+            env.start_operator(&format!("op-{i}"));
+        }
+        env
+    }
+
+    pub fn start_operator(&mut self, identity: &str) {
+        let log = std::fs::File::create(self.cluster.dir.join(format!("{identity}.log"))).unwrap();
+        let child = Command::new(OPERATOR)
+            .arg("--kubeconfig")
+            .arg(&self.cluster.kubeconfig)
+            .args([
+                "--namespace",
+                SYSTEM_NS,
+                "--agent-namespace",
+                SYSTEM_NS,
+                "--identity",
+                identity,
+            ])
+            .args(["--metrics-addr", &free_addr(), "--log-format", "text"])
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        self.operators.push(child);
+    }
+
+    pub fn operator_log(&self, identity: &str) -> String {
+        std::fs::read_to_string(self.cluster.dir.join(format!("{identity}.log"))).unwrap_or_default()
+    }
+
+    pub fn kill_operator(&mut self, index: usize) {
+        let mut c = self.operators.remove(index);
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+
+    pub async fn stop(mut self) {
+        while !self.operators.is_empty() {
+            self.kill_operator(0);
+        }
+        self.cluster.shutdown().await;
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for c in &mut self.operators {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A safetensors model with one f32 tensor; returns (path, sha256 of the file,
+/// sha256 of the tensor bytes).
+pub fn model(dir: &Path, name: &str, floats: usize, seed: u32) -> (PathBuf, String, String) {
+    let body = file(&[T::f32("w", floats, seed)]);
+    let header_len = u64::from_le_bytes(body[..8].try_into().unwrap()) as usize;
+    let data = &body[8 + header_len..];
+    let path = dir.join(name);
+    std::fs::write(&path, &body).unwrap();
+    (path, sha256_hex(&body), sha256_hex(data))
+}
+
+pub fn wrapper(
+    name: &str,
+    source: &Path,
+    sha: &str,
+    selector: serde_json::Value,
+    task: Option<serde_json::Value>,
+) -> serde_json::Value {
+    let mut w = json!({
+        "apiVersion": "zerocopy.dev/v1alpha1",
+        "kind": "ModelWrapper",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "pipeline": {"components": [{"name": "enc", "weights": {"uri": format!("file://{}", source.display()), "sha256": sha}}]},
+            "nodeSelector": selector,
+        }
+    });
+    if let Some(t) = task {
+        w["spec"]["mode"] = json!("task");
+        w["spec"]["task"] = json!({"template": t});
+    }
+    w
+}
+
+pub async fn wait_for<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {secs}s waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Generation directories with a manifest under a node's root.
+pub fn generations_on(cluster: &Cluster, node: &str) -> Vec<String> {
+    let Some(d) = cluster.node_dirs(node) else {
+        return vec![];
+    };
+    let dir = d.root.join(NS);
+    let mut out = Vec::new();
+    for w in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        for g in std::fs::read_dir(w.path()).into_iter().flatten().flatten() {
+            if g.path().join("manifest.json").exists() {
+                out.push(format!(
+                    "{}/{}",
+                    w.file_name().to_string_lossy(),
+                    g.file_name().to_string_lossy()
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+pub fn kubectl(kubeconfig: &Path, args: &[&str]) -> String {
+    let bin = std::env::var_os("KUBECTL").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var("ZEROCOPY_TOOLS").unwrap_or("/var/tmp/zerocopy-tools".into())).join("bin/kubectl")
+    });
+    assert!(
+        bin.exists(),
+        "kubectl not found at {}: run scripts/k8s-tools.sh",
+        bin.display()
+    );
+    let out = Command::new(bin)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
