@@ -78,6 +78,35 @@ pub fn is_sha256_hex(s: &str) -> bool {
 
 /// Validates a wrapper's name, namespace and spec, collecting every problem.
 pub fn validate_wrapper(namespace: &str, name: &str, spec: &ModelWrapperSpec) -> Result<(), ValidationErrors> {
+    let mut errs = match validate_sources(namespace, name, spec) {
+        Ok(()) => ValidationErrors {
+            object: format!("{namespace}/{name}"),
+            errors: Vec::new(),
+        },
+        Err(e) => e,
+    };
+    match (spec.mode, &spec.task) {
+        (Mode::Task, None) => errs.push(
+            "spec.task",
+            "mode task needs spec.task.template: the pod that runs each task",
+        ),
+        (Mode::Actor, Some(_)) => errs.push(
+            "spec.task",
+            "spec.task is only used in mode task; set mode: task or remove it",
+        ),
+        _ => {}
+    }
+    if errs.errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errs)
+    }
+}
+
+/// The part of [`validate_wrapper`] that concerns what is filled on a node
+/// (names, sources, digests); a node agent filling a ModelReplica checks only
+/// this, since the replica carries no task template.
+pub fn validate_sources(namespace: &str, name: &str, spec: &ModelWrapperSpec) -> Result<(), ValidationErrors> {
     let mut errs = ValidationErrors {
         object: format!("{namespace}/{name}"),
         errors: Vec::new(),
@@ -160,17 +189,6 @@ pub fn validate_wrapper(namespace: &str, name: &str, spec: &ModelWrapperSpec) ->
     }
     if let Some(sk) = &spec.pipeline.skeleton {
         check_source(&mut errs, "spec.pipeline.skeleton", sk);
-    }
-    match (spec.mode, &spec.task) {
-        (Mode::Task, None) => errs.push(
-            "spec.task",
-            "mode task needs spec.task.template: the pod that runs each task",
-        ),
-        (Mode::Actor, Some(_)) => errs.push(
-            "spec.task",
-            "spec.task is only used in mode task; set mode: task or remove it",
-        ),
-        _ => {}
     }
     if errs.errors.is_empty() {
         Ok(())

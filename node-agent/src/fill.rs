@@ -19,7 +19,7 @@ use zerocopy_api::format::{
 };
 use zerocopy_api::manifest::{Manifest, ManifestComponent, ManifestFile, ManifestSkeleton, ManifestWeights};
 use zerocopy_api::safetensors::{check_header_len, header_len, validate_header, Header};
-use zerocopy_api::{validate_wrapper, ModelWrapperSpec};
+use zerocopy_api::{validate_sources, ModelWrapperSpec};
 
 use crate::error::FillError;
 use crate::layout::VolumeRoot;
@@ -155,7 +155,7 @@ impl FillEngine {
         spec: &ModelWrapperSpec,
         progress: &dyn ProgressFactory,
     ) -> Result<FillOutcome, FillError> {
-        validate_wrapper(namespace, name, spec)?;
+        validate_sources(namespace, name, spec)?;
         let wrapper = format!("{namespace}/{name}");
         let generation = generation_digest(spec);
         if let Some(m) = self.root.read_manifest(namespace, name, &generation) {
@@ -391,7 +391,7 @@ fn plan_files(spec: &ModelWrapperSpec) -> Vec<PlannedFile> {
     let parse = |s: &str| url::Url::parse(s).ok();
     let mut plan = Vec::new();
     for c in &spec.pipeline.components {
-        // validate_wrapper already checked every URI; parse cannot fail here.
+        // validate_sources already checked every URI; parse cannot fail here.
         if let Some(uri) = parse(&c.weights.uri) {
             plan.push(PlannedFile {
                 component: c.name.clone(),
