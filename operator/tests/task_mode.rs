@@ -30,7 +30,10 @@ async fn finished(tasks: &Api<ModelTask>, name: &str) -> Option<zerocopy_api::Mo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_run_as_jobs_next_to_the_weights() {
     let env = Env::start(
-        vec![NodeSpec::new("node-1").label("pool", "gpu"), NodeSpec::new("node-2").label("pool", "cpu")],
+        vec![
+            NodeSpec::new("node-1").label("pool", "gpu"),
+            NodeSpec::new("node-2").label("pool", "cpu"),
+        ],
         1,
     )
     .await;
@@ -45,7 +48,10 @@ async fn tasks_run_as_jobs_next_to_the_weights() {
     let tasks: Api<ModelTask> = Api::namespaced(env.client.clone(), NS);
 
     // A task for a wrapper that does not exist yet waits with a condition that says so.
-    tasks.create(&PostParams::default(), &task("early", "bert", &["ok"], Some("first"))).await.unwrap();
+    tasks
+        .create(&PostParams::default(), &task("early", "bert", &["ok"], Some("first")))
+        .await
+        .unwrap();
     let waiting = wait_for("early to wait", 30, || async {
         let s = tasks.get("early").await.ok()?.status?;
         (s.phase.as_deref() == Some("Waiting")).then_some(s)
@@ -54,7 +60,10 @@ async fn tasks_run_as_jobs_next_to_the_weights() {
     assert_eq!(waiting.conditions[0].reason, "WrapperNotFound");
 
     wrappers
-        .create(&PostParams::default(), &serde_json::from_value(wrapper("bert", &src, &sha, json!({"pool": "gpu"}), Some(template))).unwrap())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(wrapper("bert", &src, &sha, json!({"pool": "gpu"}), Some(template))).unwrap(),
+        )
         .await
         .unwrap();
     // Once the wrapper is Ready on node-1, the waiting task runs there.
@@ -68,7 +77,10 @@ async fn tasks_run_as_jobs_next_to_the_weights() {
     assert_eq!(job.metadata.owner_references.unwrap()[0].kind, "ModelTask");
 
     // A failing command: Failed, with its message and exit code.
-    tasks.create(&PostParams::default(), &task("bad", "bert", &["fail"], Some("x"))).await.unwrap();
+    tasks
+        .create(&PostParams::default(), &task("bad", "bert", &["fail"], Some("x")))
+        .await
+        .unwrap();
     let failed = wait_for("bad to fail", 60, || finished(&tasks, "bad")).await;
     assert_eq!(failed.phase.as_deref(), Some("Failed"));
     assert_eq!(failed.output.as_deref(), Some("x:fail:name:enc"));
@@ -79,10 +91,16 @@ async fn tasks_run_as_jobs_next_to_the_weights() {
     // A wrapper in actor mode cannot run tasks: an error condition, no Job.
     let (src2, sha2, _) = model(&env.cluster.dir, "a.safetensors", 1024, 4);
     wrappers
-        .create(&PostParams::default(), &serde_json::from_value(wrapper("actor", &src2, &sha2, json!({}), None)).unwrap())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(wrapper("actor", &src2, &sha2, json!({}), None)).unwrap(),
+        )
         .await
         .unwrap();
-    tasks.create(&PostParams::default(), &task("wrong", "actor", &[], None)).await.unwrap();
+    tasks
+        .create(&PostParams::default(), &task("wrong", "actor", &[], None))
+        .await
+        .unwrap();
     let wrong = wait_for("wrong to report the mode", 30, || async {
         let s = tasks.get("wrong").await.ok()?.status?;
         s.conditions.iter().find(|c| c.reason == "WrapperNotTaskMode").cloned()

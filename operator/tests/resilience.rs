@@ -1,0 +1,161 @@
+//! Resilience: restarts mid-rollout, two replicas with one leader, and a
+//! faulty API server (10% errors, cut watches).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+use support::*;
+use zerocopy_api::{ModelReplica, ModelWrapper};
+use zerocopy_e2e::apiserver::FaultConfig;
+use zerocopy_e2e::NodeSpec;
+
+fn nodes(n: usize) -> Vec<NodeSpec> {
+    (1..=n).map(|i| NodeSpec::new(&format!("node-{i}"))).collect()
+}
+
+async fn ready(api: &Api<ModelWrapper>, name: &str, nodes: u32, digest_not: Option<&str>) -> Option<String> {
+    let s = api.get(name).await.ok()?.status?;
+    let fresh = digest_not.is_none_or(|d| s.digest.as_deref() != Some(d));
+    (s.phase.as_deref() == Some("Ready") && s.ready_nodes == nodes && s.desired_nodes == nodes && fresh)
+        .then(|| s.digest.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_mid_rollout_converges_without_duplicates() {
+    let mut env = Env::start(nodes(3), 1).await;
+    let (src, sha, _) = model(&env.cluster.dir, "m1.safetensors", 256 * 1024, 1);
+    let wrappers: Api<ModelWrapper> = Api::namespaced(env.client.clone(), NS);
+    let replicas: Api<ModelReplica> = Api::namespaced(env.client.clone(), NS);
+    wrappers
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(wrapper("w", &src, &sha, json!({}), None)).unwrap(),
+        )
+        .await
+        .unwrap();
+    // Kill the operator as soon as it has started placing.
+    wait_for("a first replica", 30, || async {
+        (!replicas.list(&ListParams::default()).await.ok()?.items.is_empty()).then_some(())
+    })
+    .await;
+    env.kill_operator(0);
+    env.start_operator("op-restarted");
+    let gen1 = wait_for("Ready 3/3 after the restart", 60, || ready(&wrappers, "w", 3, None)).await;
+
+    // Again during a spec change.
+    let (src2, sha2, _) = model(&env.cluster.dir, "m2.safetensors", 256 * 1024, 2);
+    wrappers
+        .patch(
+            "w",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"pipeline": {"components": [
+            {"name": "enc", "weights": {"uri": format!("file://{}", src2.display()), "sha256": sha2}}]}}})),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    env.kill_operator(0);
+    env.start_operator("op-restarted-again");
+    wait_for("the new generation Ready 3/3", 60, || {
+        ready(&wrappers, "w", 3, Some(&gen1))
+    })
+    .await;
+    let list = replicas.list(&ListParams::default()).await.unwrap().items;
+    let mut names: Vec<String> = list.iter().map(|r| r.spec.node.clone()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        vec!["node-1", "node-2", "node-3"],
+        "one replica per node, no duplicates"
+    );
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_writes_and_a_standby_takes_over() {
+    let mut env = Env::start(nodes(2), 2).await;
+    let (src, sha, _) = model(&env.cluster.dir, "m.safetensors", 4096, 1);
+    let wrappers: Api<ModelWrapper> = Api::namespaced(env.client.clone(), NS);
+    wrappers
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(wrapper("w", &src, &sha, json!({}), None)).unwrap(),
+        )
+        .await
+        .unwrap();
+    let gen1 = wait_for("Ready 2/2", 60, || ready(&wrappers, "w", 2, None)).await;
+    let leaders: Vec<usize> = (0..2)
+        .filter(|i| env.operator_log(&format!("op-{i}")).contains("became leader"))
+        .collect();
+    assert_eq!(leaders.len(), 1, "exactly one leader");
+    let standby = 1 - leaders[0];
+    let standby_log = env.operator_log(&format!("op-{standby}"));
+    assert!(
+        !standby_log.contains("phase changed"),
+        "the standby made no writes:\n{standby_log}"
+    );
+
+    // The leader dies; after its lease expires the standby leads and reconciles.
+    env.kill_operator(leaders[0]);
+    let (src2, sha2, _) = model(&env.cluster.dir, "m2.safetensors", 4096, 2);
+    wrappers
+        .patch(
+            "w",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"pipeline": {"components": [
+            {"name": "enc", "weights": {"uri": format!("file://{}", src2.display()), "sha256": sha2}}]}}})),
+        )
+        .await
+        .unwrap();
+    wait_for("the standby to take over and roll the change", 60, || {
+        ready(&wrappers, "w", 2, Some(&gen1))
+    })
+    .await;
+    assert!(env.operator_log(&format!("op-{standby}")).contains("became leader"));
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn converges_with_injected_errors_and_cut_watches() {
+    let env = Env::start(nodes(3), 1).await;
+    env.cluster.api.faults.set(FaultConfig {
+        error_rate: 0.1,
+        cut_watches_within: Some(Duration::from_secs(2)),
+    });
+    let wrappers: Api<ModelWrapper> = Api::namespaced(env.client.clone(), NS);
+    for (i, name) in ["a", "b"].iter().enumerate() {
+        let (src, sha, _) = model(&env.cluster.dir, &format!("{name}.safetensors"), 4096, i as u32);
+        let w: ModelWrapper = serde_json::from_value(wrapper(name, &src, &sha, json!({}), None)).unwrap();
+        // The test's own client sees the faults too: retry like any client.
+        wait_for("create", 10, || async {
+            wrappers.create(&PostParams::default(), &w).await.ok()
+        })
+        .await;
+    }
+    for name in ["a", "b"] {
+        wait_for("Ready 3/3 under faults", 90, || ready(&wrappers, name, 3, None)).await;
+    }
+    let nodes_api: Api<Node> = Api::all(env.client.clone());
+    for name in ["a", "b"] {
+        let label = format!("ready.zerocopy.dev/{NS}.{name}");
+        wait_for("labels under faults", 30, || async {
+            (nodes_api
+                .list(&ListParams::default().labels(&label))
+                .await
+                .ok()?
+                .items
+                .len()
+                == 3)
+                .then_some(())
+        })
+        .await;
+    }
+    env.cluster.api.faults.set(FaultConfig::default());
+    env.stop().await;
+}
