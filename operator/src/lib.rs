@@ -131,11 +131,12 @@ pub async fn run(
     )
     .default_backoff()
     .touched_objects();
-    for stream in [
-        node_stream.map(|_| ()).boxed(),
-        lease_stream.map(|_| ()).boxed(),
-        replica_stream.map(|_| ()).boxed(),
-    ] {
+    // Replica changes reach their wrapper through `owns`; this stream only fills the cache.
+    tokio::spawn(async move {
+        let mut stream = replica_stream.boxed();
+        while stream.next().await.is_some() {}
+    });
+    for stream in [node_stream.map(|_| ()).boxed(), lease_stream.map(|_| ()).boxed()] {
         let tx = trigger_tx.clone();
         tokio::spawn(async move {
             let mut stream = stream;

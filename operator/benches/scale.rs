@@ -1,0 +1,223 @@
+//! Operator at scale in the simulator: N nodes × W wrappers (default 1,000 ×
+//! 10). The node agents here are **simulated status writers** (in-process,
+//! writing straight into the simulator's store: a Lease per node and a Ready
+//! status for every replica), so every HTTP request the API server counts is
+//! the operator's. The operator is the real release binary, in its own
+//! process, so its peak RSS is its own.
+//!
+//! Prints a table and writes docs/benchmarks-operator-scale.json.
+//!     cargo bench -p zerocopy-operator --bench scale [-- NODES WRAPPERS]
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use zerocopy_e2e::apiserver::store::{now, EventKind, Sub};
+use zerocopy_e2e::apiserver::{ApiServer, ApiServerOptions, Store};
+
+const NS: &str = "bench";
+const SYSTEM: &str = "zerocopy-system";
+
+fn create(store: &Store, group: &str, plural: &str, ns: &str, obj: Value) {
+    let t = store.resource_type(group, plural).unwrap();
+    store.create(&t, ns, obj).unwrap();
+}
+
+/// The simulated agents: every replica whose status does not describe its
+/// generation becomes Ready with 1 GiB.
+fn agents(store: Store) {
+    let t = store.resource_type("zerocopy.dev", "modelreplicas").unwrap();
+    let mut rx = store.subscribe();
+    loop {
+        let ev = match rx.blocking_recv() {
+            Ok(ev) => ev,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                // Fell behind: rescan everything.
+                let (all, _, _) = store.list(&t, None, &Default::default()).unwrap();
+                for r in all {
+                    mark_ready(&store, &t, &r);
+                }
+                continue;
+            }
+            Err(_) => return,
+        };
+        if ev.type_key.1 != "modelreplicas" || ev.kind == EventKind::Deleted {
+            continue;
+        }
+        mark_ready(&store, &t, &ev.object);
+    }
+}
+
+fn mark_ready(store: &Store, t: &zerocopy_e2e::apiserver::types::ResourceType, r: &Value) {
+    let generation = r["spec"]["generation"].clone();
+    if r["status"]["generation"] == generation && r["status"]["phase"] == "Ready" {
+        return;
+    }
+    let (ns, name) = (
+        r["metadata"]["namespace"].as_str().unwrap_or(""),
+        r["metadata"]["name"].as_str().unwrap_or(""),
+    );
+    let _ = store.modify(t, ns, name, Sub::Status, |o| {
+        o["status"] = json!({"phase": "Ready", "generation": generation, "digest": generation,
+            "bytesTotal": 1u64 << 30, "bytesDone": 1u64 << 30, "mounts": 0});
+    });
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn all_ready(store: &Store, wrappers: usize, nodes: usize) -> bool {
+    let t = store.resource_type("zerocopy.dev", "modelwrappers").unwrap();
+    let (ws, _, _) = store.list(&t, Some(NS), &Default::default()).unwrap();
+    ws.len() == wrappers
+        && ws
+            .iter()
+            .all(|w| w["status"]["phase"] == "Ready" && w["status"]["readyNodes"].as_u64() == Some(nodes as u64))
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let nodes: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(1000);
+    let wrappers: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(10);
+    let api = ApiServer::start(ApiServerOptions {
+        history: 500_000,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.write_kubeconfig(&dir.path().join("kubeconfig")).unwrap();
+    let store = api.store.clone();
+    for ns in [NS, SYSTEM] {
+        create(
+            &store,
+            "",
+            "namespaces",
+            "",
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+        );
+    }
+    let crds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+    for e in std::fs::read_dir(crds).unwrap() {
+        let crd: Value = serde_yaml::from_str(&std::fs::read_to_string(e.unwrap().path()).unwrap()).unwrap();
+        create(&store, "apiextensions.k8s.io", "customresourcedefinitions", "", crd);
+    }
+    for i in 0..nodes {
+        let name = format!("node-{i:04}");
+        create(
+            &store,
+            "",
+            "nodes",
+            "",
+            json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
+        );
+        create(
+            &store,
+            "coordination.k8s.io",
+            "leases",
+            SYSTEM,
+            json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": name, "annotations": {"zerocopy.dev/capacity-bytes": (64u64 << 30).to_string(), "zerocopy.dev/used-bytes": "0"}},
+            "spec": {"holderIdentity": name, "leaseDurationSeconds": 3600, "renewTime": now().replace('Z', ".000000Z")}}),
+        );
+    }
+    let s = store.clone();
+    std::thread::spawn(move || agents(s));
+
+    let bin = env!("CARGO_BIN_EXE_zerocopy-operator");
+    let mut op = std::process::Command::new(bin)
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args([
+            "--namespace",
+            SYSTEM,
+            "--agent-namespace",
+            SYSTEM,
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--identity",
+            "bench",
+        ])
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = op.id();
+    // Let it take the lease and sync its caches before the clock starts.
+    let lease_t = store.resource_type("coordination.k8s.io", "leases").unwrap();
+    while store.get(&lease_t, SYSTEM, "zerocopy-operator").is_err() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = api.stats.for_agent("");
+
+    let started = Instant::now();
+    for w in 0..wrappers {
+        create(
+            &store,
+            "zerocopy.dev",
+            "modelwrappers",
+            NS,
+            json!({"apiVersion": "zerocopy.dev/v1alpha1", "kind": "ModelWrapper",
+            "metadata": {"name": format!("model-{w}")},
+            "spec": {"pipeline": {"components": [{"name": "m", "weights": {"uri": format!("https://models.example/{w}.safetensors"), "sha256": format!("{w:064x}")}}]}}}),
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !all_ready(&store, wrappers, nodes) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let converged = all_ready(&store, wrappers, nodes);
+    let elapsed = started.elapsed().as_secs_f64();
+    let during = api.stats.for_agent("");
+    // Steady state: 10 s with nothing changing.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let after = api.stats.for_agent("");
+    let rss_mib = peak_rss_kib(pid) as f64 / 1024.0;
+    let _ = op.kill();
+    let _ = op.wait();
+
+    let requests = during.total - before.total;
+    let writes = during.writes - before.writes;
+    let first_second = before.per_second.keys().max().copied().unwrap_or(0);
+    let peak_qps = during
+        .per_second
+        .iter()
+        .filter(|(s, _)| **s > first_second)
+        .map(|(_, n)| *n)
+        .max()
+        .unwrap_or(0);
+    let steady_qps = (after.total - during.total) as f64 / 10.0;
+    let result = json!({
+        "nodes": nodes, "wrappers": wrappers, "converged": converged,
+        "seconds_to_all_ready": elapsed, "operator_requests": requests, "operator_writes": writes,
+        "mean_qps_during_rollout": requests as f64 / elapsed, "peak_qps": peak_qps,
+        "steady_state_qps": steady_qps, "operator_peak_rss_mib": rss_mib,
+        "agents": "simulated status writers (in-process, not counted as API requests)",
+    });
+    println!("operator scale benchmark ({nodes} nodes x {wrappers} wrappers; agents simulated)");
+    println!("| metric | value | target |");
+    println!("| --- | --- | --- |");
+    println!(
+        "| all wrappers Ready | {elapsed:.1} s{} | <= 30 s |",
+        if converged { "" } else { " (NOT converged)" }
+    );
+    println!("| operator API requests | {requests} ({writes} writes) | |");
+    println!("| mean QPS during rollout | {:.0} | |", requests as f64 / elapsed);
+    println!("| peak QPS (1 s buckets) | {peak_qps} | |");
+    println!("| steady-state QPS (10 s after Ready) | {steady_qps:.1} | <= 20 |");
+    println!("| operator peak RSS | {rss_mib:.0} MiB | <= 150 MB |");
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks-operator-scale.json");
+    std::fs::write(&out, serde_json::to_string_pretty(&result).unwrap()).unwrap();
+    println!("wrote {}", out.display());
+}
