@@ -27,6 +27,10 @@ pub enum AgentMode {
     Standalone,
     /// `run --kubeconfig ...`: the cluster mode, reading ModelReplicas from the API.
     Cluster { namespace: String },
+    /// Exactly these arguments (e.g. a DaemonSet's), with `{root}`, `{state}`,
+    /// `{socket}`, `{kubelet}`, `{metrics}`, `{node}` and `{kubeconfig}` replaced
+    /// by the node's own.
+    Args(Vec<String>),
 }
 
 #[derive(Clone, Debug)]
@@ -195,6 +199,12 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// Agent binary and mode for nodes added from now on.
+    pub fn set_agent(&mut self, bin: PathBuf, mode: AgentMode) {
+        self.opts.agent_bin = Some(bin);
+        self.opts.agent_mode = mode;
+    }
+
     pub fn store(&self) -> &Store {
         &self.api.store
     }
@@ -279,6 +289,24 @@ impl Cluster {
 
     fn spawn_agent(&self, bin: &Path, spec: &NodeSpec, dirs: &NodeDirs) -> anyhow::Result<tokio::process::Child> {
         let mut cmd = tokio::process::Command::new(bin);
+        if let AgentMode::Args(template) = &self.opts.agent_mode {
+            for a in template {
+                cmd.arg(
+                    a.replace("{root}", &dirs.root.display().to_string())
+                        .replace("{state}", &dirs.state.display().to_string())
+                        .replace("{socket}", &dirs.socket.display().to_string())
+                        .replace("{kubelet}", &dirs.kubelet.display().to_string())
+                        .replace("{metrics}", &dirs.metrics_addr)
+                        .replace("{node}", &spec.name)
+                        .replace("{kubeconfig}", &self.kubeconfig.display().to_string()),
+                );
+            }
+            let log = std::fs::File::create(dirs.base.join("agent.log"))?;
+            cmd.stdout(Stdio::from(log.try_clone()?))
+                .stderr(Stdio::from(log))
+                .kill_on_drop(true);
+            return Ok(cmd.spawn()?);
+        }
         cmd.arg("--root")
             .arg(&dirs.root)
             .arg("--state-dir")
@@ -306,6 +334,7 @@ impl Cluster {
                     .arg(&self.kubeconfig)
                     .args(["--namespace", namespace]);
             }
+            AgentMode::Args(_) => {}
         }
         cmd.arg("--kubelet-dir")
             .arg(&dirs.kubelet)

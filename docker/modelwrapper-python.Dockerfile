@@ -1,0 +1,8 @@
+# Python image with torch (CPU) and the modelwrapper package, for task-mode
+# templates and Ray workers that do not bake modelwrapper in themselves.
+#   docker build -f docker/modelwrapper-python.Dockerfile -t ghcr.io/zerocopy-dev/modelwrapper-python:0.1.0 .
+FROM python:3.11-slim
+RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+COPY python /src/python
+RUN pip install --no-cache-dir /src/python && rm -rf /src
+ENTRYPOINT ["python3"]

