@@ -204,6 +204,7 @@ async fn main() {
         "mean_qps_during_rollout": requests as f64 / elapsed, "peak_qps": peak_qps,
         "steady_state_qps": steady_qps, "operator_peak_rss_mib": rss_mib,
         "agents": "simulated status writers (in-process, not counted as API requests)",
+        "qps_per_second": during.per_second.iter().filter(|(s, _)| **s > first_second).map(|(s, n)| json!([s - first_second, n])).collect::<Vec<_>>(),
     });
     println!("operator scale benchmark ({nodes} nodes x {wrappers} wrappers; agents simulated)");
     println!("| metric | value | target |");

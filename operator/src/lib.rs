@@ -121,13 +121,17 @@ pub async fn run(
     .applied_objects()
     .predicate_filter(node_signature, Default::default());
     let lease_api: Api<Lease> = Api::namespaced(client.clone(), &opts.agent_namespace);
-    let lease_stream = reflector::reflector(leases_w, watcher(lease_api, watcher::Config::default()))
-        .default_backoff()
+    let lease_stream = reflector::reflector(
+        leases_w,
+        watcher(lease_api, watcher::Config::default()).modify(|o| o.managed_fields_mut().clear()),
+    )
+    .default_backoff()
         .applied_objects()
         .predicate_filter(lease_signature, Default::default());
     let replica_stream = reflector::reflector(
         replicas_w,
-        watcher(Api::<ModelReplica>::all(client.clone()), watcher::Config::default()),
+        watcher(Api::<ModelReplica>::all(client.clone()), watcher::Config::default())
+            .modify(|o| o.managed_fields_mut().clear()),
     )
     .default_backoff()
     .touched_objects();
