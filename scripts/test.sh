@@ -11,9 +11,10 @@ target_dir="${CARGO_TARGET_DIR:-target}"
 echo "== kubectl and helm (for the simulator and chart tests)"; bash scripts/k8s-tools.sh
 echo "== rustfmt"; cargo fmt --all --check
 echo "== clippy"; cargo clippy --workspace --all-targets --all-features -- -D warnings
+echo "== shellcheck"; shellcheck scripts/*.sh .ci/run examples/quickstart/run.sh e2e/kind/run.sh
 echo "== cargo test"; cargo test --workspace --all-features
 echo "== build binaries for the Python tests"; cargo build --workspace --bins --examples --all-features
 echo "== pytest"
 ZEROCOPY_AGENT_BIN="$target_dir/debug/zerocopy-node-agent" \
 ZEROCOPY_LOADER_EXAMPLE="$target_dir/debug/examples/tensor-digests" \
-  python3 -m pytest -n 2 -q tests/python
+  python3 -m pytest -n 2 -q tests/python tests/chart
