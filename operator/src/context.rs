@@ -13,6 +13,7 @@ use kube::ResourceExt;
 use zerocopy_api::labels::{LEASE_CAPACITY, LEASE_USED};
 use zerocopy_api::{ModelReplica, ModelWrapper};
 
+use crate::lenient::Lenient;
 use crate::metrics::Metrics;
 use crate::placement::{AgentInfo, NodeInfo};
 
@@ -41,7 +42,7 @@ pub struct Context {
     pub nodes: Store<Node>,
     pub leases: Store<Lease>,
     pub replicas: Store<ModelReplica>,
-    pub wrappers: Store<ModelWrapper>,
+    pub wrappers: Store<Lenient<ModelWrapper>>,
     pub recorder: Recorder,
     pub metrics: Metrics,
 }
@@ -53,7 +54,7 @@ impl Context {
         nodes: Store<Node>,
         leases: Store<Lease>,
         replicas: Store<ModelReplica>,
-        wrappers: Store<ModelWrapper>,
+        wrappers: Store<Lenient<ModelWrapper>>,
         metrics: Metrics,
     ) -> Arc<Self> {
         let recorder = Recorder::new(

@@ -6,6 +6,7 @@
 pub mod context;
 pub mod crds;
 pub mod leader;
+pub mod lenient;
 pub mod metrics;
 pub mod placement;
 pub mod status;
@@ -126,8 +127,8 @@ pub async fn run(
         watcher(lease_api, watcher::Config::default()).modify(|o| o.managed_fields_mut().clear()),
     )
     .default_backoff()
-        .applied_objects()
-        .predicate_filter(lease_signature, Default::default());
+    .applied_objects()
+    .predicate_filter(lease_signature, Default::default());
     let replica_stream = reflector::reflector(
         replicas_w,
         watcher(Api::<ModelReplica>::all(client.clone()), watcher::Config::default())
@@ -154,7 +155,8 @@ pub async fn run(
     let (a, b, c) = tokio::join!(n.wait_until_ready(), l.wait_until_ready(), r.wait_until_ready());
     a.and(b).and(c).context("a cache stopped before it synced")?;
 
-    let wrapper_api: Api<ModelWrapper> = Api::all(client.clone());
+    // Lenient: one malformed ModelWrapper cannot break the watch of the others.
+    let wrapper_api: Api<lenient::Lenient<ModelWrapper>> = Api::all(client.clone());
     let wrapper_ctl = Controller::new(wrapper_api.clone(), watcher::Config::default().any_semantic());
     let ctx = Context::new(
         client.clone(),
@@ -244,8 +246,8 @@ pub async fn run(
             let mut counts = std::collections::BTreeMap::<String, i64>::new();
             for w in wrapper_store.state() {
                 let phase = w
-                    .status
-                    .as_ref()
+                    .get()
+                    .and_then(|w| w.status.as_ref())
                     .and_then(|s| s.phase.clone())
                     .unwrap_or_else(|| "Unknown".into());
                 *counts.entry(phase).or_default() += 1;

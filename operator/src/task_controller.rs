@@ -39,16 +39,6 @@ pub fn error_policy(_t: Arc<ModelTask>, error: &Error, _ctx: Arc<Context>) -> Ac
     Action::requeue(Duration::from_secs(2))
 }
 
-/// Tasks that name `wrapper`: a wrapper change may unblock them.
-pub fn tasks_of_wrapper(ctx: &Context, ns: &str, wrapper: &str, tasks: &[Arc<ModelTask>]) -> Vec<ObjectRef<ModelTask>> {
-    let _ = ctx;
-    tasks
-        .iter()
-        .filter(|t| t.namespace().as_deref() == Some(ns) && t.spec.wrapper == wrapper)
-        .map(|t| ObjectRef::from_obj(t.as_ref()))
-        .collect()
-}
-
 async fn reconcile_inner(t: &ModelTask, ctx: &Context) -> Result<Action, Error> {
     let ns = t.namespace().ok_or(Error::NoNamespace)?;
     let name = t.name_any();
@@ -91,7 +81,7 @@ async fn reconcile_inner(t: &ModelTask, ctx: &Context) -> Result<Action, Error> 
             let wrapper = ctx
                 .wrappers
                 .get(&ObjectRef::new(&t.spec.wrapper).within(&ns))
-                .map(|w| (*w).clone());
+                .and_then(|w| w.get().cloned());
             match build_job(t, wrapper.as_ref()) {
                 Ok(job) => {
                     jobs.patch(

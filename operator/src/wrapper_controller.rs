@@ -20,6 +20,7 @@ use zerocopy_api::labels::{ready_label, replica_name, NODE_LABEL, OPERATOR_MANAG
 use zerocopy_api::{validate_wrapper, ModelReplica, ModelReplicaSpec, ModelWrapper, ModelWrapperStatus};
 
 use crate::context::{Context, Error};
+use crate::lenient::Lenient;
 use crate::placement::place;
 use crate::status::{aggregate, condition, set_condition};
 
@@ -30,14 +31,17 @@ pub const FINALIZER: &str = "zerocopy.dev/node-labels";
 /// How often a wrapper is re-checked without any event: agent Leases expire silently.
 pub const RESYNC: Duration = Duration::from_secs(10);
 
-pub async fn reconcile(w: Arc<ModelWrapper>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile(w: Arc<Lenient<ModelWrapper>>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let ns = w.namespace().ok_or(Error::NoNamespace)?;
-    let api: Api<ModelWrapper> = Api::namespaced(ctx.client.clone(), &ns);
+    let api: Api<Lenient<ModelWrapper>> = Api::namespaced(ctx.client.clone(), &ns);
     let result = finalizer(&api, FINALIZER, w, |event| async {
         match event {
-            Finalizer::Apply(w) => apply(&w, &ctx).await,
-            Finalizer::Cleanup(w) => cleanup(&w, &ctx).await,
+            Finalizer::Apply(w) => match &w.parsed {
+                Ok(parsed) => apply(parsed, &ctx).await,
+                Err(why) => report_malformed(&w, why, &ctx).await,
+            },
+            Finalizer::Cleanup(w) => cleanup(&ns, &w.name_any(), &ctx).await,
         }
     })
     .await
@@ -53,7 +57,7 @@ pub async fn reconcile(w: Arc<ModelWrapper>, ctx: Arc<Context>) -> Result<Action
     result
 }
 
-pub fn error_policy(_w: Arc<ModelWrapper>, error: &Error, _ctx: Arc<Context>) -> Action {
+pub fn error_policy(_w: Arc<Lenient<ModelWrapper>>, error: &Error, _ctx: Arc<Context>) -> Action {
     tracing::warn!(%error, "ModelWrapper reconcile failed; retrying");
     Action::requeue(Duration::from_secs(2))
 }
@@ -251,9 +255,37 @@ async fn write_status(
     Ok(())
 }
 
-async fn cleanup(w: &ModelWrapper, ctx: &Context) -> Result<Action, Error> {
-    let ns = w.namespace().ok_or(Error::NoNamespace)?;
+async fn cleanup(ns: &str, name: &str, ctx: &Context) -> Result<Action, Error> {
     // Replicas go with the wrapper (owner references); the labels are ours to remove.
-    sync_labels(ctx, &ready_label(&ns, &w.name_any()), &[]).await?;
+    sync_labels(ctx, &ready_label(ns, name), &[]).await?;
+    Ok(Action::await_change())
+}
+
+/// An object that does not parse as a ModelWrapper: say so on its status and
+/// change nothing on the nodes. The message is stable, so this writes once.
+async fn report_malformed(w: &Lenient<ModelWrapper>, why: &str, ctx: &Context) -> Result<Action, Error> {
+    let ns = w.namespace().ok_or(Error::NoNamespace)?;
+    let message = format!("the object does not match the ModelWrapper schema: {why}");
+    let raw = serde_json::to_value(w).unwrap_or_default();
+    let current = raw["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+        .and_then(|c| c["message"].as_str().map(String::from));
+    tracing::warn!(wrapper = %format!("{ns}/{}", w.name_any()), %why, "malformed ModelWrapper skipped");
+    if current.as_deref() == Some(message.as_str()) {
+        return Ok(Action::await_change());
+    }
+    let now = Time(Timestamp::now());
+    let body = json!({"apiVersion": "zerocopy.dev/v1alpha1", "kind": "ModelWrapper", "metadata": {"name": w.name_any()},
+        "status": {"phase": "Failed", "observedGeneration": w.metadata.generation,
+            "conditions": [condition("Ready", false, "MalformedObject", message, w.metadata.generation, &now)]}});
+    let api: Api<ModelWrapper> = Api::namespaced(ctx.client.clone(), &ns);
+    api.patch_status(
+        &w.name_any(),
+        &PatchParams::apply(OPERATOR_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
+    ctx.metrics.write("ModelWrapper", "status");
     Ok(Action::await_change())
 }

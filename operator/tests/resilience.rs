@@ -159,3 +159,59 @@ async fn converges_with_injected_errors_and_cut_watches() {
     env.cluster.api.faults.set(FaultConfig::default());
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_wrapper_does_not_stop_the_others() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let env = Env::start(nodes(1), 1).await;
+    // An object the current schema would refuse, as left behind by an older,
+    // looser schema: loosen the CRD, write it, and let the operator meet it.
+    let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
+    let mut crd = crds.get("modelwrappers.zerocopy.dev").await.unwrap();
+    let schema = crd.spec.versions[0]
+        .schema
+        .as_mut()
+        .unwrap()
+        .open_api_v3_schema
+        .as_mut()
+        .unwrap();
+    let spec = schema.properties.as_mut().unwrap().get_mut("spec").unwrap();
+    *spec = serde_json::from_value(json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})).unwrap();
+    crds.replace("modelwrappers.zerocopy.dev", &PostParams::default(), &crd)
+        .await
+        .unwrap();
+    let bad = env.cluster.dir.join("bad.yaml");
+    std::fs::write(&bad, format!("apiVersion: zerocopy.dev/v1alpha1\nkind: ModelWrapper\nmetadata: {{name: bad, namespace: {NS}}}\nspec: {{pipeline: oops}}\n")).unwrap();
+    kubectl(&env.cluster.kubeconfig, &["apply", "-f", bad.to_str().unwrap()]);
+
+    let (src, sha, _) = model(&env.cluster.dir, "good.safetensors", 4096, 9);
+    let wrappers: Api<ModelWrapper> = Api::namespaced(env.client.clone(), NS);
+    wrappers
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(wrapper("good", &src, &sha, json!({}), None)).unwrap(),
+        )
+        .await
+        .unwrap();
+    wait_for("the good wrapper Ready", 60, || ready(&wrappers, "good", 1, None)).await;
+    let raw: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        env.client.clone(),
+        NS,
+        &kube::api::ApiResource::erase::<ModelWrapper>(&()),
+    );
+    let status = wait_for("the bad wrapper reported", 30, || async {
+        let o = raw.get("bad").await.ok()?;
+        let s = o.data.get("status")?.clone();
+        (s["phase"] == "Failed").then_some(s)
+    })
+    .await;
+    assert_eq!(status["conditions"][0]["reason"], "MalformedObject");
+    assert!(
+        status["conditions"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("invalid type"),
+        "{status}"
+    );
+    env.stop().await;
+}
