@@ -8,3 +8,23 @@ pub mod cluster;
 pub mod controllers;
 
 pub use cluster::{AgentMode, Cluster, ClusterOptions, NodeDirs, NodeSpec};
+
+/// Polls `f` every 100 ms until it gives a value; panics after `secs` naming
+/// `what` (test support: a timeout is the failure report).
+pub async fn wait_for<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() <= deadline,
+            "timed out after {secs}s waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

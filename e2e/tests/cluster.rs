@@ -4,32 +4,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
-
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Event, Namespace, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
-use zerocopy_e2e::{AgentMode, Cluster, ClusterOptions, NodeSpec};
+use zerocopy_e2e::{wait_for, AgentMode, Cluster, ClusterOptions, NodeSpec};
 use zerocopy_integration_tests::safetensors::{file, T};
 use zerocopy_integration_tests::{agent_bin, sha256_hex};
-
-async fn wait_for<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        if tokio::time::Instant::now() > deadline {
-            panic!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 async fn pod_phase(pods: &Api<Pod>, name: &str) -> Option<String> {
     pods.get(name).await.ok()?.status?.phase

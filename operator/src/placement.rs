@@ -187,6 +187,21 @@ mod tests {
     }
 
     #[test]
+    fn a_selector_change_moves_the_set() {
+        let nodes = vec![
+            node("a", &[("pool", "gpu")], Some((None, 0))),
+            node("b", &[("pool", "cpu")], Some((None, 0))),
+        ];
+        let gpu = BTreeMap::from([("pool".to_string(), "gpu".to_string())]);
+        let cpu = BTreeMap::from([("pool".to_string(), "cpu".to_string())]);
+        assert_eq!(place(&gpu, 0, &nodes, &[]).nodes, vec!["a"]);
+        // Holding it on a does not keep a once the selector no longer matches.
+        let moved = place(&cpu, 0, &nodes, &["a".into()]);
+        assert_eq!(moved.nodes, vec!["b"]);
+        assert_eq!(moved.excluded, vec![("a".into(), Excluded::SelectorMismatch)]);
+    }
+
+    #[test]
     fn nodes_appearing_and_disappearing_change_the_set() {
         let mut nodes = vec![node("a", &[], Some((None, 0)))];
         assert_eq!(place(&BTreeMap::new(), 0, &nodes, &[]).nodes, vec!["a"]);

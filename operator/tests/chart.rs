@@ -122,10 +122,7 @@ async fn the_rendered_chart_runs_the_actor_mode_example_to_ready() {
         }
     }
     assert!(template.contains(&"--capacity=8Gi".to_string()), "{agent_args:?}");
-    cluster.set_agent(
-        PathBuf::from(zerocopy_integration_tests::agent_bin()),
-        AgentMode::Args(template),
-    );
+    cluster.set_agent(zerocopy_integration_tests::agent_bin(), AgentMode::Args(template));
     for n in ["worker-1", "worker-2"] {
         cluster
             .add_node(NodeSpec::new(n).label("pool", "ray-workers"))

@@ -182,13 +182,7 @@ impl Store {
     }
 
     pub fn get(&self, t: &ResourceType, ns: &str, name: &str) -> Result<Value, ApiError> {
-        let inner = self.lock();
-        inner
-            .objects
-            .get(&t.key())
-            .and_then(|m| m.get(&(ns.to_string(), name.to_string())))
-            .cloned()
-            .ok_or_else(|| ApiError::not_found(&t.plural, name))
+        lookup(&self.lock(), t, ns, name)
     }
 
     /// Objects of a type (in one namespace, or all when `ns` is None), the

@@ -6,8 +6,6 @@
 //! policies, suspend, backoff delays between retries, pod-replacement policy,
 //! the job-tracking finalizer, ttlSecondsAfterFinished.
 
-use std::time::Duration;
-
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
@@ -197,17 +195,8 @@ pub fn sync_once(store: &Store) {
     }
 }
 
-pub async fn run(store: Store, mut shutdown: watch::Receiver<bool>) {
-    let mut rx = store.subscribe();
-    loop {
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            _ = rx.recv() => { while rx.try_recv().is_ok() {} }
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-        }
-        let s = store.clone();
-        let _ = tokio::task::spawn_blocking(move || sync_once(&s)).await;
-    }
+pub async fn run(store: Store, shutdown: watch::Receiver<bool>) {
+    super::run_on_changes(store, shutdown, sync_once).await
 }
 
 #[cfg(test)]

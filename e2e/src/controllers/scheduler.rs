@@ -6,10 +6,8 @@
 //! Not modelled: resource requests and allocatable, pod (anti-)affinity,
 //! topology spread, preferred affinity, priorities and preemption.
 
-use std::collections::BTreeMap;
-use std::time::Duration;
-
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use tokio::sync::watch;
 
 use super::events;
@@ -210,17 +208,8 @@ pub fn set_condition(pod: &mut Value, type_: &str, status: &str, reason: &str, m
     }
 }
 
-pub async fn run(store: Store, mut shutdown: watch::Receiver<bool>) {
-    let mut rx = store.subscribe();
-    loop {
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            _ = rx.recv() => { while rx.try_recv().is_ok() {} }
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-        }
-        let s = store.clone();
-        let _ = tokio::task::spawn_blocking(move || schedule_once(&s)).await;
-    }
+pub async fn run(store: Store, shutdown: watch::Receiver<bool>) {
+    super::run_on_changes(store, shutdown, schedule_once).await
 }
 
 #[cfg(test)]

@@ -5,12 +5,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, PostParams};
 use serde_json::json;
+pub use zerocopy_e2e::wait_for;
 use zerocopy_e2e::{AgentMode, Cluster, ClusterOptions, NodeSpec};
 use zerocopy_integration_tests::safetensors::{file, T};
 use zerocopy_integration_tests::{agent_bin, sha256_hex};
@@ -156,23 +156,6 @@ pub fn wrapper(
         w["spec"]["task"] = json!({"template": t});
     }
     w
-}
-
-pub async fn wait_for<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        if tokio::time::Instant::now() > deadline {
-            panic!("timed out after {secs}s waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Generation directories with a manifest under a node's root.
