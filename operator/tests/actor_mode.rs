@@ -100,6 +100,16 @@ async fn place_fill_label_load_roll_remove_and_delete() {
     }
     assert!(generations_on(&env.cluster, "node-4").is_empty());
 
+    // Phase transitions are recorded as Events on the wrapper.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), NS);
+    let reasons = wait_for("a Ready event", 10, || async {
+        let l = events.list(&ListParams::default().fields("regarding.name=bert")).await.ok()?;
+        let reasons: Vec<String> = l.items.iter().filter_map(|e| e.reason.clone()).collect();
+        reasons.contains(&"Ready".to_string()).then_some(reasons)
+    })
+    .await;
+    assert!(reasons.contains(&"Filling".to_string()), "{reasons:?}");
+
     // kubectl shows the printer columns.
     let out = kubectl(&env.cluster.kubeconfig, &["get", "mw", "-n", NS]);
     let header: Vec<&str> = out.lines().next().unwrap().split_whitespace().collect();
