@@ -215,3 +215,41 @@ async fn a_malformed_wrapper_does_not_stop_the_others() {
     );
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_restart_keeps_mounts_and_generations() {
+    use k8s_openapi::api::core::v1::Pod;
+    let env = Env::start(nodes(1), 1).await;
+    let (src, sha, _) = model(&env.cluster.dir, "m.safetensors", 64 * 1024, 5);
+    let wrappers: Api<ModelWrapper> = Api::namespaced(env.client.clone(), NS);
+    wrappers.create(&PostParams::default(), &serde_json::from_value(wrapper("w", &src, &sha, json!({}), None)).unwrap()).await.unwrap();
+    let gen = wait_for("Ready 1/1", 60, || ready(&wrappers, "w", 1, None)).await;
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), NS);
+    let pod = |name: &str| -> Pod {
+        serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"restartPolicy": "Never",
+            "containers": [{"name": "c", "image": "x", "command": ["sh", "-c", "test -f /m/manifest.json && sleep 600"],
+                "volumeMounts": [{"name": "m", "mountPath": "/m", "readOnly": true}]}],
+            "volumes": [{"name": "m", "csi": {"driver": "csi.zerocopy.dev", "readOnly": true, "volumeAttributes": {"modelWrapper": "w"}}}]}}))
+        .unwrap()
+    };
+    pods.create(&PostParams::default(), &pod("holder")).await.unwrap();
+    let running = |name: &'static str| {
+        let pods = pods.clone();
+        async move { (pods.get(name).await.ok()?.status?.phase.as_deref() == Some("Running")).then_some(()) }
+    };
+    wait_for("holder running", 60, || running("holder")).await;
+    let kubelet = env.cluster.node_dirs("node-1").unwrap().kubelet;
+    let mounts = || zerocopy_node_agent::mount::mounts().unwrap().into_iter().filter(|m| m.mount_point.starts_with(&kubelet)).count();
+    assert_eq!(mounts(), 1);
+
+    // SIGKILL and restart: the pod's mount and the generation stay; Ready again; new pods still mount.
+    env.cluster.restart_agent("node-1").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(mounts(), 1, "the running pod's mount survived the restart");
+    assert_eq!(generations_on(&env.cluster, "node-1"), vec![format!("w/{gen}")]);
+    assert_eq!(pods.get("holder").await.unwrap().status.unwrap().phase.as_deref(), Some("Running"));
+    pods.create(&PostParams::default(), &pod("after")).await.unwrap();
+    wait_for("a new pod mounts after the restart", 60, || running("after")).await;
+    wait_for("still Ready 1/1", 30, || ready(&wrappers, "w", 1, None)).await;
+    env.stop().await;
+}
