@@ -266,6 +266,7 @@ impl Cluster {
         } else {
             None
         };
+        self.api.logs.register(&spec.name, dirs.logs.clone());
         let cfg = KubeletConfig {
             node: spec.name.clone(),
             kubelet_dir: dirs.kubelet.clone(),

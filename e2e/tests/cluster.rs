@@ -114,6 +114,9 @@ async fn a_pod_mounts_a_real_agents_volume_and_deleting_it_unpublishes() {
     );
     let log = cluster.pod_log("test", "reader", "main").unwrap();
     assert_eq!(log.trim(), format!("m {} gpu-1", sha256_hex(&body)));
+    // The same through the API, as `kubectl logs` reads it.
+    let via_api = pods.logs("reader", &kube::api::LogParams::default()).await.unwrap();
+    assert_eq!(via_api, log);
     // A finished pod's volume is torn down by its kubelet.
     wait_for("the finished pod's volume to be unpublished", 10, || async {
         (mounts_under(&dirs.kubelet) == 0).then_some(())

@@ -103,7 +103,10 @@ async fn place_fill_label_load_roll_remove_and_delete() {
     // Phase transitions are recorded as Events on the wrapper.
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), NS);
     let reasons = wait_for("a Ready event", 10, || async {
-        let l = events.list(&ListParams::default().fields("regarding.name=bert")).await.ok()?;
+        let l = events
+            .list(&ListParams::default().fields("regarding.name=bert"))
+            .await
+            .ok()?;
         let reasons: Vec<String> = l.items.iter().filter_map(|e| e.reason.clone()).collect();
         reasons.contains(&"Ready".to_string()).then_some(reasons)
     })

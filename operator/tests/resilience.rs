@@ -222,7 +222,13 @@ async fn an_agent_restart_keeps_mounts_and_generations() {
     let env = Env::start(nodes(1), 1).await;
     let (src, sha, _) = model(&env.cluster.dir, "m.safetensors", 64 * 1024, 5);
     let wrappers: Api<ModelWrapper> = Api::namespaced(env.client.clone(), NS);
-    wrappers.create(&PostParams::default(), &serde_json::from_value(wrapper("w", &src, &sha, json!({}), None)).unwrap()).await.unwrap();
+    wrappers
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(wrapper("w", &src, &sha, json!({}), None)).unwrap(),
+        )
+        .await
+        .unwrap();
     let gen = wait_for("Ready 1/1", 60, || ready(&wrappers, "w", 1, None)).await;
     let pods: Api<Pod> = Api::namespaced(env.client.clone(), NS);
     let pod = |name: &str| -> Pod {
@@ -239,7 +245,13 @@ async fn an_agent_restart_keeps_mounts_and_generations() {
     };
     wait_for("holder running", 60, || running("holder")).await;
     let kubelet = env.cluster.node_dirs("node-1").unwrap().kubelet;
-    let mounts = || zerocopy_node_agent::mount::mounts().unwrap().into_iter().filter(|m| m.mount_point.starts_with(&kubelet)).count();
+    let mounts = || {
+        zerocopy_node_agent::mount::mounts()
+            .unwrap()
+            .into_iter()
+            .filter(|m| m.mount_point.starts_with(&kubelet))
+            .count()
+    };
     assert_eq!(mounts(), 1);
 
     // SIGKILL and restart: the pod's mount and the generation stay; Ready again; new pods still mount.
@@ -247,7 +259,10 @@ async fn an_agent_restart_keeps_mounts_and_generations() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(mounts(), 1, "the running pod's mount survived the restart");
     assert_eq!(generations_on(&env.cluster, "node-1"), vec![format!("w/{gen}")]);
-    assert_eq!(pods.get("holder").await.unwrap().status.unwrap().phase.as_deref(), Some("Running"));
+    assert_eq!(
+        pods.get("holder").await.unwrap().status.unwrap().phase.as_deref(),
+        Some("Running")
+    );
     pods.create(&PostParams::default(), &pod("after")).await.unwrap();
     wait_for("a new pod mounts after the restart", 60, || running("after")).await;
     wait_for("still Ready 1/1", 30, || ready(&wrappers, "w", 1, None)).await;

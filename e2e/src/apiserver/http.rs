@@ -24,6 +24,7 @@ pub struct ServerState {
     pub faults: Faults,
     pub stats: RequestStats,
     pub bookmark_interval: Duration,
+    pub logs: super::PodLogs,
 }
 
 fn json_response(code: u16, v: &Value) -> Response {
@@ -66,6 +67,9 @@ pub async fn handle(
 
     if let Some(resp) = discovery(&state.store, &segs) {
         return resp;
+    }
+    if let (&Method::GET, ["api", "v1", "namespaces", ns, "pods", name, "log"]) = (&method, segs.as_slice()) {
+        return pod_log(&state, ns, name, query.get("container").map(String::as_str));
     }
     if let Some(e) = state.faults.maybe_fail(&method, is_watch) {
         return error_response(&e);
@@ -643,4 +647,32 @@ fn openapi_group_version(store: &Store, gv: &str) -> Option<Value> {
     Some(
         json!({"openapi": "3.0.0", "info": {"title": "Kubernetes (zerocopy-sim)", "version": "v1.33.0"}, "paths": paths, "components": {"schemas": {}}}),
     )
+}
+
+/// `pods/<name>/log`: the container's output, from the kubelet's log file.
+fn pod_log(state: &ServerState, ns: &str, name: &str, container: Option<&str>) -> Response {
+    let pod = match state
+        .store
+        .resource_type("", "pods")
+        .and_then(|t| state.store.get(&t, ns, name))
+    {
+        Ok(p) => p,
+        Err(e) => return error_response(&e),
+    };
+    let container = container
+        .map(String::from)
+        .or_else(|| pod["spec"]["containers"][0]["name"].as_str().map(String::from))
+        .unwrap_or_default();
+    let node = pod["spec"]["nodeName"].as_str().unwrap_or("");
+    let Some(path) = state.logs.path(node, ns, name, &container) else {
+        return error_response(&ApiError::bad_request(format!(
+            "container {container:?} in pod {name:?} is waiting to start"
+        )));
+    };
+    match std::fs::read(&path) {
+        Ok(bytes) => (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain")], bytes).into_response(),
+        Err(_) => error_response(&ApiError::bad_request(format!(
+            "container {container:?} in pod {name:?} is waiting to start: no log yet"
+        ))),
+    }
 }

@@ -170,7 +170,31 @@ pub struct ApiServer {
     pub store: Store,
     pub faults: Faults,
     pub stats: RequestStats,
+    /// Where each node's kubelet writes container logs (for `kubectl logs`).
+    pub logs: PodLogs,
     shutdown: watch::Sender<bool>,
+}
+
+/// Node name → the directory its kubelet writes `<ns>_<pod>/<container>.log` into.
+#[derive(Clone, Default)]
+pub struct PodLogs(Arc<Mutex<BTreeMap<String, PathBuf>>>);
+
+impl PodLogs {
+    pub fn register(&self, node: &str, dir: PathBuf) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node.to_string(), dir);
+    }
+
+    pub fn path(&self, node: &str, namespace: &str, pod: &str, container: &str) -> Option<PathBuf> {
+        let dirs = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        Some(
+            dirs.get(node)?
+                .join(format!("{namespace}_{pod}"))
+                .join(format!("{container}.log")),
+        )
+    }
 }
 
 impl ApiServer {
@@ -178,11 +202,13 @@ impl ApiServer {
         let store = Store::new(opts.history);
         let faults = Faults::default();
         let stats = RequestStats::default();
+        let logs = PodLogs::default();
         let state = Arc::new(http::ServerState {
             store: store.clone(),
             faults: faults.clone(),
             stats: stats.clone(),
             bookmark_interval: opts.bookmark_interval,
+            logs: logs.clone(),
         });
         let app = axum::Router::new().fallback(http::handle).with_state(state);
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", opts.port)).await?;
@@ -203,6 +229,7 @@ impl ApiServer {
             store,
             faults,
             stats,
+            logs,
             shutdown,
         })
     }
