@@ -1,8 +1,8 @@
 //! Operator at scale in the simulator: N nodes × W wrappers (default 1,000 ×
 //! 10). The node agents here are **simulated status writers** (in-process,
-//! writing straight into the simulator's store: a Lease per node and a Ready
-//! status for every replica), so every HTTP request the API server counts is
-//! the operator's. The operator is the real release binary, in its own
+//! writing straight into the simulator's store: a Lease per node renewed
+//! every 5 s, and a Ready status for every replica), so every HTTP request the
+//! API server counts is the operator's. The operator is the real release binary, in its own
 //! process, so its peak RSS is its own.
 //!
 //! Prints a table and writes docs/benchmarks-operator-scale.json.
