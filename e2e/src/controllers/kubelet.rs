@@ -16,11 +16,10 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint, Uri};
+use zerocopy_node_agent::csi::client::connect;
 use zerocopy_node_agent::csi::proto::node_client::NodeClient;
 use zerocopy_node_agent::csi::proto::volume_capability::{access_mode, AccessMode, AccessType, MountVolume};
 use zerocopy_node_agent::csi::proto::{NodePublishVolumeRequest, NodeUnpublishVolumeRequest, VolumeCapability};
@@ -53,16 +52,6 @@ impl KubeletConfig {
 struct Running {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
-}
-
-pub async fn connect(socket: &Path) -> Result<Channel, tonic::transport::Error> {
-    let socket = socket.to_path_buf();
-    Endpoint::try_from("http://[::]:50051")?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
-        }))
-        .await
 }
 
 fn meta<'a>(o: &'a Value, f: &str) -> &'a str {

@@ -7,9 +7,11 @@
 //! - [`node`] / [`identity`]: the gRPC services; every error is mapped to one
 //!   gRPC code on purpose and logged here, because kubelet is the only other
 //!   place it would show.
+//! - [`client`]: a channel to a CSI socket, as kubelet opens one.
 //! - [`server`]: the socket (stale one removed, mode 0600) and the tonic server.
 
 pub mod catalog;
+pub mod client;
 pub mod identity;
 pub mod inflight;
 pub mod ledger;

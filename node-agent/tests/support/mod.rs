@@ -9,8 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use zerocopy_node_agent::csi::proto::identity_client::IdentityClient;
 use zerocopy_node_agent::csi::proto::node_client::NodeClient;
 use zerocopy_node_agent::csi::proto::volume_capability::{access_mode, AccessMode, AccessType, MountVolume};
@@ -173,15 +172,7 @@ impl Drop for Agent {
     }
 }
 
-pub async fn connect(socket: &Path) -> Result<Channel, tonic::transport::Error> {
-    let socket = socket.to_path_buf();
-    Endpoint::try_from("http://[::]:50051")?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
-        }))
-        .await
-}
+pub use zerocopy_node_agent::csi::client::connect;
 
 /// The request kubelet sends for an ephemeral inline volume.
 pub fn publish(id: &str, target: &Path, wrapper: &str, namespace: &str) -> NodePublishVolumeRequest {
