@@ -150,9 +150,10 @@ async fn write_statuses(
 ) {
     let mut written: BTreeMap<(String, String), ModelReplicaStatus> = BTreeMap::new();
     loop {
-        for r in store.state() {
+        let replicas = store.state();
+        for r in &replicas {
             let ns = r.namespace().unwrap_or_default();
-            let status = replica_status(&r, &shared, &root);
+            let status = replica_status(r, &shared, &root);
             let key = (ns.clone(), r.name_any());
             // Compare with what we wrote and with what the cache holds, so a
             // restart does not rewrite unchanged statuses.
@@ -177,12 +178,12 @@ async fn write_statuses(
                 Err(e) => tracing::warn!(replica = %r.name_any(), error = %e, "could not write replica status"),
             }
         }
-        written.retain(|(ns, name), _| {
-            store
-                .state()
-                .iter()
-                .any(|r| r.namespace().as_deref() == Some(ns) && &r.name_any() == name)
-        });
+        // Forget replicas that are gone, from the same snapshot.
+        let present: std::collections::BTreeSet<(String, String)> = replicas
+            .iter()
+            .map(|r| (r.namespace().unwrap_or_default(), r.name_any()))
+            .collect();
+        written.retain(|key, _| present.contains(key));
         tokio::select! {
             _ = shared.catalog.changed.notified() => tokio::time::sleep(every).await,
             _ = tokio::time::sleep(every) => {}
