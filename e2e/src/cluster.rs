@@ -405,22 +405,15 @@ impl Cluster {
         Ok(())
     }
 
-    /// A container's log (stdout and stderr).
+    /// A container's log (stdout and stderr), from the kubelet of the pod's node.
     pub fn pod_log(&self, namespace: &str, pod: &str, container: &str) -> Option<String> {
-        let nodes = self.lock_nodes();
-        nodes.values().find_map(|n| {
-            std::fs::read_to_string(
-                n.dirs
-                    .logs
-                    .join(format!("{namespace}_{pod}"))
-                    .join(format!("{container}.log")),
-            )
-            .ok()
-        })
-    }
-
-    pub fn node_names(&self) -> Vec<String> {
-        self.lock_nodes().keys().cloned().collect()
+        let t = self.store().resource_type("", "pods").ok()?;
+        let p = self.store().get(&t, namespace, pod).ok()?;
+        let path = self
+            .api
+            .logs
+            .path(p["spec"]["nodeName"].as_str()?, namespace, pod, container)?;
+        std::fs::read_to_string(path).ok()
     }
 
     /// Stops everything and unmounts what the agents and pods left under the

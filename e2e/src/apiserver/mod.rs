@@ -133,16 +133,6 @@ impl RequestStats {
         }
         out
     }
-
-    pub fn agents(&self) -> Vec<String> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .per_agent
-            .keys()
-            .cloned()
-            .collect()
-    }
 }
 
 #[derive(Clone, Debug)]
@@ -189,12 +179,13 @@ impl PodLogs {
 
     pub fn path(&self, node: &str, namespace: &str, pod: &str, container: &str) -> Option<PathBuf> {
         let dirs = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        Some(
-            dirs.get(node)?
-                .join(format!("{namespace}_{pod}"))
-                .join(format!("{container}.log")),
-        )
+        Some(log_file(dirs.get(node)?, namespace, pod, container))
     }
+}
+
+/// The one layout of container logs below a node's log directory.
+pub fn log_file(dir: &Path, namespace: &str, pod: &str, container: &str) -> PathBuf {
+    dir.join(format!("{namespace}_{pod}")).join(format!("{container}.log"))
 }
 
 impl ApiServer {

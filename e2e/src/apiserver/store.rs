@@ -120,13 +120,11 @@ fn valid_name(name: &str) -> bool {
 }
 
 /// The object without metadata and status: what `generation` counts changes of.
-fn spec_part(obj: &Value, status_subresource: bool) -> Value {
+fn spec_part(obj: &Value) -> Value {
     let mut o = obj.clone();
     if let Some(m) = o.as_object_mut() {
         m.remove("metadata");
-        if status_subresource {
-            m.remove("status");
-        }
+        m.remove("status");
     }
     o
 }
@@ -314,11 +312,11 @@ impl Store {
         }
         obj["apiVersion"] = json!(t.api_version());
         obj["kind"] = json!(t.kind);
-        admit(&inner.registry, t, &mut obj, None)?;
+        admit(t, &mut obj, None)?;
         inner.rv += 1;
         let rv = inner.rv;
         stamp_new(&mut obj, rv, t.status_subresource);
-        self.after_write(&mut inner, t, None, &obj)?;
+        self.after_write(&mut inner, t, &obj)?;
         inner.objects.entry(t.key()).or_default().insert(key, obj.clone());
         self.emit(&mut inner, t.key(), EventKind::Added, obj.clone(), None);
         Ok(obj)
@@ -494,7 +492,7 @@ impl Store {
                 ));
             }
         }
-        admit(&inner.registry, t, &mut next, Some(&current))?;
+        admit(t, &mut next, Some(&current))?;
         let unchanged = {
             let mut a = current.clone();
             let mut b = next.clone();
@@ -509,13 +507,13 @@ impl Store {
             return Ok(current);
         }
         if t.status_subresource {
-            let spec_changed = spec_part(&current, true) != spec_part(&next, true);
+            let spec_changed = spec_part(&current) != spec_part(&next);
             let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
             next["metadata"]["generation"] = json!(if spec_changed { generation + 1 } else { generation });
         }
         inner.rv += 1;
         next["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
-        self.after_write(inner, t, Some(&current), &next)?;
+        self.after_write(inner, t, &next)?;
         let finalized = !next["metadata"]["deletionTimestamp"].is_null()
             && next["metadata"]["finalizers"].as_array().is_none_or(Vec::is_empty)
             && !(t.kind == "Pod" && pod_needs_kubelet(&next));
@@ -632,13 +630,7 @@ impl Store {
     }
 
     /// Side effects of writes on special kinds: CRDs (un)register their type.
-    fn after_write(
-        &self,
-        inner: &mut Inner,
-        t: &ResourceType,
-        _old: Option<&Value>,
-        obj: &Value,
-    ) -> Result<(), ApiError> {
+    fn after_write(&self, inner: &mut Inner, t: &ResourceType, obj: &Value) -> Result<(), ApiError> {
         if t.kind == "CustomResourceDefinition" {
             let crd_type = ResourceType::from_crd(obj).map_err(|m| {
                 ApiError::invalid("CustomResourceDefinition", meta_str(obj, "name"), &[("spec".into(), m)])
@@ -772,7 +764,7 @@ fn check_apply_body(t: &ResourceType, name: &str, body: &Value) -> Result<(), Ap
 }
 
 /// Defaults and validation on every write, per kind.
-fn admit(_registry: &Registry, t: &ResourceType, obj: &mut Value, old: Option<&Value>) -> Result<(), ApiError> {
+fn admit(t: &ResourceType, obj: &mut Value, old: Option<&Value>) -> Result<(), ApiError> {
     let name = meta_str(obj, "name").to_string();
     if let Some(labels) = obj["metadata"]["labels"].as_object() {
         for (k, v) in labels {

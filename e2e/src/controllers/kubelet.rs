@@ -43,9 +43,7 @@ pub struct KubeletConfig {
 
 impl KubeletConfig {
     pub fn pod_log(&self, namespace: &str, name: &str, container: &str) -> PathBuf {
-        self.log_dir
-            .join(format!("{namespace}_{name}"))
-            .join(format!("{container}.log"))
+        crate::apiserver::log_file(&self.log_dir, namespace, name, container)
     }
 }
 
