@@ -7,10 +7,13 @@ use std::sync::Arc;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::{Api, Patch, PatchParams};
+use kube::core::NamespaceResourceScope;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::Store;
-use kube::ResourceExt;
-use zerocopy_api::labels::{LEASE_CAPACITY, LEASE_USED};
+use kube::{Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use zerocopy_api::labels::{LEASE_CAPACITY, LEASE_USED, OPERATOR_MANAGER};
 use zerocopy_api::{ModelReplica, ModelWrapper};
 
 use crate::lenient::Lenient;
@@ -74,6 +77,25 @@ impl Context {
             recorder,
             metrics,
         })
+    }
+
+    /// Server-side apply of `status` to the status subresource of `K` `ns/name`,
+    /// with the operator's field manager (it owns every status field it writes).
+    pub async fn apply_status<K>(&self, ns: &str, name: &str, status: &impl serde::Serialize) -> Result<(), Error>
+    where
+        K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug,
+    {
+        let api: Api<K> = Api::namespaced(self.client.clone(), ns);
+        let body = serde_json::json!({"apiVersion": K::api_version(&()), "kind": K::kind(&()),
+            "metadata": {"name": name}, "status": status});
+        api.patch_status(
+            name,
+            &PatchParams::apply(OPERATOR_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await?;
+        self.metrics.write(&K::kind(&()), "status");
+        Ok(())
     }
 
     /// Nodes with their agents, from the caches.

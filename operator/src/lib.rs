@@ -181,17 +181,9 @@ pub async fn run(
     });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stop = {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
-    let stop2 = {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
+    // One stop signal for both controllers.
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
     };
     tokio::spawn(async move {
         tokio::select! {
@@ -205,7 +197,7 @@ pub async fn run(
     let wrappers_done = wrapper_ctl
         .owns(Api::<ModelReplica>::all(client.clone()), watcher::Config::default())
         .reconcile_all_on(all_trigger)
-        .graceful_shutdown_on(stop)
+        .graceful_shutdown_on(stopped(stop_rx.clone()))
         .run(
             wrapper_controller::reconcile,
             wrapper_controller::error_policy,
@@ -234,7 +226,7 @@ pub async fn run(
                     .collect::<Vec<_>>()
             },
         )
-        .graceful_shutdown_on(stop2)
+        .graceful_shutdown_on(stopped(stop_rx.clone()))
         .run(task_controller::reconcile, task_controller::error_policy, ctx.clone())
         .for_each(|r| async move {
             if let Err(e) = r {

@@ -13,7 +13,6 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 use zerocopy_api::labels::OPERATOR_MANAGER;
 use zerocopy_api::{ModelTask, ModelTaskStatus};
 
@@ -128,15 +127,7 @@ async fn write_status(
     if previous == Some(&status) {
         return Ok(());
     }
-    let api: Api<ModelTask> = Api::namespaced(ctx.client.clone(), ns);
-    let body = json!({"apiVersion": "zerocopy.dev/v1alpha1", "kind": "ModelTask", "metadata": {"name": t.name_any()}, "status": status});
-    api.patch_status(
-        &t.name_any(),
-        &PatchParams::apply(OPERATOR_MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await?;
-    ctx.metrics.write("ModelTask", "status");
+    ctx.apply_status::<ModelTask>(ns, &t.name_any(), &status).await?;
     if previous.and_then(|p| p.phase.clone()) != status.phase {
         if let Some(phase) = &status.phase {
             let kind = if phase == "Failed" {

@@ -88,7 +88,6 @@ async fn apply(w: &ModelWrapper, ctx: &Context) -> Result<Action, Error> {
     let ns = w.namespace().ok_or(Error::NoNamespace)?;
     let name = w.name_any();
     let now = Time(Timestamp::now());
-    let api: Api<ModelWrapper> = Api::namespaced(ctx.client.clone(), &ns);
     let previous = w.status.clone();
 
     if let Err(errors) = validate_wrapper(&ns, &name, &w.spec) {
@@ -107,7 +106,7 @@ async fn apply(w: &ModelWrapper, ctx: &Context) -> Result<Action, Error> {
                 &now,
             ),
         );
-        write_status(&api, ctx, w, previous.as_ref(), status).await?;
+        write_status(ctx, w, previous.as_ref(), status).await?;
         return Ok(Action::await_change());
     }
 
@@ -178,7 +177,7 @@ async fn apply(w: &ModelWrapper, ctx: &Context) -> Result<Action, Error> {
     );
     let ready_nodes: Vec<String> = crate::status::tally(&placement.nodes, &digest, &mine_now).ready;
     sync_labels(ctx, &label, &ready_nodes).await?;
-    write_status(&api, ctx, w, previous.as_ref(), status).await?;
+    write_status(ctx, w, previous.as_ref(), status).await?;
     Ok(Action::requeue(RESYNC))
 }
 
@@ -210,7 +209,6 @@ async fn sync_labels(ctx: &Context, label: &str, ready_nodes: &[String]) -> Resu
 }
 
 async fn write_status(
-    api: &Api<ModelWrapper>,
     ctx: &Context,
     w: &ModelWrapper,
     previous: Option<&ModelWrapperStatus>,
@@ -219,14 +217,8 @@ async fn write_status(
     if previous == Some(&status) {
         return Ok(());
     }
-    let body = json!({"apiVersion": "zerocopy.dev/v1alpha1", "kind": "ModelWrapper", "metadata": {"name": w.name_any()}, "status": status});
-    api.patch_status(
-        &w.name_any(),
-        &PatchParams::apply(OPERATOR_MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await?;
-    ctx.metrics.write("ModelWrapper", "status");
+    let ns = w.namespace().ok_or(Error::NoNamespace)?;
+    ctx.apply_status::<ModelWrapper>(&ns, &w.name_any(), &status).await?;
     let old_phase = previous.and_then(|p| p.phase.clone());
     if old_phase != status.phase {
         let phase = status.phase.clone().unwrap_or_default();
@@ -276,16 +268,8 @@ async fn report_malformed(w: &Lenient<ModelWrapper>, why: &str, ctx: &Context) -
         return Ok(Action::await_change());
     }
     let now = Time(Timestamp::now());
-    let body = json!({"apiVersion": "zerocopy.dev/v1alpha1", "kind": "ModelWrapper", "metadata": {"name": w.name_any()},
-        "status": {"phase": "Failed", "observedGeneration": w.metadata.generation,
-            "conditions": [condition("Ready", false, "MalformedObject", message, w.metadata.generation, &now)]}});
-    let api: Api<ModelWrapper> = Api::namespaced(ctx.client.clone(), &ns);
-    api.patch_status(
-        &w.name_any(),
-        &PatchParams::apply(OPERATOR_MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await?;
-    ctx.metrics.write("ModelWrapper", "status");
+    let status = json!({"phase": "Failed", "observedGeneration": w.metadata.generation,
+        "conditions": [condition("Ready", false, "MalformedObject", message, w.metadata.generation, &now)]});
+    ctx.apply_status::<ModelWrapper>(&ns, &w.name_any(), &status).await?;
     Ok(Action::await_change())
 }
