@@ -150,7 +150,8 @@ fn parse_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
         return Err(ApiError::new(
             415,
             "UnsupportedMediaType",
-            "protobuf is not supported by the simulator; send JSON",
+            "protobuf is not supported by the simulator; send JSON (kubectl: use `kubectl apply -f` \
+             instead of `kubectl create <kind>`, which encodes built-in kinds as protobuf)",
         ));
     }
     if ct.contains("yaml") {

@@ -33,7 +33,7 @@ struct Cli {
     agent_bin: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Mode::Standalone)]
     agent_mode: Mode,
-    /// Namespace of the agents' Leases in cluster mode.
+    /// Namespace of the agents' Leases in cluster mode (created by the simulator).
     #[arg(long, default_value = "zerocopy-system")]
     agent_namespace: String,
     /// Working directory for node roots, sockets and logs (default: a temporary one).
@@ -60,17 +60,9 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let mut opts = ClusterOptions::with_nodes(
-        (1..=cli.nodes)
-            .map(|i| {
-                let n = NodeSpec::new(&format!("node-{i}"));
-                match &cli.capacity {
-                    Some(c) => n.capacity(c),
-                    None => n,
-                }
-            })
-            .collect(),
-    );
+    // Nodes are added after the agents' namespace exists, so their first
+    // Lease write succeeds.
+    let mut opts = ClusterOptions::with_nodes(vec![]);
     opts.api = ApiServerOptions {
         port: cli.port,
         ..Default::default()
@@ -86,6 +78,23 @@ async fn main() -> anyhow::Result<()> {
         opts = opts.agent(bin, mode);
     }
     let cluster = Cluster::start(opts).await?;
+    if matches!(cli.agent_mode, Mode::Cluster) {
+        let t = cluster.store().resource_type("", "namespaces")?;
+        cluster.store().create(
+            &t,
+            "",
+            serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": cli.agent_namespace}}),
+        )?;
+    }
+    for i in 1..=cli.nodes {
+        let n = NodeSpec::new(&format!("node-{i}"));
+        cluster
+            .add_node(match &cli.capacity {
+                Some(c) => n.capacity(c),
+                None => n,
+            })
+            .await?;
+    }
     cluster.api.faults.set(FaultConfig {
         error_rate: cli.error_rate,
         cut_watches_within: cli.cut_watches_ms.map(Duration::from_millis),
