@@ -112,6 +112,9 @@ async fn place_fill_label_load_roll_remove_and_delete() {
     })
     .await;
     assert!(reasons.contains(&"Filling".to_string()), "{reasons:?}");
+    // The same Events through core/v1, which `kubectl describe` reads.
+    let described = kubectl(&env.cluster.kubeconfig, &["describe", "mw", "bert", "-n", NS]);
+    assert!(described.contains("Filling -> Ready"), "{described}");
 
     // kubectl shows the printer columns.
     let out = kubectl(&env.cluster.kubeconfig, &["get", "mw", "-n", NS]);

@@ -106,7 +106,7 @@ pub async fn handle(
         (&Method::GET, Some(name)) => state
             .store
             .get(&target.t, ns, name)
-            .map(|o| (200, maybe_table(&target.t, &headers, o))),
+            .map(|o| (200, maybe_table(&target.t, &headers, labelled(&target.t, o)))),
         (&Method::POST, None) => parse_body(&headers, &body)
             .and_then(|o| state.store.create(&target.t, ns, o))
             .map(|o| (201, o)),
@@ -161,6 +161,14 @@ fn parse_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
     }
 }
 
+/// The object as the API it is read through names it (one stored Event is
+/// read as core/v1 or as events.k8s.io/v1).
+fn labelled(t: &ResourceType, mut obj: Value) -> Value {
+    obj["apiVersion"] = json!(t.api_version());
+    obj["kind"] = json!(t.kind);
+    obj
+}
+
 fn wants_table(headers: &HeaderMap) -> bool {
     headers
         .get(header::ACCEPT)
@@ -196,6 +204,7 @@ fn list(
 ) -> Result<Value, ApiError> {
     let opts = list_options(query)?;
     let (items, rv, next) = store.list(&target.t, target.namespace.as_deref(), &opts)?;
+    let items: Vec<Value> = items.into_iter().map(|o| labelled(&target.t, o)).collect();
     if wants_table(headers) {
         let mut table = to_table(&target.t, &items, &rv.to_string());
         if let Some(n) = next {
@@ -309,7 +318,7 @@ fn delete(
     } else {
         202
     };
-    Ok((code, obj))
+    Ok((code, labelled(&target.t, obj)))
 }
 
 fn delete_collection(store: &Store, target: &Target, query: &HashMap<String, String>) -> Result<Value, ApiError> {
@@ -371,7 +380,7 @@ fn watch(state: &Arc<ServerState>, target: &Target, query: &HashMap<String, Stri
         };
         let mut seen_rv = start_rv;
         for e in initial {
-            let line = json!({"type": e.kind.as_str(), "object": e.object});
+            let line = json!({"type": e.kind.as_str(), "object": labelled(&t, e.object.clone())});
             if in_scope(&e.object) && tx.send(send_line(line)).await.is_err() {
                 return;
             }
@@ -419,7 +428,7 @@ fn watch(state: &Arc<ServerState>, target: &Target, query: &HashMap<String, Stri
                         (EventKind::Deleted, _, true) => "DELETED",
                         _ => continue,
                     };
-                    if tx.send(send_line(json!({"type": kind, "object": ev.object}))).await.is_err() {
+                    if tx.send(send_line(json!({"type": kind, "object": labelled(&t, ev.object.clone())}))).await.is_err() {
                         return;
                     }
                 }

@@ -8,6 +8,7 @@
 
 pub mod apply;
 pub mod error;
+pub mod events;
 pub mod gc;
 pub mod http;
 pub mod patch;

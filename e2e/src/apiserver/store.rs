@@ -605,7 +605,7 @@ impl Store {
         obj["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
         if t.kind == "CustomResourceDefinition" {
             if let Ok(crd_type) = ResourceType::from_crd(&obj) {
-                inner.registry.remove(&crd_type.key());
+                inner.registry.remove(&crd_type.registry_key());
                 if let Some(objs) = inner.objects.remove(&crd_type.key()) {
                     for (_, o) in objs {
                         inner.rv += 1;
@@ -782,6 +782,7 @@ fn admit(t: &ResourceType, obj: &mut Value, old: Option<&Value>) -> Result<(), A
         }
     }
     match t.kind.as_str() {
+        "Event" => super::events::normalize(obj, t.is_events_v1()),
         "Pod" => {
             if obj["spec"]["containers"].as_array().is_none_or(Vec::is_empty) {
                 return Err(ApiError::invalid(

@@ -34,8 +34,22 @@ pub struct PrinterColumn {
 pub type TypeKey = (String, String);
 
 impl ResourceType {
+    /// Where objects of this type are stored. `events.k8s.io/v1` Events are
+    /// the core Events seen through another API, as in the real server.
     pub fn key(&self) -> TypeKey {
+        if self.is_events_v1() {
+            return (String::new(), "events".into());
+        }
+        self.registry_key()
+    }
+
+    /// How the type is registered and discovered: (group, plural).
+    pub fn registry_key(&self) -> TypeKey {
         (self.group.clone(), self.plural.clone())
+    }
+
+    pub fn is_events_v1(&self) -> bool {
+        self.group == "events.k8s.io" && self.plural == "events"
     }
 
     /// `apiVersion` for objects of this type (the first served version).
@@ -202,7 +216,7 @@ impl Registry {
     }
 
     pub fn insert(&mut self, t: ResourceType) {
-        self.types.insert(t.key(), t);
+        self.types.insert(t.registry_key(), t);
     }
 
     pub fn remove(&mut self, key: &TypeKey) -> Option<ResourceType> {
