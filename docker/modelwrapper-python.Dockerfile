@@ -1,5 +1,6 @@
-# Python image with torch (CPU) and the modelwrapper package, for task-mode
-# templates and Ray workers that do not bake modelwrapper in themselves.
+# Python image with torch (CPU) and the modelwrapper package (built from
+# python/ in this repository), for task-mode templates and other plain Python
+# pods. Ray pods use modelwrapper-ray.Dockerfile, which adds it to Ray's image.
 #   docker build -f docker/modelwrapper-python.Dockerfile -t ghcr.io/zerocopy-dev/modelwrapper-python:0.1.0 .
 FROM python:3.11-slim
 RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0

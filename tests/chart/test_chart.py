@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -204,3 +205,126 @@ def test_the_validator_catches_a_broken_example():
     ray = yaml.safe_load((REPO / "examples/kuberay/raycluster.yaml").read_text())
     ray["spec"]["workerGroupSpecs"][0]["replicas"] = "two"
     assert list(crd_validator(REPO / "tests/data/kuberay/ray.io_rayclusters.yaml", "v1").iter_errors(ray))
+
+
+# Images the examples may name besides the ones docker/ builds: upstream
+# images, pulled from their public registries as they are.
+UPSTREAM_IMAGES = {"rayproject/ray", "python"}
+PIN_OPS = ("==", ">=", "<=", "~=", "!=", "===", ">", "<")
+
+
+def example_files(*suffixes: str) -> list[Path]:
+    return sorted(p for p in (REPO / "examples").rglob("*") if p.is_file() and p.suffix in suffixes)
+
+
+def example_docs() -> list[tuple[Path, dict]]:
+    return [(p, d) for p in example_files(".yaml", ".yml") for d in yaml.safe_load_all(p.read_text()) if d]
+
+
+def built_images() -> dict[str, str]:
+    """image -> Dockerfile, from the `docker build -f docker/X -t IMAGE .` line in
+    each Dockerfile's header comment."""
+    images = {}
+    for f in sorted((REPO / "docker").glob("*.Dockerfile")):
+        header = [l for l in f.read_text().splitlines() if l.startswith("#")]
+        tags = [
+            l.split(" -t ", 1)[1].split()[0]
+            for l in header
+            if "docker build" in l and f"-f docker/{f.name} " in l and " -t " in l
+        ]
+        assert len(tags) == 1, f"{f.name}: its header must document one `docker build -f docker/{f.name} -t <image> .` line"
+        images[tags[0]] = f.name
+    return images
+
+
+def images_in(node) -> list[str]:
+    if isinstance(node, dict):
+        found = [v for k, v in node.items() if k == "image" and isinstance(v, str)]
+        return found + [i for v in node.values() for i in images_in(v)]
+    if isinstance(node, list):
+        return [i for v in node for i in images_in(v)]
+    return []
+
+
+def test_every_example_image_is_upstream_or_built_in_docker():
+    built = built_images()
+    assert "ghcr.io/zerocopy-dev/modelwrapper-ray:0.1.0" in built and "ghcr.io/zerocopy-dev/modelwrapper-python:0.1.0" in built
+    seen = 0
+    for path, doc in example_docs():
+        for image in images_in(doc):
+            seen += 1
+            repo = image.rsplit(":", 1)[0] if ":" in image.rsplit("/", 1)[-1] else image
+            assert image in built or repo in UPSTREAM_IMAGES, (
+                f"{path.relative_to(REPO)} uses {image}, which is neither an upstream image ({sorted(UPSTREAM_IMAGES)}) "
+                f"nor one that docker/*.Dockerfile builds ({sorted(built)})"
+            )
+    assert seen >= 5
+
+
+def test_ray_examples_run_the_modelwrapper_ray_image():
+    """The Ray examples import modelwrapper, so head and workers run the image
+    that carries it, and their rayVersion is the Ray of that image."""
+    built = built_images()
+    base = next(l.split()[1] for l in (REPO / "docker/modelwrapper-ray.Dockerfile").read_text().splitlines() if l.startswith("FROM rayproject/ray:"))
+    ray_version = base.split(":", 1)[1].split("-", 1)[0]
+    versions = []
+    for path, doc in example_docs():
+        if doc.get("apiVersion", "").startswith("ray.io/"):
+            spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+            versions.append((path.name, spec["rayVersion"]))
+            for image in images_in(doc):
+                assert built.get(image) == "modelwrapper-ray.Dockerfile", f"{path.name} runs {image}, which has no modelwrapper; use the image of docker/modelwrapper-ray.Dockerfile"
+    assert len(versions) >= 2 and all(v == ray_version for _, v in versions), f"{base} runs Ray {ray_version}; examples say {versions}"
+
+
+def modelwrapper_from_an_index(requirement: str) -> bool:
+    """True when a pip requirement asks a package index for modelwrapper (a
+    name, maybe with a version), not for a wheel URL or a local path."""
+    req = requirement.strip()
+    if "://" in req or req.startswith((".", "/")) or req.endswith(".whl"):
+        return False
+    name = req.split(";")[0].split("[")[0]
+    for op in PIN_OPS:
+        name = name.split(op)[0]
+    return name.strip().lower().replace("_", "-") == "modelwrapper"
+
+
+def runtime_env_pips(doc: dict) -> list[str]:
+    spec = doc.get("spec") or {}
+    envs = []
+    if isinstance(spec.get("runtimeEnvYAML"), str):
+        envs.append(yaml.safe_load(spec["runtimeEnvYAML"]) or {})
+    for app in (spec.get("serveConfigV2") and yaml.safe_load(spec["serveConfigV2"]) or {}).get("applications", []):
+        envs.append(app.get("runtime_env") or {})
+    pips = []
+    for env in envs:
+        pip = env.get("pip") or []
+        if isinstance(pip, dict):
+            pip = pip.get("packages", [])
+        pips += [pip] if isinstance(pip, str) else list(pip)
+    return pips
+
+
+def test_no_example_installs_modelwrapper_from_a_public_index():
+    """modelwrapper is not on any public index: examples get it from an image
+    built from docker/ (or a wheel URL the user hosts)."""
+    problems = []
+    for path, doc in example_docs():
+        problems += [f"{path.relative_to(REPO)}: runtime env pip {r!r}" for r in runtime_env_pips(doc) if modelwrapper_from_an_index(r)]
+    pinned = re.compile(r"\bmodelwrapper\s*(===|==|>=|<=|~=|!=|>|<)\s*\d")
+    pip_install = re.compile(r"pip3?\s+install\s+(?:--?[\w-]+(?:[ =]\S+)?\s+)*['\"]?modelwrapper\b(?![-/.\w])")
+    for path in example_files(".yaml", ".yml", ".md", ".sh", ".py", ".txt", ".toml"):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if pinned.search(line) or pip_install.search(line):
+                problems.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
+    assert not problems, "examples install modelwrapper from a public package index, where it does not exist:\n" + "\n".join(problems)
+
+
+def test_the_index_check_catches_a_pinned_modelwrapper():
+    doc = yaml.safe_load((REPO / "examples/kuberay/rayjob.yaml").read_text())
+    doc["spec"]["runtimeEnvYAML"] = 'pip: ["modelwrapper==0.1.0", "numpy"]'
+    assert [r for r in runtime_env_pips(doc) if modelwrapper_from_an_index(r)] == ["modelwrapper==0.1.0"]
+    assert not modelwrapper_from_an_index("https://example.com/modelwrapper-0.1.0-py3-none-any.whl")
+    assert not modelwrapper_from_an_index("modelwrapper @ https://example.com/modelwrapper-0.1.0-py3-none-any.whl")
+    assert modelwrapper_from_an_index("modelwrapper[ray]>=0.1")
+    assert modelwrapper_from_an_index("modelwrapper")
