@@ -87,34 +87,132 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+_U64_MAX = 2**64 - 1
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object hook that refuses duplicate keys (a header that says two
+    things about one tensor is ambiguous; readers would disagree)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _u64(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _U64_MAX
+
+
 def parse_header(buf: memoryview | bytes, file_size: int, where: str) -> SafetensorsHeader:
-    """Parses and checks a safetensors header from the start of ``buf``."""
-    if file_size < 8:
-        raise VolumeError(f"{where}: {file_size} bytes is too short for safetensors")
+    """Parses and checks a safetensors header from the start of ``buf``.
+
+    The same rules, in the same order, as ``validate_header`` in
+    ``api/src/safetensors.rs`` (docs/FORMAT.md), so a file one loader accepts
+    the other accepts too. Stricter only where Rust would silently pick one
+    of two meanings: duplicate keys are refused.
+    """
+    if file_size < 8 or len(buf) < 8:
+        raise VolumeError(
+            f"{where}: file is {file_size} bytes: too short for a safetensors header (needs at least 8); "
+            "it is not a safetensors file, or it is truncated"
+        )
     (n,) = struct.unpack_from("<Q", buf, 0)
-    if n > MAX_HEADER_BYTES or 8 + n > file_size:
-        raise VolumeError(f"{where}: header length {n} is invalid for a {file_size}-byte file")
+    if n > MAX_HEADER_BYTES:
+        raise VolumeError(
+            f"{where}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit: not a safetensors file, or a corrupt one"
+        )
+    if 8 + n > file_size or 8 + n > len(buf):
+        raise VolumeError(
+            f"{where}: header length {n} does not fit in a {file_size}-byte file: the file is truncated or not safetensors"
+        )
+    bad = f"{where}: header is not valid safetensors JSON"
     try:
-        raw = json.loads(bytes(buf[8 : 8 + n]))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise VolumeError(f"{where}: header is not JSON: {e}") from None
+        raw = json.loads(bytes(buf[8 : 8 + n]), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except _DuplicateKey as e:
+        raise VolumeError(f"{bad}: key {e.args[0]!r} appears twice; re-save the file with the safetensors library") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise VolumeError(f"{bad}: {e}") from None
+    if not isinstance(raw, dict):
+        raise VolumeError(f"{bad}: expected an object of tensors, found {type(raw).__name__}")
     data_offset = 8 + n
     available = file_size - data_offset
-    metadata = raw.pop("__metadata__", None) or {}
-    tensors = []
-    for name, info in raw.items():
-        dtype = DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise VolumeError(f"{where}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-        shape = tuple(int(d) for d in info["shape"])
-        begin, end = (int(x) for x in info["data_offsets"])
-        numel = 1
-        for d in shape:
-            numel *= d
-        size = numel * dtype.itemsize
-        if end - begin != size or begin > end or end > available:
-            raise VolumeError(f"{where}: tensor {name!r} span [{begin}, {end}] does not fit shape {list(shape)}")
-        if (data_offset + begin) % dtype.itemsize:
-            raise VolumeError(f"{where}: tensor {name!r} is not aligned to its element size")
-        tensors.append(TensorEntry(name, dtype, shape, begin, end))
+    metadata = raw.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise VolumeError(f"{bad}: __metadata__ must map strings to strings, found {json.dumps(metadata)[:200]}")
+    tensors = [_tensor(name, info, bad, where, data_offset, available) for name, info in raw.items()]
+    # Empty tensors occupy no bytes and may sit anywhere; order by span.
+    tensors.sort(key=lambda t: (t.begin, t.end))
+    covered = 0
+    last: TensorEntry | None = None
+    for t in tensors:
+        if t.end == t.begin:
+            continue
+        if t.begin < covered:
+            raise VolumeError(
+                f"{where}: tensors {last.name if last else ''!r} and {t.name!r} overlap "
+                f"(data bytes {t.begin}..{min(covered, t.end)} belong to both)"
+            )
+        if t.begin > covered:
+            raise VolumeError(f"{where}: data bytes {covered}..{t.begin} belong to no tensor: the header does not cover the file")
+        covered = t.end
+        last = t
+    if covered != available:
+        raise VolumeError(f"{where}: data bytes {covered}..{available} belong to no tensor: the header does not cover the file")
     return SafetensorsHeader(data_offset, tensors, dict(metadata))
+
+
+def _tensor(name: str, info: Any, bad: str, where: str, data_offset: int, available: int) -> TensorEntry:
+    """One header entry, checked: fields, dtype, span = shape x element size,
+    bounds, element alignment in the file."""
+    if not isinstance(info, dict):
+        raise VolumeError(f"{bad}: tensor {name!r} is a {type(info).__name__}, not an object of dtype, shape and data_offsets")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
+    if missing:
+        raise VolumeError(f"{bad}: tensor {name!r} is missing {', '.join(missing)}")
+    dtype_name = info["dtype"]
+    dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    if dtype is None:
+        raise VolumeError(
+            f"{where}: tensor {name!r} has unsupported dtype {dtype_name!r} (supported: {', '.join(DTYPES)})"
+        )
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not isinstance(shape, list) or not all(_u64(d) for d in shape):
+        raise VolumeError(f"{bad}: tensor {name!r} has shape {json.dumps(shape)}; dimensions must be non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_u64(x) for x in offsets):
+        raise VolumeError(
+            f"{bad}: tensor {name!r} has data_offsets {json.dumps(offsets)}; expected [begin, end], non-negative integers"
+        )
+    begin, end = offsets
+    if begin > end:
+        raise VolumeError(f"{where}: tensor {name!r} has data_offsets [{begin}, {end}] with begin after end")
+    expected = dtype.itemsize
+    for d in shape:
+        expected *= d
+    if expected > _U64_MAX:
+        raise VolumeError(f"{bad}: tensor {name!r}: shape {shape} overflows")
+    if expected != end - begin:
+        raise VolumeError(
+            f"{where}: tensor {name!r}: shape {shape} of {dtype_name} needs {expected} bytes "
+            f"but data_offsets span {end - begin}"
+        )
+    if end > available:
+        raise VolumeError(
+            f"{where}: tensor {name!r} ends at data byte {end} but the file holds {available} data bytes: the file is truncated"
+        )
+    offset = data_offset + begin
+    if offset % dtype.itemsize:
+        raise VolumeError(
+            f"{where}: tensor {name!r} ({dtype_name}) starts at file offset {offset}, not a multiple of {dtype.itemsize}: "
+            "zero-copy views would be misaligned; re-save it with the safetensors library"
+        )
+    return TensorEntry(name, dtype, tuple(shape), begin, end)

@@ -3,19 +3,29 @@
 A wrapper is a small picklable handle on a directory; sending it to a Ray
 actor or task sends a path, never weights. ``load()`` maps the weights
 zero-copy from shared memory.
+
+A wrapper of a generation that ``from_model()`` published keeps it alive: the
+generation is freed once no wrapper object refers to it and no process maps
+it (``_gc``), or at once with :meth:`ModelWrapper.release`.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
+from . import _gc
 from ._export import component_name, detect_components
 from ._format import read_manifest
 from ._load import load as _load_volume
 from ._local import publish_local
+from ._root import local_generation
+
+log = logging.getLogger("modelwrapper")
 
 _MODES = ("actor", "task")
 
@@ -23,13 +33,26 @@ _MODES = ("actor", "task")
 class ModelWrapper:
     """Handle on a model volume, created with :meth:`from_model` or :meth:`from_volume`."""
 
-    def __init__(self, path: str | os.PathLike[str], *, mode: str, is_standalone: bool, model_info: dict[str, dict[str, Any]]):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        mode: str,
+        is_standalone: bool,
+        model_info: dict[str, dict[str, Any]],
+        _lease: _gc.LeaseKey | None = None,
+    ):
         if mode not in _MODES:
             raise ValueError(f"mode must be 'actor' or 'task', not {mode!r}")
         self._path = Path(path)
         self._mode = mode
         self._is_standalone_module = is_standalone
         self._model_info = model_info
+        self._released = False
+        # This object holds its generation (local ones only) until it is
+        # garbage-collected or released; `_lease` is one already taken for it.
+        lease = _lease if _lease is not None else _gc.acquire(self._path)
+        self._finalizer = weakref.finalize(self, _gc.release, lease) if lease is not None else None
 
     # construction -------------------------------------------------------
     @classmethod
@@ -41,7 +64,7 @@ class ModelWrapper:
             raise ValueError(f"mode must be 'actor' or 'task', not {mode!r}")
         standalone, modules = detect_components(model)
         wrapper_name = name or component_name(type(model).__name__)
-        path = publish_local(model, name=wrapper_name, mode=mode)
+        path, lease = publish_local(model, name=wrapper_name, mode=mode)
         info = {
             attr: {
                 "component": component_name(attr),
@@ -50,7 +73,13 @@ class ModelWrapper:
             }
             for attr, m in modules.items()
         }
-        return cls(path, mode=mode, is_standalone=standalone, model_info=info)
+        try:
+            wrapper = cls(path, mode=mode, is_standalone=standalone, model_info=info, _lease=lease)
+        except BaseException:
+            _gc.release(lease)
+            raise
+        _collect_quietly()
+        return wrapper
 
     @classmethod
     def from_volume(cls, path: str | os.PathLike[str] | None = None) -> "ModelWrapper":
@@ -82,21 +111,51 @@ class ModelWrapper:
     # use ------------------------------------------------------------------
     @property
     def path(self) -> Path:
+        self._check_usable()
         return self._path
 
-    def load(self, _use_fast_load: bool = False) -> Any:
+    def _check_usable(self) -> None:
+        if self._released:
+            raise RuntimeError(
+                f"this ModelWrapper was released (wrapper.release()); {self._path} may have been freed. "
+                "Create a new one with ModelWrapper.from_model(), or do not release a wrapper you still use"
+            )
+
+    def load(self, _use_fast_load: bool = False, *, copy_on_write: bool | None = None) -> Any:
         """Actor mode: the model or pipeline, mapped zero-copy (on CPU, eval,
-        no grad). ``_use_fast_load=True`` prefaults the page tables up front.
-        Task mode: a :class:`TaskPipeline` whose calls run as Ray tasks."""
+        no grad, read-only: see ``modelwrapper.load``). ``_use_fast_load=True``
+        prefaults the page tables up front. Task mode: a :class:`TaskPipeline`
+        whose calls run as Ray tasks."""
+        self._check_usable()
         if self._mode == "task":
             return TaskPipeline(self)
-        return _load_volume(self._path, prefault=_use_fast_load)
+        return _load_volume(self._path, prefault=_use_fast_load, copy_on_write=copy_on_write)
+
+    def release(self) -> bool:
+        """Drops this wrapper's hold on its generation now, instead of when it
+        is garbage-collected, and frees the generation unless something else
+        still uses it: another wrapper object (in any process) or a process
+        that maps it, this one included while tensors from ``load()`` live.
+        The wrapper is unusable afterwards. Returns True when the generation
+        was freed. Generations the node agent filled are never freed here."""
+        if self._released:
+            return False
+        self._released = True
+        if self._finalizer is not None:
+            self._finalizer()
+        found = local_generation(self._path)
+        if found is None:
+            return False
+        root, name, generation = found
+        report = _gc.collect(root, only=(name, generation), timeout=30.0)
+        return any(d.path.name == generation for d in report.freed)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError("a ModelWrapper is not callable: call wrapper.load() (actor mode) or use ModelWrapper.for_tasks()")
 
     def serialize(self) -> dict[str, Any]:
         """A small JSON-able description (path and metadata, no weights)."""
+        self._check_usable()
         return {
             "path": str(self._path),
             "mode": self._mode,
@@ -112,7 +171,20 @@ class ModelWrapper:
         return (ModelWrapper.deserialize, (self.serialize(),))
 
     def __repr__(self) -> str:
-        return f"ModelWrapper(path={str(self._path)!r}, mode={self._mode!r}, components={list(self._model_info)})"
+        released = ", released" if self._released else ""
+        return f"ModelWrapper(path={str(self._path)!r}, mode={self._mode!r}, components={list(self._model_info)}{released})"
+
+
+def _collect_quietly() -> None:
+    """The collection every from_model() runs: frees what wrappers of ended
+    processes left; never waits for, or fails, the caller."""
+    try:
+        report = _gc.collect(timeout=0)
+    except OSError as e:
+        log.warning("freeing unused generations failed: %s (run `python -m modelwrapper gc` to see why)", e)
+        return
+    for d in report.freed:
+        log.info("freed %s (%.1f MiB): %s", d.path, d.bytes / 2**20, d.reason)
 
 
 @functools.lru_cache(maxsize=8)
