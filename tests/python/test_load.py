@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,19 @@ def mapped_ranges(path_part: str) -> list[tuple[int, int]]:
 def export_and_fill(model, shm: Path, **kw) -> Path:
     exported = modelwrapper.export(model, shm / "export", **kw)
     return filled_volume(exported.yaml_path, shm / "root")
+
+
+def local_volume(model, where: Path, *, skeletons: bool = True, factory: dict | None = None) -> Path:
+    """A volume made without the node agent: export() plus the manifest the
+    local publisher writes; ``factory`` replaces the only component's skeleton."""
+    from modelwrapper._local import _manifest
+
+    exported = modelwrapper.export(model, where / "volume", name="v", skeletons=skeletons)
+    manifest = _manifest(exported, name="v", generation="0123456789abcdef", mode="actor")
+    if factory is not None:
+        manifest["components"][0]["skeleton"] = factory
+    (where / "volume" / "manifest.json").write_text(json.dumps(manifest))
+    return where / "volume"
 
 
 def test_a_pipeline_loads_zero_copy_and_computes_the_same(shm: Path) -> None:
@@ -77,6 +92,58 @@ def test_a_factory_skeleton_needs_no_pickle(shm: Path) -> None:
     x = torch.randn(4, 32)
     assert torch.equal(loaded(x), enc(x))
     assert torch.equal(loaded.scale, torch.full((32,), 0.5))
+
+
+class RunsCode:
+    """Unpickling this creates a file: what any pickle may do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("value", ["0", "false", "no", "NO"])
+def test_with_pickles_disallowed_pickled_skeletons_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    volume = local_volume(Pipeline(), tmp_path)
+    monkeypatch.setenv("MODELWRAPPER_ALLOW_PICKLE", value)
+    with pytest.raises(
+        modelwrapper.VolumeError,
+        match=rf"refusing to unpickle text-encoder: text-encoder\.skeleton\.pt; decoder: decoder\.skeleton\.pt; "
+        rf"pipeline: pipeline\.skeleton\.pkl because MODELWRAPPER_ALLOW_PICKLE={value}: unpickling runs whatever code .*"
+        r"factory skeleton instead .*or set MODELWRAPPER_ALLOW_PICKLE=1 if you trust",
+    ):
+        modelwrapper.load(volume)
+
+
+def test_a_pickled_skeleton_runs_code_unless_pickles_are_disallowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    volume = local_volume(Encoder(), tmp_path)
+    marker = tmp_path / "code-ran"
+    torch.save(RunsCode(marker), volume / "model.skeleton.pt")
+    monkeypatch.setenv("MODELWRAPPER_ALLOW_PICKLE", "0")
+    with pytest.raises(modelwrapper.VolumeError, match="refusing to unpickle model: model.skeleton.pt"):
+        modelwrapper.load(volume)
+    assert not marker.exists()
+    monkeypatch.delenv("MODELWRAPPER_ALLOW_PICKLE")  # the default trusts the volume
+    with pytest.raises(modelwrapper.VolumeError, match="skeleton is a TextIOWrapper, not an nn.Module"):
+        modelwrapper.load(volume)
+    assert marker.exists()
+
+
+def test_factory_skeletons_and_tensor_dicts_need_no_pickle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODELWRAPPER_ALLOW_PICKLE", "false")
+    torch.manual_seed(6)
+    enc = Encoder(dim=32, hidden=48)
+    factory = {"factory": "mw_models:Encoder", "kwargs": {"dim": 32, "hidden": 48}}
+    loaded = modelwrapper.load(local_volume(enc, tmp_path / "a", skeletons=False, factory=factory))
+    x = torch.randn(4, 32)
+    assert torch.equal(loaded(x), enc(x))
+    tensors = modelwrapper.load(local_volume(enc, tmp_path / "b", skeletons=False))
+    assert set(tensors) == set(enc.state_dict())
+    monkeypatch.setenv("MODELWRAPPER_ALLOW_PICKLE", "maybe")
+    with pytest.raises(modelwrapper.VolumeError, match=r"MODELWRAPPER_ALLOW_PICKLE='maybe' is not understood: set it to 1/true/yes or 0/false/no"):
+        modelwrapper.load(local_volume(enc, tmp_path / "c", skeletons=False))
 
 
 def test_without_a_skeleton_a_component_is_a_tensor_dict(shm: Path) -> None:
@@ -133,16 +200,25 @@ def test_a_path_without_manifest_says_what_to_do(tmp_path: Path) -> None:
 WRITER = textwrap.dedent(
     """
     import sys, torch, modelwrapper
-    m = modelwrapper.load(sys.argv[1])
+    m = modelwrapper.load(sys.argv[1], copy_on_write=True if sys.argv[3] == "argument" else None)
     w = m.layers[0].weight if hasattr(m, "layers") else m.first.layers[0].weight
     if sys.argv[2] == "write":
-        w.add_(1.0)  # in place, on a copy-on-write page
-    print(float(w[0, 0]))
+        w.add_(1.0)  # in place: a copy-on-write page with the opt-in, else a read-only one
+    print(float(w[0, 0]), flush=True)
     """
 )
 
 
-def test_an_in_place_write_stays_in_its_process(shm: Path) -> None:
+def run_writer(volume: Path, action: str, opt_in: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    env.pop("MODELWRAPPER_COPY_ON_WRITE", None)
+    if opt_in == "environment":
+        env["MODELWRAPPER_COPY_ON_WRITE"] = "1"
+    return subprocess.run([sys.executable, "-c", WRITER, str(volume), action, opt_in], capture_output=True, text=True, env=env)
+
+
+@pytest.mark.parametrize("opt_in", ["argument", "environment"])
+def test_an_in_place_write_stays_in_its_process(shm: Path, opt_in: str) -> None:
     from mw_models import Big
 
     big = Big(4, seed=3)
@@ -150,12 +226,64 @@ def test_an_in_place_write_stays_in_its_process(shm: Path) -> None:
     volume = export_and_fill(big, shm)
     weights = next(volume.glob("*.safetensors"))
     before = hashlib.sha256(weights.read_bytes()).hexdigest()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    wrote = subprocess.run([sys.executable, "-c", WRITER, str(volume), "write"], capture_output=True, text=True, env=env, check=True)
+    wrote = run_writer(volume, "write", opt_in)
+    assert wrote.returncode == 0, wrote.stderr
     assert float(wrote.stdout) == pytest.approx(original + 1.0)
-    read = subprocess.run([sys.executable, "-c", WRITER, str(volume), "read"], capture_output=True, text=True, env=env, check=True)
+    read = run_writer(volume, "read", "none")
+    assert read.returncode == 0, read.stderr
     assert float(read.stdout) == pytest.approx(original)
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == before
+
+
+def test_an_in_place_write_without_the_opt_in_kills_the_writer(shm: Path) -> None:
+    from mw_models import Big
+
+    big = Big(4, seed=4)
+    original = float(big.layers[0].weight.detach()[0, 0])
+    volume = export_and_fill(big, shm)
+    weights = next(volume.glob("*.safetensors"))
+    before = hashlib.sha256(weights.read_bytes()).hexdigest()
+    wrote = run_writer(volume, "write", "none")
+    assert wrote.returncode == -signal.SIGSEGV, (wrote.returncode, wrote.stdout, wrote.stderr)
+    assert wrote.stdout == "", "the write must not have succeeded"
+    read = run_writer(volume, "read", "none")
+    assert read.returncode == 0, read.stderr
+    assert float(read.stdout) == pytest.approx(original)
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == before
+
+
+def volume_mappings(volume: Path) -> list[dict[str, object]]:
+    """This process's mappings of files under ``volume``: perms and Rss bytes."""
+    out: list[dict[str, object]] = []
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if "-" in head[0] and not head[0].endswith(":"):
+            if len(head) >= 6 and head[5].startswith(str(volume) + "/"):
+                out.append({"perms": head[1], "rss": 0, "path": head[5]})
+            else:
+                out.append({})
+        elif head[0] == "Rss:" and out and out[-1]:
+            out[-1]["rss"] = int(head[1]) * 1024
+    return [m for m in out if m]
+
+
+def test_weights_are_mapped_read_only_and_prefault_still_populates_them(tmp_path: Path) -> None:
+    from mw_models import Big
+
+    big = Big(8, seed=5)
+    volume = local_volume(big, tmp_path)
+    size = (volume / "model.safetensors").stat().st_size
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "buffer is not writable" warning is not the user's business
+        loaded = modelwrapper.load(volume, prefault=True)
+    maps = volume_mappings(volume)
+    assert maps and all(m["perms"] == "r--p" for m in maps), maps
+    assert sum(m["rss"] for m in maps) >= 0.99 * size, (maps, size)
+    x = torch.randn(2, 1024)
+    assert torch.equal(loaded(x), big(x))
+    cow = modelwrapper.load(volume, copy_on_write=True)
+    assert {m["perms"] for m in volume_mappings(volume)} == {"r--p", "rw-p"}
+    del cow
 
 
 def test_python_and_rust_see_identical_bytes(shm: Path) -> None:
