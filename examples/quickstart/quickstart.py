@@ -118,7 +118,27 @@ def main() -> int:
     print(f"weights PSS summed over the workers: {mib(sum(m['weights_pss'] for m in mem))} MiB "
           f"({sum(m['weights_pss'] for m in mem) / model_bytes:.2f} x the model)")
     bad = [r for r in results if abs(r["checksum"] - reference) > 1e-6 * max(1.0, abs(reference))]
+    print_what_stays(args, status, volume, model_bytes)
     return 1 if bad else 0
+
+
+def print_what_stays(args: argparse.Namespace, status: list[dict], volume: Path, model_bytes: int) -> None:
+    """The workers have exited, but the generation the agent filled stays in
+    shared memory (RAM) until someone removes it: say what and how."""
+    backing = next((g.get("backing") for g in status if Path(g["path"]) == volume), "directory")
+    wrapper_dir = volume.parent.parent  # <root>/quickstart
+    print(f"\nstill in shared memory after this script: {volume} ({mib(model_bytes)} MiB of RAM, "
+          f"{'its own tmpfs mount' if backing == 'tmpfs' else 'a read-only directory'}).")
+    print("  The node agent filled it and keeps it, so the next run finds it up to date; no process maps it any more.")
+    print("  The standalone agent removes a generation only when a later run no longer wants it, so free it by hand:")
+    if backing == "tmpfs":
+        print(f"    umount {volume}    # as root")
+    else:
+        print(f"    chmod -R u+w {wrapper_dir}")
+    print(f"    rm -rf {wrapper_dir}")
+    print(f"  The export it was filled from is ordinary files in {Path(args.workdir) / 'export'} (rm -rf {args.workdir}).")
+    print("  This script did not use ModelWrapper.from_model(); what that publishes (under $MODELWRAPPER_ROOT/local) "
+          "is freed by `python -m modelwrapper gc` once no process uses it.")
 
 
 if __name__ == "__main__":
