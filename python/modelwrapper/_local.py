@@ -89,13 +89,15 @@ def _publish(model_or_pipeline: object, root: Path, rfd: int, sfd: int, stage: s
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(manifest, indent=2))
     target = root / LOCAL_NAMESPACE / name / generation
-    with opened(open_subdir(rfd, LOCAL_NAMESPACE, root / LOCAL_NAMESPACE)) as lfd:
-        assert lfd is not None
-        with opened(open_subdir(lfd, name, target.parent)) as nfd:
-            assert nfd is not None
-            with root_lock(rfd) as locked:
-                if not locked:
-                    log.warning("%s: the root lock is busy; publishing without it", root)
+    # Shared lock first: a collection removes empty <name> directories under
+    # the exclusive lock, so one must not vanish between mkdir and rename.
+    with root_lock(rfd) as locked:
+        if not locked:
+            log.warning("%s: the root lock is busy; publishing without it", root)
+        with opened(open_subdir(rfd, LOCAL_NAMESPACE, root / LOCAL_NAMESPACE)) as lfd:
+            assert lfd is not None
+            with opened(open_subdir(lfd, name, target.parent)) as nfd:
+                assert nfd is not None
                 state = _existing(nfd, generation, exported, target)
                 if state == "missing":
                     os.rename(stage, generation, src_dir_fd=sfd, dst_dir_fd=nfd)
