@@ -30,7 +30,8 @@ LOCAL_NAMESPACE = "local"
 STAGING_DIR = ".staging"
 LEASES_DIR = ".leases"
 TRASH_DIR = ".trash"
-LOCK_FILE = ".lock"
+# Not the agent's ".lock": an agent holds that one exclusively for as long as it runs.
+LOCK_FILE = ".modelwrapper.lock"
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _GENERATION = re.compile(r"^[0-9a-f]{16}$")
@@ -228,7 +229,7 @@ def local_generation(path: str | os.PathLike[str]) -> tuple[Path, str, str] | No
 
 @contextlib.contextmanager
 def root_lock(root_fd: int, *, exclusive: bool = False, timeout: float | None = 60.0) -> Iterator[bool]:
-    """``flock`` on ``<root>/.lock``: garbage collection holds it exclusively
+    """``flock`` on ``<root>/.modelwrapper.lock``: garbage collection holds it exclusively
     while it decides and renames; publishing, leasing and mapping a local
     generation hold it shared, so a generation cannot vanish between "it is
     there" and "it is leased or mapped". Yields False when the lock could not
