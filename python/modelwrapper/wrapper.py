@@ -59,7 +59,12 @@ class ModelWrapper:
     def from_model(cls, model: Any, mode: str = "actor", *, name: str | None = None) -> "ModelWrapper":
         """Exports ``model`` (an ``nn.Module`` or a pipeline object) once into the
         local shared-memory root (``$MODELWRAPPER_ROOT``, default
-        ``/dev/shm/zerocopy``) and returns a wrapper for it."""
+        ``/dev/shm/zerocopy``) and returns a wrapper for it.
+
+        The generation stays in shared memory (RAM) while this wrapper or a
+        copy of it in any process is alive, or a process maps it; after that
+        the next ``from_model()`` anywhere, or ``python -m modelwrapper gc``,
+        frees it. ``release()`` lets go of it at once."""
         if mode not in _MODES:
             raise ValueError(f"mode must be 'actor' or 'task', not {mode!r}")
         standalone, modules = detect_components(model)
