@@ -1,6 +1,10 @@
 //! Leader election on a `coordination.k8s.io` Lease, so that of several
 //! operator replicas exactly one writes. Acquire and renew are updates with
 //! the Lease's resourceVersion: two replicas racing get one 409.
+//!
+//! As in client-go, a leader keeps retrying a failed or conflicting renewal
+//! until its renew deadline, which is shorter than the lease duration, so it
+//! has stopped writing before any other replica may take the lease.
 
 use std::time::Duration;
 
@@ -16,7 +20,28 @@ pub struct LeaderConfig {
     pub lease_name: String,
     pub identity: String,
     pub lease_duration: Duration,
+    /// A leader that has not renewed for this long steps down; must be
+    /// shorter than `lease_duration`.
+    pub renew_deadline: Duration,
     pub renew_every: Duration,
+    /// Pause between retries of a failed renewal.
+    pub retry_every: Duration,
+}
+
+impl LeaderConfig {
+    /// client-go's proportions: lease 15 s, renew deadline 10 s, renewals
+    /// every 3 s (kube-controller-manager renews every 2 s), retries every 1 s.
+    pub fn with_defaults(namespace: String, lease_name: String, identity: String) -> Self {
+        Self {
+            namespace,
+            lease_name,
+            identity,
+            lease_duration: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
+            renew_every: Duration::from_secs(3),
+            retry_every: Duration::from_secs(1),
+        }
+    }
 }
 
 /// What one attempt decided.
@@ -24,6 +49,10 @@ pub struct LeaderConfig {
 enum Attempt {
     Leading,
     Following(String),
+    /// Our write lost a race (409): read again and retry. It does not mean
+    /// another replica leads: the conflicting write may have been our own
+    /// earlier renewal whose answer was lost.
+    Conflict,
 }
 
 /// Whether `identity` may take or keep the lease now (pure).
@@ -66,7 +95,7 @@ async fn attempt(api: &Api<Lease>, cfg: &LeaderConfig) -> Result<Attempt, kube::
             };
             match api.create(&PostParams::default(), &lease).await {
                 Ok(_) => Ok(Attempt::Leading),
-                Err(kube::Error::Api(e)) if e.code == 409 => Ok(Attempt::Following(String::new())),
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(Attempt::Conflict),
                 Err(e) => Err(e),
             }
         }
@@ -81,45 +110,85 @@ async fn attempt(api: &Api<Lease>, cfg: &LeaderConfig) -> Result<Attempt, kube::
             lease.spec = Some(fresh_spec(transitions, if ours { spec.acquire_time } else { None }));
             match api.replace(&cfg.lease_name, &PostParams::default(), &lease).await {
                 Ok(_) => Ok(Attempt::Leading),
-                Err(kube::Error::Api(e)) if e.code == 409 => Ok(Attempt::Following(String::new())),
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(Attempt::Conflict),
                 Err(e) => Err(e),
             }
         }
     }
 }
 
-/// Runs forever: sends `true` once this replica leads; if it then fails to
-/// renew for a whole lease duration, sends `false` (the caller must stop writing).
+/// What the loop does after an attempt (pure, so the step-down rule is tested).
+#[derive(Debug, PartialEq)]
+enum Next {
+    /// Leading; renew after `renew_every`.
+    Lead,
+    /// Not leading; try again after `renew_every`.
+    StandBy,
+    /// The attempt failed; retry after `retry_every`.
+    Retry,
+    /// Stop writing: another replica holds the lease, or we could not renew
+    /// before the renew deadline.
+    StepDown,
+}
+
+fn decide(
+    outcome: &Result<Attempt, String>,
+    leading: bool,
+    since_renewal: Option<Duration>,
+    cfg: &LeaderConfig,
+) -> Next {
+    match outcome {
+        Ok(Attempt::Leading) => Next::Lead,
+        Ok(Attempt::Following(_)) if leading => Next::StepDown,
+        Ok(Attempt::Following(_)) => Next::StandBy,
+        Ok(Attempt::Conflict) | Err(_) if !leading => Next::StandBy,
+        Ok(Attempt::Conflict) | Err(_) => {
+            if since_renewal.is_some_and(|d| d >= cfg.renew_deadline) {
+                Next::StepDown
+            } else {
+                Next::Retry
+            }
+        }
+    }
+}
+
+/// Runs until leadership is lost: sends `true` once this replica leads; when
+/// another replica holds the lease, or renewals keep failing past the renew
+/// deadline, sends `false` (the caller must stop writing) and returns.
 pub async fn run(client: kube::Client, cfg: LeaderConfig, leading: watch::Sender<bool>) {
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
     let mut last_renewed: Option<tokio::time::Instant> = None;
     loop {
-        match attempt(&api, &cfg).await {
-            Ok(Attempt::Leading) => {
-                if !*leading.borrow() {
+        let outcome = attempt(&api, &cfg).await.map_err(|e| e.to_string());
+        let is_leading = *leading.borrow();
+        let next = decide(&outcome, is_leading, last_renewed.map(|t| t.elapsed()), &cfg);
+        let pause = match next {
+            Next::Lead => {
+                if !is_leading {
                     tracing::info!(identity = %cfg.identity, lease = %cfg.lease_name, "became leader");
                 }
                 last_renewed = Some(tokio::time::Instant::now());
                 let _ = leading.send(true);
+                cfg.renew_every
             }
-            Ok(Attempt::Following(holder)) => {
-                if *leading.borrow() {
-                    tracing::error!(%holder, "lost the leader lease");
-                    let _ = leading.send(false);
-                    return;
-                }
-                tracing::debug!(%holder, "standing by");
+            Next::StandBy => {
+                tracing::debug!(?outcome, "standing by");
+                cfg.renew_every
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "leader election request failed");
-                if *leading.borrow() && last_renewed.is_some_and(|t| t.elapsed() >= cfg.lease_duration) {
-                    tracing::error!("could not renew the leader lease in time; stepping down");
-                    let _ = leading.send(false);
-                    return;
-                }
+            Next::Retry => {
+                tracing::warn!(
+                    ?outcome,
+                    "renewing the leader lease failed; retrying before the renew deadline"
+                );
+                cfg.retry_every
             }
-        }
-        tokio::time::sleep(cfg.renew_every).await;
+            Next::StepDown => {
+                tracing::error!(?outcome, "lost the leader lease; stepping down");
+                let _ = leading.send(false);
+                return;
+            }
+        };
+        tokio::time::sleep(pause).await;
     }
 }
 
@@ -149,5 +218,35 @@ mod tests {
         assert!(!may_hold(&lease("a", 3), "b", now));
         assert!(may_hold(&lease("a", 30), "b", now), "an expired lease can be taken");
         assert!(may_hold(&Lease::default(), "b", now));
+    }
+
+    #[test]
+    fn a_leader_retries_conflicts_and_errors_until_its_renew_deadline() {
+        let cfg = LeaderConfig::with_defaults("ns".into(), "l".into(), "a".into());
+        let conflict = Ok(Attempt::Conflict);
+        let error = Err("timeout".to_string());
+        for outcome in [&conflict, &error] {
+            assert_eq!(decide(outcome, true, Some(Duration::from_secs(4)), &cfg), Next::Retry);
+            assert_eq!(
+                decide(outcome, true, Some(Duration::from_secs(10)), &cfg),
+                Next::StepDown
+            );
+            assert_eq!(decide(outcome, false, None, &cfg), Next::StandBy);
+        }
+        assert_eq!(
+            decide(
+                &Ok(Attempt::Following("b".into())),
+                true,
+                Some(Duration::from_secs(1)),
+                &cfg
+            ),
+            Next::StepDown,
+            "another holder of a live lease means we lost it"
+        );
+        assert_eq!(decide(&Ok(Attempt::Leading), false, None, &cfg), Next::Lead);
+        assert!(
+            cfg.renew_deadline < cfg.lease_duration,
+            "a leader stops before the lease can be taken"
+        );
     }
 }

@@ -92,13 +92,7 @@ pub async fn run(
 
     let (leading_tx, mut leading_rx) = tokio::sync::watch::channel(opts.leader.is_none());
     if let Some((ns, lease)) = &opts.leader {
-        let cfg = leader::LeaderConfig {
-            namespace: ns.clone(),
-            lease_name: lease.clone(),
-            identity: opts.identity.clone(),
-            lease_duration: Duration::from_secs(15),
-            renew_every: Duration::from_secs(3),
-        };
+        let cfg = leader::LeaderConfig::with_defaults(ns.clone(), lease.clone(), opts.identity.clone());
         tokio::spawn(leader::run(client.clone(), cfg, leading_tx));
         metrics.ready.store(true, Ordering::SeqCst);
         tracing::info!(identity = %opts.identity, "waiting to become leader");

@@ -22,7 +22,8 @@ pub const OPERATOR: &str = env!("CARGO_BIN_EXE_zerocopy-operator");
 pub struct Env {
     pub cluster: Cluster,
     pub client: kube::Client,
-    pub operators: Vec<Child>,
+    /// (identity, process) of each operator the test has not killed.
+    pub operators: Vec<(String, Child)>,
 }
 
 fn free_addr() -> String {
@@ -40,9 +41,17 @@ impl Env {
                 namespace: SYSTEM_NS.into(),
             },
         );
-        opts.agent_args = vec!["--renew-seconds".into(), "1".into()];
         // Keep logs and node roots for a post-mortem: ZEROCOPY_E2E_DIR=/tmp/x cargo test ...
         opts.dir = std::env::var_os("ZEROCOPY_E2E_DIR").map(PathBuf::from);
+        // The tests' models are files in the cluster's directory, which lies
+        // there: the one host directory file:// sources may read.
+        let models_dir = opts.dir.clone().unwrap_or_else(std::env::temp_dir);
+        opts.agent_args = vec![
+            "--renew-seconds".into(),
+            "1".into(),
+            "--allow-file-dir".into(),
+            models_dir.display().to_string(),
+        ];
         let cluster = Cluster::start(opts).await.unwrap();
         let client = cluster.client().await.unwrap();
         let nss: Api<Namespace> = Api::all(client.clone());
@@ -94,15 +103,50 @@ impl Env {
             .stderr(Stdio::from(log))
             .spawn()
             .unwrap();
-        self.operators.push(child);
+        self.operators.push((identity.to_string(), child));
     }
 
     pub fn operator_log(&self, identity: &str) -> String {
         std::fs::read_to_string(self.cluster.dir.join(format!("{identity}.log"))).unwrap_or_default()
     }
 
+    /// Fails at once, with its log, when an operator process this test did
+    /// not kill has exited: waiting out a bound on a dead process hides why.
+    pub fn assert_operators_alive(&mut self) {
+        let dead = self
+            .operators
+            .iter_mut()
+            .find_map(|(id, c)| c.try_wait().ok().flatten().map(|s| (id.clone(), s)));
+        if let Some((identity, status)) = dead {
+            let log = self.operator_log(&identity);
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+            panic!("operator {identity} exited ({status}); last lines of its log:\n{tail}");
+        }
+    }
+
+    /// [`wait_for`] that also fails fast when an operator died.
+    pub async fn wait_alive<T, F, Fut>(&mut self, what: &str, secs: u64, mut f: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            if let Some(v) = f().await {
+                return v;
+            }
+            self.assert_operators_alive();
+            assert!(
+                tokio::time::Instant::now() <= deadline,
+                "timed out after {secs}s waiting for {what}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+
     pub fn kill_operator(&mut self, index: usize) {
-        let mut c = self.operators.remove(index);
+        let (_, mut c) = self.operators.remove(index);
         let _ = c.kill();
         let _ = c.wait();
     }
@@ -117,7 +161,7 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        for c in &mut self.operators {
+        for (_, c) in &mut self.operators {
             let _ = c.kill();
             let _ = c.wait();
         }
