@@ -12,6 +12,11 @@ pub const FORMAT_V1: &str = "zerocopy.dev/v1";
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// Directory under the volume root holding fills in progress.
 pub const STAGING_DIR: &str = ".staging";
+/// Lock file under the volume root: one agent (or standalone run) at a time.
+pub const LOCK_FILE: &str = ".lock";
+/// Namespace of generations that Python's `ModelWrapper.from_model()`
+/// publishes itself on one machine; the agent never prunes or cleans them.
+pub const LOCAL_NAMESPACE: &str = "local";
 /// File holding the pipeline object without its modules.
 pub const PIPELINE_SKELETON_FILE: &str = "pipeline.skeleton.pkl";
 /// Hex characters of the generation digest kept in directory names.

@@ -19,4 +19,4 @@ pub use manifest::Manifest;
 pub use replica::{ModelReplica, ModelReplicaSpec, ModelReplicaStatus, ReplicaPhase};
 pub use spec::{ModelWrapper, ModelWrapperSpec, ModelWrapperStatus};
 pub use task::{ModelTask, ModelTaskSpec, ModelTaskStatus};
-pub use validation::{validate_sources, validate_wrapper, ValidationErrors};
+pub use validation::{validate_sources, validate_wrapper, Pinning, ValidationErrors};

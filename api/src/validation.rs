@@ -11,6 +11,17 @@ pub const SUPPORTED_SCHEMES: [&str; 3] = ["file", "http", "https"];
 /// Schemes the design reserves for later; named in the error so users know.
 const PLANNED_SCHEMES: [&str; 3] = ["s3", "hf", "oci"];
 
+/// Whether every source must carry a sha256.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pinning {
+    /// Standalone: the machine's user wrote the YAML; sha256 is checked when given.
+    Optional,
+    /// Cluster: every source (weights and skeletons) needs a sha256, since a
+    /// skeleton is a pickle that runs code in every pod that loads it and
+    /// weights must be the bytes the author meant.
+    Required,
+}
+
 /// One problem at one field.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {
@@ -77,8 +88,13 @@ pub fn is_sha256_hex(s: &str) -> bool {
 }
 
 /// Validates a wrapper's name, namespace and spec, collecting every problem.
-pub fn validate_wrapper(namespace: &str, name: &str, spec: &ModelWrapperSpec) -> Result<(), ValidationErrors> {
-    let mut errs = match validate_sources(namespace, name, spec) {
+pub fn validate_wrapper(
+    namespace: &str,
+    name: &str,
+    spec: &ModelWrapperSpec,
+    pinning: Pinning,
+) -> Result<(), ValidationErrors> {
+    let mut errs = match validate_sources(namespace, name, spec, pinning) {
         Ok(()) => ValidationErrors {
             object: format!("{namespace}/{name}"),
             errors: Vec::new(),
@@ -106,7 +122,12 @@ pub fn validate_wrapper(namespace: &str, name: &str, spec: &ModelWrapperSpec) ->
 /// The part of [`validate_wrapper`] that concerns what is filled on a node
 /// (names, sources, digests); a node agent filling a ModelReplica checks only
 /// this, since the replica carries no task template.
-pub fn validate_sources(namespace: &str, name: &str, spec: &ModelWrapperSpec) -> Result<(), ValidationErrors> {
+pub fn validate_sources(
+    namespace: &str,
+    name: &str,
+    spec: &ModelWrapperSpec,
+    pinning: Pinning,
+) -> Result<(), ValidationErrors> {
     let mut errs = ValidationErrors {
         object: format!("{namespace}/{name}"),
         errors: Vec::new(),
@@ -147,7 +168,7 @@ pub fn validate_sources(namespace: &str, name: &str, spec: &ModelWrapperSpec) ->
                 format!("duplicate component name {:?}: names must be unique", c.name),
             );
         }
-        check_source(&mut errs, &format!("{at}.weights"), &c.weights);
+        check_source(&mut errs, &format!("{at}.weights"), &c.weights, pinning);
         if let Some(sk) = &c.skeleton {
             let at = format!("{at}.skeleton");
             match (&sk.uri, &sk.factory) {
@@ -158,6 +179,7 @@ pub fn validate_sources(namespace: &str, name: &str, spec: &ModelWrapperSpec) ->
                         uri: uri.clone(),
                         sha256: sk.sha256.clone(),
                     },
+                    pinning,
                 ),
                 (None, Some(factory)) => {
                     if !is_factory_ref(factory) {
@@ -188,7 +210,7 @@ pub fn validate_sources(namespace: &str, name: &str, spec: &ModelWrapperSpec) ->
         }
     }
     if let Some(sk) = &spec.pipeline.skeleton {
-        check_source(&mut errs, "spec.pipeline.skeleton", sk);
+        check_source(&mut errs, "spec.pipeline.skeleton", sk, pinning);
     }
     if errs.errors.is_empty() {
         Ok(())
@@ -197,7 +219,7 @@ pub fn validate_sources(namespace: &str, name: &str, spec: &ModelWrapperSpec) ->
     }
 }
 
-fn check_source(errs: &mut ValidationErrors, at: &str, source: &SourceSpec) {
+fn check_source(errs: &mut ValidationErrors, at: &str, source: &SourceSpec, pinning: Pinning) {
     match url::Url::parse(&source.uri) {
         Err(e) => errs.push(
             format!("{at}.uri"),
@@ -231,13 +253,16 @@ fn check_source(errs: &mut ValidationErrors, at: &str, source: &SourceSpec) {
             ),
         Ok(_) => {}
     }
-    if let Some(sha) = &source.sha256 {
-        if !is_sha256_hex(sha) {
-            errs.push(
-                format!("{at}.sha256"),
-                format!("{sha:?} is not a sha256: expected 64 hex characters (sha256sum prints it)"),
-            );
-        }
+    match &source.sha256 {
+        Some(sha) if !is_sha256_hex(sha) => errs.push(
+            format!("{at}.sha256"),
+            format!("{sha:?} is not a sha256: expected 64 hex characters (sha256sum prints it)"),
+        ),
+        None if pinning == Pinning::Required => errs.push(
+            format!("{at}.sha256"),
+            "a sha256 is required in a cluster: every pod that loads the volume trusts these bytes (a skeleton is a pickle that runs code); add the file's sha256 (sha256sum prints it)",
+        ),
+        _ => {}
     }
 }
 
@@ -267,7 +292,29 @@ mod tests {
             "pipeline: {{components: [{{name: encoder, weights: {{uri: 'https://h/e.safetensors', sha256: '{}'}}, skeleton: {{factory: 'pkg.mod:Enc', kwargs: {{h: 1}}}}}}, {{name: dec, weights: {{uri: 'file:///m/d.safetensors'}}}}]}}",
             "a".repeat(64)
         ));
-        validate_wrapper("default", "bert", &s).unwrap();
+        validate_wrapper("default", "bert", &s, Pinning::Optional).unwrap();
+        let e = validate_wrapper("default", "bert", &s, Pinning::Required).unwrap_err();
+        assert_eq!(e.errors.len(), 1, "{e}");
+        assert_eq!(e.errors[0].field, "spec.pipeline.components[1].weights.sha256");
+        assert!(e.errors[0].message.contains("required in a cluster"), "{e}");
+    }
+
+    #[test]
+    fn a_cluster_needs_every_source_pinned() {
+        let s = spec(
+            "pipeline: {components: [{name: a, weights: {uri: 'https://h/a'}, skeleton: {uri: 'https://h/a.pt'}}], skeleton: {uri: 'https://h/p.pkl'}}",
+        );
+        let e = validate_sources("default", "m", &s, Pinning::Required).unwrap_err();
+        let fields: Vec<&str> = e.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.pipeline.components[0].weights.sha256",
+                "spec.pipeline.components[0].skeleton.sha256",
+                "spec.pipeline.skeleton.sha256"
+            ]
+        );
+        validate_sources("default", "m", &s, Pinning::Optional).unwrap();
     }
 
     #[test]
@@ -275,7 +322,7 @@ mod tests {
         let s = spec(
             "mode: task\npipeline: {components: [{name: ../x, weights: {uri: 'ftp://h/x', sha256: 'abc'}}, {name: a, weights: {uri: 'not a uri'}}, {name: a, weights: {uri: 's3://b/k'}}, {name: b, weights: {uri: 'file:///b'}, skeleton: {}}]}",
         );
-        let e = validate_wrapper("default", "Bad_Name", &s).unwrap_err();
+        let e = validate_wrapper("default", "Bad_Name", &s, Pinning::Optional).unwrap_err();
         let fields: Vec<&str> = e.errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(
             fields,
@@ -300,12 +347,13 @@ mod tests {
 
     #[test]
     fn empty_pipeline_and_file_host_are_rejected() {
-        let e = validate_wrapper("default", "m", &spec("pipeline: {components: []}")).unwrap_err();
+        let e = validate_wrapper("default", "m", &spec("pipeline: {components: []}"), Pinning::Optional).unwrap_err();
         assert_eq!(e.errors[0].field, "spec.pipeline.components");
         let e = validate_wrapper(
             "default",
             "m",
             &spec("pipeline: {components: [{name: m, weights: {uri: 'file://models/m'}}]}"),
+            Pinning::Optional,
         )
         .unwrap_err();
         assert!(e.errors[0].message.contains("file:///path"), "{e}");

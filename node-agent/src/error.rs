@@ -25,6 +25,19 @@ pub enum FillError {
         /// What failed.
         reason: String,
     },
+    /// The agent's source policy refuses the source (node files outside the
+    /// allowed directories, internal or metadata addresses, downgrades).
+    #[error("{wrapper}: component {component}: source {uri} refused: {reason}")]
+    Refused {
+        /// namespace/name
+        wrapper: String,
+        /// Component, or `pipeline` for the pipeline skeleton.
+        component: String,
+        /// The source URI.
+        uri: String,
+        /// Why, and which value would allow it.
+        reason: String,
+    },
     /// The server answered with an error status.
     #[error("{wrapper}: component {component}: {uri} answered HTTP {status}{hint}")]
     HttpStatus {
@@ -82,7 +95,7 @@ pub enum FillError {
         source: Box<HeaderError>,
     },
     /// The fill would not fit.
-    #[error("{wrapper}: needs {} but only {} of the {} capacity is free ({} used by other generations); raise --capacity or remove unused wrappers", HumanBytes(*.needed), HumanBytes(.capacity.saturating_sub(*.used)), HumanBytes(*.capacity), HumanBytes(*.used))]
+    #[error("{wrapper}: needs {} but only {} of the {} capacity is free; held by {held_by}. Generations that a replica still wants or a pod still mounts are kept: delete unused ModelWrappers, end the pods that mount an old generation, or raise --capacity", HumanBytes(*.needed), HumanBytes(.capacity.saturating_sub(*.used)), HumanBytes(*.capacity))]
     Capacity {
         /// namespace/name
         wrapper: String,
@@ -90,11 +103,34 @@ pub enum FillError {
         needed: u64,
         /// Configured capacity.
         capacity: u64,
-        /// Bytes other generations hold.
+        /// Bytes other generations hold (and fills in progress reserve).
         used: u64,
+        /// Who holds them: `ns/name@generation (size)`, fills in progress.
+        held_by: String,
     },
-    /// The source sent more bytes than the capacity left for this fill.
-    #[error("{wrapper}: component {component}: {uri} sent more than the {} still free under the capacity; raise --capacity or check the source", HumanBytes(*.limit))]
+    /// The fill ran past its overall deadline (`--fill-deadline`).
+    #[error("{wrapper}: the fill did not finish within {}s; it is retried (a slow source, or raise --fill-deadline)", .seconds)]
+    Deadline {
+        /// namespace/name
+        wrapper: String,
+        /// The deadline.
+        seconds: u64,
+    },
+    /// The source delivered less than the minimum throughput for a whole window.
+    #[error("{wrapper}: only {} arrived in the last {}s, below the minimum of {}/s (--fill-min-throughput); the source looks stalled, the fill is retried", HumanBytes(*.bytes), .window, HumanBytes(*.min_per_second))]
+    Stalled {
+        /// namespace/name
+        wrapper: String,
+        /// Bytes received during the window.
+        bytes: u64,
+        /// Window length in seconds.
+        window: u64,
+        /// The floor, bytes per second.
+        min_per_second: u64,
+    },
+    /// The source sent more bytes than this file may hold: the capacity left
+    /// for weights, [`crate::fill::MAX_SKELETON_BYTES`] for a skeleton.
+    #[error("{wrapper}: component {component}: {uri} sent more than the {} this file may hold (weights: what is still free under --capacity; skeletons: at most 64 MiB, a meta-device module holds no weights); check the source", HumanBytes(*.limit))]
     SourceTooLarge {
         /// namespace/name
         wrapper: String,
@@ -120,16 +156,41 @@ pub enum FillError {
 }
 
 impl FillError {
+    /// The condition reason written to replica status, as Kubernetes users
+    /// read it (`SourceUnavailable`, `IntegrityMismatch`, `InsufficientCapacity`, …).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            FillError::Invalid(_) => "InvalidSpec",
+            FillError::Refused { .. } => "SourceRefused",
+            FillError::Source { .. } | FillError::HttpStatus { .. } | FillError::Truncated { .. } => {
+                "SourceUnavailable"
+            }
+            FillError::DigestMismatch { .. } | FillError::Header { .. } => "IntegrityMismatch",
+            FillError::Capacity { .. } | FillError::SourceTooLarge { .. } => "InsufficientCapacity",
+            FillError::Deadline { .. } | FillError::Stalled { .. } => "SourceTooSlow",
+            FillError::Io { .. } => "NodeError",
+        }
+    }
+
+    /// False when trying again cannot help until the spec or the agent's
+    /// flags change (both start over anyway).
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, FillError::Invalid(_) | FillError::Refused { .. })
+    }
+
     /// A short stable category, for metrics labels and the summary table.
     pub fn category(&self) -> &'static str {
         match self {
             FillError::Invalid(_) => "invalid",
             FillError::Source { .. } => "source",
+            FillError::Refused { .. } => "refused",
             FillError::HttpStatus { .. } => "http_status",
             FillError::Truncated { .. } => "truncated",
             FillError::DigestMismatch { .. } => "digest_mismatch",
             FillError::Header { .. } => "bad_header",
             FillError::Capacity { .. } | FillError::SourceTooLarge { .. } => "capacity",
+            FillError::Deadline { .. } => "deadline",
+            FillError::Stalled { .. } => "stalled",
             FillError::Io { .. } => "io",
         }
     }

@@ -19,11 +19,13 @@ use zerocopy_api::format::{
 };
 use zerocopy_api::manifest::{Manifest, ManifestComponent, ManifestFile, ManifestSkeleton, ManifestWeights};
 use zerocopy_api::safetensors::{check_header_len, header_len, validate_header, Header};
-use zerocopy_api::{validate_sources, ModelWrapperSpec};
+use zerocopy_api::{validate_sources, ModelWrapperSpec, Pinning};
 
 use crate::error::FillError;
-use crate::layout::VolumeRoot;
+use crate::layout::{RootLock, VolumeRoot};
 use crate::mount;
+use crate::source::http::HttpSource;
+use crate::source::policy::SourcePolicy;
 use crate::source::sink::HashingSink;
 use crate::source::{self, FetchError, Progress};
 
@@ -33,6 +35,10 @@ const PARALLEL_FILES: usize = 4;
 const TMPFS_SLACK: u64 = 1 << 20;
 /// tmpfs sizes are rounded to huge-page size so `huge=within_size` can use them.
 const TMPFS_ROUND: u64 = 2 << 20;
+/// Most bytes a skeleton file may have: a module saved on the meta device
+/// holds no weights, so anything larger is a mistake or an attempt to copy
+/// something else through the volume.
+pub const MAX_SKELETON_BYTES: u64 = 64 << 20;
 
 /// How a generation is backed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -113,12 +119,35 @@ pub struct FillEngine {
     root: VolumeRoot,
     capacity: Option<u64>,
     use_tmpfs: bool,
-    http: reqwest::Client,
+    policy: Arc<SourcePolicy>,
+    http: HttpSource,
+    /// Bytes reserved by fills in progress, by `namespace/name@generation`:
+    /// concurrent fills must not each see the same free room.
+    reserved: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    _lock: RootLock,
+}
+
+/// Releases a fill's reservation when the fill ends, however it ends.
+struct Reservation<'a> {
+    engine: &'a FillEngine,
+    key: String,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.engine.reservations().remove(&self.key);
+    }
 }
 
 impl FillEngine {
-    /// Prepares the root (creating it) and decides how generations are backed.
-    pub fn new(root: VolumeRoot, capacity: Option<u64>, mode: MountMode) -> io::Result<Self> {
+    /// Prepares the root (creating it, or checking that only this user can
+    /// write it), takes it for this process alone, and decides how
+    /// generations are backed; every source is read as `policy` allows.
+    pub fn new(root: VolumeRoot, capacity: Option<u64>, mode: MountMode, policy: SourcePolicy) -> io::Result<Self> {
+        root.prepare().map_err(io::Error::other)?;
+        let lock = root
+            .lock(&format!("zerocopy-node-agent {}", env!("CARGO_PKG_VERSION")))
+            .map_err(io::Error::other)?;
         fs::create_dir_all(root.staging_dir())?;
         let use_tmpfs = match mode {
             MountMode::Directory => false,
@@ -128,13 +157,51 @@ impl FillEngine {
         if !use_tmpfs && !mount::is_on_tmpfs(root.path()).unwrap_or(false) {
             tracing::warn!(root = %root.path().display(), "volume root is not on a tmpfs and mounts are not used: weights will live in the page cache of a disk, not in shared memory");
         }
-        let http = source::http::client().map_err(io::Error::other)?;
+        let policy = Arc::new(policy);
+        let http = HttpSource::new(policy.clone()).map_err(io::Error::other)?;
         Ok(Self {
             root,
             capacity,
             use_tmpfs,
+            policy,
             http,
+            reserved: Default::default(),
+            _lock: lock,
         })
+    }
+
+    fn reservations(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, u64>> {
+        self.reserved.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// "ml/a@0123… (4.0 GiB), ml/b@4567… (1.0 GiB, filling)": who holds the room.
+    fn holders(&self) -> String {
+        let mut parts: Vec<String> = self
+            .root
+            .generations()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|g| {
+                let m = g.manifest.as_ref()?;
+                Some(format!(
+                    "{}/{}@{} ({})",
+                    g.namespace,
+                    g.name,
+                    g.generation,
+                    zerocopy_api::quantity::HumanBytes(m.total_bytes)
+                ))
+            })
+            .collect();
+        parts.extend(
+            self.reservations()
+                .iter()
+                .map(|(k, b)| format!("{k} ({}, filling)", zerocopy_api::quantity::HumanBytes(*b))),
+        );
+        if parts.is_empty() {
+            "nothing".into()
+        } else {
+            parts.join(", ")
+        }
     }
 
     /// The root this engine fills.
@@ -155,7 +222,12 @@ impl FillEngine {
         spec: &ModelWrapperSpec,
         progress: &dyn ProgressFactory,
     ) -> Result<FillOutcome, FillError> {
-        validate_sources(namespace, name, spec)?;
+        let pinning = if self.policy.require_sha256 {
+            Pinning::Required
+        } else {
+            Pinning::Optional
+        };
+        validate_sources(namespace, name, spec, pinning)?;
         let wrapper = format!("{namespace}/{name}");
         let generation = generation_digest(spec);
         if let Some(m) = self.root.read_manifest(namespace, name, &generation) {
@@ -178,18 +250,27 @@ impl FillEngine {
             f.size = self.size_of(f).await.map_err(|e| fetch_error(&wrapper, f, e))?;
         }
         let needed: u64 = plan.iter().filter_map(|f| f.size).sum();
-        let used = self.root.used_bytes().map_err(io_err("reading", self.root.path()))?;
-        let limit = match self.capacity {
-            Some(capacity) if used + needed > capacity => {
-                return Err(FillError::Capacity {
-                    wrapper,
-                    needed,
-                    capacity,
-                    used,
-                })
-            }
-            Some(capacity) => capacity - used,
-            None => u64::MAX,
+        let key = format!("{wrapper}@{generation}");
+        let (used, limit, _reservation) = {
+            let stored = self.root.used_bytes().map_err(io_err("reading", self.root.path()))?;
+            let mut reserved = self.reservations();
+            let used = stored.saturating_add(reserved.values().sum());
+            let limit = match self.capacity {
+                Some(capacity) if used.saturating_add(needed) > capacity => {
+                    drop(reserved);
+                    return Err(FillError::Capacity {
+                        wrapper,
+                        needed,
+                        capacity,
+                        used,
+                        held_by: self.holders(),
+                    });
+                }
+                Some(capacity) => capacity - used,
+                None => u64::MAX,
+            };
+            reserved.insert(key.clone(), needed);
+            (used, limit, Reservation { engine: self, key })
         };
 
         let staging = self.root.staging_dir().join(format!("{namespace}.{name}.{generation}"));
@@ -217,6 +298,7 @@ impl FillEngine {
                 needed: total_bytes,
                 capacity: self.capacity.unwrap_or(0),
                 used,
+                held_by: self.holders(),
             });
         }
 
@@ -236,7 +318,7 @@ impl FillEngine {
 
     async fn size_of(&self, f: &PlannedFile) -> Result<Option<u64>, FetchError> {
         match f.uri.scheme() {
-            "file" => source::file::size(&f.uri).map(Some),
+            "file" => source::file::open(&f.uri, &self.policy).map(|(_, size)| Some(size)),
             _ => source::http::size(&self.http, &f.uri).await,
         }
     }
@@ -256,16 +338,24 @@ impl FillEngine {
             path: path.clone(),
             source,
         })?;
+        let limit = match plan.kind {
+            FileKind::Weights => limit,
+            FileKind::Skeleton | FileKind::PipelineSkeleton => limit.min(MAX_SKELETON_BYTES),
+        };
         let sink = HashingSink::new(file, limit);
         let bar = progress.file(&plan.component, &plan.file_name, plan.size);
         let fetched = match plan.uri.scheme() {
             "file" => {
                 let uri = plan.uri.clone();
                 let bar = bar.clone();
-                tokio::task::spawn_blocking(move || source::file::fetch(&uri, sink, bar.as_ref()))
-                    .await
-                    .map_err(|e| FetchError::Write(io::Error::other(e)))
-                    .and_then(|r| r)
+                let policy = self.policy.clone();
+                tokio::task::spawn_blocking(move || {
+                    let (src, _) = source::file::open(&uri, &policy)?;
+                    source::file::fetch(src, uri.path(), sink, bar.as_ref())
+                })
+                .await
+                .map_err(|e| FetchError::Write(io::Error::other(e)))
+                .and_then(|r| r)
             }
             _ => source::http::fetch(&self.http, &plan.uri, sink, bar.as_ref()).await,
         }
@@ -514,6 +604,12 @@ fn fetch_error(wrapper: &str, f: &PlannedFile, e: FetchError) -> FillError {
     let (wrapper, component, uri) = (wrapper.to_string(), f.component.clone(), f.uri.to_string());
     match e {
         FetchError::Unreachable(reason) => FillError::Source {
+            wrapper,
+            component,
+            uri,
+            reason,
+        },
+        FetchError::Refused(reason) => FillError::Refused {
             wrapper,
             component,
             uri,

@@ -7,10 +7,12 @@
 //! ```
 
 use std::fs;
-use std::io;
+use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use zerocopy_api::format::{is_generation_name, MANIFEST_FILE, STAGING_DIR};
+use nix::fcntl::{Flock, FlockArg};
+use zerocopy_api::format::{is_generation_name, LOCAL_NAMESPACE, LOCK_FILE, MANIFEST_FILE, STAGING_DIR};
 use zerocopy_api::manifest::Manifest;
 
 use crate::mount;
@@ -32,6 +34,60 @@ pub struct GenerationEntry {
     pub mounted: bool,
     /// Last modification of the manifest, seconds since the epoch (LRU order).
     pub published_at: u64,
+}
+
+/// Why a volume root cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum RootError {
+    /// The root is a symlink: whoever made it chose where fills land.
+    #[error(
+        "volume root {0} is a symlink; refusing to fill through it (remove it, or point --root at the real directory)"
+    )]
+    Symlink(PathBuf),
+    /// The root is not a directory.
+    #[error("volume root {0} exists and is not a directory; remove it or choose another --root")]
+    NotADirectory(PathBuf),
+    /// Someone else owns the root, so its manifests cannot be trusted.
+    #[error("volume root {path} is owned by uid {owner}, not by this agent's uid {me}: its contents could have been planted (manifests are trusted as verified); remove it or choose another --root")]
+    ForeignOwner {
+        /// The root.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// This process's effective uid.
+        me: u32,
+    },
+    /// Others may write below the root.
+    #[error("volume root {path} has mode {mode:o}: group or others may write into it and plant generations; run `chmod 755 {path}` or choose another --root")]
+    Writable {
+        /// The root.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// Another agent or standalone run holds the root.
+    #[error("volume root {path} is in use by {holder}: two agents on one root would destroy each other's fills; stop it, wait for it to finish, or use another --root")]
+    Locked {
+        /// The root.
+        path: PathBuf,
+        /// What the lock file says about its holder.
+        holder: String,
+    },
+    /// Creating or inspecting the root failed.
+    #[error("preparing volume root {path}: {source}")]
+    Io {
+        /// The path involved.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+}
+
+/// The exclusive hold on a volume root; released when dropped (or when the
+/// process dies, as flock locks are).
+#[derive(Debug)]
+pub struct RootLock {
+    _lock: Flock<fs::File>,
 }
 
 /// Handle on a node's volume root.
@@ -66,6 +122,87 @@ impl VolumeRoot {
         self.root.join(STAGING_DIR)
     }
 
+    /// Creates the root (mode 0755, owned by this process's user) or checks
+    /// an existing one: not a symlink, owned by this user, not writable by
+    /// group or others. Everything below it is trusted as this agent's own
+    /// work (a manifest means "verified"), so nobody else may write there.
+    pub fn prepare(&self) -> Result<(), RootError> {
+        let io_err = |source| RootError::Io {
+            path: self.root.clone(),
+            source,
+        };
+        if let Some(parent) = self.root.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent).map_err(io_err)?;
+        }
+        match fs::DirBuilder::new().mode(0o755).create(&self.root) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err(e)),
+        }
+        let meta = fs::symlink_metadata(&self.root).map_err(io_err)?;
+        if meta.file_type().is_symlink() {
+            return Err(RootError::Symlink(self.root.clone()));
+        }
+        if !meta.is_dir() {
+            return Err(RootError::NotADirectory(self.root.clone()));
+        }
+        let me = nix::unistd::geteuid().as_raw();
+        if meta.uid() != me {
+            return Err(RootError::ForeignOwner {
+                path: self.root.clone(),
+                owner: meta.uid(),
+                me,
+            });
+        }
+        if meta.mode() & 0o022 != 0 {
+            return Err(RootError::Writable {
+                path: self.root.clone(),
+                mode: meta.mode() & 0o7777,
+            });
+        }
+        Ok(())
+    }
+
+    /// Takes the root for this process alone (flock on `<root>/.lock`),
+    /// recording `holder` in the file so a second agent can say who has it.
+    pub fn lock(&self, holder: &str) -> Result<RootLock, RootError> {
+        let path = self.root.join(LOCK_FILE);
+        let io_err = |source| RootError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(io_err)?;
+        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => lock,
+            Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                return Err(RootError::Locked {
+                    path: self.root.clone(),
+                    holder: if holder.is_empty() {
+                        "another process".into()
+                    } else {
+                        holder.to_string()
+                    },
+                });
+            }
+            Err((_, errno)) => return Err(io_err(io::Error::from(errno))),
+        };
+        lock.set_len(0).map_err(io_err)?;
+        lock.rewind().map_err(io_err)?;
+        writeln!(lock, "pid {} ({holder})", std::process::id()).map_err(io_err)?;
+        Ok(RootLock { _lock: lock })
+    }
+
     /// Reads a complete generation's manifest, if the generation is complete.
     pub fn read_manifest(&self, namespace: &str, name: &str, generation: &str) -> Option<Manifest> {
         let bytes = fs::read(self.generation_dir(namespace, name, generation).join(MANIFEST_FILE)).ok()?;
@@ -86,13 +223,17 @@ impl VolumeRoot {
         if staging.exists() {
             for entry in fs::read_dir(&staging)? {
                 let path = entry?.path();
+                // Python's from_model() stages its own exports here.
+                if file_name(&path).is_some_and(|n| n.starts_with(&format!("{LOCAL_NAMESPACE}."))) {
+                    continue;
+                }
                 remove_path(&path)?;
                 removed += 1;
             }
         }
         fs::create_dir_all(&staging)?;
         for g in self.generations()? {
-            if g.manifest.is_none() {
+            if g.manifest.is_none() && g.namespace != LOCAL_NAMESPACE {
                 if g.mounted {
                     mount::unmount_lazy(&g.path)?;
                 }

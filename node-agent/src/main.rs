@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use zerocopy_api::quantity::parse_size;
+use zerocopy_node_agent::source::policy::SourcePolicy;
+use zerocopy_node_agent::supervisor::FillPolicy;
 use zerocopy_node_agent::{manifests, standalone, status, FillEngine, MountMode, VolumeRoot};
 
 /// Exit code when the input files are wrong (nothing was filled).
@@ -38,6 +40,45 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How fills are scheduled, bounded and retried (`run` and `standalone --serve`).
+#[derive(clap::Args, Clone, Debug)]
+struct FillFlags {
+    /// Fills running at once on this node.
+    #[arg(long, default_value_t = 2)]
+    max_parallel_fills: usize,
+    /// A fill running longer than this many seconds is stopped and retried.
+    #[arg(long, default_value_t = 6 * 3600)]
+    fill_deadline: u64,
+    /// A fill receiving less than this per second over a whole
+    /// --fill-throughput-window is stopped as stalled and retried (e.g. 64Ki).
+    #[arg(long, default_value = "64Ki")]
+    fill_min_throughput: String,
+    /// Seconds over which --fill-min-throughput is measured.
+    #[arg(long, default_value_t = 120)]
+    fill_throughput_window: u64,
+    /// Seconds before the first retry of a failed fill; doubles per failure, with jitter.
+    #[arg(long, default_value_t = 10.0)]
+    retry_base: f64,
+    /// Longest wait between retries, in seconds.
+    #[arg(long, default_value_t = 900.0)]
+    retry_max: f64,
+}
+
+impl FillFlags {
+    fn policy(&self, prune: bool) -> anyhow::Result<FillPolicy> {
+        Ok(FillPolicy {
+            max_parallel: self.max_parallel_fills.max(1),
+            deadline: std::time::Duration::from_secs(self.fill_deadline.max(1)),
+            min_bytes_per_second: parse_size(&self.fill_min_throughput)
+                .with_context(|| format!("--fill-min-throughput {}", self.fill_min_throughput))?,
+            throughput_window: std::time::Duration::from_secs(self.fill_throughput_window.max(1)),
+            retry_base: std::time::Duration::from_secs_f64(self.retry_base.max(0.01)),
+            retry_max: std::time::Duration::from_secs_f64(self.retry_max.max(self.retry_base).max(0.01)),
+            prune,
+        })
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -80,6 +121,8 @@ enum Command {
         /// With --serve: seconds between checks of the files for changes.
         #[arg(long, default_value_t = 2.0)]
         watch_interval: f64,
+        #[command(flatten)]
+        fill: FillFlags,
     },
     /// In a cluster: fill this node's ModelReplicas, serve CSI, report status, keep a Lease.
     Run {
@@ -107,6 +150,18 @@ enum Command {
         /// Seconds between Lease renewals (it expires after three).
         #[arg(long, default_value_t = 5)]
         renew_seconds: u64,
+        /// Host directory whose files `file://` sources may read (repeatable;
+        /// none by default: tenants must not read node files). Opened
+        /// beneath the directory without following symlinks.
+        #[arg(long = "allow-file-dir")]
+        allow_file_dirs: Vec<PathBuf>,
+        /// Internal network (CIDR) sources may be fetched from, e.g. an
+        /// in-cluster object store (repeatable; loopback, private and
+        /// cluster ranges are refused by default; link-local never allowed).
+        #[arg(long = "allow-network")]
+        allow_networks: Vec<ipnet::IpNet>,
+        #[command(flatten)]
+        fill: FillFlags,
     },
     /// List wrappers, generations, sizes and state under the root.
     Status {
@@ -140,7 +195,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             publish_wait,
             metrics_addr,
             renew_seconds,
+            allow_file_dirs,
+            allow_networks,
+            fill,
         } => {
+            let fill = fill.policy(true)?;
+            let policy = SourcePolicy::cluster(allow_file_dirs, allow_networks);
             let capacity = capacity.as_deref().map(parse_size).transpose()?;
             let node = cli.node_id.clone().unwrap_or_else(zerocopy_node_agent::serve::hostname);
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -154,7 +214,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     None => kube::Config::infer().await?,
                 };
                 let client = kube::Client::try_from(config)?;
-                let engine = FillEngine::new(root.clone(), capacity, mount_mode)
+                let engine = FillEngine::new(root.clone(), capacity, mount_mode, policy)
                     .with_context(|| format!("preparing volume root {}", cli.root.display()))?;
                 let serve = zerocopy_node_agent::serve::ServeOptions {
                     files: vec![],
@@ -165,7 +225,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     publish_wait: std::time::Duration::from_secs_f64(publish_wait),
                     metrics_addr: Some(metrics_addr),
                     watch_interval: std::time::Duration::from_secs(2),
-                    prune: true,
+                    fill,
                 };
                 let opts = zerocopy_node_agent::cluster::RunOptions {
                     node,
@@ -191,6 +251,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             publish_wait,
             metrics_addr,
             watch_interval,
+            fill,
         } => {
             let capacity = capacity.as_deref().map(parse_size).transpose()?;
             // Every problem in every file, before anything is filled.
@@ -217,10 +278,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     publish_wait: std::time::Duration::from_secs_f64(publish_wait),
                     metrics_addr,
                     watch_interval: std::time::Duration::from_secs_f64(watch_interval),
-                    prune,
+                    fill: fill.policy(prune)?,
                 };
                 runtime.block_on(async {
-                    let engine = FillEngine::new(root.clone(), capacity, mount_mode)
+                    let engine = FillEngine::new(root.clone(), capacity, mount_mode, SourcePolicy::standalone())
                         .with_context(|| format!("preparing volume root {}", cli.root.display()))?;
                     zerocopy_node_agent::serve::serve(std::sync::Arc::new(engine), wrappers, opts, shutdown_signal())
                         .await
@@ -229,7 +290,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             let report = runtime.block_on(async {
-                let engine = FillEngine::new(root.clone(), capacity, mount_mode)
+                let engine = FillEngine::new(root.clone(), capacity, mount_mode, SourcePolicy::standalone())
                     .with_context(|| format!("preparing volume root {}", cli.root.display()))?;
                 let opts = standalone::Options {
                     progress: !quiet && std::io::stderr().is_terminal(),

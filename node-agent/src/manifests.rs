@@ -170,7 +170,10 @@ fn load_all(paths: &[PathBuf], empty_dirs_ok: bool) -> Result<Vec<LoadedWrapper>
     }
     let invalid: Vec<_> = out
         .iter()
-        .filter_map(|w| zerocopy_api::validate_wrapper(&w.namespace, &w.name, &w.wrapper.spec).err())
+        .filter_map(|w| {
+            zerocopy_api::validate_wrapper(&w.namespace, &w.name, &w.wrapper.spec, zerocopy_api::Pinning::Optional)
+                .err()
+        })
         .collect();
     if invalid.is_empty() {
         Ok(out)

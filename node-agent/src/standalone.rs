@@ -123,6 +123,10 @@ pub fn collect_garbage(
         .collect();
     let given: BTreeSet<(String, String)> = wanted.iter().map(|(ns, n, _)| (ns.clone(), n.clone())).collect();
     for entry in engine.root().generations()? {
+        // Python's from_model() frees its own generations (python -m modelwrapper gc).
+        if entry.namespace == zerocopy_api::format::LOCAL_NAMESPACE {
+            continue;
+        }
         let key = (entry.namespace.clone(), entry.name.clone());
         let superseded =
             given.contains(&key) && !wanted.contains(&(key.0.clone(), key.1.clone(), entry.generation.clone()));

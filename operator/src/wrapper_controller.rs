@@ -90,7 +90,7 @@ async fn apply(w: &ModelWrapper, ctx: &Context) -> Result<Action, Error> {
     let now = Time(Timestamp::now());
     let previous = w.status.clone();
 
-    if let Err(errors) = validate_wrapper(&ns, &name, &w.spec) {
+    if let Err(errors) = validate_wrapper(&ns, &name, &w.spec, zerocopy_api::Pinning::Required) {
         // Invalid specs change nothing on the nodes; the status says what to fix.
         let mut status = previous.clone().unwrap_or_default();
         status.phase = Some("Failed".into());

@@ -51,10 +51,14 @@ fn local_minilm() -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rendered_chart_runs_the_actor_mode_example_to_ready() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let minilm = local_minilm();
+    // The weights are a node file: the admin allows their directory.
+    let models_dir = minilm.parent().unwrap().display().to_string();
     let rendered = Command::new(tools_bin("helm"))
         .args(["template", "zc"])
         .arg(repo.join("charts/zerocopy"))
         .args(["--namespace", RELEASE_NS])
+        .arg(format!("--set-json=sources.allowFileDirs=[\"{models_dir}\"]"))
         .output()
         .unwrap();
     assert!(
@@ -122,6 +126,10 @@ async fn the_rendered_chart_runs_the_actor_mode_example_to_ready() {
         }
     }
     assert!(template.contains(&"--capacity=8Gi".to_string()), "{agent_args:?}");
+    assert!(
+        template.contains(&format!("--allow-file-dir={models_dir}")),
+        "{agent_args:?}"
+    );
     cluster.set_agent(zerocopy_integration_tests::agent_bin(), AgentMode::Args(template));
     for n in ["worker-1", "worker-2"] {
         cluster
@@ -167,8 +175,7 @@ async fn the_rendered_chart_runs_the_actor_mode_example_to_ready() {
     let mut example: serde_json::Value =
         serde_yaml::from_str(&std::fs::read_to_string(repo.join("examples/actor-mode/modelwrapper.yaml")).unwrap())
             .unwrap();
-    example["spec"]["pipeline"]["components"][0]["weights"]["uri"] =
-        json!(format!("file://{}", local_minilm().display()));
+    example["spec"]["pipeline"]["components"][0]["weights"]["uri"] = json!(format!("file://{}", minilm.display()));
     let wrappers: Api<ModelWrapper> = Api::namespaced(client.clone(), "ml");
     wrappers
         .create(&PostParams::default(), &serde_json::from_value(example).unwrap())

@@ -1,6 +1,7 @@
 //! A small HTTP/1.1 file server on 127.0.0.1 with the faults the fill engine
 //! must survive or report: 404, truncated bodies (once or always), no Range
-//! support, and a slow mode for crash tests.
+//! support, HEAD refused (as presigned GET URLs do), redirects, and a slow
+//! mode for crash tests. Bodies carry a strong ETag and honour `If-Range`.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -22,15 +23,31 @@ pub enum Fault {
     TruncateAlways,
     /// Send the body in 64 KiB pieces with a pause between them.
     Slow,
+    /// Answer 403 to HEAD, like S3 and GCS presigned GET URLs.
+    NoHead,
+    /// Answer `503 Service Unavailable` to the first n requests.
+    Unavailable(u32),
+    /// Send the body 1 KiB at a time, 100 ms apart: a stalled source.
+    Drip,
+}
+
+#[derive(Debug, Clone)]
+enum Entry {
+    Body(Vec<u8>),
+    Redirect(String),
 }
 
 /// A running server; stops when dropped (its thread ends with the process).
 pub struct Server {
     /// `http://127.0.0.1:<port>`
     pub base: String,
-    files: Arc<Mutex<HashMap<String, Vec<u8>>>>,
+    files: Arc<Mutex<HashMap<String, Entry>>>,
     /// Requests served, for assertions.
     pub requests: Arc<AtomicU32>,
+    /// The start offset of every Range request, for assertions on resumes.
+    pub range_starts: Arc<Mutex<Vec<u64>>>,
+    /// Bodies that replace a file once a response for it was cut.
+    after_cut: Arc<Mutex<HashMap<String, Vec<u8>>>>,
 }
 
 impl Server {
@@ -38,33 +55,83 @@ impl Server {
     pub fn start(fault: Fault) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
-        let files: Arc<Mutex<HashMap<String, Vec<u8>>>> = Arc::default();
+        let files: Arc<Mutex<HashMap<String, Entry>>> = Arc::default();
         let requests = Arc::new(AtomicU32::new(0));
-        let (f, r) = (files.clone(), requests.clone());
+        let range_starts: Arc<Mutex<Vec<u64>>> = Arc::default();
+        let after_cut: Arc<Mutex<HashMap<String, Vec<u8>>>> = Arc::default();
+        let state = State {
+            files: files.clone(),
+            requests: requests.clone(),
+            range_starts: range_starts.clone(),
+            after_cut: after_cut.clone(),
+            fault,
+        };
         thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (f, r) = (f.clone(), r.clone());
+                let state = state.clone();
                 thread::spawn(move || {
-                    let _ = handle(stream, &f, &r, fault);
+                    let _ = handle(stream, &state);
                 });
             }
         });
-        Self { base, files, requests }
+        Self {
+            base,
+            files,
+            requests,
+            range_starts,
+            after_cut,
+        }
     }
 
-    /// Serves `body` at `/<name>` and returns its URL.
+    /// Once a response for `/<name>` is cut, serve `body` there instead (a
+    /// new version of the object, with a new ETag).
+    pub fn replace_after_cut(&self, name: &str, body: Vec<u8>) {
+        self.after_cut.lock().expect("lock").insert(format!("/{name}"), body);
+    }
+
+    /// Serves `body` at `/<name>` and returns its URL. Putting a new body
+    /// under the same name changes its ETag, as a new object version would.
     pub fn put(&self, name: &str, body: Vec<u8>) -> String {
-        self.files.lock().expect("lock").insert(format!("/{name}"), body);
+        self.files
+            .lock()
+            .expect("lock")
+            .insert(format!("/{name}"), Entry::Body(body));
+        format!("{}/{name}", self.base)
+    }
+
+    /// Answers `/<name>` with `302 Found` to `location`, and returns the URL.
+    pub fn redirect(&self, name: &str, location: &str) -> String {
+        self.files
+            .lock()
+            .expect("lock")
+            .insert(format!("/{name}"), Entry::Redirect(location.to_string()));
         format!("{}/{name}", self.base)
     }
 }
 
-fn handle(
-    stream: TcpStream,
-    files: &Mutex<HashMap<String, Vec<u8>>>,
-    requests: &AtomicU32,
+/// A strong ETag that changes with the content.
+fn etag(body: &[u8]) -> String {
+    format!("\"{}\"", &crate::sha256_hex(body)[..16])
+}
+
+#[derive(Clone)]
+struct State {
+    files: Arc<Mutex<HashMap<String, Entry>>>,
+    requests: Arc<AtomicU32>,
+    range_starts: Arc<Mutex<Vec<u64>>>,
+    after_cut: Arc<Mutex<HashMap<String, Vec<u8>>>>,
     fault: Fault,
-) -> std::io::Result<()> {
+}
+
+fn handle(stream: TcpStream, state: &State) -> std::io::Result<()> {
+    let State {
+        files,
+        requests,
+        range_starts,
+        after_cut,
+        fault,
+    } = state;
+    let fault = *fault;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut out = stream;
     loop {
@@ -76,6 +143,7 @@ fn handle(
         let method = parts.next().unwrap_or("").to_string();
         let path = parts.next().unwrap_or("").to_string();
         let mut range: Option<u64> = None;
+        let mut if_range: Option<String> = None;
         loop {
             let mut h = String::new();
             reader.read_line(&mut h)?;
@@ -90,30 +158,69 @@ fn handle(
                         .strip_prefix("bytes=")
                         .and_then(|r| r.trim_end_matches('-').parse().ok());
                 }
+                if k.eq_ignore_ascii_case("if-range") {
+                    if_range = Some(v.trim().to_string());
+                }
             }
         }
         let n = requests.fetch_add(1, Ordering::SeqCst);
+        if let Fault::Unavailable(first) = fault {
+            if n < first {
+                out.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")?;
+                continue;
+            }
+        }
         let body = files
             .lock()
             .map_err(|_| std::io::Error::other("lock"))?
             .get(&path)
             .cloned();
-        let Some(body) = body else {
-            out.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 9\r\n\r\nnot found")?;
-            continue;
+        let body = match body {
+            None => {
+                out.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 9\r\n\r\nnot found")?;
+                continue;
+            }
+            Some(Entry::Redirect(location)) => {
+                write!(
+                    out,
+                    "HTTP/1.1 302 Found\r\nlocation: {location}\r\ncontent-length: 0\r\n\r\n"
+                )?;
+                continue;
+            }
+            Some(Entry::Body(body)) => body,
         };
         let ranges = fault != Fault::TruncateAlways;
         let accept = if ranges { "accept-ranges: bytes\r\n" } else { "" };
+        let tag = etag(&body);
         if method == "HEAD" {
-            write!(out, "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n{accept}\r\n", body.len())?;
+            if fault == Fault::NoHead {
+                out.write_all(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n")?;
+            } else {
+                write!(
+                    out,
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\netag: {tag}\r\n{accept}\r\n",
+                    body.len()
+                )?;
+            }
             continue;
         }
+        if let Some(start) = range {
+            range_starts
+                .lock()
+                .map_err(|_| std::io::Error::other("lock"))?
+                .push(start);
+        }
+        // RFC 9110 If-Range: a validator that no longer matches gets the whole new body.
+        let range = range.filter(|_| if_range.as_ref().is_none_or(|v| *v == tag));
         let (status, start) = match range {
             Some(start) if ranges => ("206 Partial Content", start.min(body.len() as u64) as usize),
             _ => ("200 OK", 0),
         };
         let total = body.len();
-        let mut head = format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\n{accept}", total - start);
+        let mut head = format!(
+            "HTTP/1.1 {status}\r\ncontent-length: {}\r\netag: {tag}\r\n{accept}",
+            total - start
+        );
         if start > 0 || status.starts_with("206") {
             head.push_str(&format!(
                 "content-range: bytes {start}-{}/{total}\r\n",
@@ -128,6 +235,16 @@ fn handle(
             _ => false,
         };
         if cut {
+            let replacement = after_cut
+                .lock()
+                .map_err(|_| std::io::Error::other("lock"))?
+                .remove(&path);
+            if let Some(new) = replacement {
+                files
+                    .lock()
+                    .map_err(|_| std::io::Error::other("lock"))?
+                    .insert(path.clone(), Entry::Body(new));
+            }
             out.write_all(&body[start..start + (total - start) / 2])?;
             out.flush()?;
             return Ok(()); // close mid-body
@@ -136,6 +253,12 @@ fn handle(
             for chunk in body[start..].chunks(64 << 10) {
                 out.write_all(chunk)?;
                 thread::sleep(Duration::from_millis(20));
+            }
+        } else if fault == Fault::Drip {
+            for chunk in body[start..].chunks(1 << 10) {
+                out.write_all(chunk)?;
+                out.flush()?;
+                thread::sleep(Duration::from_millis(100));
             }
         } else {
             out.write_all(&body[start..])?;

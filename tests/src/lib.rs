@@ -56,7 +56,7 @@ impl TmpfsDir {
             dir.path(),
             Some("tmpfs"),
             nix::mount::MsFlags::empty(),
-            Some("size=2g"),
+            Some("size=2g,mode=0755"),
         )
         .expect("mount tmpfs (the integration tests run as root)");
         Self { dir }

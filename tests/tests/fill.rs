@@ -12,6 +12,7 @@ use zerocopy_integration_tests::safetensors::{file, raw, T};
 use zerocopy_integration_tests::{sha256_hex, TmpfsDir};
 use zerocopy_node_agent::fill::{MountMode, Quiet};
 use zerocopy_node_agent::mount::{mount_at, mounts_under};
+use zerocopy_node_agent::source::policy::SourcePolicy;
 use zerocopy_node_agent::{FillEngine, FillError, FillOutcome, VolumeRoot};
 
 fn spec(yaml: &str) -> ModelWrapperSpec {
@@ -30,7 +31,7 @@ fn model() -> Vec<u8> {
 }
 
 fn engine(root: &Path, capacity: Option<u64>, mode: MountMode) -> FillEngine {
-    FillEngine::new(VolumeRoot::new(root), capacity, mode).expect("engine")
+    FillEngine::new(VolumeRoot::new(root), capacity, mode, SourcePolicy::standalone()).expect("engine")
 }
 
 /// Nothing is visible and nothing is left in staging.
@@ -124,6 +125,35 @@ async fn a_dropped_connection_is_resumed_with_range() {
         .expect("resumed fill");
     let gen_dir = tmp.path().join("test/m").join(generation_digest(&s));
     assert_eq!(fs::read(gen_dir.join("enc.safetensors")).unwrap(), body);
+    // The resume asked for the rest, not the whole body again.
+    let starts = server.range_starts.lock().unwrap().clone();
+    assert_eq!(starts, vec![body.len() as u64 / 2], "one resume from the cut");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resume_never_splices_two_versions_of_an_object() {
+    let tmp = TmpfsDir::new();
+    let server = Server::start(Fault::TruncateOnce);
+    let old = model();
+    let new = file(&[T::f32("w", 300_000, 9), T::f32("b", 300, 9)]);
+    assert_eq!(old.len(), new.len());
+    let url = server.put("enc.safetensors", old.clone());
+    // A new version of the object lands right after the first body is cut:
+    // the resume's If-Range no longer matches, the server sends the whole new
+    // body, and the agent must not append it to the old half.
+    server.replace_after_cut("enc.safetensors", new.clone());
+    let s = one(&url, None);
+    engine(tmp.path(), None, MountMode::Tmpfs)
+        .fill("test", "m", &s, &Quiet)
+        .await
+        .expect_err("a changed object cannot be resumed");
+    assert_nothing_published(tmp.path());
+    let spliced: Vec<u8> = old[..old.len() / 2]
+        .iter()
+        .chain(&new[new.len() / 2..])
+        .copied()
+        .collect();
+    assert_ne!(spliced, old);
 }
 
 /// One bad input: what the source serves, and what the error must say.
@@ -281,6 +311,7 @@ async fn bad_names_and_capacity_are_refused_before_any_byte() {
     let err = e.fill("test", "m", &dup, &Quiet).await.unwrap_err();
     assert!(err.to_string().contains("duplicate component name \"a\""), "{err}");
     assert_nothing_published(&root);
+    drop(e); // one engine per root at a time (the root lock)
 
     let small = engine(&root, Some(1 << 20), MountMode::Tmpfs);
     let err = small.fill("test", "m", &one(&uri, None), &Quiet).await.unwrap_err();

@@ -51,6 +51,11 @@ struct Cli {
     /// Per-node capacity passed to each agent (e.g. 8Gi).
     #[arg(long)]
     capacity: Option<String>,
+    /// An extra argument for every agent, repeatable; e.g.
+    /// `--agent-arg=--allow-file-dir=/models` lets cluster-mode agents read
+    /// file:// sources below /models.
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    agent_args: Vec<String>,
 }
 
 #[tokio::main]
@@ -77,6 +82,7 @@ async fn main() -> anyhow::Result<()> {
         };
         opts = opts.agent(bin, mode);
     }
+    opts.agent_args.extend(cli.agent_args.iter().cloned());
     let cluster = Cluster::start(opts).await?;
     if matches!(cli.agent_mode, Mode::Cluster) {
         let t = cluster.store().resource_type("", "namespaces")?;

@@ -96,6 +96,11 @@ impl Ledger {
         fs::write(&tmp, serde_json::to_vec_pretty(&p).map_err(io::Error::other)?)?;
         fs::File::open(&tmp)?.sync_all()?;
         fs::rename(&tmp, &path)?;
+        // The rename is durable only once the directory is synced: a power
+        // loss must not forget a publication kubelet was told about.
+        if let Some(dir) = path.parent() {
+            fs::File::open(dir)?.sync_all()?;
+        }
         self.lock().insert(p.volume_id.clone(), p);
         Ok(())
     }

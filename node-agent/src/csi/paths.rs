@@ -7,7 +7,7 @@ use std::path::{Component, Path, PathBuf};
 use zerocopy_api::labels::VOLUME_ATTRIBUTE_WRAPPER;
 use zerocopy_api::validation::{is_dns1123_label, is_dns1123_subdomain};
 
-use super::{POD_NAME, POD_NAMESPACE, POD_UID};
+use super::{EPHEMERAL, POD_NAME, POD_NAMESPACE, POD_UID};
 
 /// A request that is wrong; maps to `InvalidArgument`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -105,13 +105,28 @@ pub fn check_publish(
             "{POD_NAMESPACE} {namespace:?} is not a valid namespace"
         )));
     }
+    // The namespace is the only isolation between tenants: a publish that
+    // does not come from kubelet for a pod's inline volume (a
+    // PersistentVolume naming us, or the CSIDriver edited) is refused.
+    if volume_context.get(EPHEMERAL).map(String::as_str) != Some("true") {
+        return Err(Invalid(format!(
+            "{EPHEMERAL}=true is missing: this driver serves only CSI ephemeral inline volumes of pods (CSIDriver volumeLifecycleModes: [Ephemeral], podInfoOnMount: true); a PersistentVolume cannot use it"
+        )));
+    }
+    let pod = volume_context.get(POD_NAME).cloned().unwrap_or_default();
+    let pod_uid = volume_context.get(POD_UID).cloned().unwrap_or_default();
+    if pod.is_empty() || pod_uid.is_empty() {
+        return Err(Invalid(format!(
+            "{POD_NAME} and {POD_UID} are required in the volume context: the CSIDriver object needs podInfoOnMount: true"
+        )));
+    }
     Ok(PublishTarget {
         volume_id: volume_id.into(),
         target,
         namespace: namespace.into(),
         wrapper: wrapper.into(),
-        pod: volume_context.get(POD_NAME).cloned().unwrap_or_default(),
-        pod_uid: volume_context.get(POD_UID).cloned().unwrap_or_default(),
+        pod,
+        pod_uid,
     })
 }
 
@@ -125,7 +140,13 @@ mod tests {
 
     #[test]
     fn a_good_request_passes() {
-        let c = ctx(&[("modelWrapper", "bert"), (POD_NAMESPACE, "ml"), (POD_NAME, "p")]);
+        let c = ctx(&[
+            ("modelWrapper", "bert"),
+            (POD_NAMESPACE, "ml"),
+            (POD_NAME, "p"),
+            (POD_UID, "u"),
+            (EPHEMERAL, "true"),
+        ]);
         let t = check_publish(
             "v1",
             "/var/lib/kubelet/pods/u/volumes/x/mount",
@@ -142,7 +163,13 @@ mod tests {
 
     #[test]
     fn each_bad_field_is_named() {
-        let good = ctx(&[("modelWrapper", "bert"), (POD_NAMESPACE, "ml")]);
+        let good = ctx(&[
+            ("modelWrapper", "bert"),
+            (POD_NAMESPACE, "ml"),
+            (POD_NAME, "p"),
+            (POD_UID, "u"),
+            (EPHEMERAL, "true"),
+        ]);
         let k = Some(Path::new("/var/lib/kubelet"));
         type Case<'a> = (&'a str, &'a str, bool, HashMap<String, String>, &'a str);
         let cases: Vec<Case> = vec![
@@ -171,6 +198,25 @@ mod tests {
                 true,
                 ctx(&[("modelWrapper", "../x"), (POD_NAMESPACE, "ml")]),
                 "not a valid object name",
+            ),
+            (
+                "v",
+                "/var/lib/kubelet/t",
+                true,
+                ctx(&[
+                    ("modelWrapper", "bert"),
+                    (POD_NAMESPACE, "ml"),
+                    (POD_NAME, "p"),
+                    (POD_UID, "u"),
+                ]),
+                "ephemeral=true is missing",
+            ),
+            (
+                "v",
+                "/var/lib/kubelet/t",
+                true,
+                ctx(&[("modelWrapper", "bert"), (POD_NAMESPACE, "ml"), (EPHEMERAL, "true")]),
+                "pod.uid are required",
             ),
         ];
         for (id, target, ro, c, want) in cases {

@@ -1,11 +1,18 @@
 //! `file://` sources: a path on the node (or, standalone, on this machine).
+//!
+//! In a cluster the path must lie below a directory the admin allowed, and
+//! it is opened beneath that directory without following any symlink, so a
+//! tenant's URI cannot reach kubelet credentials, other pods' tokens, /proc,
+//! or other namespaces' generations.
 
 use std::fs::File;
 use std::io::Read;
 use std::path::PathBuf;
 
 use bytes::BytesMut;
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
 
+use super::policy::SourcePolicy;
 use super::sink::HashingSink;
 use super::{FetchError, Fetched, Progress};
 
@@ -18,23 +25,50 @@ pub fn path_of(uri: &url::Url) -> Result<PathBuf, FetchError> {
         .map_err(|_| FetchError::Unreachable(format!("{uri} is not an absolute file path")))
 }
 
-/// Size of the file, for capacity planning.
-pub fn size(uri: &url::Url) -> Result<u64, FetchError> {
+/// Opens the regular file `uri` names, as `policy` allows, and returns it
+/// with its size.
+pub fn open(uri: &url::Url, policy: &SourcePolicy) -> Result<(File, u64), FetchError> {
     let path = path_of(uri)?;
-    std::fs::metadata(&path)
-        .map(|m| m.len())
-        .map_err(|e| FetchError::Unreachable(format!("{}: {e}", path.display())))
+    let file = match policy.file_location(&path).map_err(FetchError::Refused)? {
+        None => File::open(&path).map_err(|e| FetchError::Unreachable(format!("{}: {e}", path.display())))?,
+        Some((dir, rel)) => open_beneath(&dir, &rel).map_err(|e| match e {
+            nix::Error::ELOOP | nix::Error::EXDEV => FetchError::Refused(format!(
+                "{} goes through a symlink or leaves {}; sources below an allowed directory are opened without following symlinks",
+                path.display(),
+                dir.display()
+            )),
+            e => FetchError::Unreachable(format!("{}: {e}", path.display())),
+        })?,
+    };
+    let meta = file
+        .metadata()
+        .map_err(|e| FetchError::Unreachable(format!("{}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(FetchError::Refused(format!("{} is not a regular file", path.display())));
+    }
+    Ok((file, meta.len()))
 }
 
-/// Copies the file into `sink`, reporting progress.
-pub fn fetch(uri: &url::Url, mut sink: HashingSink, progress: &dyn Progress) -> Result<Fetched, FetchError> {
-    let path = path_of(uri)?;
-    let mut src = File::open(&path).map_err(|e| FetchError::Unreachable(format!("{}: {e}", path.display())))?;
+fn open_beneath(dir: &std::path::Path, rel: &std::path::Path) -> nix::Result<File> {
+    let dir_fd = nix::fcntl::open(
+        dir,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NONBLOCK)
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let fd = nix::fcntl::openat2(&dir_fd, rel, how)?;
+    Ok(File::from(fd))
+}
+
+/// Copies `src` into `sink`, reporting progress.
+pub fn fetch(mut src: File, what: &str, mut sink: HashingSink, progress: &dyn Progress) -> Result<Fetched, FetchError> {
     loop {
         let mut buf = BytesMut::zeroed(CHUNK);
         let n = src
             .read(&mut buf)
-            .map_err(|e| FetchError::Unreachable(format!("reading {}: {e}", path.display())))?;
+            .map_err(|e| FetchError::Unreachable(format!("reading {what}: {e}")))?;
         if n == 0 {
             break;
         }

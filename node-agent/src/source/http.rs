@@ -1,12 +1,14 @@
 //! `http(s)://` sources: streamed with bounded memory, resumed with `Range`
 //! when the connection drops and the server supports it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use reqwest::header::{ACCEPT_RANGES, CONTENT_RANGE, RANGE};
+use reqwest::header::{ACCEPT_RANGES, CONTENT_RANGE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE};
 use reqwest::StatusCode;
 
+use super::policy::{check_url, redirect_policy, CheckedResolver, SourcePolicy};
 use super::sink::HashingSink;
 use super::{FetchError, Fetched, Progress};
 
@@ -15,20 +17,44 @@ const MAX_RESUMES: u32 = 3;
 /// Attempts to connect before the source is declared unreachable.
 const CONNECT_ATTEMPTS: u32 = 3;
 
-/// Builds the client every HTTP source shares (rustls, no proxy magic).
-pub fn client() -> reqwest::Result<reqwest::Client> {
-    reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        .read_timeout(Duration::from_secs(60))
-        .user_agent(concat!("zerocopy-node-agent/", env!("CARGO_PKG_VERSION")))
-        .build()
+/// The HTTP client of one fill engine, with the policy it enforces.
+#[derive(Clone)]
+pub struct HttpSource {
+    client: reqwest::Client,
+    policy: Arc<SourcePolicy>,
 }
 
-/// The announced size, from a HEAD request; `None` when the server does not say.
-pub async fn size(client: &reqwest::Client, uri: &url::Url) -> Result<Option<u64>, FetchError> {
-    let resp = send_with_retry(client.head(uri.clone())).await?;
+impl HttpSource {
+    /// A client (rustls) that connects only to addresses `policy` allows:
+    /// names are resolved once by [`CheckedResolver`] and the connection goes
+    /// to the checked address; every redirect hop is checked, https never
+    /// downgrades to http. Proxies from the environment are honoured: the
+    /// proxy then decides where requests go, so it must enforce egress rules.
+    pub fn new(policy: Arc<SourcePolicy>) -> reqwest::Result<Self> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(Duration::from_secs(60))
+            .user_agent(concat!("zerocopy-node-agent/", env!("CARGO_PKG_VERSION")))
+            .dns_resolver(Arc::new(CheckedResolver::new(policy.clone())))
+            .redirect(redirect_policy(policy.clone()))
+            .build()?;
+        Ok(Self { client, policy })
+    }
+
+    fn check(&self, uri: &url::Url) -> Result<(), FetchError> {
+        check_url(&self.policy, uri).map_err(|reason| FetchError::Refused(format!("{uri}: {reason}")))
+    }
+}
+
+/// The announced size, from a HEAD request; `None` when the server does not
+/// say or refuses HEAD (S3 and GCS presigned GET URLs answer 403 to it): the
+/// GET then decides.
+pub async fn size(http: &HttpSource, uri: &url::Url) -> Result<Option<u64>, FetchError> {
+    http.check(uri)?;
+    let resp = send_with_retry(http.client.head(uri.clone())).await?;
     if !resp.status().is_success() {
-        return Err(FetchError::Status(resp.status().as_u16()));
+        tracing::debug!(%uri, status = resp.status().as_u16(), "HEAD refused; the size is learnt from the GET");
+        return Ok(None);
     }
     Ok(resp
         .headers()
@@ -38,19 +64,26 @@ pub async fn size(client: &reqwest::Client, uri: &url::Url) -> Result<Option<u64
 
 /// Streams the body into `sink`.
 pub async fn fetch(
-    client: &reqwest::Client,
+    http: &HttpSource,
     uri: &url::Url,
     mut sink: HashingSink,
     progress: &dyn Progress,
 ) -> Result<Fetched, FetchError> {
+    http.check(uri)?;
     let mut resumes = 0u32;
     let mut expected: Option<u64> = None;
     let mut can_resume = false;
+    // The validator of the first response: a resume asks for the rest of
+    // that exact object (If-Range), so two versions are never spliced.
+    let mut validator: Option<reqwest::header::HeaderValue> = None;
     loop {
         let offset = sink.written();
-        let mut req = client.get(uri.clone());
+        let mut req = http.client.get(uri.clone());
         if offset > 0 {
             req = req.header(RANGE, format!("bytes={offset}-"));
+            if let Some(v) = &validator {
+                req = req.header(IF_RANGE, v.clone());
+            }
         }
         let resp = match send_with_retry(req).await {
             Ok(r) => r,
@@ -66,10 +99,18 @@ pub async fn fetch(
                 return Err(FetchError::Status(resp.status().as_u16()));
             }
             expected = resp.content_length();
-            can_resume = resp
+            // Only a strong ETag or a Last-Modified date may guard a resume.
+            validator = resp
                 .headers()
-                .get(ACCEPT_RANGES)
-                .is_some_and(|v| v.as_bytes() == b"bytes");
+                .get(ETAG)
+                .filter(|v| !v.as_bytes().starts_with(b"W/"))
+                .or_else(|| resp.headers().get(LAST_MODIFIED))
+                .cloned();
+            can_resume = validator.is_some()
+                && resp
+                    .headers()
+                    .get(ACCEPT_RANGES)
+                    .is_some_and(|v| v.as_bytes() == b"bytes");
             if let Some(total) = expected {
                 progress.set_total(total);
             }
@@ -136,15 +177,23 @@ async fn send_with_retry(req: reqwest::RequestBuilder) -> Result<reqwest::Respon
         };
         match this.send().await {
             Ok(resp) => return Ok(resp),
+            Err(e) if is_refused_by_resolver(&e) => return Err(FetchError::Refused(describe(&e))),
             Err(e) if (e.is_connect() || e.is_timeout()) && attempt < CONNECT_ATTEMPTS => {
                 tracing::debug!(error = %describe(&e), attempt, "connect failed; retrying");
                 tokio::time::sleep(delay).await;
                 delay *= 2;
                 attempt += 1;
             }
+            Err(e) if e.is_redirect() => return Err(FetchError::Refused(describe(&e))),
             Err(e) => return Err(FetchError::Unreachable(describe(&e))),
         }
     }
+}
+
+/// The resolver's refusal surfaces as a connect error; tell it apart so it
+/// is not retried and reads as a policy decision.
+fn is_refused_by_resolver(e: &reqwest::Error) -> bool {
+    describe(e).contains("resolves to a refused address")
 }
 
 /// reqwest's top-level message hides the cause; join the chain.

@@ -4,6 +4,7 @@
 
 pub mod file;
 pub mod http;
+pub mod policy;
 pub mod sink;
 
 /// A completed download.
@@ -23,6 +24,9 @@ pub enum FetchError {
     /// Missing file, refused connection, DNS, TLS.
     #[error("{0}")]
     Unreachable(String),
+    /// The source policy refuses it (node files, internal addresses, …).
+    #[error("{0}")]
+    Refused(String),
     /// The server answered an error status.
     #[error("HTTP {0}")]
     Status(u16),
