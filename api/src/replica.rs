@@ -67,17 +67,16 @@ pub enum ReplicaPhase {
     Filling,
     /// The generation is published on the node.
     Ready,
-    /// The fill failed; `message` says why.
+    /// The fill failed; `message` and `reason` say why, `nextRetryTime` when
+    /// it is tried again.
     Failed,
-    /// Being removed from the node.
-    Evicting,
 }
 
 /// Observed state on the node.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelReplicaStatus {
-    /// Pending, Filling, Ready, Failed or Evicting.
+    /// Pending, Filling, Ready or Failed.
     #[serde(default)]
     pub phase: ReplicaPhase,
     /// Bytes of the generation.
@@ -95,6 +94,16 @@ pub struct ModelReplicaStatus {
     /// Why it failed, or fill progress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// When Failed: SourceUnavailable, SourceTooSlow, IntegrityMismatch,
+    /// InsufficientCapacity, SourceRefused, InvalidSpec or NodeError.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When Failed: failed attempts in a row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
+    /// When Failed and retried: when the next attempt starts (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_retry_time: Option<String>,
     /// Pods on the node that mount this wrapper.
     #[serde(default)]
     pub mounts: u32,

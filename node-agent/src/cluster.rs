@@ -101,9 +101,14 @@ pub fn replica_status(replica: &ModelReplica, shared: &Shared, root: &VolumeRoot
             s.bytes_done = total;
             s.digest = Some(generation);
         }
-        FillState::Failed(why) => {
+        FillState::Failed(failure) => {
             s.phase = ReplicaPhase::Failed;
-            s.message = Some(why);
+            s.message = Some(failure.message);
+            s.reason = Some(failure.reason.to_string());
+            s.attempts = Some(failure.attempts);
+            s.next_retry_time = failure
+                .retry_at
+                .map(|t| chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
         }
     }
     s

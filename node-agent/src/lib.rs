@@ -13,6 +13,7 @@ pub mod serve;
 pub mod source;
 pub mod standalone;
 pub mod status;
+pub mod supervisor;
 
 pub use error::FillError;
 pub use fill::{FillEngine, FillOutcome, MountMode};

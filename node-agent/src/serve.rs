@@ -6,18 +6,18 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use crate::csi::catalog::{Catalog, FillState};
+use crate::csi::catalog::Catalog;
 use crate::csi::identity::IdentityService;
 use crate::csi::inflight::InFlight;
 use crate::csi::ledger::Ledger;
 use crate::csi::metrics::{self, Metrics};
 use crate::csi::node::NodeService;
 use crate::csi::server;
-use crate::fill::{FillEngine, FillOutcome, ProgressFactory};
+use crate::fill::FillEngine;
 use crate::manifests::{load_for_serve, LoadedWrapper};
-use crate::standalone::{collect_garbage, fill_all};
+use crate::supervisor::{FillPolicy, Supervisor};
 
 /// Settings of the long-running mode.
 #[derive(Debug, Clone)]
@@ -38,8 +38,8 @@ pub struct ServeOptions {
     pub metrics_addr: Option<SocketAddr>,
     /// How often the files are checked for changes.
     pub watch_interval: Duration,
-    /// Remove generations of wrappers no longer in the files.
-    pub prune: bool,
+    /// Concurrency, deadlines, retries and pruning of fills.
+    pub fill: FillPolicy,
 }
 
 /// Why serving could not start.
@@ -131,12 +131,16 @@ pub async fn serve_wanted(
     tracing::info!(publications = ledger.all().len(), dropped, cleaned, "ledger recovered");
     let ledger = Arc::new(ledger);
     let catalog = Arc::new(Catalog::default());
-    catalog.set_wanted(
-        wrappers
-            .iter()
-            .map(|w| ((w.namespace.clone(), w.name.clone()), w.wrapper.spec.clone())),
-    );
     let metrics = Metrics::new()?;
+    let mut supervisor = Supervisor::new(
+        engine.clone(),
+        catalog.clone(),
+        ledger.clone(),
+        metrics.clone(),
+        opts.fill.clone(),
+    );
+    // Complete generations are Ready before the socket answers.
+    supervisor.set_wanted(&wrappers);
     let ready = Arc::new(AtomicBool::new(false));
     let node = NodeService {
         node_id: opts.node_id.clone(),
@@ -183,104 +187,43 @@ pub async fn serve_wanted(
         ledger: ledger.clone(),
         metrics: metrics.clone(),
     });
-    let mut current = wrappers;
+    enum Event {
+        Stop,
+        Wanted(bool),
+        Supervisor,
+    }
     loop {
-        reconcile_once(&engine, &catalog, &ledger, &node, &metrics, &current, opts.prune).await;
-        let changed = tokio::select! {
-            _ = stop_rx.wait_for(|s| *s) => false,
-            changed = wanted.changed() => changed.is_ok(),
+        supervisor.step();
+        metrics.refresh(&root, &ledger);
+        let event = tokio::select! {
+            _ = stop_rx.wait_for(|s| *s) => Event::Stop,
+            changed = wanted.changed() => Event::Wanted(changed.is_ok()),
+            _ = supervisor.wait() => Event::Supervisor,
         };
-        if !changed {
-            // Shutdown, or the source of wanted wrappers ended: keep serving
-            // what we have until shutdown.
-            let _ = stop_rx.wait_for(|s| *s).await;
-            tracing::info!("shutting down; mounts stay in place");
-            return grpc
-                .await
-                .map_err(|e| io("CSI server task")(std::io::Error::other(e)))?
-                .map_err(ServeError::from);
-        }
-        current = wanted.borrow_and_update().clone();
-        catalog.set_wanted(
-            current
-                .iter()
-                .map(|w| ((w.namespace.clone(), w.name.clone()), w.wrapper.spec.clone())),
-        );
-    }
-}
-
-async fn reconcile_once(
-    engine: &FillEngine,
-    catalog: &Arc<Catalog>,
-    ledger: &Ledger,
-    node: &NodeService,
-    metrics: &Metrics,
-    wrappers: &[LoadedWrapper],
-    prune: bool,
-) {
-    for w in wrappers {
-        let generation = zerocopy_api::format::generation_digest(&w.wrapper.spec);
-        if engine
-            .root()
-            .read_manifest(&w.namespace, &w.name, &generation)
-            .is_none()
-        {
-            catalog.set_state(&w.namespace, &w.name, &generation, FillState::Filling(Vec::new()));
-        }
-    }
-    let started = Instant::now();
-    let mut report = fill_all(engine, wrappers, |id| -> Box<dyn ProgressFactory> {
-        let (ns, name) = id.split_once('/').unwrap_or((id, ""));
-        let w = wrappers.iter().find(|w| w.namespace == ns && w.name == name);
-        let generation = w
-            .map(|w| zerocopy_api::format::generation_digest(&w.wrapper.spec))
-            .unwrap_or_default();
-        Box::new(catalog.progress(ns, name, &generation))
-    })
-    .await;
-    for r in &report.wrappers {
-        let (ns, name) = r.wrapper.split_once('/').unwrap_or((&r.wrapper, ""));
-        match &r.outcome {
-            Ok(outcome) => {
-                if let FillOutcome::Filled { manifest, seconds } = outcome {
-                    metrics
-                        .fill_bytes_total
-                        .with_label_values(&[ns, name])
-                        .inc_by(manifest.total_bytes);
-                    metrics.fill_seconds.with_label_values(&["ok"]).observe(*seconds);
+        match event {
+            Event::Stop => break,
+            Event::Wanted(false) => {
+                // The source of wanted wrappers ended: keep serving what we
+                // have until shutdown.
+                let _ = stop_rx.wait_for(|s| *s).await;
+                break;
+            }
+            Event::Wanted(true) => {
+                let current = wanted.borrow_and_update().clone();
+                supervisor.set_wanted(&current);
+                // Generations a pod released while they were still wanted are
+                // freed by unpublish; re-check the ones no longer wanted.
+                for p in ledger.all() {
+                    node.collect(&p.namespace, &p.name, &p.generation);
                 }
-                catalog.set_state(ns, name, &r.generation, FillState::Ready);
             }
-            Err(e) => {
-                metrics
-                    .fill_seconds
-                    .with_label_values(&[e.category()])
-                    .observe(started.elapsed().as_secs_f64());
-                catalog.set_state(ns, name, &r.generation, FillState::Failed(e.to_string()));
-            }
+            Event::Supervisor => {}
         }
     }
-    if let Err(e) = collect_garbage(engine, &mut report, prune, |g| {
-        ledger.references(&g.namespace, &g.name, &g.generation)
-    }) {
-        tracing::warn!(error = %e, "garbage collection failed");
-    }
-    for g in &report.gc {
-        match &g.removed {
-            Ok(()) => {
-                tracing::info!(wrapper = %format!("{}/{}", g.entry.namespace, g.entry.name), generation = %g.entry.generation, "removed generation")
-            }
-            Err(why) => {
-                tracing::info!(wrapper = %format!("{}/{}", g.entry.namespace, g.entry.name), generation = %g.entry.generation, reason = %why, "kept generation")
-            }
-        }
-    }
-    // Generations a pod released while they were still wanted are freed by
-    // unpublish; re-check the ones the files just stopped wanting.
-    for p in ledger.all() {
-        node.collect(&p.namespace, &p.name, &p.generation);
-    }
-    metrics.refresh(engine.root(), ledger);
+    tracing::info!("shutting down; mounts stay in place");
+    grpc.await
+        .map_err(|e| io("CSI server task")(std::io::Error::other(e)))?
+        .map_err(ServeError::from)
 }
 
 fn files_fingerprint(files: &[PathBuf]) -> Vec<(PathBuf, Option<SystemTime>, u64)> {

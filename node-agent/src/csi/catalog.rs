@@ -35,8 +35,36 @@ pub enum FillState {
     Filling(Vec<(String, u64, Option<u64>)>),
     /// Published.
     Ready,
-    /// Failed; the message names the component and the reason.
-    Failed(String),
+    /// Failed; tried again at `retry_at` unless the spec changes first.
+    Failed(Failure),
+}
+
+/// A failed fill, as status and publishes report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// What failed: names the component and what to do.
+    pub message: String,
+    /// `SourceUnavailable`, `IntegrityMismatch`, `InsufficientCapacity`, …
+    pub reason: &'static str,
+    /// Failed attempts in a row.
+    pub attempts: u32,
+    /// When the next attempt starts; `None` when only a spec change helps.
+    pub retry_at: Option<std::time::SystemTime>,
+}
+
+impl Failure {
+    /// "…: <message>; attempt 3, next in 40s" for publish errors and status.
+    pub fn describe(&self) -> String {
+        match self.retry_at {
+            Some(at) => {
+                let wait = at
+                    .duration_since(std::time::SystemTime::now())
+                    .map_or(0, |d| d.as_secs());
+                format!("{} (attempt {}; next attempt in {wait}s)", self.message, self.attempts)
+            }
+            None => format!("{} (not retried: fix the spec)", self.message),
+        }
+    }
 }
 
 #[derive(Debug, Default)]

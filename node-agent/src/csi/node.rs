@@ -184,10 +184,12 @@ impl NodeService {
                 return Ok(());
             }
             let state = self.catalog.state(&t.namespace, &t.wrapper, generation);
-            if let FillState::Failed(reason) = &state {
+            if let FillState::Failed(failure) = &state {
                 return Err(CsiError::Precondition(format!(
-                    "{}/{}: fill failed: {reason}",
-                    t.namespace, t.wrapper
+                    "{}/{}: fill failed: {}",
+                    t.namespace,
+                    t.wrapper,
+                    failure.describe()
                 )));
             }
             let now = Instant::now();
