@@ -11,6 +11,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use memmap2::{Mmap, MmapOptions};
 use zerocopy_api::manifest::{Manifest, ManifestError};
@@ -19,7 +20,7 @@ use zerocopy_api::safetensors::{check_header_len, header_len, validate_header, H
 #[cfg(feature = "tch")]
 mod torch;
 #[cfg(feature = "tch")]
-pub use torch::{BindError, Binding, BorrowedTensor};
+pub use torch::{BindError, Binding};
 
 /// Safetensors `__metadata__` key holding the Python attribute name.
 pub const ATTRIBUTE_KEY: &str = "zerocopy.attribute";
@@ -73,11 +74,13 @@ pub struct Pipeline {
     components: Vec<Component>,
 }
 
-/// One component's weights, mapped.
+/// One component's weights, mapped. The mapping is reference-counted: tch
+/// tensors made from it hold a reference in their storage, so it stays mapped
+/// until the last tensor (or view of one) is gone, whatever safe code does.
 #[derive(Debug)]
 pub struct Component {
     name: String,
-    map: Mmap,
+    map: Arc<Mmap>,
     header: Header,
 }
 
@@ -148,7 +151,7 @@ fn map_component(dir: &Path, name: &str, file: &str, expected: u64) -> Result<Co
     let header = validate_header(&map[8..8 + n as usize], actual).map_err(header_err)?;
     Ok(Component {
         name: name.into(),
-        map,
+        map: Arc::new(map),
         header,
     })
 }

@@ -1,51 +1,68 @@
 //! tch tensors over the mapping, and binding them into a VarStore.
+//!
+//! Every tensor's storage owns a reference to the component's mapping
+//! (`csrc/owned_blob.cpp`: `at::from_blob` with a deleter), so views, slices,
+//! shallow clones and VarStore variables keep the mapping alive: no safe code
+//! can read unmapped memory.
 
 #![allow(unsafe_code)]
 
-use std::marker::PhantomData;
+use std::ffi::{c_char, c_int, c_void, CStr};
 use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
 
+use memmap2::Mmap;
 use tch::{nn::VarStore, Device, Kind, Tensor};
 use zerocopy_api::safetensors::Dtype;
 
 use crate::{Component, Pipeline, TensorView};
 
-/// A tensor whose storage is the pipeline's mapping; it cannot outlive the
-/// [`Component`] it borrows. (A `shallow_clone` of it escapes this check:
-/// keep clones inside the same scope.)
-#[derive(Debug)]
-pub struct BorrowedTensor<'a> {
-    tensor: Tensor,
-    _mapping: PhantomData<&'a Component>,
+extern "C" {
+    fn zerocopy_loader_tensor_over(
+        data: *mut c_void,
+        dims: *const i64,
+        ndims: usize,
+        scalar_type: c_int,
+        owner: *mut c_void,
+        error: *mut *mut c_char,
+    ) -> *mut c_void;
+    fn zerocopy_loader_free_error(error: *mut c_char);
 }
 
-impl Deref for BorrowedTensor<'_> {
-    type Target = Tensor;
-    fn deref(&self) -> &Tensor {
-        &self.tensor
-    }
+/// Called by libtorch when the last tensor using a storage is freed.
+#[no_mangle]
+extern "C" fn zerocopy_loader_release(owner: *mut c_void) {
+    // SAFETY: `owner` is the pointer `tensor_over` made with `Arc::into_raw`
+    // for exactly this storage; libtorch calls the deleter once per storage.
+    drop(unsafe { Arc::from_raw(owner.cast_const().cast::<Mmap>()) });
 }
 
-/// A VarStore whose variables point into a pipeline's mapping; it borrows
-/// the pipeline so the mapping outlives every variable.
+/// A VarStore whose variables point into a pipeline's mapping (they keep it
+/// mapped; the pipeline itself may be dropped).
 #[derive(Debug)]
-pub struct Binding<'a> {
+pub struct Binding {
     vs: VarStore,
     /// Variables bound, by name.
     pub bound: Vec<String>,
     /// Tensors in the weights that no variable uses.
     pub unused: Vec<String>,
-    _pipeline: PhantomData<&'a Pipeline>,
 }
 
-impl Deref for Binding<'_> {
+impl Binding {
+    /// The VarStore.
+    pub fn into_inner(self) -> VarStore {
+        self.vs
+    }
+}
+
+impl Deref for Binding {
     type Target = VarStore;
     fn deref(&self) -> &VarStore {
         &self.vs
     }
 }
 
-impl DerefMut for Binding<'_> {
+impl DerefMut for Binding {
     fn deref_mut(&mut self) -> &mut VarStore {
         &mut self.vs
     }
@@ -88,6 +105,14 @@ pub enum BindError {
         /// In the VarStore.
         expected: String,
     },
+    /// libtorch refused to make the tensor.
+    #[error("tensor {name:?}: libtorch: {message}")]
+    Torch {
+        /// Tensor.
+        name: String,
+        /// libtorch's message.
+        message: String,
+    },
 }
 
 /// The tch kind of a safetensors dtype; tch has no unsigned 16/32/64-bit kinds.
@@ -109,7 +134,27 @@ pub fn kind_of(d: Dtype) -> Option<Kind> {
     })
 }
 
-fn from_view(view: TensorView<'_>) -> Result<Tensor, BindError> {
+/// c10::ScalarType of the kinds [`kind_of`] returns (c10/core/ScalarType.h).
+fn scalar_type(kind: Kind) -> c_int {
+    match kind {
+        Kind::Uint8 => 0,
+        Kind::Int8 => 1,
+        Kind::Int16 => 2,
+        Kind::Int => 3,
+        Kind::Int64 => 4,
+        Kind::Half => 5,
+        Kind::Float => 6,
+        Kind::Double => 7,
+        Kind::Bool => 11,
+        Kind::BFloat16 => 15,
+        Kind::Float8e5m2 => 23,
+        Kind::Float8e4m3fn => 24,
+        // kind_of returns none of the others.
+        _ => -1,
+    }
+}
+
+fn tensor_over(map: &Arc<Mmap>, view: TensorView<'_>) -> Result<Tensor, BindError> {
     let shape: Vec<i64> = view.info.shape.iter().map(|&d| d as i64).collect();
     let kind = kind_of(view.info.dtype).ok_or_else(|| BindError::UnsupportedDtype {
         name: view.info.name.clone(),
@@ -118,39 +163,61 @@ fn from_view(view: TensorView<'_>) -> Result<Tensor, BindError> {
     if view.data.is_empty() {
         return Ok(Tensor::zeros(shape.as_slice(), (kind, Device::Cpu)));
     }
-    // SAFETY: `view.data` is a live slice of the component's mapping holding
-    // exactly shape × element-size bytes (validate_header), aligned to the
-    // element size (checked too); the returned tensor is wrapped in a type
-    // that borrows the component, so the mapping outlives it. The mapping is
-    // read-only: libtorch never writes unless the caller runs an in-place op.
-    Ok(unsafe { Tensor::from_blob(view.data.as_ptr(), &shape, &[], kind, Device::Cpu) })
+    let owner = Arc::into_raw(map.clone()).cast_mut().cast::<c_void>();
+    let mut error: *mut c_char = std::ptr::null_mut();
+    // SAFETY: `view.data` is a slice of `map` holding exactly shape ×
+    // element-size bytes (validate_header), aligned to the element size
+    // (checked too). The tensor's storage owns `owner`, one strong count of
+    // `map`, released by `zerocopy_loader_release` when libtorch frees the
+    // storage, so the bytes stay mapped while any tensor can reach them. The
+    // mapping is read-only: an in-place op faults instead of writing.
+    let raw = unsafe {
+        zerocopy_loader_tensor_over(
+            view.data.as_ptr().cast_mut().cast(),
+            shape.as_ptr(),
+            shape.len(),
+            scalar_type(kind),
+            owner,
+            &mut error,
+        )
+    };
+    if raw.is_null() {
+        // SAFETY: on failure the C++ side set `error` to a strdup'ed string (or
+        // left it null), and took no ownership of `owner` (it leaks one count,
+        // keeping the mapping: safe).
+        let message = unsafe {
+            if error.is_null() {
+                "unknown error".to_string()
+            } else {
+                let m = CStr::from_ptr(error).to_string_lossy().into_owned();
+                zerocopy_loader_free_error(error);
+                m
+            }
+        };
+        return Err(BindError::Torch {
+            name: view.info.name.clone(),
+            message,
+        });
+    }
+    // SAFETY: `raw` is a heap-allocated at::Tensor, which is what tch's
+    // C_tensor handles are; the returned Tensor owns and frees it.
+    Ok(unsafe { Tensor::from_ptr(raw.cast()) })
 }
 
 impl Component {
-    /// One tensor, zero-copy.
-    pub fn tensor(&self, name: &str) -> Result<BorrowedTensor<'_>, BindError> {
+    /// One tensor, zero-copy; it keeps the mapping alive.
+    pub fn tensor(&self, name: &str) -> Result<Tensor, BindError> {
         let view = self.tensor_view(name).ok_or_else(|| BindError::Missing {
             component: self.name.clone(),
             names: name.into(),
         })?;
-        Ok(BorrowedTensor {
-            tensor: from_view(view)?,
-            _mapping: PhantomData,
-        })
+        tensor_over(&self.map, view)
     }
 
     /// Every tensor, zero-copy, by name.
-    pub fn tch_tensors(&self) -> Result<Vec<(String, BorrowedTensor<'_>)>, BindError> {
+    pub fn tch_tensors(&self) -> Result<Vec<(String, Tensor)>, BindError> {
         self.tensors()
-            .map(|v| {
-                Ok((
-                    v.info.name.clone(),
-                    BorrowedTensor {
-                        tensor: from_view(v)?,
-                        _mapping: PhantomData,
-                    },
-                ))
-            })
+            .map(|v| Ok((v.info.name.clone(), tensor_over(&self.map, v)?)))
             .collect()
     }
 }
@@ -160,7 +227,7 @@ impl Pipeline {
     /// without copying (names as in the safetensors file, `.`-separated, as
     /// tch's paths are). Every variable must be present with the same shape
     /// and kind; extra tensors are reported in [`Binding::unused`].
-    pub fn bind(&self, component: &str, vs: VarStore) -> Result<Binding<'_>, BindError> {
+    pub fn bind(&self, component: &str, vs: VarStore) -> Result<Binding, BindError> {
         let c = self
             .component(component)
             .ok_or_else(|| BindError::NoComponent(component.into()))?;
@@ -180,6 +247,7 @@ impl Pipeline {
                 names: missing.join(", "),
             });
         }
+        let mut tensors = Vec::with_capacity(vars.len());
         for (name, var) in &vars {
             if let Some(v) = c.tensor_view(name) {
                 let shape: Vec<i64> = v.info.shape.iter().map(|&d| d as i64).collect();
@@ -192,18 +260,14 @@ impl Pipeline {
                         expected: format!("{:?}{:?}", var.kind(), var.size()),
                     });
                 }
+                tensors.push(tensor_over(&c.map, v)?);
             }
         }
         let mut bound = Vec::new();
         tch::no_grad(|| {
-            for (name, mut var) in vars {
-                if let Some(v) = c.tensor_view(&name) {
-                    // kinds were checked above, so from_view cannot fail here
-                    if let Ok(t) = from_view(v) {
-                        var.set_data(&t);
-                        bound.push(name);
-                    }
-                }
+            for ((name, mut var), t) in vars.into_iter().zip(&tensors) {
+                var.set_data(t);
+                bound.push(name);
             }
         });
         let unused = c
@@ -211,11 +275,6 @@ impl Pipeline {
             .map(|v| v.info.name.clone())
             .filter(|n| !bound.contains(n))
             .collect();
-        Ok(Binding {
-            vs,
-            bound,
-            unused,
-            _pipeline: PhantomData,
-        })
+        Ok(Binding { vs, bound, unused })
     }
 }

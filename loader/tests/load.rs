@@ -132,4 +132,39 @@ mod tch_tests {
         let t = p.component("lin").unwrap().tensor("l.bias").unwrap();
         assert_eq!(t.kind(), Kind::Float);
     }
+
+    fn mapped(path: &std::path::Path) -> bool {
+        fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .contains(&path.display().to_string())
+    }
+
+    #[test]
+    fn tensors_views_and_variables_keep_the_mapping_alive() {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, b) = volume(dir.path());
+        let file = dir.path().join("lin.safetensors");
+        let p = zerocopy_loader::load(dir.path()).unwrap();
+        // Everything safe code can derive from a loaded tensor: a view, a
+        // slice, a shallow clone, and a VarStore variable.
+        let weight = p.component("lin").unwrap().tensor("l.weight").unwrap();
+        let view = weight.view([12]);
+        let slice = weight.slice(0, 1, 2, 1);
+        let clone = weight.shallow_clone();
+        drop(weight);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let linear = nn::linear(vs.root() / "l", 4, 3, Default::default());
+        let binding = p.bind("lin", vs).unwrap();
+        drop(p);
+        // With the mapping tied to the Pipeline's lifetime, these reads hit
+        // unmapped memory (SIGSEGV) once the pipeline is dropped.
+        assert!(mapped(&file), "the pipeline is gone but tensors still use the mapping");
+        assert_eq!(Vec::<f32>::try_from(&view).unwrap(), w);
+        assert_eq!(Vec::<f32>::try_from(slice.flatten(0, -1)).unwrap(), w[4..8]);
+        assert_eq!(f32::try_from(clone.get(2).get(3)).unwrap(), w[11]);
+        let y = tch::no_grad(|| linear.forward(&Tensor::zeros([1, 4], (Kind::Float, Device::Cpu))));
+        assert_eq!(Vec::<f32>::try_from(y.flatten(0, -1)).unwrap(), b);
+        drop((view, slice, clone, y, linear, binding));
+        assert!(!mapped(&file), "the mapping outlived its last tensor");
+    }
 }
