@@ -4,6 +4,16 @@
 #   lint -> Rust unit + one-node integration tests -> Python tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Everything the tests need, installed here so this one command works on a
+# fresh machine (as root): shellcheck from Debian, Python packages from PyPI,
+# kubectl and helm below.
+if ! command -v shellcheck >/dev/null; then
+  echo "== system packages (shellcheck)"
+  apt-get update -qq && apt-get install -y -qq shellcheck >/dev/null
+fi
+echo "== python packages (requirements-dev.txt, python/ editable)"
+python3 -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+python3 -m pip install --quiet --disable-pip-version-check -e python/
 # shellcheck source=scripts/torch-env.sh
 source scripts/torch-env.sh
 target_dir="${CARGO_TARGET_DIR:-target}"

@@ -51,9 +51,10 @@ step "building images (tag $TAG)"
 docker build -f "$ROOT/docker/operator.Dockerfile" -t "$REGISTRY/zerocopy-operator:$TAG" "$ROOT"
 docker build -f "$ROOT/docker/node-agent.Dockerfile" -t "$REGISTRY/zerocopy-node-agent:$TAG" "$ROOT"
 docker build -f "$ROOT/docker/modelwrapper-python.Dockerfile" -t "$REGISTRY/modelwrapper-python:$TAG" "$ROOT"
+docker build -f "$ROOT/docker/modelwrapper-ray.Dockerfile" -t "$REGISTRY/modelwrapper-ray:$TAG" "$ROOT"
 
 step "loading images into the kind nodes"
-for image in zerocopy-operator zerocopy-node-agent modelwrapper-python; do
+for image in zerocopy-operator zerocopy-node-agent modelwrapper-python modelwrapper-ray; do
   kind load docker-image --name "$CLUSTER" "$REGISTRY/$image:$TAG"
 done
 
@@ -77,7 +78,7 @@ ready=$(kubectl get nodes -l ready.zerocopy.dev/ml.minilm -o name | wc -l)
 [[ "$ready" == 2 ]] || fail "expected the ready label on 2 nodes, found $ready"
 
 step "starting a RayCluster whose workers mount the model"
-sed "s#rayproject/ray:2.60.0-py311#$REGISTRY/modelwrapper-python:$TAG#" "$ROOT/examples/kuberay/raycluster.yaml" \
+sed "s#ghcr.io/zerocopy-dev/modelwrapper-ray:0.1.0#$REGISTRY/modelwrapper-ray:$TAG#" "$ROOT/examples/kuberay/raycluster.yaml" \
   | kubectl apply -f -
 kubectl wait -n ml pod -l ray.io/cluster=minilm-ray,ray.io/group=embed --for=condition=Ready --timeout=10m
 

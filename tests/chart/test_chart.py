@@ -126,7 +126,27 @@ ALLOWED = {
         ("zerocopy.dev", "modelreplicas/status"): {"patch"},
     },
     "zerocopy-node-agent": {("coordination.k8s.io", "leases"): {"get", "create", "patch"}},
+    # Tenant roles, aggregated into view/edit/admin: read everything of ours,
+    # write only what a namespace editor declares (never replicas: the operator's).
+    "zerocopy-view": {
+        ("zerocopy.dev", r): {"get", "list", "watch"}
+        for r in ("modelwrappers", "modelwrappers/status", "modeltasks", "modeltasks/status", "modelreplicas", "modelreplicas/status")
+    },
+    "zerocopy-edit": {
+        ("zerocopy.dev", r): {"create", "update", "patch", "delete", "deletecollection"} for r in ("modelwrappers", "modeltasks")
+    },
 }
+
+
+def test_tenant_roles_aggregate_into_the_builtin_roles():
+    roles = {d["metadata"]["name"]: d for d in render() if d["kind"] == "ClusterRole"}
+    view = roles["zerocopy-view"]["metadata"]["labels"]
+    edit = roles["zerocopy-edit"]["metadata"]["labels"]
+    for label in ("view", "edit", "admin"):
+        assert view.get(f"rbac.authorization.k8s.io/aggregate-to-{label}") == "true"
+    assert "rbac.authorization.k8s.io/aggregate-to-view" not in edit, "viewers must not write"
+    for label in ("edit", "admin"):
+        assert edit.get(f"rbac.authorization.k8s.io/aggregate-to-{label}") == "true"
 
 
 def test_rbac_is_least_privilege():
