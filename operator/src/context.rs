@@ -25,8 +25,8 @@ use crate::placement::{AgentInfo, NodeInfo};
 pub enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    #[error("finalizer: {0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("building a patch: {0}")]
+    Patch(#[from] serde_json::Error),
     #[error("object has no namespace")]
     NoNamespace,
 }
@@ -37,6 +37,8 @@ pub struct Options {
     pub agent_namespace: String,
     /// This replica's name (events, leader lease).
     pub identity: String,
+    /// How long a NotReady node or one whose agent Lease lapsed keeps its replicas.
+    pub node_grace: std::time::Duration,
 }
 
 pub struct Context {
@@ -123,11 +125,23 @@ pub fn node_info(node: &Node, lease: Option<&Lease>, now: Timestamp) -> NodeInfo
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
     let schedulable = !node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
+    let since = |t: Timestamp| now.duration_since(t).try_into().unwrap_or(std::time::Duration::ZERO);
+    let not_ready_for = (!ready).then(|| {
+        node.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+            .and_then(|c| c.last_transition_time.as_ref())
+            .map_or(std::time::Duration::MAX, |t| since(t.0))
+    });
+    let live = lease.is_some_and(|l| lease_live(l, now));
+    let agent_gone_for = (!live).then(|| lease.and_then(lease_expiry).map_or(std::time::Duration::MAX, since));
     NodeInfo {
         name: node.name_any(),
         labels: node.labels().clone(),
         ready,
         schedulable,
+        down_for: not_ready_for.max(agent_gone_for),
         agent: lease.filter(|l| lease_live(l, now)).map(|l| {
             let ann = l.annotations();
             AgentInfo {
@@ -140,14 +154,16 @@ pub fn node_info(node: &Node, lease: Option<&Lease>, now: Timestamp) -> NodeInfo
 
 /// An agent's Lease is live while `renewTime + leaseDurationSeconds` is in the future.
 pub fn lease_live(lease: &Lease, now: Timestamp) -> bool {
-    let Some(spec) = &lease.spec else { return false };
+    lease_expiry(lease).is_some_and(|expiry| expiry > now)
+}
+
+/// When an agent's Lease expires (or expired).
+pub fn lease_expiry(lease: &Lease) -> Option<Timestamp> {
+    let spec = lease.spec.as_ref()?;
     let (Some(renew), Some(secs)) = (&spec.renew_time, spec.lease_duration_seconds) else {
-        return false;
+        return None;
     };
-    renew
-        .0
-        .checked_add(SignedDuration::from_secs(i64::from(secs)))
-        .is_ok_and(|expiry| expiry > now)
+    renew.0.checked_add(SignedDuration::from_secs(i64::from(secs))).ok()
 }
 
 #[cfg(test)]

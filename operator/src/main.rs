@@ -37,6 +37,10 @@ struct Cli {
     metrics_addr: SocketAddr,
     #[arg(long, value_enum, default_value_t = LogFormat::Json)]
     log_format: LogFormat,
+    /// Seconds a node that is NotReady, or whose agent's Lease lapsed, keeps
+    /// its replicas (an agent upgrade or a kubelet blip must not wipe it).
+    #[arg(long, default_value_t = 300)]
+    node_grace_seconds: u64,
 }
 
 async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
@@ -90,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
             .leader_elect
             .then(|| (cli.namespace.clone(), "zerocopy-operator".to_string())),
         metrics_addr: Some(cli.metrics_addr),
+        node_grace: std::time::Duration::from_secs(cli.node_grace_seconds),
     };
     zerocopy_operator::run(client, opts, shutdown_signal()).await
 }

@@ -4,11 +4,16 @@
 //! A node is chosen when it matches `nodeSelector`, is Ready and schedulable,
 //! runs a live agent (an unexpired Lease), and has room in the agent's
 //! capacity for the wrapper's bytes. A node that already holds the wrapper
-//! keeps it without a room check (its bytes are already in `used`). When room
-//! is short the choice is deterministic: nodes in name order. Every node left
+//! keeps it without a room check (its bytes are already in `used`), keeps it
+//! when cordoned (cordon stops new work, it does not wipe the node), and
+//! keeps it through a grace period while the node is NotReady or its agent's
+//! Lease lapsed (a DaemonSet upgrade, a kubelet blip): re-downloading every
+//! model after a 15-second outage costs far more than waiting. When room is
+//! short the choice is deterministic: nodes in name order. Every node left
 //! out gets a reason.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 /// What placement needs to know about one node.
 #[derive(Clone, Debug, PartialEq)]
@@ -19,6 +24,10 @@ pub struct NodeInfo {
     pub schedulable: bool,
     /// The node's agent, when its Lease is live.
     pub agent: Option<AgentInfo>,
+    /// How long the node has been NotReady or without a live agent (the
+    /// longer of the two); `None` while it is up. `Duration::MAX` when
+    /// unknown (no Lease ever, no transition time).
+    pub down_for: Option<Duration>,
 }
 
 /// Capacity and use, from the agent's Lease annotations.
@@ -58,10 +67,13 @@ impl std::fmt::Display for Excluded {
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Placement {
-    /// Chosen nodes, in name order.
+    /// Chosen nodes, in name order (including those `kept`).
     pub nodes: Vec<String>,
     /// Every node left out, with its reason, in name order.
     pub excluded: Vec<(String, Excluded)>,
+    /// Nodes that hold the wrapper and keep it although they would not be
+    /// chosen now (cordoned, or down within the grace period), with why.
+    pub kept: Vec<(String, Excluded)>,
 }
 
 impl Placement {
@@ -87,35 +99,64 @@ impl Placement {
                 };
                 format!("{} node(s) {why} ({}{more})", nodes.len(), shown.join(", "))
             })
+            .chain(
+                self.kept
+                    .iter()
+                    .map(|(node, why)| format!("{node} keeps its copy: {why}")),
+            )
             .collect::<Vec<_>>()
             .join("; ")
     }
 }
 
 /// Places a wrapper of `bytes` (0 when not known yet) with `selector`;
-/// `current` are the nodes that already hold it.
-pub fn place(selector: &BTreeMap<String, String>, bytes: u64, nodes: &[NodeInfo], current: &[String]) -> Placement {
+/// `current` are the nodes that already hold it; a node that holds it and is
+/// down for less than `grace` keeps it.
+pub fn place(
+    selector: &BTreeMap<String, String>,
+    bytes: u64,
+    nodes: &[NodeInfo],
+    current: &[String],
+    grace: Duration,
+) -> Placement {
     let mut sorted: Vec<&NodeInfo> = nodes.iter().collect();
     sorted.sort_by(|a, b| a.name.cmp(&b.name));
     let mut out = Placement::default();
     for n in sorted {
+        let held = current.contains(&n.name);
+        let down = if !n.ready {
+            Some(Excluded::NotReady)
+        } else if n.agent.is_none() {
+            Some(Excluded::NoAgent)
+        } else {
+            None
+        };
         let why = if selector.iter().any(|(k, v)| n.labels.get(k) != Some(v)) {
             Some(Excluded::SelectorMismatch)
-        } else if !n.ready {
-            Some(Excluded::NotReady)
+        } else if let Some(down) = down {
+            if held && n.down_for.is_some_and(|d| d < grace) {
+                out.kept.push((n.name.clone(), down));
+                None
+            } else {
+                Some(down)
+            }
         } else if !n.schedulable {
-            Some(Excluded::Unschedulable)
+            if held {
+                out.kept.push((n.name.clone(), Excluded::Unschedulable));
+                None
+            } else {
+                Some(Excluded::Unschedulable)
+            }
         } else {
             match n.agent {
-                None => Some(Excluded::NoAgent),
                 Some(AgentInfo {
                     capacity: Some(cap),
                     used,
-                }) if !current.contains(&n.name) => {
+                }) if !held => {
                     let free = cap.saturating_sub(used);
                     (bytes > free).then_some(Excluded::NoRoom { needed: bytes, free })
                 }
-                Some(_) => None,
+                _ => None,
             }
         };
         match why {
@@ -136,6 +177,7 @@ mod tests {
             labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             ready: true,
             schedulable: true,
+            down_for: agent.is_none().then_some(Duration::MAX),
             agent: agent.map(|(capacity, used)| AgentInfo { capacity, used }),
         }
     }
@@ -151,7 +193,7 @@ mod tests {
         ];
         nodes[4].ready = false;
         let sel = BTreeMap::from([("pool".to_string(), "gpu".to_string())]);
-        let p = place(&sel, 100, &nodes, &[]);
+        let p = place(&sel, 100, &nodes, &[], GRACE);
         assert_eq!(p.nodes, vec!["a", "c"]);
         assert_eq!(
             p.excluded,
@@ -162,7 +204,10 @@ mod tests {
             ]
         );
         // Empty selector: every node with an agent.
-        assert_eq!(place(&BTreeMap::new(), 0, &nodes, &[]).nodes, vec!["a", "b", "c"]);
+        assert_eq!(
+            place(&BTreeMap::new(), 0, &nodes, &[], GRACE).nodes,
+            vec!["a", "b", "c"]
+        );
     }
 
     #[test]
@@ -172,7 +217,7 @@ mod tests {
             node("n1", &[], Some((Some(1000), 900))),
             node("n3", &[], Some((Some(1000), 0))),
         ];
-        let p = place(&BTreeMap::new(), 400, &nodes, &[]);
+        let p = place(&BTreeMap::new(), 400, &nodes, &[], GRACE);
         assert_eq!(p.nodes, vec!["n2", "n3"]);
         assert_eq!(
             p.excluded,
@@ -181,7 +226,7 @@ mod tests {
         assert!(p.summary().starts_with("1 node(s) not enough room"), "{}", p.summary());
         // Already on n1 (its bytes are counted in used): it stays.
         assert_eq!(
-            place(&BTreeMap::new(), 400, &nodes, &["n1".into()]).nodes,
+            place(&BTreeMap::new(), 400, &nodes, &["n1".into()], GRACE).nodes,
             vec!["n1", "n2", "n3"]
         );
     }
@@ -194,9 +239,9 @@ mod tests {
         ];
         let gpu = BTreeMap::from([("pool".to_string(), "gpu".to_string())]);
         let cpu = BTreeMap::from([("pool".to_string(), "cpu".to_string())]);
-        assert_eq!(place(&gpu, 0, &nodes, &[]).nodes, vec!["a"]);
+        assert_eq!(place(&gpu, 0, &nodes, &[], GRACE).nodes, vec!["a"]);
         // Holding it on a does not keep a once the selector no longer matches.
-        let moved = place(&cpu, 0, &nodes, &["a".into()]);
+        let moved = place(&cpu, 0, &nodes, &["a".into()], GRACE);
         assert_eq!(moved.nodes, vec!["b"]);
         assert_eq!(moved.excluded, vec![("a".into(), Excluded::SelectorMismatch)]);
     }
@@ -204,12 +249,53 @@ mod tests {
     #[test]
     fn nodes_appearing_and_disappearing_change_the_set() {
         let mut nodes = vec![node("a", &[], Some((None, 0)))];
-        assert_eq!(place(&BTreeMap::new(), 0, &nodes, &[]).nodes, vec!["a"]);
+        assert_eq!(place(&BTreeMap::new(), 0, &nodes, &[], GRACE).nodes, vec!["a"]);
         nodes.push(node("b", &[], Some((None, 0))));
-        assert_eq!(place(&BTreeMap::new(), 0, &nodes, &["a".into()]).nodes, vec!["a", "b"]);
+        assert_eq!(
+            place(&BTreeMap::new(), 0, &nodes, &["a".into()], GRACE).nodes,
+            vec!["a", "b"]
+        );
+        nodes.push(node("c", &[], Some((None, 0))));
         nodes[0].schedulable = false;
-        let p = place(&BTreeMap::new(), 0, &nodes, &["a".into(), "b".into()]);
-        assert_eq!(p.nodes, vec!["b"]);
-        assert_eq!(p.excluded, vec![("a".into(), Excluded::Unschedulable)]);
+        nodes[2].schedulable = false;
+        // A cordon stops new copies but never wipes the one a node holds.
+        let p = place(&BTreeMap::new(), 0, &nodes, &["a".into(), "b".into()], GRACE);
+        assert_eq!(p.nodes, vec!["a", "b"]);
+        assert_eq!(p.kept, vec![("a".into(), Excluded::Unschedulable)]);
+        assert_eq!(p.excluded, vec![("c".into(), Excluded::Unschedulable)]);
+        assert!(
+            p.summary().contains("a keeps its copy: node is cordoned"),
+            "{}",
+            p.summary()
+        );
     }
+
+    #[test]
+    fn short_outages_keep_the_copy_and_long_ones_move_it() {
+        let mut nodes = vec![node("a", &[], Some((None, 0))), node("b", &[], Some((None, 0)))];
+        let held = ["a".to_string(), "b".to_string()];
+        // a: agent restarting (Lease lapsed 20 s ago); b: NotReady for 10 s.
+        nodes[0].agent = None;
+        nodes[0].down_for = Some(Duration::from_secs(20));
+        nodes[1].ready = false;
+        nodes[1].down_for = Some(Duration::from_secs(10));
+        let p = place(&BTreeMap::new(), 0, &nodes, &held, GRACE);
+        assert_eq!(p.nodes, vec!["a", "b"]);
+        assert_eq!(
+            p.kept,
+            vec![("a".into(), Excluded::NoAgent), ("b".into(), Excluded::NotReady)]
+        );
+        // Not placed there before: a down node gets nothing new.
+        assert_eq!(
+            place(&BTreeMap::new(), 0, &nodes, &[], GRACE).nodes,
+            Vec::<String>::new()
+        );
+        // Past the grace period the copy moves.
+        nodes[0].down_for = Some(GRACE);
+        let p = place(&BTreeMap::new(), 0, &nodes, &held, GRACE);
+        assert_eq!(p.nodes, vec!["b"]);
+        assert_eq!(p.excluded, vec![("a".into(), Excluded::NoAgent)]);
+    }
+
+    const GRACE: Duration = Duration::from_secs(300);
 }

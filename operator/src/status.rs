@@ -167,23 +167,31 @@ pub fn aggregate(
                 now,
             ),
         );
-        let degraded = !t.failed.is_empty();
-        let failed_msg = t
+        // Nodes that keep their copy while down or cordoned are degraded
+        // capacity, not failures: say so, with stable text.
+        let degraded = !t.failed.is_empty() || !placement.kept.is_empty();
+        let reason = if !t.failed.is_empty() {
+            "FillFailed"
+        } else if !placement.kept.is_empty() {
+            "NodesUnavailable"
+        } else {
+            "Healthy"
+        };
+        let message = t
             .failed
             .iter()
             .map(|(n, m)| format!("{n}: {m}"))
+            .chain(
+                placement
+                    .kept
+                    .iter()
+                    .map(|(n, why)| format!("{n} keeps its copy: {why}")),
+            )
             .collect::<Vec<_>>()
             .join("; ");
         set_condition(
             &mut conditions,
-            condition(
-                "Degraded",
-                degraded,
-                if degraded { "FillFailed" } else { "Healthy" },
-                failed_msg,
-                generation,
-                now,
-            ),
+            condition("Degraded", degraded, reason, message, generation, now),
         );
     }
     ModelWrapperStatus {
@@ -240,7 +248,7 @@ mod tests {
     fn placement(nodes: &[&str]) -> Placement {
         Placement {
             nodes: nodes.iter().map(|s| s.to_string()).collect(),
-            excluded: vec![],
+            ..Default::default()
         }
     }
 
@@ -300,6 +308,7 @@ mod tests {
         let p = Placement {
             nodes: vec![],
             excluded: vec![("x".into(), crate::placement::Excluded::NoAgent)],
+            ..Default::default()
         };
         let s = aggregate(None, Some(1), "g", "l", &p, &[], &now());
         assert_eq!(s.phase.as_deref(), Some("Pending"));

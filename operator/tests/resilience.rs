@@ -40,13 +40,13 @@ async fn restarted_mid_rollout_converges_without_duplicates() {
         .await
         .unwrap();
     // Kill the operator as soon as it has started placing.
-    wait_for("a first replica", 30, || async {
+    wait_for("a first replica", 120, || async {
         (!replicas.list(&ListParams::default()).await.ok()?.items.is_empty()).then_some(())
     })
     .await;
     env.kill_operator(0);
     env.start_operator("op-restarted");
-    let gen1 = wait_for("Ready 3/3 after the restart", 60, || ready(&wrappers, "w", 3, None)).await;
+    let gen1 = wait_for("Ready 3/3 after the restart", 180, || ready(&wrappers, "w", 3, None)).await;
 
     // Again during a spec change.
     let (src2, sha2, _) = model(&env.cluster.dir, "m2.safetensors", 256 * 1024, 2);
@@ -62,7 +62,7 @@ async fn restarted_mid_rollout_converges_without_duplicates() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     env.kill_operator(0);
     env.start_operator("op-restarted-again");
-    wait_for("the new generation Ready 3/3", 60, || {
+    wait_for("the new generation Ready 3/3", 180, || {
         ready(&wrappers, "w", 3, Some(&gen1))
     })
     .await;
@@ -89,7 +89,7 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
         )
         .await
         .unwrap();
-    let gen1 = wait_for("Ready 2/2", 60, || ready(&wrappers, "w", 2, None)).await;
+    let gen1 = wait_for("Ready 2/2", 180, || ready(&wrappers, "w", 2, None)).await;
     let leaders: Vec<usize> = (0..2)
         .filter(|i| env.operator_log(&format!("op-{i}")).contains("became leader"))
         .collect();
@@ -113,7 +113,7 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
         )
         .await
         .unwrap();
-    wait_for("the standby to take over and roll the change", 60, || {
+    wait_for("the standby to take over and roll the change", 180, || {
         ready(&wrappers, "w", 2, Some(&gen1))
     })
     .await;
@@ -133,7 +133,7 @@ async fn converges_with_injected_errors_and_cut_watches() {
         let (src, sha, _) = model(&env.cluster.dir, &format!("{name}.safetensors"), 4096, i as u32);
         let w: ModelWrapper = serde_json::from_value(wrapper(name, &src, &sha, json!({}), None)).unwrap();
         // The test's own client sees the faults too: retry like any client.
-        wait_for("create", 10, || async {
+        wait_for("create", 60, || async {
             wrappers.create(&PostParams::default(), &w).await.ok()
         })
         .await;
@@ -147,7 +147,7 @@ async fn converges_with_injected_errors_and_cut_watches() {
     let nodes_api: Api<Node> = Api::all(env.client.clone());
     for name in ["a", "b"] {
         let label = format!("ready.zerocopy.dev/{NS}.{name}");
-        env.wait_alive("labels under faults", 120, || async {
+        env.wait_alive("labels under faults", 300, || async {
             (nodes_api
                 .list(&ListParams::default().labels(&label))
                 .await
@@ -196,13 +196,13 @@ async fn a_malformed_wrapper_does_not_stop_the_others() {
         )
         .await
         .unwrap();
-    wait_for("the good wrapper Ready", 60, || ready(&wrappers, "good", 1, None)).await;
+    wait_for("the good wrapper Ready", 180, || ready(&wrappers, "good", 1, None)).await;
     let raw: Api<kube::api::DynamicObject> = Api::namespaced_with(
         env.client.clone(),
         NS,
         &kube::api::ApiResource::erase::<ModelWrapper>(&()),
     );
-    let status = wait_for("the bad wrapper reported", 30, || async {
+    let status = wait_for("the bad wrapper reported", 120, || async {
         let o = raw.get("bad").await.ok()?;
         let s = o.data.get("status")?.clone();
         (s["phase"] == "Failed").then_some(s)
@@ -232,7 +232,7 @@ async fn an_agent_restart_keeps_mounts_and_generations() {
         )
         .await
         .unwrap();
-    let gen = wait_for("Ready 1/1", 60, || ready(&wrappers, "w", 1, None)).await;
+    let gen = wait_for("Ready 1/1", 180, || ready(&wrappers, "w", 1, None)).await;
     let pods: Api<Pod> = Api::namespaced(env.client.clone(), NS);
     let pod = |name: &str| -> Pod {
         serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"restartPolicy": "Never",
@@ -246,7 +246,7 @@ async fn an_agent_restart_keeps_mounts_and_generations() {
         let pods = pods.clone();
         async move { (pods.get(name).await.ok()?.status?.phase.as_deref() == Some("Running")).then_some(()) }
     };
-    wait_for("holder running", 60, || running("holder")).await;
+    wait_for("holder running", 180, || running("holder")).await;
     let kubelet = env.cluster.node_dirs("node-1").unwrap().kubelet;
     let mounts = || {
         zerocopy_node_agent::mount::mounts()
@@ -267,7 +267,76 @@ async fn an_agent_restart_keeps_mounts_and_generations() {
         Some("Running")
     );
     pods.create(&PostParams::default(), &pod("after")).await.unwrap();
-    wait_for("a new pod mounts after the restart", 60, || running("after")).await;
-    wait_for("still Ready 1/1", 30, || ready(&wrappers, "w", 1, None)).await;
+    wait_for("a new pod mounts after the restart", 180, || running("after")).await;
+    wait_for("still Ready 1/1", 120, || ready(&wrappers, "w", 1, None)).await;
+    env.stop().await;
+}
+
+fn degraded_message(w: &ModelWrapper) -> String {
+    w.status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Degraded"))
+        .map(|c| c.message.clone())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_outages_and_cordons_keep_the_node_copy() {
+    let mut env = Env::start_with(nodes(2), 1, &["--node-grace-seconds", "6"]).await;
+    let (src, sha, _) = model(&env.cluster.dir, "m.safetensors", 64 * 1024, 1);
+    let wrappers: Api<ModelWrapper> = Api::namespaced(env.client.clone(), NS);
+    let replicas: Api<ModelReplica> = Api::namespaced(env.client.clone(), NS);
+    wrappers
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(wrapper("w", &src, &sha, json!({}), None)).unwrap(),
+        )
+        .await
+        .unwrap();
+    env.wait_alive("Ready 2/2", 300, || ready(&wrappers, "w", 2, None))
+        .await;
+    let nodes_api: Api<Node> = Api::all(env.client.clone());
+    let label = format!("ready.zerocopy.dev/{NS}.w");
+    let labelled = || async {
+        nodes_api
+            .list(&ListParams::default().labels(&label))
+            .await
+            .map(|l| l.items.len())
+            .unwrap_or(0)
+    };
+
+    // A cordon never wipes a node: the operator sees it and keeps the replica.
+    nodes_api
+        .patch(
+            "node-1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"unschedulable": true}})),
+        )
+        .await
+        .unwrap();
+    env.wait_alive("the cordon reported", 180, || async {
+        degraded_message(&wrappers.get("w").await.ok()?)
+            .contains("node-1 keeps its copy: node is cordoned")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(replicas.list(&ListParams::default()).await.unwrap().items.len(), 2);
+    assert_eq!(labelled().await, 2, "the ready label stays while the copy is intact");
+
+    // A NotReady blip shorter than the grace period keeps the replica too ...
+    env.cluster.set_node_ready("node-2", false).unwrap();
+    env.wait_alive("the outage reported", 180, || async {
+        degraded_message(&wrappers.get("w").await.ok()?)
+            .contains("node-2 keeps its copy: node is not Ready")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(replicas.list(&ListParams::default()).await.unwrap().items.len(), 2);
+    // ... and a longer outage moves it.
+    env.wait_alive("node-2's replica removed after the grace period", 300, || async {
+        let items = replicas.list(&ListParams::default()).await.ok()?.items;
+        (items.len() == 1 && items[0].spec.node == "node-1").then_some(())
+    })
+    .await;
     env.stop().await;
 }

@@ -24,6 +24,8 @@ pub struct Env {
     pub client: kube::Client,
     /// (identity, process) of each operator the test has not killed.
     pub operators: Vec<(String, Child)>,
+    /// Extra arguments for every operator this Env starts.
+    pub operator_args: Vec<String>,
 }
 
 fn free_addr() -> String {
@@ -35,6 +37,11 @@ impl Env {
     /// CRDs installed, namespaces created, nodes (with agents in cluster
     /// mode) added, and `operators` operator processes started.
     pub async fn start(nodes: Vec<NodeSpec>, operators: usize) -> Env {
+        Self::start_with(nodes, operators, &[]).await
+    }
+
+    /// As [`Env::start`], with extra operator arguments.
+    pub async fn start_with(nodes: Vec<NodeSpec>, operators: usize, operator_args: &[&str]) -> Env {
         let mut opts = ClusterOptions::with_nodes(vec![]).agent(
             agent_bin(),
             AgentMode::Cluster {
@@ -77,6 +84,7 @@ impl Env {
             cluster,
             client,
             operators: vec![],
+            operator_args: operator_args.iter().map(|s| s.to_string()).collect(),
         };
         for i in 0..operators {
             env.start_operator(&format!("op-{i}"));
@@ -98,6 +106,7 @@ impl Env {
                 identity,
             ])
             .args(["--metrics-addr", &free_addr(), "--log-format", "text"])
+            .args(&self.operator_args)
             .env("RUST_LOG", "info,kube=warn")
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
