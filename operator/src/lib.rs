@@ -40,6 +40,8 @@ pub struct RunOptions {
     /// Leader election: (namespace, lease name); None runs without it.
     pub leader: Option<(String, String)>,
     pub metrics_addr: Option<SocketAddr>,
+    /// How long a NotReady node or one whose agent Lease lapsed keeps its replicas.
+    pub node_grace: Duration,
 }
 
 /// A change in what placement sees on a node: labels, readiness, cordon.
@@ -157,6 +159,7 @@ pub async fn run(
         Options {
             agent_namespace: opts.agent_namespace.clone(),
             identity: opts.identity.clone(),
+            node_grace: opts.node_grace,
         },
         nodes,
         leases,
@@ -227,6 +230,24 @@ pub async fn run(
                 tracing::debug!(error = %e, "task controller");
             }
         });
+    // Ready labels of deleted wrappers (no finalizer: see LEGACY_FINALIZER).
+    let sweeper = tokio::spawn({
+        let ctx = ctx.clone();
+        let mut stop = stop_rx.clone();
+        async move {
+            loop {
+                match wrapper_controller::sweep_labels(&ctx).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(labels = n, "removed ready labels of deleted ModelWrappers"),
+                    Err(e) => tracing::warn!(error = %e, "sweeping ready labels"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(wrapper_controller::RESYNC) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        }
+    });
     let gauge = tokio::spawn(async move {
         loop {
             let mut counts = std::collections::BTreeMap::<String, i64>::new();
@@ -247,5 +268,6 @@ pub async fn run(
     });
     tokio::join!(wrappers_done, tasks_done);
     gauge.abort();
+    sweeper.abort();
     Ok(())
 }

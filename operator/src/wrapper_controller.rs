@@ -12,7 +12,6 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType};
-use kube::runtime::finalizer::{finalizer, Event as Finalizer};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use zerocopy_api::format::generation_digest;
@@ -24,9 +23,12 @@ use crate::lenient::Lenient;
 use crate::placement::place;
 use crate::status::{aggregate, condition, set_condition};
 
-/// Removes this wrapper's ready label from nodes when it is deleted (node
-/// labels are not owned objects, so owner references cannot clean them).
-pub const FINALIZER: &str = "zerocopy.dev/node-labels";
+/// The finalizer earlier versions put on every ModelWrapper to remove its
+/// node label on deletion. It wedged `kubectl delete` (and namespace
+/// deletion) once the operator was uninstalled with the CRDs kept, so labels
+/// are now swept instead ([`sweep_labels`]) and this finalizer is only
+/// removed where it is still found.
+pub const LEGACY_FINALIZER: &str = "zerocopy.dev/node-labels";
 
 /// How often a wrapper is re-checked without any event: agent Leases expire silently.
 pub const RESYNC: Duration = Duration::from_secs(10);
@@ -34,18 +36,22 @@ pub const RESYNC: Duration = Duration::from_secs(10);
 pub async fn reconcile(w: Arc<Lenient<ModelWrapper>>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let ns = w.namespace().ok_or(Error::NoNamespace)?;
-    let api: Api<Lenient<ModelWrapper>> = Api::namespaced(ctx.client.clone(), &ns);
-    let result = finalizer(&api, FINALIZER, w, |event| async {
-        match event {
-            Finalizer::Apply(w) => match &w.parsed {
-                Ok(parsed) => apply(parsed, &ctx).await,
-                Err(why) => report_malformed(&w, why, &ctx).await,
-            },
-            Finalizer::Cleanup(w) => cleanup(&ns, &w.name_any(), &ctx).await,
+    let result = async {
+        if w.finalizers().iter().any(|f| f == LEGACY_FINALIZER) {
+            if w.meta().deletion_timestamp.is_some() {
+                sync_labels(&ctx, &ready_label(&ns, &w.name_any()), &[]).await?;
+            }
+            remove_legacy_finalizer(&ctx, &ns, &w).await?;
         }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
+        if w.meta().deletion_timestamp.is_some() {
+            return Ok(Action::await_change());
+        }
+        match &w.parsed {
+            Ok(parsed) => apply(parsed, &ctx).await,
+            Err(why) => report_malformed(&w, why, &ctx).await,
+        }
+    }
+    .await;
     ctx.metrics
         .reconcile_seconds
         .with_label_values(&["modelwrapper"])
@@ -55,6 +61,91 @@ pub async fn reconcile(w: Arc<Lenient<ModelWrapper>>, ctx: Arc<Context>) -> Resu
         .with_label_values(&["modelwrapper", if result.is_ok() { "ok" } else { "error" }])
         .inc();
     result
+}
+
+/// Removes [`LEGACY_FINALIZER`] with a JSON patch that tests its position,
+/// so a concurrent change to the list fails (409/422) instead of dropping
+/// another controller's finalizer.
+async fn remove_legacy_finalizer(ctx: &Context, ns: &str, w: &Lenient<ModelWrapper>) -> Result<(), Error> {
+    let Some(i) = w.finalizers().iter().position(|f| f == LEGACY_FINALIZER) else {
+        return Ok(());
+    };
+    let api: Api<Lenient<ModelWrapper>> = Api::namespaced(ctx.client.clone(), ns);
+    let patch: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "test", "path": format!("/metadata/finalizers/{i}"), "value": LEGACY_FINALIZER},
+        {"op": "remove", "path": format!("/metadata/finalizers/{i}")}
+    ]))?;
+    match api
+        .patch(&w.name_any(), &PatchParams::default(), &Patch::Json::<()>(patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Removes ready labels of wrappers that no longer exist: labels are not
+/// owned objects, and deletion needs no finalizer (a finalizer would wedge
+/// deletes whenever the operator is not running). Candidates come from the
+/// caches; only when there are any is the list of wrappers read live, so a
+/// cache that is still filling can never make a live wrapper's label go.
+pub async fn sweep_labels(ctx: &Context) -> Result<usize, Error> {
+    let expected = |wrappers: Vec<(String, String)>| -> std::collections::BTreeSet<String> {
+        wrappers.iter().map(|(ns, name)| ready_label(ns, name)).collect()
+    };
+    let stale_on = |n: &Node, expected: &std::collections::BTreeSet<String>| -> Vec<String> {
+        n.labels()
+            .keys()
+            .filter(|k| k.starts_with(zerocopy_api::labels::READY_LABEL_PREFIX) && !expected.contains(*k))
+            .cloned()
+            .collect()
+    };
+    let cached = expected(
+        ctx.wrappers
+            .state()
+            .iter()
+            .filter_map(|w| Some((w.namespace()?, w.name_any())))
+            .collect(),
+    );
+    let nodes = ctx.nodes.state();
+    if nodes.iter().all(|n| stale_on(n, &cached).is_empty()) {
+        return Ok(0);
+    }
+    let live: Api<Lenient<ModelWrapper>> = Api::all(ctx.client.clone());
+    let live = expected(
+        live.list(&Default::default())
+            .await?
+            .items
+            .iter()
+            .filter_map(|w| Some((w.namespace()?, w.name_any())))
+            .collect(),
+    );
+    let api: Api<Node> = Api::all(ctx.client.clone());
+    let mut removed = 0;
+    for n in &nodes {
+        let stale: serde_json::Map<String, serde_json::Value> = stale_on(n, &live)
+            .into_iter()
+            .map(|k| (k, serde_json::Value::Null))
+            .collect();
+        if stale.is_empty() {
+            continue;
+        }
+        removed += stale.len();
+        match api
+            .patch(
+                &n.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": stale}})),
+            )
+            .await
+        {
+            Ok(_) => ctx.metrics.write("Node", "patch"),
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(removed)
 }
 
 pub fn error_policy(_w: Arc<Lenient<ModelWrapper>>, error: &Error, _ctx: Arc<Context>) -> Action {
@@ -132,6 +223,7 @@ async fn apply(w: &ModelWrapper, ctx: &Context) -> Result<Action, Error> {
         bytes,
         &ctx.node_infos(Timestamp::now()),
         &current_nodes,
+        ctx.opts.node_grace,
     );
 
     // Replicas: apply what differs, delete what is no longer placed.
@@ -245,12 +337,6 @@ async fn write_status(
         tracing::info!(wrapper = %format!("{}/{}", w.namespace().unwrap_or_default(), w.name_any()), %phase, "phase changed");
     }
     Ok(())
-}
-
-async fn cleanup(ns: &str, name: &str, ctx: &Context) -> Result<Action, Error> {
-    // Replicas go with the wrapper (owner references); the labels are ours to remove.
-    sync_labels(ctx, &ready_label(ns, name), &[]).await?;
-    Ok(Action::await_change())
 }
 
 /// An object that does not parse as a ModelWrapper: say so on its status and
