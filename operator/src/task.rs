@@ -217,6 +217,21 @@ fn job_condition(job: &Job, type_: &str) -> Option<(Option<String>, Option<Strin
         .map(|c| (c.reason.clone(), c.message.clone()))
 }
 
+/// The pod whose termination message becomes the task's output: the newest
+/// one **the Job controls** (ownerReference with `controller: true` and the
+/// Job's uid). The task label alone is not proof: anyone who can create pods
+/// in the namespace can label one, and must not be able to forge the output.
+pub fn outcome_pod(pods: Vec<Pod>, job_uid: &str) -> Option<Pod> {
+    pods.into_iter()
+        .filter(|p| {
+            !job_uid.is_empty()
+                && p.owner_references()
+                    .iter()
+                    .any(|o| o.controller == Some(true) && o.kind == "Job" && o.uid == job_uid)
+        })
+        .max_by_key(|p| p.metadata.creation_timestamp.clone())
+}
+
 /// The task's status: blocked, or mirroring its Job and pod.
 pub fn task_status(
     previous: Option<&ModelTaskStatus>,
@@ -487,5 +502,29 @@ mod tests {
         let n = job_name(&long);
         assert!(n.len() <= 52, "{n}");
         assert_ne!(n, job_name(&"t".repeat(71)));
+    }
+
+    #[test]
+    fn only_the_jobs_own_pods_tell_the_outcome() {
+        let pod = |name: &str, owner_uid: Option<&str>, created: &str| -> Pod {
+            let mut p = serde_json::json!({"metadata": {"name": name, "creationTimestamp": created, "labels": {"zerocopy.dev/task": "t"}}});
+            if let Some(uid) = owner_uid {
+                p["metadata"]["ownerReferences"] = serde_json::json!([{"apiVersion": "batch/v1", "kind": "Job", "name": "t", "uid": uid, "controller": true}]);
+            }
+            serde_json::from_value(p).unwrap()
+        };
+        let pods = vec![
+            pod("real", Some("job-uid"), "2026-01-01T00:00:00Z"),
+            // Newer, labelled like the task's pods, but not the Job's: forged.
+            pod("forged", None, "2026-01-01T00:01:00Z"),
+            pod("other-job", Some("other"), "2026-01-01T00:02:00Z"),
+        ];
+        assert_eq!(
+            outcome_pod(pods.clone(), "job-uid")
+                .and_then(|p| p.metadata.name)
+                .as_deref(),
+            Some("real")
+        );
+        assert!(outcome_pod(pods, "").is_none());
     }
 }

@@ -62,11 +62,7 @@ async fn reconcile_inner(t: &ModelTask, ctx: &Context) -> Result<Action, Error> 
             let list = pods
                 .list(&ListParams::default().labels(&format!("{TASK_LABEL}={name}")))
                 .await?;
-            // The newest pod is the one that tells the outcome.
-            let pod = list
-                .items
-                .into_iter()
-                .max_by_key(|p| p.metadata.creation_timestamp.clone());
+            let pod = crate::task::outcome_pod(list.items, job.uid().as_deref().unwrap_or_default());
             task_status(
                 previous.as_ref(),
                 None,
