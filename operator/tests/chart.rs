@@ -125,7 +125,7 @@ async fn the_rendered_chart_runs_the_actor_mode_example_to_ready() {
             template.push("--kubeconfig={kubeconfig}".into());
         }
     }
-    assert!(template.contains(&"--capacity=8Gi".to_string()), "{agent_args:?}");
+    assert!(template.contains(&"--capacity=4Gi".to_string()), "{agent_args:?}");
     assert!(
         template.contains(&format!("--allow-file-dir={models_dir}")),
         "{agent_args:?}"
@@ -143,8 +143,8 @@ async fn the_rendered_chart_runs_the_actor_mode_example_to_ready() {
     let deploy = deploy.get("zerocopy-operator").await.unwrap();
     let op_args: Vec<String> = deploy.spec.template.spec.unwrap().containers[0].args.clone().unwrap();
     assert!(
-        op_args.contains(&"--leader-elect=false".to_string()),
-        "one replica by default: {op_args:?}"
+        op_args.contains(&"--leader-elect=true".to_string()),
+        "elected by default: {op_args:?}"
     );
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -181,7 +181,7 @@ async fn the_rendered_chart_runs_the_actor_mode_example_to_ready() {
         .create(&PostParams::default(), &serde_json::from_value(example).unwrap())
         .await
         .unwrap();
-    let status = wait_for("minilm Ready on both workers", 120, || async {
+    let status = wait_for("minilm Ready on both workers", 300, || async {
         let s = wrappers.get("minilm").await.ok()?.status?;
         (s.phase.as_deref() == Some("Ready") && s.ready_nodes == 2).then_some(s)
     })

@@ -87,13 +87,18 @@ def test_custom_values_take_effect():
     assert ("ServiceMonitor", "zerocopy") in docs
 
 
-def test_defaults_keep_crds_and_run_one_operator_without_election():
+def test_defaults_keep_crds_and_run_one_elected_operator_and_are_safe_on_a_16gib_node():
     docs = {(d["kind"], d["metadata"]["name"]): d for d in render()}
     crds = [d for d in docs.values() if d["kind"] == "CustomResourceDefinition"]
     assert len(crds) == 3
     assert all(d["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for d in crds)
     op = docs[("Deployment", "zerocopy-operator")]["spec"]["template"]["spec"]
-    assert "--leader-elect=false" in op["containers"][0]["args"]
+    assert "--leader-elect=true" in op["containers"][0]["args"], "upgrades start a second operator beside the first"
+    ds = docs[("DaemonSet", "zerocopy-node-agent")]["spec"]["template"]["spec"]
+    assert "tolerations" not in ds, "tainted nodes (control plane, GPU pools) are opt-in"
+    assert "priorityClassName" not in ds, "no preemption by default"
+    memory = ds["containers"][0]["resources"]["requests"]["memory"]
+    assert memory.endswith("Mi") and int(memory[:-2]) <= 8 * 1024, f"{memory} is too much for a 16 GiB node"
     assert op["securityContext"]["runAsNonRoot"] is True
     driver = docs[("CSIDriver", "csi.zerocopy.dev")]["spec"]
     assert driver == {"attachRequired": False, "podInfoOnMount": True, "volumeLifecycleModes": ["Ephemeral"], "fsGroupPolicy": "None"}
