@@ -87,14 +87,16 @@ pub async fn serve(
     let (tx, rx) = tokio::sync::watch::channel(wrappers);
     let (files, interval) = (opts.files.clone(), opts.watch_interval);
     let poller = tokio::spawn(async move {
-        let mut fingerprint = files_fingerprint(&files);
+        // No fingerprint yet: the files may have changed between the load in
+        // main and this task's start, so the first look always reloads.
+        let mut fingerprint = None;
         loop {
             tokio::time::sleep(interval).await;
             let now = files_fingerprint(&files);
-            if now == fingerprint {
+            if fingerprint.as_ref() == Some(&now) {
                 continue;
             }
-            fingerprint = now;
+            fingerprint = Some(now);
             match load_for_serve(&files) {
                 Ok(w) => {
                     tracing::info!(wrappers = w.len(), "files changed; reconciling");

@@ -220,6 +220,8 @@ impl Supervisor {
         let specs = &self.specs;
         self.tracks.retain(|k, t| specs.contains_key(k) || *t == Track::Running);
         self.attempts.retain(|k, _| specs.contains_key(k));
+        // What is no longer wanted goes now, not at the next fill.
+        self.collect_garbage();
     }
 
     fn wanted_keys(&self) -> Vec<GenKey> {
@@ -388,6 +390,11 @@ impl Supervisor {
     /// always; those of unwanted wrappers with `prune`), that no pod mounts
     /// and no local process maps. Python's `local` namespace is not ours.
     pub fn collect_garbage(&self) {
+        // Reads mountinfo and every process's maps, unmounts: off the reactor.
+        tokio::task::block_in_place(|| self.collect_garbage_blocking());
+    }
+
+    fn collect_garbage_blocking(&self) {
         let Ok(generations) = self.engine.root().generations() else {
             return;
         };

@@ -149,23 +149,27 @@ impl NodeService {
         })?;
         self.wait_ready(&t, &wanted.generation).await?;
         let source = self.root.generation_dir(&t.namespace, &t.wrapper, &wanted.generation);
-        self.ledger
-            .insert(Publication {
-                volume_id: t.volume_id.clone(),
-                target: t.target.clone(),
-                namespace: t.namespace.clone(),
-                name: t.wrapper.clone(),
-                generation: wanted.generation.clone(),
-                pod: t.pod.clone(),
-                pod_uid: t.pod_uid.clone(),
-                published_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            })
-            .map_err(io_err("recording publication of", &t.target))?;
-        if let Err(e) = self.mount(&source, &t.target) {
-            let _ = self.ledger.remove(&t.volume_id);
-            return Err(e);
-        }
-        Ok(source)
+        // Ledger fsyncs and mount syscalls block: keep them off the reactor
+        // so one slow disk cannot stall every other CSI call and the fills.
+        tokio::task::block_in_place(|| {
+            self.ledger
+                .insert(Publication {
+                    volume_id: t.volume_id.clone(),
+                    target: t.target.clone(),
+                    namespace: t.namespace.clone(),
+                    name: t.wrapper.clone(),
+                    generation: wanted.generation.clone(),
+                    pod: t.pod.clone(),
+                    pod_uid: t.pod_uid.clone(),
+                    published_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                })
+                .map_err(io_err("recording publication of", &t.target))?;
+            if let Err(e) = self.mount(&source, &t.target) {
+                let _ = self.ledger.remove(&t.volume_id);
+                return Err(e);
+            }
+            Ok(source)
+        })
     }
 
     fn mount(&self, source: &Path, target: &Path) -> Result<(), CsiError> {
@@ -217,28 +221,31 @@ impl NodeService {
             .inflight
             .try_claim(volume_id)
             .ok_or_else(|| CsiError::Busy(volume_id.to_string()))?;
-        let record = self.ledger.get(volume_id);
-        if is_mounted(&target)? {
-            mount::unmount_lazy(&target).map_err(io_err("unmounting", &target))?;
-        }
-        match std::fs::remove_dir(&target) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(CsiError::Io {
-                    action: "removing target",
-                    path: target,
-                    source: e,
-                })
+        // Unmount, ledger and GC touch the disk and /proc: off the reactor.
+        tokio::task::block_in_place(|| {
+            let record = self.ledger.get(volume_id);
+            if is_mounted(&target)? {
+                mount::unmount_lazy(&target).map_err(io_err("unmounting", &target))?;
             }
-        }
-        self.ledger
-            .remove(volume_id)
-            .map_err(io_err("forgetting publication of", &target))?;
-        if let Some(r) = record {
-            self.collect(&r.namespace, &r.name, &r.generation);
-        }
-        Ok(())
+            match std::fs::remove_dir(&target) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(CsiError::Io {
+                        action: "removing target",
+                        path: target,
+                        source: e,
+                    })
+                }
+            }
+            self.ledger
+                .remove(volume_id)
+                .map_err(io_err("forgetting publication of", &target))?;
+            if let Some(r) = record {
+                self.collect(&r.namespace, &r.name, &r.generation);
+            }
+            Ok(())
+        })
     }
 
     /// Frees a generation that no wrapper wants and no publication mounts.
