@@ -95,7 +95,7 @@ async fn a_pod_mounts_a_real_agents_volume_and_deleting_it_unpublishes() {
     )
     .await
     .unwrap();
-    wait_for("reader to succeed", 60, || async {
+    wait_for("reader to succeed", 180, || async {
         (pod_phase(&pods, "reader").await.as_deref() == Some("Succeeded")).then_some(())
     })
     .await;
@@ -118,7 +118,7 @@ async fn a_pod_mounts_a_real_agents_volume_and_deleting_it_unpublishes() {
     let via_api = pods.logs("reader", &kube::api::LogParams::default()).await.unwrap();
     assert_eq!(via_api, log);
     // A finished pod's volume is torn down by its kubelet.
-    wait_for("the finished pod's volume to be unpublished", 10, || async {
+    wait_for("the finished pod's volume to be unpublished", 60, || async {
         (mounts_under(&dirs.kubelet) == 0).then_some(())
     })
     .await;
@@ -130,7 +130,7 @@ async fn a_pod_mounts_a_real_agents_volume_and_deleting_it_unpublishes() {
     )
     .await
     .unwrap();
-    wait_for("sleeper to run", 30, || async {
+    wait_for("sleeper to run", 120, || async {
         (pod_phase(&pods, "sleeper").await.as_deref() == Some("Running")).then_some(())
     })
     .await;
@@ -140,7 +140,7 @@ async fn a_pod_mounts_a_real_agents_volume_and_deleting_it_unpublishes() {
         "one publication at the pod's target path"
     );
     pods.delete("sleeper", &DeleteParams::default()).await.unwrap();
-    wait_for("sleeper to be gone", 30, || async {
+    wait_for("sleeper to be gone", 120, || async {
         pods.get("sleeper").await.is_err().then_some(())
     })
     .await;
@@ -159,7 +159,7 @@ async fn a_pod_mounts_a_real_agents_volume_and_deleting_it_unpublishes() {
         .volume_attributes = Some([("modelWrapper".to_string(), "nope".to_string())].into());
     pods.create(&PostParams::default(), &missing).await.unwrap();
     let events: Api<Event> = Api::namespaced(client.clone(), "test");
-    let message = wait_for("a FailedMount event", 30, || async {
+    let message = wait_for("a FailedMount event", 120, || async {
         let list = events
             .list(&ListParams::default().fields("involvedObject.name=missing"))
             .await
@@ -204,7 +204,7 @@ async fn scheduler_and_job_controller() {
     )
     .await
     .unwrap();
-    let done = wait_for("job ok to complete", 30, || async {
+    let done = wait_for("job ok to complete", 120, || async {
         let j = jobs.get("ok").await.ok()?;
         let conds = j.status.clone()?.conditions?;
         conds
@@ -236,7 +236,7 @@ async fn scheduler_and_job_controller() {
     jobs.create(&PostParams::default(), &job("bad", "echo boom >&2; exit 3", 1, 1))
         .await
         .unwrap();
-    let failed = wait_for("job bad to fail", 30, || async {
+    let failed = wait_for("job bad to fail", 120, || async {
         let j = jobs.get("bad").await.ok()?;
         j.status
             .clone()?
@@ -258,7 +258,7 @@ async fn scheduler_and_job_controller() {
 
     // Deleting a Job with background propagation removes its pods (ownerReference GC).
     jobs.delete("ok", &DeleteParams::background()).await.unwrap();
-    wait_for("job ok's pods to be collected", 30, || async {
+    wait_for("job ok's pods to be collected", 120, || async {
         pods.list(&ListParams::default().labels("job-name=ok"))
             .await
             .ok()?
@@ -275,7 +275,7 @@ async fn scheduler_and_job_controller() {
     )
     .unwrap();
     pods.create(&PostParams::default(), &stuck).await.unwrap();
-    let message = wait_for("stuck to be unschedulable", 10, || async {
+    let message = wait_for("stuck to be unschedulable", 60, || async {
         let p = pods.get("stuck").await.ok()?;
         p.status?
             .conditions?

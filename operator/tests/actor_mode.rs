@@ -61,7 +61,7 @@ async fn place_fill_label_load_roll_remove_and_delete() {
         .unwrap();
 
     // 3 of 4 nodes: three replicas, three real fills, Ready 3/3.
-    let status = wait_for("bert Ready 3/3", 60, || async {
+    let status = wait_for("bert Ready 3/3", 180, || async {
         let s = status_of(&wrappers, "bert").await?;
         (s.phase.as_deref() == Some("Ready") && s.ready_nodes == 3).then_some(s)
     })
@@ -82,7 +82,7 @@ async fn place_fill_label_load_roll_remove_and_delete() {
     on.sort();
     assert_eq!(on, vec!["node-1", "node-2", "node-3"]);
     let nodes_api: Api<Node> = Api::all(env.client.clone());
-    let labelled = wait_for("ready labels", 10, || async {
+    let labelled = wait_for("ready labels", 60, || async {
         let l = nodes_api.list(&ListParams::default().labels(&label)).await.ok()?;
         let mut names: Vec<String> = l.items.iter().map(|n| n.name_any()).collect();
         names.sort();
@@ -102,7 +102,7 @@ async fn place_fill_label_load_roll_remove_and_delete() {
 
     // Phase transitions are recorded as Events on the wrapper.
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), NS);
-    let reasons = wait_for("a Ready event", 10, || async {
+    let reasons = wait_for("a Ready event", 60, || async {
         let l = events
             .list(&ListParams::default().fields("regarding.name=bert"))
             .await
@@ -135,7 +135,7 @@ async fn place_fill_label_load_roll_remove_and_delete() {
     )
     .await
     .unwrap();
-    let pod = wait_for("loader to finish", 120, || async {
+    let pod = wait_for("loader to finish", 300, || async {
         let p = pods.get("loader").await.ok()?;
         matches!(p.status.as_ref()?.phase.as_deref(), Some("Succeeded" | "Failed")).then_some(p)
     })
@@ -153,7 +153,7 @@ async fn place_fill_label_load_roll_remove_and_delete() {
     pods.create(&PostParams::default(), &loader_pod("holder", &label, &["sleep", "600"]))
         .await
         .unwrap();
-    let holder_node = wait_for("holder to run", 60, || async {
+    let holder_node = wait_for("holder to run", 180, || async {
         let p = pods.get("holder").await.ok()?;
         (p.status.as_ref()?.phase.as_deref() == Some("Running")).then(|| p.spec.unwrap().node_name.unwrap())
     })
@@ -164,14 +164,14 @@ async fn place_fill_label_load_roll_remove_and_delete() {
         .patch("bert", &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .unwrap();
-    let status2 = wait_for("generation 2 Ready 3/3", 60, || async {
+    let status2 = wait_for("generation 2 Ready 3/3", 180, || async {
         let s = status_of(&wrappers, "bert").await?;
         (s.digest.as_deref() != Some(gen1.as_str()) && s.phase.as_deref() == Some("Ready") && s.ready_nodes == 3)
             .then_some(s)
     })
     .await;
     let gen2 = status2.digest.unwrap();
-    wait_for("old generation freed where no pod mounts it", 30, || async {
+    wait_for("old generation freed where no pod mounts it", 120, || async {
         ["node-1", "node-2", "node-3"]
             .iter()
             .all(|n| {
@@ -187,19 +187,19 @@ async fn place_fill_label_load_roll_remove_and_delete() {
     })
     .await;
     pods.delete("holder", &DeleteParams::default()).await.unwrap();
-    wait_for("old generation freed after the pod ended", 30, || async {
+    wait_for("old generation freed after the pod ended", 120, || async {
         (generations_on(&env.cluster, &holder_node) == vec![format!("bert/{gen2}")]).then_some(())
     })
     .await;
 
     // A node removed: its replica goes; 2/2 of the new desired set.
     env.cluster.remove_node("node-3").await.unwrap();
-    wait_for("2/2 after node-3 left", 30, || async {
+    wait_for("2/2 after node-3 left", 120, || async {
         let s = status_of(&wrappers, "bert").await?;
         (s.desired_nodes == 2 && s.ready_nodes == 2 && s.phase.as_deref() == Some("Ready")).then_some(())
     })
     .await;
-    wait_for("node-3's replica deleted", 10, || async {
+    wait_for("node-3's replica deleted", 60, || async {
         let l = replicas.list(&ListParams::default()).await.ok()?;
         (l.items.len() == 2 && l.items.iter().all(|r| r.spec.node != "node-3")).then_some(())
     })
@@ -207,11 +207,11 @@ async fn place_fill_label_load_roll_remove_and_delete() {
 
     // The wrapper deleted: replicas, labels and node memory go.
     wrappers.delete("bert", &DeleteParams::default()).await.unwrap();
-    wait_for("wrapper gone", 30, || async {
+    wait_for("wrapper gone", 120, || async {
         wrappers.get("bert").await.is_err().then_some(())
     })
     .await;
-    wait_for("replicas gone", 30, || async {
+    wait_for("replicas gone", 120, || async {
         replicas
             .list(&ListParams::default())
             .await
@@ -221,7 +221,7 @@ async fn place_fill_label_load_roll_remove_and_delete() {
             .then_some(())
     })
     .await;
-    wait_for("labels gone", 30, || async {
+    wait_for("labels gone", 120, || async {
         nodes_api
             .list(&ListParams::default().labels(&label))
             .await
@@ -231,7 +231,7 @@ async fn place_fill_label_load_roll_remove_and_delete() {
             .then_some(())
     })
     .await;
-    wait_for("node memory freed", 30, || async {
+    wait_for("node memory freed", 120, || async {
         ["node-1", "node-2"]
             .iter()
             .all(|n| generations_on(&env.cluster, n).is_empty())

@@ -52,7 +52,7 @@ async fn tasks_run_as_jobs_next_to_the_weights() {
         .create(&PostParams::default(), &task("early", "bert", &["ok"], Some("first")))
         .await
         .unwrap();
-    let waiting = wait_for("early to wait", 30, || async {
+    let waiting = wait_for("early to wait", 120, || async {
         let s = tasks.get("early").await.ok()?.status?;
         (s.phase.as_deref() == Some("Waiting")).then_some(s)
     })
@@ -67,7 +67,7 @@ async fn tasks_run_as_jobs_next_to_the_weights() {
         .await
         .unwrap();
     // Once the wrapper is Ready on node-1, the waiting task runs there.
-    let done = wait_for("early to finish", 90, || finished(&tasks, "early")).await;
+    let done = wait_for("early to finish", 300, || finished(&tasks, "early")).await;
     assert_eq!(done.phase.as_deref(), Some("Succeeded"), "{done:?}");
     assert_eq!(done.node_name.as_deref(), Some("node-1"), "only node-1 has the weights");
     assert_eq!(done.output.as_deref(), Some("first:ok:name:enc"));
@@ -81,7 +81,7 @@ async fn tasks_run_as_jobs_next_to_the_weights() {
         .create(&PostParams::default(), &task("bad", "bert", &["fail"], Some("x")))
         .await
         .unwrap();
-    let failed = wait_for("bad to fail", 60, || finished(&tasks, "bad")).await;
+    let failed = wait_for("bad to fail", 180, || finished(&tasks, "bad")).await;
     assert_eq!(failed.phase.as_deref(), Some("Failed"));
     assert_eq!(failed.output.as_deref(), Some("x:fail:name:enc"));
     let cond = failed.conditions.iter().find(|c| c.type_ == "Failed").unwrap();
@@ -101,7 +101,7 @@ async fn tasks_run_as_jobs_next_to_the_weights() {
         .create(&PostParams::default(), &task("wrong", "actor", &[], None))
         .await
         .unwrap();
-    let wrong = wait_for("wrong to report the mode", 30, || async {
+    let wrong = wait_for("wrong to report the mode", 120, || async {
         let s = tasks.get("wrong").await.ok()?.status?;
         s.conditions.iter().find(|c| c.reason == "WrapperNotTaskMode").cloned()
     })
