@@ -11,7 +11,17 @@ pub use cluster::{AgentMode, Cluster, ClusterOptions, NodeDirs, NodeSpec};
 
 /// Polls `f` every 100 ms until it gives a value; panics after `secs` naming
 /// `what` (test support: a timeout is the failure report).
-pub async fn wait_for<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
+pub async fn wait_for<T, F, Fut>(what: &str, secs: u64, f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    wait_for_checked(what, secs, || {}, f).await
+}
+
+/// As [`wait_for`], calling `check` between polls so a test can fail at once
+/// (e.g. when a process it depends on died) instead of waiting out the bound.
+pub async fn wait_for_checked<T, F, Fut>(what: &str, secs: u64, mut check: impl FnMut(), mut f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -21,6 +31,7 @@ where
         if let Some(v) = f().await {
             return v;
         }
+        check();
         assert!(
             tokio::time::Instant::now() <= deadline,
             "timed out after {secs}s waiting for {what}"

@@ -135,23 +135,12 @@ impl Env {
     }
 
     /// [`wait_for`] that also fails fast when an operator died.
-    pub async fn wait_alive<T, F, Fut>(&mut self, what: &str, secs: u64, mut f: F) -> T
+    pub async fn wait_alive<T, F, Fut>(&mut self, what: &str, secs: u64, f: F) -> T
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Option<T>>,
     {
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
-        loop {
-            if let Some(v) = f().await {
-                return v;
-            }
-            self.assert_operators_alive();
-            assert!(
-                tokio::time::Instant::now() <= deadline,
-                "timed out after {secs}s waiting for {what}"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        }
+        zerocopy_e2e::wait_for_checked(what, secs, || self.assert_operators_alive(), f).await
     }
 
     pub fn kill_operator(&mut self, index: usize) {
