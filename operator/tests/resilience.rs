@@ -282,7 +282,7 @@ fn degraded_message(w: &ModelWrapper) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_outages_and_cordons_keep_the_node_copy() {
-    let mut env = Env::start_with(nodes(2), 1, &["--node-grace-seconds", "6"]).await;
+    let mut env = Env::start_with(nodes(2), 1, &["--node-grace-seconds", "6"], &[]).await;
     let (src, sha, _) = model(&env.cluster.dir, "m.safetensors", 64 * 1024, 1);
     let wrappers: Api<ModelWrapper> = Api::namespaced(env.client.clone(), NS);
     let replicas: Api<ModelReplica> = Api::namespaced(env.client.clone(), NS);

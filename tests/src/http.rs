@@ -27,6 +27,9 @@ pub enum Fault {
     NoHead,
     /// Answer `503 Service Unavailable` to the first n requests.
     Unavailable(u32),
+    /// Answer `503 Service Unavailable` to every other pair of requests (a
+    /// fill's HEAD and GET), so half the attempts fail.
+    EveryOther,
     /// Send the body 1 KiB at a time, 100 ms apart: a stalled source.
     Drip,
 }
@@ -164,11 +167,14 @@ fn handle(stream: TcpStream, state: &State) -> std::io::Result<()> {
             }
         }
         let n = requests.fetch_add(1, Ordering::SeqCst);
-        if let Fault::Unavailable(first) = fault {
-            if n < first {
-                out.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")?;
-                continue;
-            }
+        let unavailable = match fault {
+            Fault::Unavailable(first) => n < first,
+            Fault::EveryOther => (n / 2) % 2 == 1,
+            _ => false,
+        };
+        if unavailable {
+            out.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")?;
+            continue;
         }
         let body = files
             .lock()

@@ -33,7 +33,7 @@ pub use store::Store;
 
 /// Faults injected into requests, for resilience tests.
 #[derive(Clone, Default)]
-pub struct Faults(Arc<Mutex<FaultConfig>>);
+pub struct Faults(Arc<Mutex<FaultConfig>>, Arc<std::sync::atomic::AtomicU64>);
 
 #[derive(Clone, Debug, Default)]
 pub struct FaultConfig {
@@ -49,6 +49,11 @@ impl Faults {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = config;
     }
 
+    /// Requests answered with an injected error so far.
+    pub fn injected(&self) -> u64 {
+        self.1.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn config(&self) -> FaultConfig {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -62,6 +67,7 @@ impl Faults {
         if !rng.gen_bool(c.error_rate.min(1.0)) {
             return None;
         }
+        self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if method != Method::GET && rng.gen_bool(0.5) {
             return Some(ApiError::new(
                 409,

@@ -37,11 +37,16 @@ impl Env {
     /// CRDs installed, namespaces created, nodes (with agents in cluster
     /// mode) added, and `operators` operator processes started.
     pub async fn start(nodes: Vec<NodeSpec>, operators: usize) -> Env {
-        Self::start_with(nodes, operators, &[]).await
+        Self::start_with(nodes, operators, &[], &[]).await
     }
 
-    /// As [`Env::start`], with extra operator arguments.
-    pub async fn start_with(nodes: Vec<NodeSpec>, operators: usize, operator_args: &[&str]) -> Env {
+    /// As [`Env::start`], with extra operator and agent arguments.
+    pub async fn start_with(
+        nodes: Vec<NodeSpec>,
+        operators: usize,
+        operator_args: &[&str],
+        agent_args: &[&str],
+    ) -> Env {
         let mut opts = ClusterOptions::with_nodes(vec![]).agent(
             agent_bin(),
             AgentMode::Cluster {
@@ -59,6 +64,7 @@ impl Env {
             "--allow-file-dir".into(),
             models_dir.display().to_string(),
         ];
+        opts.agent_args.extend(agent_args.iter().map(|s| s.to_string()));
         let cluster = Cluster::start(opts).await.unwrap();
         let client = cluster.client().await.unwrap();
         let nss: Api<Namespace> = Api::all(client.clone());
