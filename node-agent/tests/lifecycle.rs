@@ -136,3 +136,48 @@ async fn one_agent_owns_its_socket_and_root_answers_probes_and_stops_cleanly_on_
     assert_eq!(mounts_at(&agent.target("v1")), 1, "the pod's mount stays");
     assert_eq!(agent.ledger_len(), 1, "and so does its record");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publish_that_overlaps_one_in_flight_for_the_same_volume_is_aborted() {
+    let tmp = TmpfsDir::new();
+    // A source that trickles, so the first publish waits on the fill while
+    // holding the volume; the second arrives while it provably still runs.
+    let server = zerocopy_integration_tests::http::Server::start(zerocopy_integration_tests::http::Fault::Drip);
+    let body = file(&[T::f32("w", 100_000, 2)]);
+    let url = server.put("slow.safetensors", body.clone());
+    let yaml = tmp.path().join("slow.yaml");
+    fs::write(
+        &yaml,
+        format!(
+            "apiVersion: zerocopy.dev/v1alpha1\nkind: ModelWrapper\nmetadata: {{name: slow, namespace: test}}\nspec:\n  pipeline:\n    components:\n      - name: enc\n        weights: {{uri: '{url}', sha256: '{}'}}\n",
+            sha256_hex(&body)
+        ),
+    )
+    .unwrap();
+    let agent = Agent::start(&tmp.path().join("a"), &yaml, &["--publish-wait", "60"]).await;
+    let target = agent.target("v1");
+    let mut first_client = agent.node().await;
+    let first_req = publish("v1", &target, "slow", "test");
+    let first = tokio::spawn(async move { first_client.node_publish_volume(first_req).await });
+    let mut second = agent.node().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let code = loop {
+        match second.node_publish_volume(publish("v1", &target, "slow", "test")).await {
+            Err(s) if s.code() == tonic::Code::Aborted => break s.code(),
+            other => {
+                assert!(
+                    !first.is_finished(),
+                    "the first publish ended before any overlap: {other:?}"
+                );
+                assert!(Instant::now() < deadline, "never saw ABORTED: {other:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert_eq!(code, tonic::Code::Aborted);
+    assert!(
+        !first.is_finished(),
+        "the overlap was real: the first publish was still running"
+    );
+    first.abort();
+}

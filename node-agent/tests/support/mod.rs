@@ -71,9 +71,13 @@ impl Agent {
                 "--serve",
                 "--watch-interval",
                 "0.2",
-                "--publish-wait",
-                "1",
             ])
+            // A short publish wait unless the test sets its own.
+            .args(if self.extra.iter().any(|a| a == "--publish-wait") {
+                &[][..]
+            } else {
+                &["--publish-wait", "1"][..]
+            })
             .arg("--kubelet-dir")
             .arg(&self.kubelet)
             .args(["--metrics-addr", &self.metrics])
