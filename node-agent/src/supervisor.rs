@@ -95,10 +95,13 @@ pub enum Action {
 }
 
 /// Which fills to start and stop (pure). `wanted` in order of priority;
-/// `tracks` has every generation the loop knows, wanted or not.
+/// `tracks` has every generation the loop knows, wanted or not; `stopping`
+/// are fills told to stop whose task has not ended yet: they still hold a
+/// slot, and their generation cannot start again until they have ended.
 pub fn next_actions(
     wanted: &[GenKey],
     tracks: &BTreeMap<GenKey, Track>,
+    stopping: &BTreeSet<GenKey>,
     max_parallel: usize,
     now: Instant,
 ) -> Vec<Action> {
@@ -111,10 +114,14 @@ pub fn next_actions(
     let mut running = tracks
         .iter()
         .filter(|(k, t)| **t == Track::Running && wanted_set.contains(k))
-        .count();
+        .count()
+        + stopping.len();
     for key in wanted {
         if running >= max_parallel {
             break;
+        }
+        if stopping.contains(key) {
+            continue;
         }
         let due = match tracks.get(key).unwrap_or(&Track::Idle) {
             Track::Idle => true,
@@ -158,6 +165,8 @@ pub struct Supervisor {
     attempts: BTreeMap<GenKey, u32>,
     running: BTreeMap<GenKey, Running>,
     tasks: JoinSet<(GenKey, Result<FillOutcome, FillError>)>,
+    /// Tasks told to stop that have not ended yet.
+    stopping: BTreeMap<tokio::task::Id, GenKey>,
     specs: BTreeMap<GenKey, LoadedWrapper>,
 }
 
@@ -180,6 +189,7 @@ impl Supervisor {
             attempts: BTreeMap::new(),
             running: BTreeMap::new(),
             tasks: JoinSet::new(),
+            stopping: BTreeMap::new(),
             specs: BTreeMap::new(),
         }
     }
@@ -233,11 +243,17 @@ impl Supervisor {
     pub fn step(&mut self) {
         self.guard_throughput();
         let wanted = self.wanted_keys();
-        let actions = next_actions(&wanted, &self.tracks, self.policy.max_parallel, Instant::now());
+        let stopping: BTreeSet<GenKey> = self.stopping.values().cloned().collect();
+        let actions = next_actions(
+            &wanted,
+            &self.tracks,
+            &stopping,
+            self.policy.max_parallel,
+            Instant::now(),
+        );
         for a in &actions {
             if let Action::Abort(key) = a {
-                if let Some(r) = self.running.remove(key) {
-                    r.handle.abort();
+                if self.stop(key) {
                     tracing::info!(wrapper = %format!("{}/{}", key.0, key.1), generation = %key.2, "stopped a fill nobody wants any more");
                 }
                 self.tracks.remove(key);
@@ -252,6 +268,16 @@ impl Supervisor {
                 self.start(key);
             }
         }
+    }
+
+    /// Tells a running fill to stop; it keeps its slot until its task ended.
+    fn stop(&mut self, key: &GenKey) -> bool {
+        let Some(r) = self.running.remove(key) else {
+            return false;
+        };
+        r.handle.abort();
+        self.stopping.insert(r.handle.id(), key.clone());
+        true
     }
 
     fn start(&mut self, key: GenKey) {
@@ -289,11 +315,19 @@ impl Supervisor {
         self.tracks.insert(key, Track::Running);
     }
 
-    /// Records a finished fill.
-    fn finished(&mut self, key: GenKey, outcome: Result<FillOutcome, FillError>) {
-        let Some(run) = self.running.remove(&key) else {
-            return; // aborted, or superseded while it ran
-        };
+    /// Records a finished fill; `task` is the task that ran it, so a result
+    /// of an earlier, stopped fill of the same generation is ignored. Returns
+    /// the task's handle (the stall guard stops it).
+    fn finished(
+        &mut self,
+        key: GenKey,
+        task: tokio::task::Id,
+        outcome: Result<FillOutcome, FillError>,
+    ) -> Option<tokio::task::AbortHandle> {
+        if self.running.get(&key).is_none_or(|r| r.handle.id() != task) {
+            return None; // stopped, or superseded while it ran
+        }
+        let run = self.running.remove(&key)?;
         let (ns, name, generation) = &key;
         let wanted = self.specs.contains_key(&key);
         match outcome {
@@ -319,7 +353,7 @@ impl Supervisor {
                     .observe(run.started.elapsed().as_secs_f64());
                 if !wanted {
                     self.tracks.remove(&key);
-                    return;
+                    return Some(run.handle);
                 }
                 let attempts = self.attempts.entry(key.clone()).or_insert(0);
                 *attempts += 1;
@@ -347,6 +381,7 @@ impl Supervisor {
                 );
             }
         }
+        Some(run.handle)
     }
 
     /// Stops fills whose throughput stayed under the floor for a whole window.
@@ -371,19 +406,26 @@ impl Supervisor {
             run.window_bytes = done;
         }
         for (key, got) in stalled {
-            if let Some(run) = self.running.get(&key) {
-                run.handle.abort();
+            let Some(task) = self.running.get(&key).map(|r| r.handle.id()) else {
+                continue;
+            };
+            // Record the failure first (it needs the running entry), then
+            // stop the task; it holds its slot until it has ended.
+            let stalled = FillError::Stalled {
+                wrapper: format!("{}/{}", key.0, key.1),
+                bytes: got,
+                window: window.as_secs(),
+                min_per_second: floor,
+            };
+            if let Some(handle) = self.finished(key.clone(), task, Err(stalled)) {
+                handle.abort();
+                self.stopping.insert(handle.id(), key);
             }
-            self.finished(
-                key.clone(),
-                Err(FillError::Stalled {
-                    wrapper: format!("{}/{}", key.0, key.1),
-                    bytes: got,
-                    window: window.as_secs(),
-                    min_per_second: floor,
-                }),
-            );
         }
+    }
+
+    fn running_or_stopping(&self) -> usize {
+        self.running.len() + self.stopping.len()
     }
 
     /// Removes complete generations that no wrapper wants (superseded ones
@@ -434,17 +476,30 @@ impl Supervisor {
     /// tick) and handles it. Returns when something may need a new step.
     pub async fn wait(&mut self) {
         let wanted = self.wanted_keys();
-        let retry = next_retry(&wanted, &self.tracks);
+        // A due retry only matters when a slot is free; otherwise the loop
+        // would wake at once, again and again, until a fill ends.
+        let slot_free = self.running_or_stopping() < self.policy.max_parallel;
+        let retry = slot_free.then(|| next_retry(&wanted, &self.tracks)).flatten();
         let tick = Duration::from_secs(1).min(self.policy.throughput_window);
+        let now = Instant::now();
         let sleep_until = retry
-            .map(|r| r.min(Instant::now() + tick))
-            .unwrap_or_else(|| Instant::now() + tick);
+            .map(|r| r.max(now + Duration::from_millis(50)).min(now + tick))
+            .unwrap_or(now + tick);
         tokio::select! {
-            Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => {
+            Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
                 match joined {
-                    Ok((key, outcome)) => self.finished(key, outcome),
-                    Err(e) if e.is_cancelled() => {}
-                    Err(e) => tracing::error!(error = %e, "fill task panicked"),
+                    Ok((task, (key, outcome))) => {
+                        self.stopping.remove(&task);
+                        let _ = self.finished(key, task, outcome);
+                    }
+                    Err(e) => {
+                        self.stopping.remove(&e.id());
+                        if !e.is_cancelled() {
+                            tracing::error!(error = %e, "fill task panicked");
+                            // The running entry of a panicked task would hold its slot forever.
+                            self.running.retain(|_, r| r.handle.id() != e.id());
+                        }
+                    }
                 }
                 // Freed room and superseded generations.
                 self.collect_garbage();
@@ -491,13 +546,16 @@ mod tests {
         let wanted = vec![key("a"), key("b"), key("c")];
         let tracks = BTreeMap::from([(key("a"), Track::Ready)]);
         assert_eq!(
-            next_actions(&wanted, &tracks, 1, now),
+            next_actions(&wanted, &tracks, &BTreeSet::new(), 1, now),
             vec![Action::Start(key("b"))],
             "one slot: the first that is not Ready"
         );
         let tracks = BTreeMap::from([(key("a"), Track::Running)]);
-        assert_eq!(next_actions(&wanted, &tracks, 1, now), vec![]);
-        assert_eq!(next_actions(&wanted, &tracks, 2, now), vec![Action::Start(key("b"))]);
+        assert_eq!(next_actions(&wanted, &tracks, &BTreeSet::new(), 1, now), vec![]);
+        assert_eq!(
+            next_actions(&wanted, &tracks, &BTreeSet::new(), 2, now),
+            vec![Action::Start(key("b"))]
+        );
     }
 
     #[test]
@@ -510,12 +568,29 @@ mod tests {
             (key("b"), Track::Failed { retry_at: None }),
             (key("gone"), Track::Running),
         ]);
-        assert_eq!(next_actions(&wanted, &tracks, 4, now), vec![Action::Abort(key("gone"))]);
+        assert_eq!(
+            next_actions(&wanted, &tracks, &BTreeSet::new(), 4, now),
+            vec![Action::Abort(key("gone"))]
+        );
         assert_eq!(next_retry(&wanted, &tracks), Some(later));
         assert_eq!(
-            next_actions(&wanted, &tracks, 4, later),
+            next_actions(&wanted, &tracks, &BTreeSet::new(), 4, later),
             vec![Action::Abort(key("gone")), Action::Start(key("a"))]
         );
+    }
+
+    #[test]
+    fn a_stopping_fill_holds_its_slot_and_its_generation() {
+        let now = Instant::now();
+        let wanted = vec![key("a"), key("b")];
+        let stopping = BTreeSet::from([key("a")]);
+        // "a" was stopped and wanted again: it waits for the old task to end
+        // (same staging path, same reservation), and its slot is taken.
+        assert_eq!(
+            next_actions(&wanted, &BTreeMap::new(), &stopping, 2, now),
+            vec![Action::Start(key("b"))]
+        );
+        assert_eq!(next_actions(&wanted, &BTreeMap::new(), &stopping, 1, now), vec![]);
     }
 
     #[test]
@@ -527,7 +602,7 @@ mod tests {
         let fast = ("tenant-b".to_string(), "small".to_string(), "g".to_string());
         let tracks = BTreeMap::from([(slow.clone(), Track::Running)]);
         assert_eq!(
-            next_actions(&[slow, fast.clone()], &tracks, 2, now),
+            next_actions(&[slow, fast.clone()], &tracks, &BTreeSet::new(), 2, now),
             vec![Action::Start(fast)]
         );
     }
