@@ -127,6 +127,17 @@ pub struct FillEngine {
     _lock: RootLock,
 }
 
+/// Sets its flag when dropped: a stopped fill's future drops it, and the
+/// blocking copy checks the flag between chunks.
+#[derive(Default)]
+struct CancelOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Releases a fill's reservation when the fill ends, however it ends.
 struct Reservation<'a> {
     engine: &'a FillEngine,
@@ -252,8 +263,10 @@ impl FillEngine {
         let needed: u64 = plan.iter().filter_map(|f| f.size).sum();
         let key = format!("{wrapper}@{generation}");
         let (used, limit, _reservation) = {
-            let stored = self.root.used_bytes().map_err(io_err("reading", self.root.path()))?;
+            // Read under the lock: a fill that publishes and drops its
+            // reservation in between would otherwise be counted nowhere.
             let mut reserved = self.reservations();
+            let stored = self.root.used_bytes().map_err(io_err("reading", self.root.path()))?;
             let used = stored.saturating_add(reserved.values().sum());
             let limit = match self.capacity {
                 Some(capacity) if used.saturating_add(needed) > capacity => {
@@ -269,7 +282,15 @@ impl FillEngine {
                 Some(capacity) => capacity - used,
                 None => u64::MAX,
             };
-            reserved.insert(key.clone(), needed);
+            // A file of unknown size (HEAD refused) may take all the room
+            // left: reserve it, so a concurrent fill cannot count on it too.
+            let all_known = plan.iter().all(|f| f.size.is_some());
+            let reserve = if all_known || self.capacity.is_none() {
+                needed
+            } else {
+                limit
+            };
+            reserved.insert(key.clone(), reserve);
             (used, limit, Reservation { engine: self, key })
         };
 
@@ -349,9 +370,13 @@ impl FillEngine {
                 let uri = plan.uri.clone();
                 let bar = bar.clone();
                 let policy = self.policy.clone();
+                // The copy runs on a blocking thread, which outlives this
+                // future if the fill is stopped: tell it to stop too.
+                let cancel = CancelOnDrop::default();
+                let cancelled = cancel.0.clone();
                 tokio::task::spawn_blocking(move || {
                     let (src, _) = source::file::open(&uri, &policy)?;
-                    source::file::fetch(src, uri.path(), sink, bar.as_ref())
+                    source::file::fetch(src, uri.path(), sink, bar.as_ref(), &cancelled)
                 })
                 .await
                 .map_err(|e| FetchError::Write(io::Error::other(e)))

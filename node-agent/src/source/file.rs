@@ -7,6 +7,7 @@
 
 use std::fs::File;
 use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
 use bytes::BytesMut;
@@ -30,7 +31,12 @@ pub fn path_of(uri: &url::Url) -> Result<PathBuf, FetchError> {
 pub fn open(uri: &url::Url, policy: &SourcePolicy) -> Result<(File, u64), FetchError> {
     let path = path_of(uri)?;
     let file = match policy.file_location(&path).map_err(FetchError::Refused)? {
-        None => File::open(&path).map_err(|e| FetchError::Unreachable(format!("{}: {e}", path.display())))?,
+        // O_NONBLOCK: opening a FIFO must not hang the fill (refused below).
+        None => std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .map_err(|e| FetchError::Unreachable(format!("{}: {e}", path.display())))?,
         Some((dir, rel)) => open_beneath(&dir, &rel).map_err(|e| match e {
             nix::Error::ELOOP | nix::Error::EXDEV => FetchError::Refused(format!(
                 "{} goes through a symlink or leaves {}; sources below an allowed directory are opened without following symlinks",
@@ -62,9 +68,18 @@ fn open_beneath(dir: &std::path::Path, rel: &std::path::Path) -> nix::Result<Fil
     Ok(File::from(fd))
 }
 
-/// Copies `src` into `sink`, reporting progress.
-pub fn fetch(mut src: File, what: &str, mut sink: HashingSink, progress: &dyn Progress) -> Result<Fetched, FetchError> {
+/// Copies `src` into `sink`, reporting progress, until done or `cancelled`.
+pub fn fetch(
+    mut src: File,
+    what: &str,
+    mut sink: HashingSink,
+    progress: &dyn Progress,
+    cancelled: &std::sync::atomic::AtomicBool,
+) -> Result<Fetched, FetchError> {
     loop {
+        if cancelled.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(FetchError::Write(std::io::Error::other("the fill was stopped")));
+        }
         let mut buf = BytesMut::zeroed(CHUNK);
         let n = src
             .read(&mut buf)
