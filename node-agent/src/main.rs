@@ -160,6 +160,11 @@ enum Command {
         /// cluster ranges are refused by default; link-local never allowed).
         #[arg(long = "allow-network")]
         allow_networks: Vec<ipnet::IpNet>,
+        /// Send http(s) sources through HTTP(S)_PROXY from the environment.
+        /// The proxy resolves names itself, past the address checks, so it
+        /// must enforce the same egress rules (no metadata, no internal).
+        #[arg(long)]
+        use_env_proxy: bool,
         #[command(flatten)]
         fill: FillFlags,
     },
@@ -197,10 +202,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             renew_seconds,
             allow_file_dirs,
             allow_networks,
+            use_env_proxy,
             fill,
         } => {
             let fill = fill.policy(true)?;
-            let policy = SourcePolicy::cluster(allow_file_dirs, allow_networks);
+            let policy = SourcePolicy {
+                use_env_proxy,
+                ..SourcePolicy::cluster(allow_file_dirs, allow_networks)
+            };
             let capacity = capacity.as_deref().map(parse_size).transpose()?;
             let node = cli.node_id.clone().unwrap_or_else(zerocopy_node_agent::serve::hostname);
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

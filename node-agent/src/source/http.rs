@@ -28,16 +28,20 @@ impl HttpSource {
     /// A client (rustls) that connects only to addresses `policy` allows:
     /// names are resolved once by [`CheckedResolver`] and the connection goes
     /// to the checked address; every redirect hop is checked, https never
-    /// downgrades to http. Proxies from the environment are honoured: the
-    /// proxy then decides where requests go, so it must enforce egress rules.
+    /// downgrades to http. Proxies from the environment are honoured only
+    /// when the policy says so (`--use-env-proxy`): the proxy then decides
+    /// where requests go, so it must enforce the same egress rules.
     pub fn new(policy: Arc<SourcePolicy>) -> reqwest::Result<Self> {
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(Duration::from_secs(60))
             .user_agent(concat!("zerocopy-node-agent/", env!("CARGO_PKG_VERSION")))
             .dns_resolver(Arc::new(CheckedResolver::new(policy.clone())))
-            .redirect(redirect_policy(policy.clone()))
-            .build()?;
+            .redirect(redirect_policy(policy.clone()));
+        if !policy.use_env_proxy {
+            builder = builder.no_proxy();
+        }
+        let client = builder.build()?;
         Ok(Self { client, policy })
     }
 

@@ -22,6 +22,10 @@ pub struct SourcePolicy {
     pub allow_internal: bool,
     /// Internal networks the admin allowed anyway (e.g. an in-cluster MinIO).
     pub allowed_networks: Vec<IpNet>,
+    /// Honour HTTP(S)_PROXY from the environment. A proxy resolves the names
+    /// itself, past the checks here, so in a cluster it is opt-in and the
+    /// proxy must enforce the same egress rules.
+    pub use_env_proxy: bool,
 }
 
 impl SourcePolicy {
@@ -33,6 +37,7 @@ impl SourcePolicy {
             file_dirs: None,
             allow_internal: true,
             allowed_networks: Vec::new(),
+            use_env_proxy: true,
         }
     }
 
@@ -44,6 +49,7 @@ impl SourcePolicy {
             file_dirs: Some(file_dirs),
             allow_internal: false,
             allowed_networks,
+            use_env_proxy: false,
         }
     }
 
@@ -104,12 +110,27 @@ enum AddressClass {
     Forbidden(&'static str),
 }
 
-/// IPv4-mapped and -compatible IPv6 addresses are judged as the IPv4 they carry.
+/// IPv6 addresses that carry an IPv4 address are judged as that IPv4:
+/// IPv4-mapped (`::ffff:a.b.c.d`), IPv4-compatible (`::a.b.c.d`), NAT64's
+/// well-known prefix (`64:ff9b::/96`, where DNS64 puts every A record, 10.x
+/// included) and 6to4 (`2002:aabb:ccdd::/48`).
 fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
+    let IpAddr::V6(v6) = ip else { return ip };
+    if v6.is_loopback() || v6.is_unspecified() {
+        return ip;
     }
+    let seg = v6.segments();
+    let embedded = |hi: u16, lo: u16| IpAddr::V4(Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo)));
+    if let Some(v4) = v6.to_ipv4() {
+        return IpAddr::V4(v4); // mapped or compatible
+    }
+    if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        return embedded(seg[6], seg[7]);
+    }
+    if seg[0] == 0x2002 {
+        return embedded(seg[1], seg[2]);
+    }
+    ip
 }
 
 fn classify(ip: IpAddr) -> AddressClass {
@@ -172,6 +193,9 @@ fn classify_v6(ip: Ipv6Addr) -> AddressClass {
     }
     if (seg[0] & 0xffc0) == 0xfec0 {
         return AddressClass::Internal("a site-local address (fec0::/10)");
+    }
+    if seg[..3] == [0x64, 0xff9b, 1] {
+        return AddressClass::Internal("a local-use NAT64 address (64:ff9b:1::/48)");
     }
     AddressClass::Public
 }
@@ -274,6 +298,8 @@ mod tests {
             "fe80::1",
             "0.0.0.0",
             "::ffff:169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+            "2002:a9fe:a9fe::1",
             "::",
         ] {
             for p in [&standalone, &everything] {
