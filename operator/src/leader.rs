@@ -159,15 +159,26 @@ pub async fn run(client: kube::Client, cfg: LeaderConfig, leading: watch::Sender
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
     let mut last_renewed: Option<tokio::time::Instant> = None;
     loop {
-        let outcome = attempt(&api, &cfg).await.map_err(|e| e.to_string());
+        // The renewal counts from before the request (the Lease says "renewed
+        // now" from then on), and a request may not outlive the renew
+        // deadline: a hung API call must not keep a stale leader writing.
+        let sent = tokio::time::Instant::now();
         let is_leading = *leading.borrow();
+        let budget = match (is_leading, last_renewed) {
+            (true, Some(t)) => cfg.renew_deadline.saturating_sub(t.elapsed()),
+            _ => cfg.renew_deadline,
+        };
+        let outcome = match tokio::time::timeout(budget, attempt(&api, &cfg)).await {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer within {budget:?}")),
+        };
         let next = decide(&outcome, is_leading, last_renewed.map(|t| t.elapsed()), &cfg);
         let pause = match next {
             Next::Lead => {
                 if !is_leading {
                     tracing::info!(identity = %cfg.identity, lease = %cfg.lease_name, "became leader");
                 }
-                last_renewed = Some(tokio::time::Instant::now());
+                last_renewed = Some(sent);
                 let _ = leading.send(true);
                 cfg.renew_every
             }
