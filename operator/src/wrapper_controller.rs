@@ -267,7 +267,19 @@ async fn apply(w: &ModelWrapper, ctx: &Context) -> Result<Action, Error> {
         &mine_now,
         &now,
     );
-    let ready_nodes: Vec<String> = crate::status::tally(&placement.nodes, &digest, &mine_now).ready;
+    // A node kept through an outage keeps its copy but not its label: pods
+    // sent there would wait for a mount its dead agent cannot give.
+    let down: Vec<&String> = placement
+        .kept
+        .iter()
+        .filter(|(_, why)| *why != crate::placement::Excluded::Unschedulable)
+        .map(|(n, _)| n)
+        .collect();
+    let ready_nodes: Vec<String> = crate::status::tally(&placement.nodes, &digest, &mine_now)
+        .ready
+        .into_iter()
+        .filter(|n| !down.contains(&n))
+        .collect();
     sync_labels(ctx, &label, &ready_nodes).await?;
     write_status(ctx, w, previous.as_ref(), status).await?;
     Ok(Action::requeue(RESYNC))

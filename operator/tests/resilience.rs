@@ -332,6 +332,11 @@ async fn short_outages_and_cordons_keep_the_node_copy() {
     })
     .await;
     assert_eq!(replicas.list(&ListParams::default()).await.unwrap().items.len(), 2);
+    // Its label goes meanwhile (no new pod should wait on it); node-1's stays.
+    env.wait_alive("the down node's label removed", 60, || async {
+        (labelled().await == 1).then_some(())
+    })
+    .await;
     // ... and a longer outage moves it.
     env.wait_alive("node-2's replica removed after the grace period", 300, || async {
         let items = replicas.list(&ListParams::default()).await.ok()?.items;
