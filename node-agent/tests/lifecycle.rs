@@ -14,6 +14,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::{mounts_at, publish, Agent, BIN};
+
+mod tonic_client {
+    pub type Node = zerocopy_node_agent::csi::proto::node_client::NodeClient<tonic::transport::Channel>;
+}
 use zerocopy_integration_tests::safetensors::{file, T};
 use zerocopy_integration_tests::{sha256_hex, TmpfsDir};
 
@@ -156,28 +160,23 @@ async fn a_publish_that_overlaps_one_in_flight_for_the_same_volume_is_aborted() 
     .unwrap();
     let agent = Agent::start(&tmp.path().join("a"), &yaml, &["--publish-wait", "60"]).await;
     let target = agent.target("v1");
-    let mut first_client = agent.node().await;
-    let first_req = publish("v1", &target, "slow", "test");
-    let first = tokio::spawn(async move { first_client.node_publish_volume(first_req).await });
-    let mut second = agent.node().await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let code = loop {
-        match second.node_publish_volume(publish("v1", &target, "slow", "test")).await {
-            Err(s) if s.code() == tonic::Code::Aborted => break s.code(),
-            other => {
-                assert!(
-                    !first.is_finished(),
-                    "the first publish ended before any overlap: {other:?}"
-                );
-                assert!(Instant::now() < deadline, "never saw ABORTED: {other:?}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
+    // Two kubelet retries of the same volume at once: whichever arrives
+    // second must get ABORTED while the first is still waiting on the fill.
+    let call = |mut client: tonic_client::Node| {
+        let req = publish("v1", &target, "slow", "test");
+        tokio::spawn(async move { client.node_publish_volume(req).await.map(|_| ()) })
     };
-    assert_eq!(code, tonic::Code::Aborted);
+    let mut a = call(agent.node().await);
+    let mut b = call(agent.node().await);
+    let (done, other) = tokio::select! {
+        r = &mut a => (r.unwrap(), b),
+        r = &mut b => (r.unwrap(), a),
+    };
+    let status = done.expect_err("the overlapping publish must not succeed");
+    assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
     assert!(
-        !first.is_finished(),
-        "the overlap was real: the first publish was still running"
+        !other.is_finished(),
+        "the overlap was real: the other publish was still running"
     );
-    first.abort();
+    other.abort();
 }
