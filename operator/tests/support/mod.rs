@@ -1,7 +1,7 @@
 //! A simulated cluster with real node agents in cluster mode and the real
 //! operator binary, for the operator's whole-system tests.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)] // each test binary uses a subset
+#![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)] // each test binary uses a subset
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
