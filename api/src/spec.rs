@@ -181,8 +181,10 @@ pub struct ModelWrapperStatus {
     /// Node label set where this wrapper is Ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_label: Option<String>,
-    /// Ready, Progressing, Degraded.
+    /// Ready, Progressing, Degraded. A map keyed by type, as metav1.Condition
+    /// lists are: server-side apply merges them per condition.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }
 

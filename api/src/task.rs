@@ -95,7 +95,9 @@ pub struct ModelTaskStatus {
     /// The container's termination message (at most 4 KiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
-    /// Ready (the Job exists), Complete, Failed, with reasons.
+    /// Ready (the Job exists), Complete, Failed, with reasons. A map keyed by type, as metav1.Condition
+    /// lists are: server-side apply merges them per condition.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }
