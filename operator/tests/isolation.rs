@@ -10,7 +10,6 @@ use k8s_openapi::api::core::v1::{Event, Namespace, Pod};
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
 use support::*;
-use zerocopy_api::ModelWrapper;
 use zerocopy_e2e::NodeSpec;
 
 fn pod(name: &str) -> Pod {
@@ -24,15 +23,7 @@ fn pod(name: &str) -> Pod {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_namespace_cannot_mount_a_wrapper_by_its_name() {
     let mut env = Env::start(vec![NodeSpec::new("node-1")], 1).await;
-    let (src, sha, _) = model(&env.cluster.dir, "m.safetensors", 16 * 1024, 3);
-    let wrappers: Api<ModelWrapper> = Api::namespaced(env.client.clone(), NS);
-    wrappers
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(wrapper("w", &src, &sha, json!({}), None)).unwrap(),
-        )
-        .await
-        .unwrap();
+    let wrappers = env.create_wrapper("w", 16 * 1024, 3).await;
     env.wait_alive("w Ready in ml", 300, || async {
         let s = wrappers.get("w").await.ok()?.status?;
         (s.phase.as_deref() == Some("Ready")).then_some(())

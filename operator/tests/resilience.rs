@@ -29,16 +29,8 @@ async fn ready(api: &Api<ModelWrapper>, name: &str, nodes: u32, digest_not: Opti
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_mid_rollout_converges_without_duplicates() {
     let mut env = Env::start(nodes(3), 1).await;
-    let (src, sha, _) = model(&env.cluster.dir, "m1.safetensors", 256 * 1024, 1);
-    let wrappers: Api<ModelWrapper> = Api::namespaced(env.client.clone(), NS);
+    let wrappers = env.create_wrapper("w", 256 * 1024, 1).await;
     let replicas: Api<ModelReplica> = Api::namespaced(env.client.clone(), NS);
-    wrappers
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(wrapper("w", &src, &sha, json!({}), None)).unwrap(),
-        )
-        .await
-        .unwrap();
     // Kill the operator as soon as it has started placing.
     wait_for("a first replica", 120, || async {
         (!replicas.list(&ListParams::default()).await.ok()?.items.is_empty()).then_some(())
@@ -80,15 +72,7 @@ async fn restarted_mid_rollout_converges_without_duplicates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_leader_writes_and_a_standby_takes_over() {
     let mut env = Env::start(nodes(2), 2).await;
-    let (src, sha, _) = model(&env.cluster.dir, "m.safetensors", 4096, 1);
-    let wrappers: Api<ModelWrapper> = Api::namespaced(env.client.clone(), NS);
-    wrappers
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(wrapper("w", &src, &sha, json!({}), None)).unwrap(),
-        )
-        .await
-        .unwrap();
+    let wrappers = env.create_wrapper("w", 4096, 1).await;
     let gen1 = wait_for("Ready 2/2", 180, || ready(&wrappers, "w", 2, None)).await;
     let leaders: Vec<usize> = (0..2)
         .filter(|i| env.operator_log(&format!("op-{i}")).contains("became leader"))
@@ -223,15 +207,7 @@ async fn a_malformed_wrapper_does_not_stop_the_others() {
 async fn an_agent_restart_keeps_mounts_and_generations() {
     use k8s_openapi::api::core::v1::Pod;
     let env = Env::start(nodes(1), 1).await;
-    let (src, sha, _) = model(&env.cluster.dir, "m.safetensors", 64 * 1024, 5);
-    let wrappers: Api<ModelWrapper> = Api::namespaced(env.client.clone(), NS);
-    wrappers
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(wrapper("w", &src, &sha, json!({}), None)).unwrap(),
-        )
-        .await
-        .unwrap();
+    let wrappers = env.create_wrapper("w", 64 * 1024, 5).await;
     let gen = wait_for("Ready 1/1", 180, || ready(&wrappers, "w", 1, None)).await;
     let pods: Api<Pod> = Api::namespaced(env.client.clone(), NS);
     let pod = |name: &str| -> Pod {
@@ -283,16 +259,8 @@ fn degraded_message(w: &ModelWrapper) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_outages_and_cordons_keep_the_node_copy() {
     let mut env = Env::start_with(nodes(2), 1, &["--node-grace-seconds", "6"], &[]).await;
-    let (src, sha, _) = model(&env.cluster.dir, "m.safetensors", 64 * 1024, 1);
-    let wrappers: Api<ModelWrapper> = Api::namespaced(env.client.clone(), NS);
+    let wrappers = env.create_wrapper("w", 64 * 1024, 1).await;
     let replicas: Api<ModelReplica> = Api::namespaced(env.client.clone(), NS);
-    wrappers
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(wrapper("w", &src, &sha, json!({}), None)).unwrap(),
-        )
-        .await
-        .unwrap();
     env.wait_alive("Ready 2/2", 300, || ready(&wrappers, "w", 2, None))
         .await;
     let nodes_api: Api<Node> = Api::all(env.client.clone());

@@ -125,6 +125,21 @@ impl Env {
         std::fs::read_to_string(self.cluster.dir.join(format!("{identity}.log"))).unwrap_or_default()
     }
 
+    /// Creates ModelWrapper `name` in [`NS`] over a fresh one-tensor model of
+    /// `floats` f32 (from `seed`), placed on every node; returns the API.
+    pub async fn create_wrapper(&self, name: &str, floats: usize, seed: u32) -> Api<zerocopy_api::ModelWrapper> {
+        let (src, sha, _) = model(&self.cluster.dir, &format!("{name}-{seed}.safetensors"), floats, seed);
+        let wrappers: Api<zerocopy_api::ModelWrapper> = Api::namespaced(self.client.clone(), NS);
+        wrappers
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(wrapper(name, &src, &sha, json!({}), None)).unwrap(),
+            )
+            .await
+            .unwrap();
+        wrappers
+    }
+
     /// Fails at once, with its log, when an operator process this test did
     /// not kill has exited: waiting out a bound on a dead process hides why.
     pub fn assert_operators_alive(&mut self) {
