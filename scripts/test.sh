@@ -27,4 +27,4 @@ echo "== build binaries for the Python tests"; cargo build --workspace --bins --
 echo "== pytest"
 ZEROCOPY_AGENT_BIN="$target_dir/debug/zerocopy-node-agent" \
 ZEROCOPY_LOADER_EXAMPLE="$target_dir/debug/examples/tensor-digests" \
-  python3 -m pytest -n 2 -q tests/python tests/chart
+  python3 -m pytest -n 2 -q tests/python tests/chart tests/seed

@@ -48,6 +48,39 @@ def component_name(attribute: str) -> str:
     return name
 
 
+def _cloudpickle() -> Any | None:
+    try:
+        import cloudpickle
+    except ImportError:
+        return None
+    return cloudpickle
+
+
+def _save_skeleton(module: nn.Module, path: Path) -> None:
+    """torch.save by reference; classes defined in a function (as in tests and
+    notebooks) cannot be pickled that way, so those go by value through
+    cloudpickle (Ray's own pickler), as the seed library does. Loading them
+    needs cloudpickle installed where load() runs."""
+    try:
+        torch.save(module, path)
+    except (AttributeError, pickle.PicklingError, TypeError) as e:
+        by_value = _cloudpickle()
+        if by_value is None:
+            raise
+        log.info("%s pickles only by value (%s): saving its skeleton with cloudpickle", type(module).__name__, e)
+        torch.save(module, path, pickle_module=by_value)
+
+
+def _pickle_by_value_if_needed(obj: Any) -> bytes:
+    try:
+        return pickle.dumps(obj, protocol=4)
+    except (AttributeError, pickle.PicklingError, TypeError):
+        by_value = _cloudpickle()
+        if by_value is None:
+            raise
+        return by_value.dumps(obj, protocol=4)
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -196,7 +229,7 @@ def export(
         if skeletons:
             spath = out / skeleton_file(cname)
             with _weights_on_meta(module) as skeleton:
-                torch.save(skeleton, spath)
+                _save_skeleton(skeleton, spath)
         exported.append(
             ExportedComponent(
                 name=cname,
@@ -217,7 +250,7 @@ def export(
         for attribute in modules:
             setattr(hollow, attribute, None)
         try:
-            data = pickle.dumps(hollow, protocol=4)
+            data = _pickle_by_value_if_needed(hollow)
         except Exception as e:  # noqa: BLE001 - any pickling failure means "no skeleton"
             log.warning("pipeline %s cannot be pickled (%s); load() will return a plain namespace", type(model_or_pipeline).__name__, e)
         else:

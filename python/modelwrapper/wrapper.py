@@ -40,6 +40,7 @@ class ModelWrapper:
         mode: str,
         is_standalone: bool,
         model_info: dict[str, dict[str, Any]],
+        method_names: tuple[str, ...] | list[str] | None = None,
         _lease: _gc.LeaseKey | None = None,
     ):
         if mode not in _MODES:
@@ -48,6 +49,7 @@ class ModelWrapper:
         self._mode = mode
         self._is_standalone_module = is_standalone
         self._model_info = model_info
+        self._method_names = _check_method_names(method_names)
         self._released = False
         # This object holds its generation (local ones only) until it is
         # garbage-collected or released; `_lease` is one already taken for it.
@@ -56,7 +58,14 @@ class ModelWrapper:
 
     # construction -------------------------------------------------------
     @classmethod
-    def from_model(cls, model: Any, mode: str = "actor", *, name: str | None = None) -> "ModelWrapper":
+    def from_model(
+        cls,
+        model: Any,
+        mode: str = "actor",
+        *,
+        name: str | None = None,
+        method_names: tuple[str, ...] | list[str] | None = None,
+    ) -> "ModelWrapper":
         """Exports ``model`` (an ``nn.Module`` or a pipeline object) once into the
         local shared-memory root (``$MODELWRAPPER_ROOT``, default
         ``/dev/shm/zerocopy``) and returns a wrapper for it.
@@ -64,9 +73,14 @@ class ModelWrapper:
         The generation stays in shared memory (RAM) while this wrapper or a
         copy of it in any process is alive, or a process maps it; after that
         the next ``from_model()`` anywhere, or ``python -m modelwrapper gc``,
-        frees it. ``release()`` lets go of it at once."""
+        frees it. ``release()`` lets go of it at once.
+
+        ``method_names`` (task mode, as in the seed): the methods a task
+        pipeline exposes as Ray tasks besides calling it, e.g.
+        ``("forward", "predict")``; by default every public method."""
         if mode not in _MODES:
             raise ValueError(f"mode must be 'actor' or 'task', not {mode!r}")
+        _check_method_names(method_names)
         standalone, modules = detect_components(model)
         wrapper_name = name or component_name(type(model).__name__)
         path, lease = publish_local(model, name=wrapper_name, mode=mode)
@@ -79,7 +93,14 @@ class ModelWrapper:
             for attr, m in modules.items()
         }
         try:
-            wrapper = cls(path, mode=mode, is_standalone=standalone, model_info=info, _lease=lease)
+            wrapper = cls(
+                path,
+                mode=mode,
+                is_standalone=standalone,
+                model_info=info,
+                method_names=method_names,
+                _lease=lease,
+            )
         except BaseException:
             _gc.release(lease)
             raise
@@ -166,11 +187,27 @@ class ModelWrapper:
             "mode": self._mode,
             "is_standalone": self._is_standalone_module,
             "model_info": self._model_info,
+            "method_names": list(self._method_names) if self._method_names is not None else None,
         }
 
     @classmethod
-    def deserialize(cls, data: dict[str, Any]) -> "ModelWrapper":
-        return cls(data["path"], mode=data["mode"], is_standalone=data["is_standalone"], model_info=data["model_info"])
+    def deserialize(cls, data: dict[str, Any] | None = None, **fields: Any) -> "ModelWrapper":
+        """The inverse of :meth:`serialize`: ``deserialize(d)`` or, as in the
+        seed, ``deserialize(**d)``."""
+        if data is not None and fields:
+            raise TypeError("deserialize() takes the serialized dict or its keys as keyword arguments, not both")
+        data = dict(data if data is not None else fields)
+        missing = sorted({"path", "mode", "is_standalone", "model_info"} - data.keys())
+        if missing:
+            raise TypeError(f"deserialize() is missing {', '.join(missing)}: pass what wrapper.serialize() returned")
+        names = data.get("method_names")
+        return cls(
+            data["path"],
+            mode=data["mode"],
+            is_standalone=data["is_standalone"],
+            model_info=data["model_info"],
+            method_names=tuple(names) if names is not None else None,
+        )
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (ModelWrapper.deserialize, (self.serialize(),))
@@ -178,6 +215,14 @@ class ModelWrapper:
     def __repr__(self) -> str:
         released = ", released" if self._released else ""
         return f"ModelWrapper(path={str(self._path)!r}, mode={self._mode!r}, components={list(self._model_info)}{released})"
+
+
+def _check_method_names(names: tuple[str, ...] | list[str] | None) -> tuple[str, ...] | None:
+    if names is None:
+        return None
+    if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+        raise TypeError(f"method_names must be a tuple of method names such as ('forward', 'predict'), not {names!r}")
+    return tuple(names)
 
 
 def _collect_quietly() -> None:
@@ -200,8 +245,8 @@ def _cached_load(path: str) -> Any:
 
 def _invoke(path: str, attribute: str | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     target = _cached_load(path)
-    if attribute is not None:
-        target = getattr(target, attribute)
+    for part in attribute.split(".") if attribute else ():
+        target = getattr(target, part)
     return target(*args, **kwargs)
 
 
@@ -224,7 +269,15 @@ class TaskPipeline:
     def __getattr__(self, name: str) -> "TaskPipeline":
         if name.startswith("_"):
             raise AttributeError(name)
-        return TaskPipeline(self._wrapper, name)
+        allowed = self._wrapper._method_names
+        is_component = self._attribute is None and not self._wrapper._is_standalone_module and name in self._wrapper._model_info
+        if allowed is not None and not is_component and name not in allowed:
+            raise AttributeError(
+                f"{name!r} is not exposed by this task pipeline: method_names={allowed}; "
+                "pass it in method_names to ModelWrapper.from_model()"
+            )
+        path = name if self._attribute is None else f"{self._attribute}.{name}"
+        return TaskPipeline(self._wrapper, path)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         path = str(self._wrapper.path)

@@ -116,3 +116,25 @@ def test_for_tasks_runs_each_call_as_a_ray_task(local_root: Path) -> None:
         assert ray.get(where.remote()) != os.getpid()  # tasks run in worker processes
     finally:
         ray.shutdown()
+
+
+def test_method_names_limit_what_a_task_pipeline_exposes(local_root: Path) -> None:
+    enc = Encoder()
+    wrapper = ModelWrapper.from_model(enc, mode="task", method_names=("forward",))
+    tasks = pickle.loads(pickle.dumps(wrapper)).load()
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(tasks.forward(x), enc.eval()(x))
+    with pytest.raises(AttributeError, match="method_names"):
+        tasks.predict  # noqa: B018 - attribute access is the behaviour under test
+    with pytest.raises(TypeError, match="method_names must be a tuple"):
+        ModelWrapper.from_model(enc, mode="task", method_names="forward")
+
+
+def test_deserialize_takes_the_dict_or_its_keys(local_root: Path) -> None:
+    wrapper = ModelWrapper.from_model(Encoder())
+    data = wrapper.serialize()
+    assert ModelWrapper.deserialize(**data).path == wrapper.path
+    assert ModelWrapper.deserialize(data).path == wrapper.path
+    with pytest.raises(TypeError, match="missing .*path"):
+        ModelWrapper.deserialize(mode="actor")
