@@ -17,6 +17,12 @@ pub const LOCK_FILE: &str = ".lock";
 /// Namespace of generations that Python's `ModelWrapper.from_model()`
 /// publishes itself on one machine; the agent never prunes or cleans them.
 pub const LOCAL_NAMESPACE: &str = "local";
+/// `<namespace>/<wrapper>/current`: a relative symlink to the newest Ready
+/// generation of the wrapper on this node.
+pub const CURRENT_LINK: &str = "current";
+/// `<namespace>/.node.json`: what a pod mounting the namespace catalog needs
+/// to know about its node's agent (node name, upload endpoint).
+pub const NODE_INFO_FILE: &str = ".node.json";
 /// File holding the pipeline object without its modules.
 pub const PIPELINE_SKELETON_FILE: &str = "pipeline.skeleton.pkl";
 /// Hex characters of the generation digest kept in directory names.

@@ -12,6 +12,9 @@ pub const PREFIX: &str = "zerocopy.dev/";
 pub const NODE_LABEL: &str = "zerocopy.dev/node";
 /// `volumeAttributes` key naming the ModelWrapper to mount.
 pub const VOLUME_ATTRIBUTE_WRAPPER: &str = "modelWrapper";
+/// `volumeAttributes.catalog: "true"`: mount every wrapper of the pod's
+/// namespace that is Ready on the node, and those that become Ready later.
+pub const VOLUME_ATTRIBUTE_CATALOG: &str = "catalog";
 /// Node label prefix set where a wrapper is Ready.
 pub const READY_LABEL_PREFIX: &str = "ready.zerocopy.dev/";
 /// Label on a ModelReplica naming its ModelWrapper.

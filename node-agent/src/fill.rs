@@ -43,7 +43,10 @@ pub const MAX_SKELETON_BYTES: u64 = 64 << 20;
 /// How a generation is backed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum MountMode {
-    /// Own tmpfs per generation when this process may mount, else a directory.
+    /// A directory when the root is on a tmpfs (one filesystem per node, so
+    /// a namespace catalog mount sees new generations at once), except
+    /// wrappers asking for huge pages; an own tmpfs per generation when the
+    /// root is on disk and this process may mount; else a directory.
     Auto,
     /// Own tmpfs per generation (needs CAP_SYS_ADMIN); fails otherwise.
     Tmpfs,
@@ -118,7 +121,9 @@ struct StagedFile {
 pub struct FillEngine {
     root: VolumeRoot,
     capacity: Option<u64>,
-    use_tmpfs: bool,
+    mode: MountMode,
+    can_mount: bool,
+    root_on_tmpfs: bool,
     policy: Arc<SourcePolicy>,
     http: HttpSource,
     /// Bytes reserved by fills in progress, by `namespace/name@generation`:
@@ -160,12 +165,14 @@ impl FillEngine {
             .lock(&format!("zerocopy-node-agent {}", env!("CARGO_PKG_VERSION")))
             .map_err(io::Error::other)?;
         fs::create_dir_all(root.staging_dir())?;
+        let can_mount = mode != MountMode::Directory && can_mount(&root.staging_dir());
+        let root_on_tmpfs = mount::is_on_tmpfs(root.path()).unwrap_or(false);
         let use_tmpfs = match mode {
             MountMode::Directory => false,
             MountMode::Tmpfs => true,
-            MountMode::Auto => can_mount(&root.staging_dir()),
+            MountMode::Auto => can_mount && !root_on_tmpfs,
         };
-        if !use_tmpfs && !mount::is_on_tmpfs(root.path()).unwrap_or(false) {
+        if !use_tmpfs && !root_on_tmpfs {
             tracing::warn!(root = %root.path().display(), "volume root is not on a tmpfs and mounts are not used: weights will live in the page cache of a disk, not in shared memory");
         }
         let policy = Arc::new(policy);
@@ -173,7 +180,9 @@ impl FillEngine {
         Ok(Self {
             root,
             capacity,
-            use_tmpfs,
+            mode,
+            can_mount,
+            root_on_tmpfs,
             policy,
             http,
             reserved: Default::default(),
@@ -220,9 +229,18 @@ impl FillEngine {
         &self.root
     }
 
-    /// True when each generation gets its own tmpfs mount.
+    /// True when generations (not asking for huge pages) get their own
+    /// tmpfs mount.
     pub fn uses_tmpfs(&self) -> bool {
-        self.use_tmpfs
+        self.own_tmpfs(false)
+    }
+
+    fn own_tmpfs(&self, huge_pages: bool) -> bool {
+        match self.mode {
+            MountMode::Directory => false,
+            MountMode::Tmpfs => true,
+            MountMode::Auto => self.can_mount && (!self.root_on_tmpfs || huge_pages),
+        }
     }
 
     /// Ensures the generation for `spec` is complete, filling it if needed.
@@ -296,7 +314,8 @@ impl FillEngine {
 
         let staging = self.root.staging_dir().join(format!("{namespace}.{name}.{generation}"));
         let mut guard = StagingGuard::create(&staging).map_err(io_err("creating staging", &staging))?;
-        if self.use_tmpfs {
+        let own_tmpfs = self.own_tmpfs(spec.memory.huge_pages);
+        if own_tmpfs {
             let all_known = plan.iter().all(|f| f.size.is_some());
             let size = if all_known { needed } else { limit.min(host_memory()) };
             let size = (size + TMPFS_SLACK).div_ceil(TMPFS_ROUND) * TMPFS_ROUND;
@@ -330,10 +349,14 @@ impl FillEngine {
         fs::write(&manifest_path, manifest_json).map_err(io_err("writing", &manifest_path))?;
 
         let target = self.root.generation_dir(namespace, name, &generation);
-        self.publish(&staging, &target).map_err(io_err("publishing", &target))?;
+        self.publish(&staging, &target, own_tmpfs)
+            .map_err(io_err("publishing", &target))?;
         guard.disarm();
+        self.root
+            .set_current(namespace, name, &generation)
+            .map_err(io_err("pointing `current` at", &target))?;
         let seconds = started.elapsed().as_secs_f64();
-        tracing::info!(wrapper = %wrapper, %generation, bytes = total_bytes, seconds, tmpfs = self.use_tmpfs, "generation published");
+        tracing::info!(wrapper = %wrapper, %generation, bytes = total_bytes, seconds, tmpfs = own_tmpfs, "generation published");
         Ok(FillOutcome::Filled { manifest, seconds })
     }
 
@@ -426,7 +449,7 @@ impl FillEngine {
         })
     }
 
-    fn publish(&self, staging: &Path, target: &Path) -> io::Result<()> {
+    fn publish(&self, staging: &Path, target: &Path, own_tmpfs: bool) -> io::Result<()> {
         if let Some(parent) = target.parent() {
             fs::create_dir_all(parent)?;
         }
@@ -438,7 +461,7 @@ impl FillEngine {
             }
             fs::remove_dir_all(target)?;
         }
-        if self.use_tmpfs {
+        if own_tmpfs {
             fs::create_dir(target)?;
             if let Err(e) = mount::bind_read_only(staging, target, true) {
                 let _ = fs::remove_dir(target);

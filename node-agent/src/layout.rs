@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! <root>/<namespace>/<wrapper>/<generation>/manifest.json …
+//! <root>/<namespace>/<wrapper>/current -> <generation>   the newest Ready one
 //! <root>/.staging/…            fills in progress, never visible to readers
 //! ```
 
@@ -12,7 +13,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
-use zerocopy_api::format::{is_generation_name, LOCAL_NAMESPACE, LOCK_FILE, MANIFEST_FILE, STAGING_DIR};
+use zerocopy_api::format::{is_generation_name, CURRENT_LINK, LOCAL_NAMESPACE, LOCK_FILE, MANIFEST_FILE, STAGING_DIR};
 use zerocopy_api::manifest::Manifest;
 
 use crate::mount;
@@ -203,6 +204,21 @@ impl VolumeRoot {
         Ok(RootLock { _lock: lock })
     }
 
+    /// Points `<wrapper>/current` at `generation` (a relative symlink, so it
+    /// resolves inside any mount of the namespace directory), replacing the
+    /// old pointer atomically: a reader sees the old or the new one.
+    pub fn set_current(&self, namespace: &str, name: &str, generation: &str) -> io::Result<()> {
+        let dir = self.wrapper_dir(namespace, name);
+        let link = dir.join(CURRENT_LINK);
+        if fs::read_link(&link).is_ok_and(|t| t == Path::new(generation)) {
+            return Ok(());
+        }
+        let tmp = dir.join(format!(".{CURRENT_LINK}.{}", std::process::id()));
+        let _ = fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(generation, &tmp)?;
+        fs::rename(&tmp, &link)
+    }
+
     /// Reads a complete generation's manifest, if the generation is complete.
     pub fn read_manifest(&self, namespace: &str, name: &str, generation: &str) -> Option<Manifest> {
         let bytes = fs::read(self.generation_dir(namespace, name, generation).join(MANIFEST_FILE)).ok()?;
@@ -315,8 +331,13 @@ impl VolumeRoot {
             fs::remove_dir_all(&trash)?;
         }
         let wrapper = self.wrapper_dir(&g.namespace, &g.name);
+        let link = wrapper.join(CURRENT_LINK);
+        if fs::read_link(&link).is_ok_and(|t| t == Path::new(&g.generation)) {
+            let _ = fs::remove_file(&link);
+        }
         let _ = fs::remove_dir(&wrapper); // only succeeds when empty
-        let _ = fs::remove_dir(self.root.join(&g.namespace));
+                                          // The namespace directory stays: a catalog mount of the namespace is
+                                          // a bind of it, and a new directory would not be seen through it.
         Ok(())
     }
 }

@@ -28,7 +28,18 @@ pub fn mount_tmpfs(target: &Path, size_bytes: u64, huge_pages: bool) -> io::Resu
 /// makes publishing a generation all-or-nothing even under shared propagation
 /// (where `MS_MOVE` is refused).
 pub fn bind_read_only(source: &Path, target: &Path, noexec: bool) -> io::Result<()> {
-    mount(Some(source), target, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(io::Error::from)?;
+    bind_read_only_with(source, target, noexec, MsFlags::MS_BIND)
+}
+
+/// Like [`bind_read_only`], with the mounts below `source` too (a namespace
+/// catalog includes generations that are their own tmpfs mounts; those are
+/// read-only binds already, and a recursive bind copies their flags).
+pub fn rbind_read_only(source: &Path, target: &Path, noexec: bool) -> io::Result<()> {
+    bind_read_only_with(source, target, noexec, MsFlags::MS_BIND | MsFlags::MS_REC)
+}
+
+fn bind_read_only_with(source: &Path, target: &Path, noexec: bool, bind: MsFlags) -> io::Result<()> {
+    mount(Some(source), target, None::<&str>, bind, None::<&str>).map_err(io::Error::from)?;
     let mut flags =
         MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     if noexec {

@@ -153,6 +153,7 @@ pub async fn serve_wanted(
         kubelet_dir: opts.kubelet_dir.clone(),
         publish_wait: opts.publish_wait,
         metrics: metrics.clone(),
+        upload_endpoint: None,
     };
     let listener = server::bind(&opts.csi_socket)
         .await

@@ -359,3 +359,90 @@ async fn a_publish_during_a_fill_reports_progress_then_succeeds() {
     }
     assert_eq!(fs::read(target.join("enc.safetensors")).unwrap(), body);
 }
+
+/// Waits (generously) until `path` exists.
+async fn wait_for_path(path: &Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{what}: {} never appeared", path.display());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_catalog_volume_shows_the_namespace_and_what_becomes_ready_later() {
+    let tmp = TmpfsDir::new();
+    let yaml = wrappers(tmp.path(), 1, 1 << 10);
+    // A wrapper of another namespace on the same node.
+    let other = file(&[T::f32("w", 256, 9)]);
+    let other_src = tmp.path().join("other.safetensors");
+    fs::write(&other_src, &other).unwrap();
+    let base = fs::read_to_string(&yaml).unwrap();
+    let other_doc = format!(
+        "---\napiVersion: zerocopy.dev/v1alpha1\nkind: ModelWrapper\nmetadata: {{name: secret-model, namespace: other}}\nspec:\n  pipeline:\n    components:\n      - name: enc\n        weights: {{uri: 'file://{}', sha256: '{}'}}\n",
+        other_src.display(),
+        sha256_hex(&other)
+    );
+    fs::write(&yaml, format!("{base}{other_doc}")).unwrap();
+    let agent = Agent::start(tmp.path(), &yaml, &[]).await;
+    agent.wait_generations("test", "m0", 1).await;
+    agent.wait_generations("other", "secret-model", 1).await;
+
+    let mut node = agent.node().await;
+    let target = agent.target("cat-1");
+    node.node_publish_volume(support::publish_catalog("cat-1", &target, "test"))
+        .await
+        .unwrap();
+    let current = target.join("m0/current");
+    assert!(
+        current.join("manifest.json").exists(),
+        "m0 is Ready: it is in the catalog"
+    );
+    let generation = fs::read_link(&current).unwrap();
+    assert!(target.join("m0").join(&generation).join("enc.safetensors").exists());
+    let info: serde_json::Value = serde_json::from_slice(&fs::read(target.join(".node.json")).unwrap()).unwrap();
+    assert_eq!(info["node"], "node-a");
+    let names: Vec<String> = fs::read_dir(&target)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.contains("secret")),
+        "another namespace leaked: {names:?}"
+    );
+    assert!(!names.iter().any(|n| n.starts_with(".staging")), "{names:?}");
+    let err = fs::write(target.join("m0/x"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(nix::errno::Errno::EROFS as i32));
+
+    // A wrapper created after the pod mounted appears in it, whole.
+    let late = file(&[T::f32("w", 512, 7)]);
+    let late_src = tmp.path().join("late.safetensors");
+    fs::write(&late_src, &late).unwrap();
+    let with_late = format!(
+        "{}---\napiVersion: zerocopy.dev/v1alpha1\nkind: ModelWrapper\nmetadata: {{name: late, namespace: test}}\nspec:\n  pipeline:\n    components:\n      - name: enc\n        weights: {{uri: 'file://{}', sha256: '{}'}}\n",
+        fs::read_to_string(&yaml).unwrap(),
+        late_src.display(),
+        sha256_hex(&late)
+    );
+    fs::write(&yaml, with_late).unwrap();
+    let late_manifest = target.join("late/current/manifest.json");
+    wait_for_path(&late_manifest, "a wrapper made after the catalog was mounted").await;
+    assert_eq!(
+        fs::read(target.join("late/current/enc.safetensors")).unwrap(),
+        late,
+        "the file is complete once the manifest is visible"
+    );
+
+    // The other namespace's catalog shows only its own wrapper.
+    let other_target = agent.target("cat-2");
+    node.node_publish_volume(support::publish_catalog("cat-2", &other_target, "other"))
+        .await
+        .unwrap();
+    assert!(other_target.join("secret-model/current/manifest.json").exists());
+    assert!(!other_target.join("m0").exists() && !other_target.join("late").exists());
+
+    for (id, t) in [("cat-1", &target), ("cat-2", &other_target)] {
+        node.node_unpublish_volume(unpublish(id, t)).await.unwrap();
+        assert_eq!(mounts_at(t), 0);
+    }
+}

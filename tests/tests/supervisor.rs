@@ -215,6 +215,7 @@ async fn an_update_larger_than_half_the_capacity_replaces_the_old_generation() {
             pod: "pod-1".into(),
             pod_uid: "1".into(),
             published_at: "2026-01-01T00:00:00Z".into(),
+            catalog: false,
         })
         .unwrap();
     n.sup.set_wanted(std::slice::from_ref(&w3));

@@ -27,10 +27,14 @@ pub struct Publication {
     pub target: PathBuf,
     /// Wrapper namespace (the pod's).
     pub namespace: String,
-    /// Wrapper name.
+    /// Wrapper name; empty for a catalog volume.
     pub name: String,
-    /// Generation mounted.
+    /// Generation mounted; empty for a catalog volume.
     pub generation: String,
+    /// The namespace catalog (every Ready wrapper of `namespace`), not one
+    /// wrapper.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub catalog: bool,
     /// Pod name, for operators reading the ledger.
     #[serde(default)]
     pub pod: String,

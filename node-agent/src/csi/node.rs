@@ -3,6 +3,7 @@
 //! NodeUnpublishVolume undoes it and frees a generation nobody needs.
 
 use std::io;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,6 +23,7 @@ use super::proto::{
 };
 use crate::layout::VolumeRoot;
 use crate::mount;
+use zerocopy_api::format::NODE_INFO_FILE;
 
 /// How often a waiting publish re-reads fill progress.
 const WAIT_POLL: Duration = Duration::from_millis(200);
@@ -111,6 +113,9 @@ pub struct NodeService {
     pub publish_wait: Duration,
     /// Counters and histograms.
     pub metrics: Metrics,
+    /// Where this node's agent takes `from_model()` uploads
+    /// (`http://<node address>:<port>`), told to catalog pods.
+    pub upload_endpoint: Option<String>,
 }
 
 impl NodeService {
@@ -141,6 +146,9 @@ impl NodeService {
                     .generation_dir(&existing.namespace, &existing.name, &existing.generation));
             }
         }
+        if t.catalog {
+            return tokio::task::block_in_place(|| self.publish_catalog(&t));
+        }
         let wanted = self.catalog.wanted(&t.namespace, &t.wrapper).ok_or_else(|| {
             CsiError::NotFound(format!(
                 "ModelWrapper {}/{} not found: the volume is looked up in the pod's own namespace; create the ModelWrapper there",
@@ -159,6 +167,7 @@ impl NodeService {
                     namespace: t.namespace.clone(),
                     name: t.wrapper.clone(),
                     generation: wanted.generation.clone(),
+                    catalog: false,
                     pod: t.pod.clone(),
                     pod_uid: t.pod_uid.clone(),
                     published_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -170,6 +179,55 @@ impl NodeService {
             }
             Ok(source)
         })
+    }
+
+    /// The namespace catalog: a read-only recursive bind of
+    /// `<root>/<namespace>`. Generations are published into that directory
+    /// by rename (or as read-only binds when they have their own tmpfs), so
+    /// ones that become Ready later appear in the running pod; nothing
+    /// outside the namespace directory is reachable through it.
+    fn publish_catalog(&self, t: &PublishTarget) -> Result<PathBuf, CsiError> {
+        let source = self.root.path().join(&t.namespace);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(&source)
+            .map_err(io_err("creating namespace directory", &source))?;
+        self.write_node_info(&source)?;
+        self.ledger
+            .insert(Publication {
+                volume_id: t.volume_id.clone(),
+                target: t.target.clone(),
+                namespace: t.namespace.clone(),
+                name: String::new(),
+                generation: String::new(),
+                catalog: true,
+                pod: t.pod.clone(),
+                pod_uid: t.pod_uid.clone(),
+                published_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            })
+            .map_err(io_err("recording publication of", &t.target))?;
+        std::fs::create_dir_all(&t.target).map_err(io_err("creating target", &t.target))?;
+        if !is_mounted(&t.target)? {
+            if let Err(e) = mount::rbind_read_only(&source, &t.target, true) {
+                let _ = self.ledger.remove(&t.volume_id);
+                return Err(io_err("bind-mounting onto", &t.target)(e));
+            }
+        }
+        Ok(source)
+    }
+
+    /// `<namespace>/.node.json`: the node a catalog pod runs on and where its
+    /// agent takes uploads, for `from_model()` in that pod.
+    fn write_node_info(&self, namespace_dir: &Path) -> Result<(), CsiError> {
+        let info = serde_json::json!({
+            "node": self.node_id,
+            "uploadEndpoint": self.upload_endpoint,
+        });
+        let path = namespace_dir.join(NODE_INFO_FILE);
+        let tmp = namespace_dir.join(format!("{NODE_INFO_FILE}.tmp"));
+        std::fs::write(&tmp, info.to_string()).map_err(io_err("writing", &tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io_err("writing", &path))
     }
 
     fn mount(&self, source: &Path, target: &Path) -> Result<(), CsiError> {

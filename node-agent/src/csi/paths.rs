@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 
-use zerocopy_api::labels::VOLUME_ATTRIBUTE_WRAPPER;
+use zerocopy_api::labels::{VOLUME_ATTRIBUTE_CATALOG, VOLUME_ATTRIBUTE_WRAPPER};
 use zerocopy_api::validation::{is_dns1123_label, is_dns1123_subdomain};
 
 use super::{EPHEMERAL, POD_NAME, POD_NAMESPACE, POD_UID};
@@ -23,8 +23,10 @@ pub struct PublishTarget {
     pub target: PathBuf,
     /// The pod's namespace, where the wrapper is looked up.
     pub namespace: String,
-    /// The ModelWrapper's name.
+    /// The ModelWrapper's name; empty for a catalog volume.
     pub wrapper: String,
+    /// A namespace catalog volume (`volumeAttributes.catalog: "true"`).
+    pub catalog: bool,
     /// The pod, for the ledger and logs.
     pub pod: String,
     /// The pod's UID, if kubelet sent it.
@@ -81,12 +83,26 @@ pub fn check_publish(
         .get(VOLUME_ATTRIBUTE_WRAPPER)
         .map(String::as_str)
         .unwrap_or_default();
-    if wrapper.is_empty() {
+    let catalog = match volume_context.get(VOLUME_ATTRIBUTE_CATALOG).map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(Invalid(format!(
+                "volumeAttributes.{VOLUME_ATTRIBUTE_CATALOG} is {other:?}; use \"true\" (quoted) to mount every wrapper of the namespace"
+            )))
+        }
+    };
+    if catalog && !wrapper.is_empty() {
         return Err(Invalid(format!(
-            "volumeAttributes.{VOLUME_ATTRIBUTE_WRAPPER} is required: name the ModelWrapper to mount, e.g. volumeAttributes: {{{VOLUME_ATTRIBUTE_WRAPPER}: bert}}"
+            "volumeAttributes has both {VOLUME_ATTRIBUTE_WRAPPER} and {VOLUME_ATTRIBUTE_CATALOG}: a volume is one wrapper or the namespace catalog; use two volumes"
         )));
     }
-    if !is_dns1123_subdomain(wrapper) {
+    if wrapper.is_empty() && !catalog {
+        return Err(Invalid(format!(
+            "volumeAttributes.{VOLUME_ATTRIBUTE_WRAPPER} is required: name the ModelWrapper to mount, e.g. volumeAttributes: {{{VOLUME_ATTRIBUTE_WRAPPER}: bert}}, or set {VOLUME_ATTRIBUTE_CATALOG}: \"true\" to mount every wrapper of the namespace"
+        )));
+    }
+    if !catalog && !is_dns1123_subdomain(wrapper) {
         return Err(Invalid(format!(
             "volumeAttributes.{VOLUME_ATTRIBUTE_WRAPPER} {wrapper:?} is not a valid object name"
         )));
@@ -125,6 +141,7 @@ pub fn check_publish(
         target,
         namespace: namespace.into(),
         wrapper: wrapper.into(),
+        catalog,
         pod,
         pod_uid,
     })
@@ -156,9 +173,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            (t.namespace.as_str(), t.wrapper.as_str(), t.pod.as_str()),
-            ("ml", "bert", "p")
+            (t.namespace.as_str(), t.wrapper.as_str(), t.pod.as_str(), t.catalog),
+            ("ml", "bert", "p", false)
         );
+        let mut catalog = c.clone();
+        catalog.remove("modelWrapper");
+        catalog.insert("catalog".into(), "true".into());
+        let t = check_publish("v2", "/var/lib/kubelet/t", true, &catalog, None).unwrap();
+        assert!(t.catalog && t.wrapper.is_empty());
     }
 
     #[test]
@@ -217,6 +239,20 @@ mod tests {
                 true,
                 ctx(&[("modelWrapper", "bert"), (POD_NAMESPACE, "ml"), (EPHEMERAL, "true")]),
                 "pod.uid are required",
+            ),
+            (
+                "v",
+                "/var/lib/kubelet/t",
+                true,
+                ctx(&[("modelWrapper", "bert"), ("catalog", "true"), (POD_NAMESPACE, "ml")]),
+                "use two volumes",
+            ),
+            (
+                "v",
+                "/var/lib/kubelet/t",
+                true,
+                ctx(&[("catalog", "yes"), (POD_NAMESPACE, "ml")]),
+                "(quoted)",
             ),
         ];
         for (id, target, ro, c, want) in cases {

@@ -202,6 +202,14 @@ pub fn publish(id: &str, target: &Path, wrapper: &str, namespace: &str) -> NodeP
     }
 }
 
+/// The request kubelet sends for a namespace catalog volume.
+pub fn publish_catalog(id: &str, target: &Path, namespace: &str) -> NodePublishVolumeRequest {
+    let mut req = publish(id, target, "", namespace);
+    req.volume_context.remove("modelWrapper");
+    req.volume_context.insert("catalog".into(), "true".into());
+    req
+}
+
 pub fn unpublish(id: &str, target: &Path) -> NodeUnpublishVolumeRequest {
     NodeUnpublishVolumeRequest {
         volume_id: id.into(),
