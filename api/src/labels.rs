@@ -23,10 +23,19 @@ pub const WRAPPER_LABEL: &str = "zerocopy.dev/wrapper";
 pub const LEASE_CAPACITY: &str = "zerocopy.dev/capacity-bytes";
 /// Lease annotation: bytes the agent's generations use.
 pub const LEASE_USED: &str = "zerocopy.dev/used-bytes";
+/// Agent Lease annotation: who consumes on this node, comma-separated:
+/// `<namespace>` for a pod mounting the namespace catalog, `<namespace>/<wrapper>`
+/// for a pod mounting one wrapper; kept for a grace period after the last
+/// such pod left. Wrappers with `placement: Consumers` go where they are listed.
+pub const LEASE_CONSUMERS: &str = "zerocopy.dev/consumers";
 /// Field manager of every write the operator makes.
 pub const OPERATOR_MANAGER: &str = "zerocopy-operator";
 /// Field manager of replica status writes by node agents.
 pub const AGENT_MANAGER: &str = "zerocopy-node-agent";
+/// Annotation on a ModelWrapper (copied to its ModelReplicas): lowercase hex
+/// sha256 of the bearer token an uploader of its `upload:` sources presents.
+/// Only someone who may write the ModelWrapper can set it.
+pub const UPLOAD_TOKEN_ANNOTATION: &str = "zerocopy.dev/upload-token-sha256";
 /// Env var with the mounted pipeline's path.
 pub const PATH_ENV: &str = "MODELWRAPPER_PATH";
 /// Env var with a ModelTask's input.

@@ -107,4 +107,8 @@ pub struct ModelReplicaStatus {
     /// Pods on the node that mount this wrapper.
     #[serde(default)]
     pub mounts: u32,
+    /// Where the node's agent serves Ready generations to other agents
+    /// (`http://<node address>:<port>`); set by the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
 }

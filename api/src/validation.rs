@@ -7,7 +7,11 @@ use std::fmt;
 use crate::spec::{Mode, ModelWrapperSpec, SourceSpec};
 
 /// URI schemes the fill engine can read today.
-pub const SUPPORTED_SCHEMES: [&str; 3] = ["file", "http", "https"];
+pub const SUPPORTED_SCHEMES: [&str; 4] = ["file", "http", "https", "upload"];
+/// `uri: "upload:"`: the bytes are uploaded to a node agent by
+/// `ModelWrapper.from_model()` in a pod and spread between agents; always
+/// pinned by sha256, whatever the pinning mode.
+pub const UPLOAD_URI: &str = "upload:";
 /// Schemes the design reserves for later; named in the error so users know.
 const PLANNED_SCHEMES: [&str; 3] = ["s3", "hf", "oci"];
 
@@ -238,9 +242,13 @@ fn check_source(errs: &mut ValidationErrors, at: &str, source: &SourceSpec, pinn
         Ok(u) if !SUPPORTED_SCHEMES.contains(&u.scheme()) => errs.push(
             format!("{at}.uri"),
             format!(
-                "scheme {}:// is not supported; supported: file, http, https",
+                "scheme {}:// is not supported; supported: file, http, https (and upload: for from_model)",
                 u.scheme()
             ),
+        ),
+        Ok(u) if u.scheme() == "upload" && source.uri != UPLOAD_URI => errs.push(
+            format!("{at}.uri"),
+            format!("{:?}: an uploaded source is written exactly {UPLOAD_URI:?}", source.uri),
         ),
         Ok(u) if u.scheme() == "file" && (u.host_str().is_some_and(|h| !h.is_empty() && h != "localhost")) => errs
             .push(
@@ -257,6 +265,10 @@ fn check_source(errs: &mut ValidationErrors, at: &str, source: &SourceSpec, pinn
         Some(sha) if !is_sha256_hex(sha) => errs.push(
             format!("{at}.sha256"),
             format!("{sha:?} is not a sha256: expected 64 hex characters (sha256sum prints it)"),
+        ),
+        None if source.uri == UPLOAD_URI => errs.push(
+            format!("{at}.sha256"),
+            "an uploaded source needs its sha256: agents accept only bytes with this digest",
         ),
         None if pinning == Pinning::Required => errs.push(
             format!("{at}.sha256"),

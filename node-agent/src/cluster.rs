@@ -19,13 +19,16 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::ResourceExt;
 use serde_json::json;
 use zerocopy_api::format::generation_digest;
-use zerocopy_api::labels::{AGENT_MANAGER, LEASE_CAPACITY, LEASE_USED, NODE_LABEL};
+use zerocopy_api::labels::{
+    AGENT_MANAGER, LEASE_CAPACITY, LEASE_CONSUMERS, LEASE_USED, NODE_LABEL, UPLOAD_TOKEN_ANNOTATION,
+};
 use zerocopy_api::{ModelReplica, ModelReplicaStatus, ModelWrapper, ReplicaPhase};
 
-use crate::csi::catalog::{describe_progress, FillState};
+use crate::csi::catalog::{describe_progress, FillState, WAITING_FOR_SOURCE};
 use crate::fill::FillEngine;
 use crate::layout::VolumeRoot;
 use crate::manifests::LoadedWrapper;
+use crate::peer::{PeerDirectory, PeerView};
 use crate::serve::{serve_wanted, ServeOptions, Shared};
 
 /// Settings of `run`.
@@ -41,6 +44,9 @@ pub struct RunOptions {
     pub renew_every: Duration,
     /// How often replica status is written at most.
     pub status_every: Duration,
+    /// How long a namespace or wrapper stays listed as consumed on this
+    /// node after its last pod here unmounted it.
+    pub consumer_grace: Duration,
 }
 
 /// Why `run` stopped.
@@ -49,6 +55,89 @@ pub enum RunError {
     /// Serving CSI / filling.
     #[error(transparent)]
     Serve(#[from] crate::serve::ServeError),
+}
+
+/// How long a node waits for nodes ordered before it to fetch a generation
+/// from the origin before fetching it itself (one of them may be gone).
+pub const EARLIER_FILLER_WAIT: Duration = Duration::from_secs(120);
+
+/// Other nodes' copies, from the ModelReplicas of every node (their status
+/// is written by their agents only: phase, and the endpoint to read from).
+#[derive(Default)]
+pub struct ReplicaPeers {
+    node: String,
+    store: std::sync::OnceLock<Store<ModelReplica>>,
+    waiting_since: std::sync::Mutex<BTreeMap<(String, String, String), std::time::Instant>>,
+}
+
+impl ReplicaPeers {
+    /// Peers as seen from `node`.
+    pub fn new(node: impl Into<String>) -> Self {
+        Self {
+            node: node.into(),
+            ..Default::default()
+        }
+    }
+
+    fn attach(&self, store: Store<ModelReplica>) {
+        let _ = self.store.set(store);
+    }
+}
+
+impl PeerDirectory for ReplicaPeers {
+    fn view(&self, namespace: &str, name: &str, generation: &str) -> PeerView {
+        let Some(store) = self.store.get() else {
+            return PeerView::default();
+        };
+        let replicas = store.state();
+        let mut view = peer_view(&self.node, namespace, name, generation, &replicas);
+        // Nodes ordered earlier fetch from the origin first, for a while.
+        let key = (namespace.to_string(), name.to_string(), generation.to_string());
+        let mut waiting = self.waiting_since.lock().unwrap_or_else(|e| e.into_inner());
+        if view.earlier_fillers.is_empty() || !view.ready.is_empty() {
+            waiting.remove(&key);
+        } else {
+            let since = *waiting.entry(key).or_insert_with(std::time::Instant::now);
+            if since.elapsed() > EARLIER_FILLER_WAIT {
+                tracing::warn!(namespace, name, generation, nodes = ?view.earlier_fillers,
+                    "nodes ordered earlier did not fill it in time; fetching from the origin");
+                view.earlier_fillers.clear();
+            }
+        }
+        view
+    }
+}
+
+/// Pure: which other nodes hold `generation` Ready (with an endpoint), and
+/// which nodes named before `me` are still going to fill it (not Failed).
+pub fn peer_view(me: &str, namespace: &str, name: &str, generation: &str, replicas: &[Arc<ModelReplica>]) -> PeerView {
+    let mut view = PeerView::default();
+    let mut mine: Vec<&ModelReplica> = replicas
+        .iter()
+        .map(|r| r.as_ref())
+        .filter(|r| {
+            r.namespace().as_deref() == Some(namespace)
+                && r.spec.wrapper == name
+                && r.spec.generation == generation
+                && r.spec.node != me
+                && r.metadata.deletion_timestamp.is_none()
+        })
+        .collect();
+    mine.sort_by(|a, b| a.spec.node.cmp(&b.spec.node));
+    for r in mine {
+        let status = r.status.as_ref();
+        let phase = status.map(|s| s.phase);
+        let endpoint = status.and_then(|s| s.endpoint.clone());
+        let holds = status.and_then(|s| s.digest.as_deref()) == Some(generation);
+        match (phase, endpoint) {
+            (Some(ReplicaPhase::Ready), Some(ep)) if holds => view.ready.push((r.spec.node.clone(), ep)),
+            // Failed, or Ready without a peer server: nothing to wait for.
+            (Some(ReplicaPhase::Failed | ReplicaPhase::Ready), _) => {}
+            _ if r.spec.node.as_str() < me => view.earlier_fillers.push(r.spec.node.clone()),
+            _ => {}
+        }
+    }
+    view
 }
 
 /// The wrapper a replica asks this node to hold, in the form the fill loop takes.
@@ -62,6 +151,10 @@ pub fn wanted_from(replica: &ModelReplica) -> Option<LoadedWrapper> {
     }
     let mut wrapper = ModelWrapper::new(&replica.spec.wrapper, spec);
     wrapper.metadata.namespace = Some(ns.clone());
+    // Who may upload its `upload:` sources (the operator copies it over).
+    if let Some(token) = replica.annotations().get(UPLOAD_TOKEN_ANNOTATION) {
+        wrapper.metadata.annotations = Some(BTreeMap::from([(UPLOAD_TOKEN_ANNOTATION.to_string(), token.clone())]));
+    }
     Some(LoadedWrapper {
         file: PathBuf::from(format!("modelreplica/{ns}/{}", replica.name_any())),
         namespace: ns,
@@ -84,6 +177,7 @@ pub fn replica_status(replica: &ModelReplica, shared: &Shared, root: &VolumeRoot
     let mut s = ModelReplicaStatus {
         generation: Some(generation.clone()),
         mounts,
+        endpoint: shared.endpoint.clone(),
         ..Default::default()
     };
     match shared.catalog.state(&ns, name, &generation) {
@@ -101,6 +195,11 @@ pub fn replica_status(replica: &ModelReplica, shared: &Shared, root: &VolumeRoot
             s.bytes_done = total;
             s.digest = Some(generation);
         }
+        FillState::Failed(failure) if failure.reason == WAITING_FOR_SOURCE => {
+            s.phase = ReplicaPhase::Pending;
+            s.message = Some(failure.message);
+            s.reason = Some(failure.reason.to_string());
+        }
         FillState::Failed(failure) => {
             s.phase = ReplicaPhase::Failed;
             s.message = Some(failure.message);
@@ -114,11 +213,57 @@ pub fn replica_status(replica: &ModelReplica, shared: &Shared, root: &VolumeRoot
     s
 }
 
-async fn renew_lease(client: kube::Client, opts: RunOptions, root: VolumeRoot) {
+/// Consumers seen on this node and when last, for the Lease annotation.
+#[derive(Debug, Default)]
+pub struct Consumers {
+    last_seen: BTreeMap<String, std::time::Instant>,
+}
+
+impl Consumers {
+    /// Records the publications now and returns what to report: everything
+    /// seen within `grace`, sorted, comma-separated.
+    pub fn update(&mut self, publications: &[crate::csi::ledger::Publication], grace: Duration) -> String {
+        let now = std::time::Instant::now();
+        for p in publications {
+            let key = if p.catalog {
+                p.namespace.clone()
+            } else {
+                format!("{}/{}", p.namespace, p.name)
+            };
+            self.last_seen.insert(key, now);
+        }
+        self.last_seen.retain(|_, seen| now.duration_since(*seen) <= grace);
+        self.last_seen.keys().cloned().collect::<Vec<_>>().join(",")
+    }
+}
+
+async fn renew_lease(
+    client: kube::Client,
+    opts: RunOptions,
+    root: VolumeRoot,
+    mut shared: tokio::sync::watch::Receiver<Option<Shared>>,
+) {
     let api: Api<Lease> = Api::namespaced(client, &opts.lease_namespace);
+    let mut consumers = Consumers::default();
+    let mut reported: Option<String> = None;
+    let mut renewed_at: Option<std::time::Instant> = None;
     loop {
+        // Looked at every second, written when due or when consumers
+        // changed, so placement follows a new consumer within about a second.
+        let publications = shared
+            .borrow_and_update()
+            .as_ref()
+            .map(|s| s.ledger.all())
+            .unwrap_or_default();
+        let now_consuming = consumers.update(&publications, opts.consumer_grace);
+        let due = renewed_at.is_none_or(|t| t.elapsed() >= opts.renew_every);
+        if !due && reported.as_deref() == Some(now_consuming.as_str()) {
+            tokio::time::sleep(Duration::from_secs(1).min(opts.renew_every)).await;
+            continue;
+        }
         let used = root.used_bytes().unwrap_or(0);
         let mut annotations = BTreeMap::from([(LEASE_USED.to_string(), used.to_string())]);
+        annotations.insert(LEASE_CONSUMERS.to_string(), now_consuming.clone());
         if let Some(c) = opts.capacity {
             annotations.insert(LEASE_CAPACITY.to_string(), c.to_string());
         }
@@ -141,8 +286,11 @@ async fn renew_lease(client: kube::Client, opts: RunOptions, root: VolumeRoot) {
             .await
         {
             tracing::warn!(error = %e, "could not renew the node Lease");
+        } else {
+            reported = Some(now_consuming);
+            renewed_at = Some(std::time::Instant::now());
         }
-        tokio::time::sleep(opts.renew_every).await;
+        tokio::time::sleep(Duration::from_secs(1).min(opts.renew_every)).await;
     }
 }
 
@@ -202,10 +350,27 @@ pub async fn run(
     engine: Arc<FillEngine>,
     serve: ServeOptions,
     opts: RunOptions,
+    peers: Option<Arc<ReplicaPeers>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let root = engine.root().clone();
-    tokio::spawn(renew_lease(client.clone(), opts.clone(), root.clone()));
+    let (shared_tx, shared_rx) = tokio::sync::watch::channel(None::<Shared>);
+    tokio::spawn(renew_lease(client.clone(), opts.clone(), root.clone(), shared_rx));
+    if let Some(peers) = peers {
+        let (all, writer) = reflector::store::<ModelReplica>();
+        let api: Api<ModelReplica> = Api::all(client.clone());
+        tokio::spawn(async move {
+            let mut events = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+                .default_backoff()
+                .boxed();
+            while let Some(ev) = events.next().await {
+                if let Err(e) = ev {
+                    tracing::warn!(error = %e, "watching every node's ModelReplicas (peers)");
+                }
+            }
+        });
+        peers.attach(all);
+    }
 
     let (store, writer) = reflector::store::<ModelReplica>();
     let api: Api<ModelReplica> = Api::all(client.clone());
@@ -235,7 +400,10 @@ pub async fn run(
                         let current = tx.borrow();
                         current.len() != wanted.len()
                             || current.iter().zip(&wanted).any(|(a, b)| {
-                                a.namespace != b.namespace || a.name != b.name || a.wrapper.spec != b.wrapper.spec
+                                a.namespace != b.namespace
+                                    || a.name != b.name
+                                    || a.wrapper.spec != b.wrapper.spec
+                                    || a.wrapper.metadata.annotations != b.wrapper.metadata.annotations
                             })
                     };
                     if changed || first {
@@ -261,10 +429,65 @@ pub async fn run(
         serve,
         rx,
         move |shared| {
+            let _ = shared_tx.send(Some(shared.clone()));
             tokio::spawn(write_statuses(status_client, store, shared, status_root, status_every));
         },
         shutdown,
     )
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zerocopy_api::ModelReplicaSpec;
+
+    fn replica(node: &str, phase: Option<ReplicaPhase>, endpoint: Option<&str>) -> Arc<ModelReplica> {
+        let spec: ModelReplicaSpec = serde_json::from_value(json!({
+            "wrapper": "m", "node": node, "generation": "g1",
+            "pipeline": {"components": [{"name": "enc", "weights": {"uri": "upload:", "sha256": "0".repeat(64)}}]}
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let mut r = ModelReplica::new(&format!("m-{node}"), spec);
+        r.metadata.namespace = Some("ns".into());
+        r.status = phase.map(|phase| ModelReplicaStatus {
+            phase,
+            digest: (phase == ReplicaPhase::Ready).then(|| "g1".to_string()),
+            endpoint: endpoint.map(String::from),
+            ..Default::default()
+        });
+        Arc::new(r)
+    }
+
+    #[test]
+    fn peers_are_ready_nodes_with_endpoints_and_earlier_nodes_still_filling() {
+        let replicas = vec![
+            replica("a", Some(ReplicaPhase::Filling), Some("http://a")),
+            replica("b", Some(ReplicaPhase::Failed), Some("http://b")),
+            replica("c", None, None),
+            replica("d", Some(ReplicaPhase::Ready), Some("http://d")),
+            replica("e", Some(ReplicaPhase::Ready), None),
+            replica("z", Some(ReplicaPhase::Pending), Some("http://z")),
+        ];
+        let v = peer_view("m-node", "ns", "m", "g1", &replicas);
+        assert_eq!(v.ready, vec![("d".to_string(), "http://d".to_string())]);
+        // b failed (it will not deliver), z comes after this node, d and e
+        // are Ready (e cannot be read without an endpoint, but is not waited for).
+        assert_eq!(v.earlier_fillers, vec!["a".to_string(), "c".to_string()]);
+        assert!(
+            peer_view("a", "ns", "m", "g1", &replicas).earlier_fillers.is_empty(),
+            "the first node fetches from the origin"
+        );
+        assert_eq!(
+            peer_view("m-node", "ns", "m", "g2", &replicas),
+            PeerView::default(),
+            "another generation"
+        );
+        assert_eq!(
+            peer_view("m-node", "other", "m", "g1", &replicas),
+            PeerView::default(),
+            "another namespace"
+        );
+    }
 }

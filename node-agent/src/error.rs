@@ -38,6 +38,18 @@ pub enum FillError {
         /// Why, and which value would allow it.
         reason: String,
     },
+    /// Nothing can send the bytes yet: an `upload:` source not uploaded and
+    /// held by no peer, or a node ordered earlier is fetching them from the
+    /// origin. Retried soon; not a failure of the source.
+    #[error("{wrapper}: component {component}: {reason}")]
+    WaitingForSource {
+        /// namespace/name
+        wrapper: String,
+        /// Component.
+        component: String,
+        /// What it waits for.
+        reason: String,
+    },
     /// The server answered with an error status.
     #[error("{wrapper}: component {component}: {uri} answered HTTP {status}{hint}")]
     HttpStatus {
@@ -169,6 +181,7 @@ impl FillError {
             FillError::Capacity { .. } | FillError::SourceTooLarge { .. } => "InsufficientCapacity",
             FillError::Deadline { .. } | FillError::Stalled { .. } => "SourceTooSlow",
             FillError::Io { .. } => "NodeError",
+            FillError::WaitingForSource { .. } => crate::csi::catalog::WAITING_FOR_SOURCE,
         }
     }
 
@@ -192,6 +205,7 @@ impl FillError {
             FillError::Deadline { .. } => "deadline",
             FillError::Stalled { .. } => "stalled",
             FillError::Io { .. } => "io",
+            FillError::WaitingForSource { .. } => "waiting",
         }
     }
 }

@@ -24,6 +24,7 @@ use zerocopy_api::{validate_sources, ModelWrapperSpec, Pinning};
 use crate::error::FillError;
 use crate::layout::{RootLock, VolumeRoot};
 use crate::mount;
+use crate::peer::{self, NoPeers, PeerDirectory, PeerView};
 use crate::source::http::HttpSource;
 use crate::source::policy::SourcePolicy;
 use crate::source::sink::HashingSink;
@@ -108,6 +109,26 @@ struct PlannedFile {
     sha256: Option<String>,
     size: Option<u64>,
     kind: FileKind,
+    origin: Origin,
+}
+
+/// One attempt's source when it is not the spec's URI.
+#[derive(Debug, Clone)]
+enum Fetch {
+    Upload(PathBuf),
+    Peer(url::Url),
+}
+
+/// Where a planned file's bytes come from on this attempt.
+#[derive(Debug, Clone, Default)]
+enum Origin {
+    /// The spec's URI.
+    #[default]
+    Source,
+    /// A verified upload on this node.
+    Upload(PathBuf),
+    /// Other agents holding it, in order: `(node, blob URL)`.
+    Peers(Vec<(String, url::Url)>),
 }
 
 struct StagedFile {
@@ -126,6 +147,9 @@ pub struct FillEngine {
     root_on_tmpfs: bool,
     policy: Arc<SourcePolicy>,
     http: HttpSource,
+    peers: Arc<dyn PeerDirectory>,
+    /// Client for other agents (carries the peer token); `None`: no peer fill.
+    peer_http: Option<HttpSource>,
     /// Bytes reserved by fills in progress, by `namespace/name@generation`:
     /// concurrent fills must not each see the same free room.
     reserved: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
@@ -185,6 +209,8 @@ impl FillEngine {
             root_on_tmpfs,
             policy,
             http,
+            peers: Arc::new(NoPeers),
+            peer_http: None,
             reserved: Default::default(),
             _lock: lock,
         })
@@ -222,6 +248,53 @@ impl FillEngine {
         } else {
             parts.join(", ")
         }
+    }
+
+    /// Fills from other agents first (`peers` says who holds what), with
+    /// `token` to authenticate to them; every byte is still verified against
+    /// the spec's sha256, and a peer that fails or lies is skipped.
+    pub fn with_peers(mut self, peers: Arc<dyn PeerDirectory>, token: &str) -> io::Result<Self> {
+        self.peers = peers;
+        self.peer_http = Some(HttpSource::for_peers(token).map_err(io::Error::other)?);
+        Ok(self)
+    }
+
+    /// Where each file comes from on this attempt: an upload on this node,
+    /// else peers that hold it, else the origin, unless the origin is an
+    /// upload not here yet or a node ordered earlier fetches it first.
+    fn choose_origin(&self, wrapper: &str, f: &PlannedFile, view: &PeerView) -> Result<Origin, FillError> {
+        if let Some(sha) = &f.sha256 {
+            let sha = sha.to_ascii_lowercase();
+            let upload = peer::upload_path(&self.root, &sha);
+            if upload.is_file() {
+                return Ok(Origin::Upload(upload));
+            }
+            if self.peer_http.is_some() && !view.ready.is_empty() {
+                let urls = view
+                    .ready
+                    .iter()
+                    .filter_map(|(node, ep)| peer::blob_url(ep, &sha).ok().map(|u| (node.clone(), u)))
+                    .collect();
+                return Ok(Origin::Peers(urls));
+            }
+        }
+        let waiting = |reason: String| FillError::WaitingForSource {
+            wrapper: wrapper.into(),
+            component: f.component.clone(),
+            reason,
+        };
+        if f.uri.scheme() == "upload" {
+            return Err(waiting(
+                "waiting for ModelWrapper.from_model() to upload it, or for another node to hold it".into(),
+            ));
+        }
+        if self.peer_http.is_some() && !view.earlier_fillers.is_empty() {
+            return Err(waiting(format!(
+                "node {} fetches it from the origin first; this node copies it from there once Ready",
+                view.earlier_fillers.join(", ")
+            )));
+        }
+        Ok(Origin::Source)
     }
 
     /// The root this engine fills.
@@ -275,7 +348,9 @@ impl FillEngine {
         };
 
         let mut plan = plan_files(spec);
+        let view = self.peers.view(namespace, name, &generation);
         for f in &mut plan {
+            f.origin = self.choose_origin(&wrapper, f, &view)?;
             f.size = self.size_of(f).await.map_err(|e| fetch_error(&wrapper, f, e))?;
         }
         let needed: u64 = plan.iter().filter_map(|f| f.size).sum();
@@ -361,12 +436,25 @@ impl FillEngine {
     }
 
     async fn size_of(&self, f: &PlannedFile) -> Result<Option<u64>, FetchError> {
+        match &f.origin {
+            Origin::Upload(path) => return Ok(fs::metadata(path).ok().map(|m| m.len())),
+            Origin::Peers(urls) => {
+                if let (Some(http), Some((_, url))) = (&self.peer_http, urls.first()) {
+                    return Ok(source::http::size(http, url).await.ok().flatten());
+                }
+                return Ok(None);
+            }
+            Origin::Source => {}
+        }
         match f.uri.scheme() {
             "file" => source::file::open(&f.uri, &self.policy).map(|(_, size)| Some(size)),
             _ => source::http::size(&self.http, &f.uri).await,
         }
     }
 
+    /// Stages one file from its chosen origin. Peers are tried in turn; one
+    /// that fails or serves bytes with another digest is skipped (and
+    /// logged), then the origin is used when it is a real source.
     async fn stage(
         &self,
         wrapper: &str,
@@ -374,6 +462,51 @@ impl FillEngine {
         plan: PlannedFile,
         limit: u64,
         progress: &dyn ProgressFactory,
+    ) -> Result<StagedFile, FillError> {
+        match plan.origin.clone() {
+            Origin::Source => self.stage_from(wrapper, staging, plan, limit, progress, None).await,
+            Origin::Upload(path) => {
+                let from = Some(Fetch::Upload(path));
+                self.stage_from(wrapper, staging, plan, limit, progress, from).await
+            }
+            Origin::Peers(urls) => {
+                let mut last = None;
+                for (node, url) in urls {
+                    let from = Some(Fetch::Peer(url.clone()));
+                    match self
+                        .stage_from(wrapper, staging, plan.clone(), limit, progress, from)
+                        .await
+                    {
+                        Ok(staged) => {
+                            tracing::info!(wrapper, component = %plan.component, peer = %node, bytes = staged.bytes, "copied from a peer");
+                            return Ok(staged);
+                        }
+                        Err(e) => {
+                            tracing::warn!(wrapper, component = %plan.component, peer = %node, error = %e, "peer copy failed; trying the next source");
+                            last = Some(e);
+                        }
+                    }
+                }
+                if plan.uri.scheme() == "upload" {
+                    return Err(last.unwrap_or_else(|| FillError::WaitingForSource {
+                        wrapper: wrapper.into(),
+                        component: plan.component.clone(),
+                        reason: "no peer holds it".into(),
+                    }));
+                }
+                self.stage_from(wrapper, staging, plan, limit, progress, None).await
+            }
+        }
+    }
+
+    async fn stage_from(
+        &self,
+        wrapper: &str,
+        staging: &Path,
+        plan: PlannedFile,
+        limit: u64,
+        progress: &dyn ProgressFactory,
+        from: Option<Fetch>,
     ) -> Result<StagedFile, FillError> {
         let path = staging.join(&plan.file_name);
         let file = File::create(&path).map_err(|source| FillError::Io {
@@ -388,8 +521,26 @@ impl FillEngine {
         };
         let sink = HashingSink::new(file, limit);
         let bar = progress.file(&plan.component, &plan.file_name, plan.size);
-        let fetched = match plan.uri.scheme() {
-            "file" => {
+        let fetched = match (&from, plan.uri.scheme()) {
+            (Some(Fetch::Peer(url)), _) => match &self.peer_http {
+                Some(http) => source::http::fetch(http, url, sink, bar.as_ref()).await,
+                None => Err(FetchError::Refused("peer fill is off".into())),
+            },
+            (Some(Fetch::Upload(upload)), _) => {
+                let upload = upload.clone();
+                let bar = bar.clone();
+                let cancel = CancelOnDrop::default();
+                let cancelled = cancel.0.clone();
+                tokio::task::spawn_blocking(move || {
+                    let src = File::open(&upload)
+                        .map_err(|e| FetchError::Unreachable(format!("{}: {e}", upload.display())))?;
+                    source::file::fetch(src, &upload.display().to_string(), sink, bar.as_ref(), &cancelled)
+                })
+                .await
+                .map_err(|e| FetchError::Write(io::Error::other(e)))
+                .and_then(|r| r)
+            }
+            (None, "file") => {
                 let uri = plan.uri.clone();
                 let bar = bar.clone();
                 let policy = self.policy.clone();
@@ -405,7 +556,7 @@ impl FillEngine {
                 .map_err(|e| FetchError::Write(io::Error::other(e)))
                 .and_then(|r| r)
             }
-            _ => source::http::fetch(&self.http, &plan.uri, sink, bar.as_ref()).await,
+            (None, _) => source::http::fetch(&self.http, &plan.uri, sink, bar.as_ref()).await,
         }
         .map_err(|e| fetch_error(wrapper, &plan, e))?;
         if fetched.resumes > 0 {
@@ -538,6 +689,7 @@ fn plan_files(spec: &ModelWrapperSpec) -> Vec<PlannedFile> {
                 sha256: c.weights.sha256.clone(),
                 size: None,
                 kind: FileKind::Weights,
+                origin: Origin::Source,
             });
         }
         if let Some(uri) = c.skeleton.as_ref().and_then(|s| s.uri.as_deref()).and_then(parse) {
@@ -548,6 +700,7 @@ fn plan_files(spec: &ModelWrapperSpec) -> Vec<PlannedFile> {
                 sha256: c.skeleton.as_ref().and_then(|s| s.sha256.clone()),
                 size: None,
                 kind: FileKind::Skeleton,
+                origin: Origin::Source,
             });
         }
     }
@@ -560,6 +713,7 @@ fn plan_files(spec: &ModelWrapperSpec) -> Vec<PlannedFile> {
                 sha256: p.sha256.clone(),
                 size: None,
                 kind: FileKind::PipelineSkeleton,
+                origin: Origin::Source,
             });
         }
     }

@@ -8,6 +8,7 @@ pub mod fill;
 pub mod layout;
 pub mod manifests;
 pub mod mount;
+pub mod peer;
 pub mod progress;
 pub mod serve;
 pub mod source;

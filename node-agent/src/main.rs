@@ -81,6 +81,60 @@ impl FillFlags {
     }
 }
 
+/// The upload and peer server (`run` and `standalone --serve`).
+#[derive(clap::Args, Clone, Debug)]
+struct PeerFlags {
+    /// Serve uploads from `from_model()` pods here and, with
+    /// --peer-token-file, Ready generations to other agents (e.g. 0.0.0.0:9465).
+    #[arg(long)]
+    peer_addr: Option<std::net::SocketAddr>,
+    /// Host or IP in the URL pods and peers reach this agent at (the node's
+    /// address; the chart passes status.hostIP). Default: --peer-addr's IP,
+    /// or the host name when it listens on all addresses.
+    #[arg(long, env = "NODE_IP")]
+    advertise_host: Option<String>,
+    /// File with the token agents present to each other (a Secret mounted
+    /// into agents only). Without it this agent neither serves nor reads peers.
+    #[arg(long)]
+    peer_token_file: Option<PathBuf>,
+}
+
+impl PeerFlags {
+    fn token(&self) -> anyhow::Result<Option<String>> {
+        self.peer_token_file
+            .as_ref()
+            .map(|path| {
+                let token = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading --peer-token-file {}", path.display()))?;
+                let token = token.trim().to_string();
+                anyhow::ensure!(!token.is_empty(), "--peer-token-file {} is empty", path.display());
+                Ok(token)
+            })
+            .transpose()
+    }
+
+    fn options(&self, capacity: Option<u64>) -> anyhow::Result<Option<zerocopy_node_agent::serve::PeerOptions>> {
+        let Some(addr) = self.peer_addr else {
+            anyhow::ensure!(
+                self.peer_token_file.is_none(),
+                "--peer-token-file needs --peer-addr (where peers read from)"
+            );
+            return Ok(None);
+        };
+        let advertise_host = match &self.advertise_host {
+            Some(h) => h.clone(),
+            None if addr.ip().is_unspecified() => zerocopy_node_agent::serve::hostname(),
+            None => addr.ip().to_string(),
+        };
+        Ok(Some(zerocopy_node_agent::serve::PeerOptions {
+            addr,
+            advertise_host,
+            token: self.token()?,
+            max_upload_bytes: capacity.unwrap_or(u64::MAX),
+        }))
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
@@ -123,6 +177,8 @@ enum Command {
         watch_interval: f64,
         #[command(flatten)]
         fill: FillFlags,
+        #[command(flatten)]
+        peer: PeerFlags,
     },
     /// In a cluster: fill this node's ModelReplicas, serve CSI, report status, keep a Lease.
     Run {
@@ -165,8 +221,15 @@ enum Command {
         /// must enforce the same egress rules (no metadata, no internal).
         #[arg(long)]
         use_env_proxy: bool,
+        /// Seconds a namespace or wrapper stays listed as consumed on this
+        /// node (Lease annotation, for `placement: Consumers`) after its
+        /// last pod here unmounted it.
+        #[arg(long, default_value_t = 300)]
+        consumer_grace_seconds: u64,
         #[command(flatten)]
         fill: FillFlags,
+        #[command(flatten)]
+        peer: PeerFlags,
     },
     /// List wrappers, generations, sizes and state under the root.
     Status {
@@ -203,7 +266,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             allow_file_dirs,
             allow_networks,
             use_env_proxy,
+            consumer_grace_seconds,
             fill,
+            peer,
         } => {
             let fill = fill.policy(true)?;
             let policy = SourcePolicy {
@@ -223,8 +288,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     None => kube::Config::infer().await?,
                 };
                 let client = kube::Client::try_from(config)?;
-                let engine = FillEngine::new(root.clone(), capacity, mount_mode, policy)
+                let mut engine = FillEngine::new(root.clone(), capacity, mount_mode, policy)
                     .with_context(|| format!("preparing volume root {}", cli.root.display()))?;
+                let peers = match (peer.token()?, peer.peer_addr) {
+                    (Some(token), Some(_)) => {
+                        let peers = std::sync::Arc::new(zerocopy_node_agent::cluster::ReplicaPeers::new(node.clone()));
+                        engine = engine.with_peers(peers.clone(), &token)?;
+                        Some(peers)
+                    }
+                    _ => None,
+                };
                 let serve = zerocopy_node_agent::serve::ServeOptions {
                     files: vec![],
                     csi_socket: cli.csi_socket.clone(),
@@ -235,6 +308,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     metrics_addr: Some(metrics_addr),
                     watch_interval: std::time::Duration::from_secs(2),
                     fill,
+                    peer: peer.options(capacity)?,
                 };
                 let opts = zerocopy_node_agent::cluster::RunOptions {
                     node,
@@ -242,10 +316,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     capacity,
                     renew_every: std::time::Duration::from_secs(renew_seconds.max(1)),
                     status_every: std::time::Duration::from_secs(1),
+                    consumer_grace: std::time::Duration::from_secs(consumer_grace_seconds),
                 };
-                zerocopy_node_agent::cluster::run(client, std::sync::Arc::new(engine), serve, opts, shutdown_signal())
-                    .await
-                    .context("running")
+                zerocopy_node_agent::cluster::run(
+                    client,
+                    std::sync::Arc::new(engine),
+                    serve,
+                    opts,
+                    peers,
+                    shutdown_signal(),
+                )
+                .await
+                .context("running")
             })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -261,6 +343,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             metrics_addr,
             watch_interval,
             fill,
+            peer,
         } => {
             let capacity = capacity.as_deref().map(parse_size).transpose()?;
             // Every problem in every file, before anything is filled.
@@ -288,6 +371,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     metrics_addr,
                     watch_interval: std::time::Duration::from_secs_f64(watch_interval),
                     fill: fill.policy(prune)?,
+                    peer: peer.options(capacity)?,
                 };
                 runtime.block_on(async {
                     let engine = FillEngine::new(root.clone(), capacity, mount_mode, SourcePolicy::standalone())

@@ -16,7 +16,9 @@ use crate::csi::metrics::{self, Metrics};
 use crate::csi::node::NodeService;
 use crate::csi::server;
 use crate::fill::FillEngine;
+use crate::layout::VolumeRoot;
 use crate::manifests::{load_for_serve, LoadedWrapper};
+use crate::peer::PeerServer;
 use crate::supervisor::{FillPolicy, Supervisor};
 
 /// Settings of the long-running mode.
@@ -40,6 +42,21 @@ pub struct ServeOptions {
     pub watch_interval: Duration,
     /// Concurrency, deadlines, retries and pruning of fills.
     pub fill: FillPolicy,
+    /// The upload and peer server, if this agent runs one.
+    pub peer: Option<PeerOptions>,
+}
+
+/// Where uploads and peer reads are served.
+#[derive(Debug, Clone)]
+pub struct PeerOptions {
+    /// Listen address (`0.0.0.0:9465`; port 0 picks one).
+    pub addr: SocketAddr,
+    /// Host (node address) in the URL told to pods and peers.
+    pub advertise_host: String,
+    /// The token other agents present to read blobs; `None`: no blob serving.
+    pub token: Option<String>,
+    /// Largest upload accepted.
+    pub max_upload_bytes: u64,
 }
 
 /// Why serving could not start.
@@ -75,6 +92,8 @@ pub struct Shared {
     pub ledger: Arc<Ledger>,
     /// Metrics registry.
     pub metrics: Metrics,
+    /// `http://<node>:<port>` of the upload and peer server, if one runs.
+    pub endpoint: Option<String>,
 }
 
 /// Runs until `shutdown` resolves, re-reading the files every `watch_interval`.
@@ -144,6 +163,10 @@ pub async fn serve_wanted(
     // Complete generations are Ready before the socket answers.
     supervisor.set_wanted(&wrappers);
     let ready = Arc::new(AtomicBool::new(false));
+    let endpoint = match &opts.peer {
+        Some(p) => Some(start_peer_server(p, &opts.node_id, &root, &catalog).await?),
+        None => None,
+    };
     let node = NodeService {
         node_id: opts.node_id.clone(),
         root: root.clone(),
@@ -153,7 +176,7 @@ pub async fn serve_wanted(
         kubelet_dir: opts.kubelet_dir.clone(),
         publish_wait: opts.publish_wait,
         metrics: metrics.clone(),
-        upload_endpoint: None,
+        upload_endpoint: endpoint.clone(),
     };
     let listener = server::bind(&opts.csi_socket)
         .await
@@ -189,6 +212,7 @@ pub async fn serve_wanted(
         catalog: catalog.clone(),
         ledger: ledger.clone(),
         metrics: metrics.clone(),
+        endpoint: endpoint.clone(),
     });
     enum Event {
         Stop,
@@ -198,6 +222,7 @@ pub async fn serve_wanted(
     loop {
         supervisor.step();
         metrics.refresh(&root, &ledger);
+        collect_uploads(&root, &catalog);
         let event = tokio::select! {
             _ = stop_rx.wait_for(|s| *s) => Event::Stop,
             changed = wanted.changed() => Event::Wanted(changed.is_ok()),
@@ -227,6 +252,58 @@ pub async fn serve_wanted(
     grpc.await
         .map_err(|e| io("CSI server task")(std::io::Error::other(e)))?
         .map_err(ServeError::from)
+}
+
+/// Frees uploads whose bytes are in a complete generation now, or that no
+/// wanted wrapper declares.
+fn collect_uploads(root: &VolumeRoot, catalog: &Catalog) {
+    let wanted = catalog.all_wanted();
+    let needed = |sha: &str| {
+        wanted.iter().any(|((ns, name), w)| {
+            crate::peer::declares_upload(&w.spec, sha) && root.read_manifest(ns, name, &w.generation).is_none()
+        })
+    };
+    match crate::peer::collect_uploads(root, &needed) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(uploads = n, "freed uploads now held by generations (or wanted by none)"),
+        Err(e) => tracing::warn!(error = %e, "could not free uploads"),
+    }
+}
+
+/// Binds the upload and peer server and returns the URL others reach it at.
+async fn start_peer_server(
+    p: &PeerOptions,
+    node: &str,
+    root: &VolumeRoot,
+    catalog: &Arc<Catalog>,
+) -> Result<String, ServeError> {
+    let listener = tokio::net::TcpListener::bind(p.addr)
+        .await
+        .map_err(io(format!("binding the peer server on {}", p.addr)))?;
+    let port = listener
+        .local_addr()
+        .map_err(io("reading the peer server's address"))?
+        .port();
+    let host = if p.advertise_host.contains(':') {
+        format!("[{}]", p.advertise_host)
+    } else {
+        p.advertise_host.clone()
+    };
+    let endpoint = format!("http://{host}:{port}");
+    let server = PeerServer {
+        root: root.clone(),
+        catalog: catalog.clone(),
+        peer_token: p.token.clone(),
+        node: node.to_string(),
+        max_upload_bytes: p.max_upload_bytes,
+    };
+    tokio::spawn(async move {
+        if let Err(e) = server.serve(listener).await {
+            tracing::error!(error = %e, "peer server stopped");
+        }
+    });
+    tracing::info!(%endpoint, blobs = p.token.is_some(), "serving uploads and peers");
+    Ok(endpoint)
 }
 
 fn files_fingerprint(files: &[PathBuf]) -> Vec<(PathBuf, Option<SystemTime>, u64)> {

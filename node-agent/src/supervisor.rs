@@ -14,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::task::JoinSet;
 use zerocopy_api::format::{generation_digest, LOCAL_NAMESPACE};
+use zerocopy_api::labels::UPLOAD_TOKEN_ANNOTATION;
 
 use crate::csi::catalog::{Catalog, Failure, FillState};
 use crate::csi::ledger::Ledger;
@@ -60,6 +61,9 @@ impl Default for FillPolicy {
         }
     }
 }
+
+/// How often a fill waiting for an upload or a peer looks again.
+pub const WAITING_RETRY: Duration = Duration::from_secs(1);
 
 /// Delay before attempt `attempts + 1`: base × 2^(attempts−1), capped, times
 /// a jitter factor in [0.8, 1.2) so nodes that failed together do not retry
@@ -198,11 +202,16 @@ impl Supervisor {
     /// once, complete generations are Ready at once (an agent restart does
     /// not flip them to Pending), and the rest is queued.
     pub fn set_wanted(&mut self, wrappers: &[LoadedWrapper]) {
-        self.catalog.set_wanted(
-            wrappers
-                .iter()
-                .map(|w| ((w.namespace.clone(), w.name.clone()), w.wrapper.spec.clone())),
-        );
+        self.catalog.set_wanted(wrappers.iter().map(|w| {
+            let token = w
+                .wrapper
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(UPLOAD_TOKEN_ANNOTATION))
+                .cloned();
+            ((w.namespace.clone(), w.name.clone()), w.wrapper.spec.clone(), token)
+        }));
         self.specs = wrappers
             .iter()
             .map(|w| {
@@ -357,11 +366,22 @@ impl Supervisor {
                 }
                 let attempts = self.attempts.entry(key.clone()).or_insert(0);
                 *attempts += 1;
-                let delay = e
-                    .is_retryable()
-                    .then(|| backoff(*attempts, self.policy.retry_base, self.policy.retry_max, jitter()));
-                tracing::error!(wrapper = %format!("{ns}/{name}"), %generation, reason = e.reason(), attempts = *attempts,
-                    retry_in_s = delay.map(|d| d.as_secs_f64()), error = %e, "fill failed");
+                // Waiting for an upload or a peer is no failure of the source:
+                // look again soon, at a steady pace.
+                let delay = if matches!(e, FillError::WaitingForSource { .. }) {
+                    Some(WAITING_RETRY.min(self.policy.retry_max))
+                } else {
+                    e.is_retryable()
+                        .then(|| backoff(*attempts, self.policy.retry_base, self.policy.retry_max, jitter()))
+                };
+                if matches!(e, FillError::WaitingForSource { .. }) {
+                    if *attempts == 1 || *attempts % 60 == 0 {
+                        tracing::info!(wrapper = %format!("{ns}/{name}"), %generation, attempts = *attempts, reason = %e, "waiting for a source");
+                    }
+                } else {
+                    tracing::error!(wrapper = %format!("{ns}/{name}"), %generation, reason = e.reason(), attempts = *attempts,
+                        retry_in_s = delay.map(|d| d.as_secs_f64()), error = %e, "fill failed");
+                }
                 self.catalog.set_state(
                     ns,
                     name,

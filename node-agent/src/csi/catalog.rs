@@ -24,6 +24,9 @@ pub struct Wanted {
     pub spec: ModelWrapperSpec,
     /// The generation the spec resolves to.
     pub generation: String,
+    /// sha256 of the token an uploader of its `upload:` sources presents
+    /// (the wrapper's `zerocopy.dev/upload-token-sha256` annotation).
+    pub upload_token_sha256: Option<String>,
 }
 
 /// Where a generation's fill stands.
@@ -38,6 +41,9 @@ pub enum FillState {
     /// Failed; tried again at `retry_at` unless the spec changes first.
     Failed(Failure),
 }
+
+/// The failure reason of a fill that waits for an upload or a peer.
+pub const WAITING_FOR_SOURCE: &str = "WaitingForSource";
 
 /// A failed fill, as status and publishes report it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,15 +93,16 @@ impl Catalog {
     }
 
     /// Replaces the set of wanted wrappers.
-    pub fn set_wanted(&self, wrappers: impl IntoIterator<Item = (WrapperKey, ModelWrapperSpec)>) {
+    pub fn set_wanted(&self, wrappers: impl IntoIterator<Item = (WrapperKey, ModelWrapperSpec, Option<String>)>) {
         let wanted = wrappers
             .into_iter()
-            .map(|(k, spec)| {
+            .map(|(k, spec, upload_token_sha256)| {
                 (
                     k,
                     Wanted {
                         generation: generation_digest(&spec),
                         spec,
+                        upload_token_sha256,
                     },
                 )
             })

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tonic::{Code, Request, Response, Status};
 
-use super::catalog::{describe_progress, Catalog, FillState};
+use super::catalog::{describe_progress, Catalog, FillState, WAITING_FOR_SOURCE};
 use super::inflight::InFlight;
 use super::ledger::{Ledger, Publication};
 use super::metrics::Metrics;
@@ -247,17 +247,22 @@ impl NodeService {
             }
             let state = self.catalog.state(&t.namespace, &t.wrapper, generation);
             if let FillState::Failed(failure) = &state {
-                return Err(CsiError::Precondition(format!(
-                    "{}/{}: fill failed: {}",
-                    t.namespace,
-                    t.wrapper,
-                    failure.describe()
-                )));
+                if failure.reason == WAITING_FOR_SOURCE {
+                    // An upload or a peer is coming: keep waiting.
+                } else {
+                    return Err(CsiError::Precondition(format!(
+                        "{}/{}: fill failed: {}",
+                        t.namespace,
+                        t.wrapper,
+                        failure.describe()
+                    )));
+                }
             }
             let now = Instant::now();
             if now >= deadline {
                 let progress = match &state {
                     FillState::Filling(files) => describe_progress(files),
+                    FillState::Failed(failure) => failure.message.clone(),
                     _ => "waiting for its fill to start".to_string(),
                 };
                 return Err(CsiError::Filling(format!(

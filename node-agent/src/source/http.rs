@@ -45,6 +45,31 @@ impl HttpSource {
         Ok(Self { client, policy })
     }
 
+    /// The client for other node agents: their endpoints come from
+    /// ModelReplica statuses only agents write (not from a tenant's spec),
+    /// so internal addresses are allowed; no redirects, no proxies, and the
+    /// peer token on every request.
+    pub fn for_peers(token: &str) -> Result<Self, String> {
+        let mut auth = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| "the peer token must be printable ASCII".to_string())?;
+        auth.set_sensitive(true);
+        let headers = reqwest::header::HeaderMap::from_iter([(reqwest::header::AUTHORIZATION, auth)]);
+        let policy = Arc::new(SourcePolicy {
+            use_env_proxy: false,
+            ..SourcePolicy::standalone()
+        });
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(Duration::from_secs(60))
+            .user_agent(concat!("zerocopy-node-agent/", env!("CARGO_PKG_VERSION"), " (peer)"))
+            .default_headers(headers)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self { client, policy })
+    }
+
     fn check(&self, uri: &url::Url) -> Result<(), FetchError> {
         check_url(&self.policy, uri).map_err(|reason| FetchError::Refused(format!("{uri}: {reason}")))
     }
