@@ -17,6 +17,6 @@ pub mod validation;
 
 pub use manifest::Manifest;
 pub use replica::{ModelReplica, ModelReplicaSpec, ModelReplicaStatus, ReplicaPhase};
-pub use spec::{ModelWrapper, ModelWrapperSpec, ModelWrapperStatus};
+pub use spec::{ModelWrapper, ModelWrapperSpec, ModelWrapperStatus, Placement};
 pub use task::{ModelTask, ModelTaskSpec, ModelTaskStatus};
 pub use validation::{validate_sources, validate_wrapper, Pinning, ValidationErrors};

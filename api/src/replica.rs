@@ -51,6 +51,7 @@ impl ModelReplicaSpec {
             mode: self.mode,
             pipeline: self.pipeline.clone(),
             node_selector: Default::default(),
+            placement: Default::default(),
             memory: self.memory.clone(),
             task: None,
         }

@@ -45,12 +45,34 @@ pub struct ModelWrapperSpec {
     /// Nodes to place the weights on; empty means every node with an agent.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
+    /// `Nodes` (default): every node matching `nodeSelector`. `Consumers`:
+    /// only those of them where a pod of this namespace mounts the namespace
+    /// catalog or this wrapper (nodes that join later included), released a
+    /// grace period after the last such pod left. `from_model()` sets it.
+    #[serde(default, skip_serializing_if = "Placement::is_nodes")]
+    pub placement: Placement,
     /// How the weights are held in memory.
     #[serde(default)]
     pub memory: MemorySpec,
     /// Required when `mode: task`: the pod template each task runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task: Option<TaskSpec>,
+}
+
+/// Where a wrapper goes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+pub enum Placement {
+    /// Every node matching `nodeSelector`.
+    #[default]
+    Nodes,
+    /// Nodes matching `nodeSelector` where pods of the namespace consume it.
+    Consumers,
+}
+
+impl Placement {
+    fn is_nodes(&self) -> bool {
+        *self == Placement::Nodes
+    }
 }
 
 /// Execution mode, as in the seed library.

@@ -375,7 +375,7 @@ impl Supervisor {
                         .then(|| backoff(*attempts, self.policy.retry_base, self.policy.retry_max, jitter()))
                 };
                 if matches!(e, FillError::WaitingForSource { .. }) {
-                    if *attempts == 1 || *attempts % 60 == 0 {
+                    if *attempts == 1 || (*attempts).is_multiple_of(60) {
                         tracing::info!(wrapper = %format!("{ns}/{name}"), %generation, attempts = *attempts, reason = %e, "waiting for a source");
                     }
                 } else {

@@ -13,7 +13,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::Store;
 use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
-use zerocopy_api::labels::{LEASE_CAPACITY, LEASE_USED, OPERATOR_MANAGER};
+use zerocopy_api::labels::{LEASE_CAPACITY, LEASE_CONSUMERS, LEASE_USED, OPERATOR_MANAGER};
 use zerocopy_api::{ModelReplica, ModelWrapper};
 
 use crate::lenient::Lenient;
@@ -142,6 +142,11 @@ pub fn node_info(node: &Node, lease: Option<&Lease>, now: Timestamp) -> NodeInfo
         ready,
         schedulable,
         down_for: not_ready_for.max(agent_gone_for),
+        consumers: lease
+            .filter(|l| lease_live(l, now))
+            .and_then(|l| l.annotations().get(LEASE_CONSUMERS))
+            .map(|v| v.split(',').filter(|c| !c.is_empty()).map(String::from).collect())
+            .unwrap_or_default(),
         agent: lease.filter(|l| lease_live(l, now)).map(|l| {
             let ann = l.annotations();
             AgentInfo {

@@ -69,10 +69,11 @@ fn node_signature(n: &Node) -> Option<u64> {
 /// A change in an agent's presence or capacity (renewals alone are not).
 fn lease_signature(l: &Lease) -> Option<u64> {
     hash_of(&format!(
-        "{:?}|{:?}|{:?}",
+        "{:?}|{:?}|{:?}|{:?}",
         l.spec.as_ref().and_then(|s| s.holder_identity.clone()),
         l.annotations().get(zerocopy_api::labels::LEASE_CAPACITY),
-        l.annotations().get(zerocopy_api::labels::LEASE_USED)
+        l.annotations().get(zerocopy_api::labels::LEASE_USED),
+        l.annotations().get(zerocopy_api::labels::LEASE_CONSUMERS)
     ))
 }
 

@@ -28,6 +28,9 @@ pub struct NodeInfo {
     /// longer of the two); `None` while it is up. `Duration::MAX` when
     /// unknown (no Lease ever, no transition time).
     pub down_for: Option<Duration>,
+    /// What pods on the node consume, from the agent's Lease: namespaces
+    /// mounting their catalog, and `namespace/wrapper` mounting one wrapper.
+    pub consumers: std::collections::BTreeSet<String>,
 }
 
 /// Capacity and use, from the agent's Lease annotations.
@@ -46,6 +49,7 @@ pub enum Excluded {
     Unschedulable,
     NoAgent,
     NoRoom { needed: u64, free: u64 },
+    NoConsumer,
 }
 
 impl std::fmt::Display for Excluded {
@@ -55,6 +59,7 @@ impl std::fmt::Display for Excluded {
             Excluded::NotReady => write!(f, "node is not Ready"),
             Excluded::Unschedulable => write!(f, "node is cordoned"),
             Excluded::NoAgent => write!(f, "no live zerocopy agent (Lease missing or expired)"),
+            Excluded::NoConsumer => write!(f, "no pod of the namespace consumes it there (placement: Consumers)"),
             Excluded::NoRoom { needed, free } => write!(
                 f,
                 "not enough room: needs {}, agent has {} free",
@@ -109,15 +114,32 @@ impl Placement {
     }
 }
 
+/// Which consumers a `placement: Consumers` wrapper follows: its
+/// namespace's catalog and itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Follow {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl Follow {
+    fn consumed_on(&self, n: &NodeInfo) -> bool {
+        n.consumers.contains(&self.namespace) || n.consumers.contains(&format!("{}/{}", self.namespace, self.name))
+    }
+}
+
 /// Places a wrapper of `bytes` (0 when not known yet) with `selector`;
 /// `current` are the nodes that already hold it; a node that holds it and is
-/// down for less than `grace` keeps it.
+/// down for less than `grace` keeps it. With `follow`, only nodes whose agent
+/// reports a consumer of it (the agent keeps reporting one for its own grace
+/// period after the last pod left).
 pub fn place(
     selector: &BTreeMap<String, String>,
     bytes: u64,
     nodes: &[NodeInfo],
     current: &[String],
     grace: Duration,
+    follow: Option<&Follow>,
 ) -> Placement {
     let mut sorted: Vec<&NodeInfo> = nodes.iter().collect();
     sorted.sort_by(|a, b| a.name.cmp(&b.name));
@@ -140,6 +162,8 @@ pub fn place(
             } else {
                 Some(down)
             }
+        } else if follow.is_some_and(|f| !f.consumed_on(n)) {
+            Some(Excluded::NoConsumer)
         } else if !n.schedulable {
             if held {
                 out.kept.push((n.name.clone(), Excluded::Unschedulable));
@@ -179,7 +203,34 @@ mod tests {
             schedulable: true,
             down_for: agent.is_none().then_some(Duration::MAX),
             agent: agent.map(|(capacity, used)| AgentInfo { capacity, used }),
+            consumers: Default::default(),
         }
+    }
+
+    #[test]
+    fn consumers_placement_follows_pods_of_the_namespace() {
+        let mut nodes = vec![
+            node("a", &[], Some((None, 0))),
+            node("b", &[], Some((None, 0))),
+            node("c", &[], Some((None, 0))),
+            node("d", &[], Some((None, 0))),
+        ];
+        nodes[0].consumers.insert("ml".into());
+        nodes[1].consumers.insert("ml/bert".into());
+        nodes[2].consumers.insert("other".into());
+        nodes[3].consumers.insert("ml/gpt".into());
+        let follow = Follow {
+            namespace: "ml".into(),
+            name: "bert".into(),
+        };
+        let p = place(&BTreeMap::new(), 0, &nodes, &["c".into()], GRACE, Some(&follow));
+        assert_eq!(p.nodes, vec!["a", "b"], "the catalog of ml, and bert itself");
+        assert_eq!(
+            p.excluded,
+            vec![("c".into(), Excluded::NoConsumer), ("d".into(), Excluded::NoConsumer)],
+            "a node whose consumers left gives its copy back"
+        );
+        assert_eq!(place(&BTreeMap::new(), 0, &nodes, &[], GRACE, None).nodes.len(), 4);
     }
 
     #[test]
@@ -193,7 +244,7 @@ mod tests {
         ];
         nodes[4].ready = false;
         let sel = BTreeMap::from([("pool".to_string(), "gpu".to_string())]);
-        let p = place(&sel, 100, &nodes, &[], GRACE);
+        let p = place(&sel, 100, &nodes, &[], GRACE, None);
         assert_eq!(p.nodes, vec!["a", "c"]);
         assert_eq!(
             p.excluded,
@@ -205,7 +256,7 @@ mod tests {
         );
         // Empty selector: every node with an agent.
         assert_eq!(
-            place(&BTreeMap::new(), 0, &nodes, &[], GRACE).nodes,
+            place(&BTreeMap::new(), 0, &nodes, &[], GRACE, None).nodes,
             vec!["a", "b", "c"]
         );
     }
@@ -217,7 +268,7 @@ mod tests {
             node("n1", &[], Some((Some(1000), 900))),
             node("n3", &[], Some((Some(1000), 0))),
         ];
-        let p = place(&BTreeMap::new(), 400, &nodes, &[], GRACE);
+        let p = place(&BTreeMap::new(), 400, &nodes, &[], GRACE, None);
         assert_eq!(p.nodes, vec!["n2", "n3"]);
         assert_eq!(
             p.excluded,
@@ -226,7 +277,7 @@ mod tests {
         assert!(p.summary().starts_with("1 node(s) not enough room"), "{}", p.summary());
         // Already on n1 (its bytes are counted in used): it stays.
         assert_eq!(
-            place(&BTreeMap::new(), 400, &nodes, &["n1".into()], GRACE).nodes,
+            place(&BTreeMap::new(), 400, &nodes, &["n1".into()], GRACE, None).nodes,
             vec!["n1", "n2", "n3"]
         );
     }
@@ -239,9 +290,9 @@ mod tests {
         ];
         let gpu = BTreeMap::from([("pool".to_string(), "gpu".to_string())]);
         let cpu = BTreeMap::from([("pool".to_string(), "cpu".to_string())]);
-        assert_eq!(place(&gpu, 0, &nodes, &[], GRACE).nodes, vec!["a"]);
+        assert_eq!(place(&gpu, 0, &nodes, &[], GRACE, None).nodes, vec!["a"]);
         // Holding it on a does not keep a once the selector no longer matches.
-        let moved = place(&cpu, 0, &nodes, &["a".into()], GRACE);
+        let moved = place(&cpu, 0, &nodes, &["a".into()], GRACE, None);
         assert_eq!(moved.nodes, vec!["b"]);
         assert_eq!(moved.excluded, vec![("a".into(), Excluded::SelectorMismatch)]);
     }
@@ -249,17 +300,17 @@ mod tests {
     #[test]
     fn nodes_appearing_and_disappearing_change_the_set() {
         let mut nodes = vec![node("a", &[], Some((None, 0)))];
-        assert_eq!(place(&BTreeMap::new(), 0, &nodes, &[], GRACE).nodes, vec!["a"]);
+        assert_eq!(place(&BTreeMap::new(), 0, &nodes, &[], GRACE, None).nodes, vec!["a"]);
         nodes.push(node("b", &[], Some((None, 0))));
         assert_eq!(
-            place(&BTreeMap::new(), 0, &nodes, &["a".into()], GRACE).nodes,
+            place(&BTreeMap::new(), 0, &nodes, &["a".into()], GRACE, None).nodes,
             vec!["a", "b"]
         );
         nodes.push(node("c", &[], Some((None, 0))));
         nodes[0].schedulable = false;
         nodes[2].schedulable = false;
         // A cordon stops new copies but never wipes the one a node holds.
-        let p = place(&BTreeMap::new(), 0, &nodes, &["a".into(), "b".into()], GRACE);
+        let p = place(&BTreeMap::new(), 0, &nodes, &["a".into(), "b".into()], GRACE, None);
         assert_eq!(p.nodes, vec!["a", "b"]);
         assert_eq!(p.kept, vec![("a".into(), Excluded::Unschedulable)]);
         assert_eq!(p.excluded, vec![("c".into(), Excluded::Unschedulable)]);
@@ -279,7 +330,7 @@ mod tests {
         nodes[0].down_for = Some(Duration::from_secs(20));
         nodes[1].ready = false;
         nodes[1].down_for = Some(Duration::from_secs(10));
-        let p = place(&BTreeMap::new(), 0, &nodes, &held, GRACE);
+        let p = place(&BTreeMap::new(), 0, &nodes, &held, GRACE, None);
         assert_eq!(p.nodes, vec!["a", "b"]);
         assert_eq!(
             p.kept,
@@ -287,12 +338,12 @@ mod tests {
         );
         // Not placed there before: a down node gets nothing new.
         assert_eq!(
-            place(&BTreeMap::new(), 0, &nodes, &[], GRACE).nodes,
+            place(&BTreeMap::new(), 0, &nodes, &[], GRACE, None).nodes,
             Vec::<String>::new()
         );
         // Past the grace period the copy moves.
         nodes[0].down_for = Some(GRACE);
-        let p = place(&BTreeMap::new(), 0, &nodes, &held, GRACE);
+        let p = place(&BTreeMap::new(), 0, &nodes, &held, GRACE, None);
         assert_eq!(p.nodes, vec!["b"]);
         assert_eq!(p.excluded, vec![("a".into(), Excluded::NoAgent)]);
     }

@@ -354,6 +354,7 @@ mod tests {
                     skeleton: None,
                 },
                 node_selector: Default::default(),
+                placement: Default::default(),
                 memory: Default::default(),
                 task: Some(TaskSpec { template }),
             },

@@ -3,6 +3,7 @@
 //! the replicas, Events on phase changes. Reads come from the caches; a
 //! reconcile writes only what differs.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,9 @@ use kube::runtime::events::{Event as KubeEvent, EventType};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use zerocopy_api::format::generation_digest;
-use zerocopy_api::labels::{ready_label, replica_name, NODE_LABEL, OPERATOR_MANAGER, WRAPPER_LABEL};
+use zerocopy_api::labels::{
+    ready_label, replica_name, NODE_LABEL, OPERATOR_MANAGER, UPLOAD_TOKEN_ANNOTATION, WRAPPER_LABEL,
+};
 use zerocopy_api::{validate_wrapper, ModelReplica, ModelReplicaSpec, ModelWrapper, ModelWrapperStatus};
 
 use crate::context::{Context, Error};
@@ -162,6 +165,13 @@ fn desired_replica(w: &ModelWrapper, ns: &str, node: &str, digest: &str) -> serd
         pipeline: w.spec.pipeline.clone(),
         memory: w.spec.memory.clone(),
     };
+    // Who may upload the wrapper's `upload:` sources, for the node's agent.
+    let annotations: BTreeMap<&str, &String> = w
+        .annotations()
+        .get(UPLOAD_TOKEN_ANNOTATION)
+        .map(|t| (UPLOAD_TOKEN_ANNOTATION, t))
+        .into_iter()
+        .collect();
     json!({
         "apiVersion": "zerocopy.dev/v1alpha1",
         "kind": "ModelReplica",
@@ -169,6 +179,7 @@ fn desired_replica(w: &ModelWrapper, ns: &str, node: &str, digest: &str) -> serd
             "name": replica_name(&w.name_any(), node),
             "namespace": ns,
             "labels": {NODE_LABEL: node, WRAPPER_LABEL: w.name_any()},
+            "annotations": annotations,
             "ownerReferences": [w.controller_owner_ref(&())],
         },
         "spec": spec,
@@ -224,6 +235,12 @@ async fn apply(w: &ModelWrapper, ctx: &Context) -> Result<Action, Error> {
         &ctx.node_infos(Timestamp::now()),
         &current_nodes,
         ctx.opts.node_grace,
+        (w.spec.placement == zerocopy_api::Placement::Consumers)
+            .then(|| crate::placement::Follow {
+                namespace: ns.clone(),
+                name: name.clone(),
+            })
+            .as_ref(),
     );
 
     // Replicas: apply what differs, delete what is no longer placed.
@@ -234,6 +251,8 @@ async fn apply(w: &ModelWrapper, ctx: &Context) -> Result<Action, Error> {
         let same = existing.is_some_and(|r| {
             serde_json::to_value(&r.spec).ok().as_ref() == Some(&desired["spec"])
                 && r.labels().get(NODE_LABEL).map(String::as_str) == Some(node.as_str())
+                && r.annotations().get(UPLOAD_TOKEN_ANNOTATION).map(|t| json!(t))
+                    == desired["metadata"]["annotations"].get(UPLOAD_TOKEN_ANNOTATION).cloned()
         });
         if !same {
             let rname = replica_name(&name, node);
