@@ -152,8 +152,9 @@ impl PeerServer {
             ));
         }
         let Some(wanted) = self.catalog.wanted(namespace, name) else {
+            // 503: the operator may not have placed it here yet; uploaders retry.
             return Err((
-                StatusCode::NOT_FOUND,
+                StatusCode::SERVICE_UNAVAILABLE,
                 format!("ModelWrapper {namespace}/{name} is not placed on node {} (yet): retry once the operator placed it here", self.node),
             ));
         };

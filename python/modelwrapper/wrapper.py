@@ -18,7 +18,8 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from . import _gc
+from . import _cluster, _gc
+from ._cluster import ClusterRef
 from ._export import component_name, detect_components
 from ._format import read_manifest
 from ._load import load as _load_volume
@@ -35,17 +36,21 @@ class ModelWrapper:
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | None,
         *,
         mode: str,
         is_standalone: bool,
         model_info: dict[str, dict[str, Any]],
         method_names: tuple[str, ...] | list[str] | None = None,
+        cluster: ClusterRef | None = None,
         _lease: _gc.LeaseKey | None = None,
     ):
         if mode not in _MODES:
             raise ValueError(f"mode must be 'actor' or 'task', not {mode!r}")
-        self._path = Path(path)
+        if (path is None) == (cluster is None):
+            raise ValueError("a ModelWrapper is either a volume path or a cluster reference")
+        self._cluster = cluster
+        self._path = Path(path) if path is not None else None
         self._mode = mode
         self._is_standalone_module = is_standalone
         self._model_info = model_info
@@ -53,7 +58,8 @@ class ModelWrapper:
         self._released = False
         # This object holds its generation (local ones only) until it is
         # garbage-collected or released; `_lease` is one already taken for it.
-        lease = _lease if _lease is not None else _gc.acquire(self._path)
+        # In a cluster the ModelWrapper object (owned by its pod) holds it.
+        lease = _lease if _lease is not None or self._path is None else _gc.acquire(self._path)
         self._finalizer = weakref.finalize(self, _gc.release, lease) if lease is not None else None
 
     # construction -------------------------------------------------------
@@ -65,6 +71,8 @@ class ModelWrapper:
         *,
         name: str | None = None,
         method_names: tuple[str, ...] | list[str] | None = None,
+        owner: Any = None,
+        timeout: float = _cluster.DEFAULT_TIMEOUT,
     ) -> "ModelWrapper":
         """Exports ``model`` (an ``nn.Module`` or a pipeline object) once into the
         local shared-memory root (``$MODELWRAPPER_ROOT``, default
@@ -77,10 +85,21 @@ class ModelWrapper:
 
         ``method_names`` (task mode, as in the seed): the methods a task
         pipeline exposes as Ray tasks besides calling it, e.g.
-        ``("forward", "predict")``; by default every public method."""
+        ``("forward", "predict")``; by default every public method.
+
+        In a pod with ``MODELWRAPPER_CATALOG`` set (the namespace catalog
+        volume; docs/ray.md) the model goes to the cluster instead: a
+        ModelWrapper in the pod's namespace (owned by this pod unless
+        ``owner=`` names another object, or ``owner=False``), uploaded to
+        this node's agent, spread to every node whose pods mount the catalog;
+        it returns once a node holds a verified copy (``timeout`` seconds at
+        most), and the wrapper pickles to (namespace, name, generation)."""
         if mode not in _MODES:
             raise ValueError(f"mode must be 'actor' or 'task', not {mode!r}")
         _check_method_names(method_names)
+        if _cluster.catalog() is not None:
+            ref, standalone, info = _cluster.publish(model, mode=mode, name=name, owner=owner, timeout=timeout)
+            return cls(None, mode=mode, is_standalone=standalone, model_info=info, method_names=method_names, cluster=ref)
         standalone, modules = detect_components(model)
         wrapper_name = name or component_name(type(model).__name__)
         path, lease = publish_local(model, name=wrapper_name, mode=mode)
@@ -137,7 +156,12 @@ class ModelWrapper:
     # use ------------------------------------------------------------------
     @property
     def path(self) -> Path:
+        """The generation's directory in this process: for a cluster
+        wrapper, under this pod's catalog once Ready on this node (waits)."""
         self._check_usable()
+        if self._cluster is not None:
+            return _cluster.resolve(self._cluster)
+        assert self._path is not None
         return self._path
 
     def _check_usable(self) -> None:
@@ -147,15 +171,27 @@ class ModelWrapper:
                 "Create a new one with ModelWrapper.from_model(), or do not release a wrapper you still use"
             )
 
-    def load(self, _use_fast_load: bool = False, *, copy_on_write: bool | None = None) -> Any:
+    def load(
+        self,
+        _use_fast_load: bool = False,
+        *,
+        copy_on_write: bool | None = None,
+        timeout: float = _cluster.DEFAULT_TIMEOUT,
+    ) -> Any:
         """Actor mode: the model or pipeline, mapped zero-copy (on CPU, eval,
         no grad, read-only: see ``modelwrapper.load``). ``_use_fast_load=True``
         prefaults the page tables up front. Task mode: a :class:`TaskPipeline`
-        whose calls run as Ray tasks."""
+        whose calls run as Ray tasks.
+
+        A cluster wrapper is loaded from this pod's catalog: ``load()`` waits
+        until it is Ready on this node (``timeout`` seconds, logging its
+        status every few seconds) and fails at once with the reason when
+        this node cannot get it."""
         self._check_usable()
         if self._mode == "task":
             return TaskPipeline(self)
-        return _load_volume(self._path, prefault=_use_fast_load, copy_on_write=copy_on_write)
+        path = _cluster.resolve(self._cluster, timeout) if self._cluster is not None else self._path
+        return _load_volume(path, prefault=_use_fast_load, copy_on_write=copy_on_write)
 
     def release(self) -> bool:
         """Drops this wrapper's hold on its generation now, instead of when it
@@ -169,6 +205,8 @@ class ModelWrapper:
         self._released = True
         if self._finalizer is not None:
             self._finalizer()
+        if self._path is None:
+            return False  # the ModelWrapper object in the cluster holds it
         found = local_generation(self._path)
         if found is None:
             return False
@@ -183,7 +221,8 @@ class ModelWrapper:
         """A small JSON-able description (path and metadata, no weights)."""
         self._check_usable()
         return {
-            "path": str(self._path),
+            "path": str(self._path) if self._path is not None else None,
+            "cluster": vars(self._cluster).copy() if self._cluster is not None else None,
             "mode": self._mode,
             "is_standalone": self._is_standalone_module,
             "model_info": self._model_info,
@@ -197,12 +236,16 @@ class ModelWrapper:
         if data is not None and fields:
             raise TypeError("deserialize() takes the serialized dict or its keys as keyword arguments, not both")
         data = dict(data if data is not None else fields)
-        missing = sorted({"path", "mode", "is_standalone", "model_info"} - data.keys())
+        missing = sorted({"mode", "is_standalone", "model_info"} - data.keys())
+        if data.get("path") is None and not data.get("cluster"):
+            missing.append("path")
         if missing:
             raise TypeError(f"deserialize() is missing {', '.join(missing)}: pass what wrapper.serialize() returned")
         names = data.get("method_names")
+        cluster = data.get("cluster")
         return cls(
-            data["path"],
+            data.get("path"),
+            cluster=ClusterRef(**cluster) if cluster else None,
             mode=data["mode"],
             is_standalone=data["is_standalone"],
             model_info=data["model_info"],
@@ -214,7 +257,12 @@ class ModelWrapper:
 
     def __repr__(self) -> str:
         released = ", released" if self._released else ""
-        return f"ModelWrapper(path={str(self._path)!r}, mode={self._mode!r}, components={list(self._model_info)}{released})"
+        where = (
+            f"cluster={self._cluster.namespace}/{self._cluster.name}@{self._cluster.generation}"
+            if self._cluster is not None
+            else f"path={str(self._path)!r}"
+        )
+        return f"ModelWrapper({where}, mode={self._mode!r}, components={list(self._model_info)}{released})"
 
 
 def _check_method_names(names: tuple[str, ...] | list[str] | None) -> tuple[str, ...] | None:
@@ -238,13 +286,15 @@ def _collect_quietly() -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_load(path: str) -> Any:
-    """One zero-copy load per worker process and volume."""
+def _cached_load(where: str | ClusterRef) -> Any:
+    """One zero-copy load per worker process and volume; a cluster wrapper
+    is waited for on the node the task landed on."""
+    path = _cluster.resolve(where) if isinstance(where, ClusterRef) else where
     return _load_volume(path)
 
 
-def _invoke(path: str, attribute: str | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    target = _cached_load(path)
+def _invoke(where: str | ClusterRef, attribute: str | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    target = _cached_load(where)
     for part in attribute.split(".") if attribute else ():
         target = getattr(target, part)
     return target(*args, **kwargs)
@@ -280,10 +330,12 @@ class TaskPipeline:
         return TaskPipeline(self._wrapper, path)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        path = str(self._wrapper.path)
+        w = self._wrapper
+        w._check_usable()
+        where: str | ClusterRef = w._cluster if w._cluster is not None else str(w.path)
         if _ray_running():
             import ray
 
             remote = ray.remote(_invoke)
-            return ray.get(remote.remote(path, self._attribute, args, kwargs))
-        return _invoke(path, self._attribute, args, kwargs)
+            return ray.get(remote.remote(where, self._attribute, args, kwargs))
+        return _invoke(where, self._attribute, args, kwargs)
