@@ -72,9 +72,10 @@ def node_info(cat: Path) -> dict[str, Any]:
         ) from None
 
 
-def _wrapper_name(model: Any, mode: str, modules: dict[str, Any], shas: dict[str, str]) -> str:
-    """The same model (class, architecture, weights, mode) gives the same name."""
-    digest = hashlib.sha256(f"{mode}:{type(model).__qualname__}".encode())
+def _wrapper_name(model: Any, modules: dict[str, Any], shas: dict[str, str]) -> str:
+    """The same model (class, architecture, weights) gives the same name, in
+    actor and task mode alike: both use the same bytes on a node."""
+    digest = hashlib.sha256(type(model).__qualname__.encode())
     for attr in sorted(modules):
         digest.update(f"{attr}:{shas[attr]}:{modules[attr]!r}".encode())
     return f"{component_name(type(model).__name__)[:40].strip('-')}-{digest.hexdigest()[:10]}"
@@ -130,7 +131,7 @@ def publish(
     try:
         exported = export(model, work, mode=mode, name="export")
         shas = {c.attribute: c.weights_sha256 for c in exported.components}
-        wname = name or _wrapper_name(model, mode, modules, shas)
+        wname = name or _wrapper_name(model, modules, shas)
         spec = dict(exported.spec["spec"])
         spec.pop("task", None)
         pipeline = json.loads(json.dumps(spec["pipeline"]))
@@ -140,7 +141,11 @@ def publish(
                 c["skeleton"]["uri"] = UPLOAD_URI
         if "skeleton" in pipeline:
             pipeline["skeleton"]["uri"] = UPLOAD_URI
-        spec = {"mode": mode, "placement": "Consumers", "pipeline": pipeline}
+        # The CR's `mode: task` means ModelTask Jobs run by the operator;
+        # from_model()'s task mode runs Ray tasks in the caller's cluster, so
+        # the wrapper object is an actor-mode one either way (one copy of the
+        # bytes serves both), and the mode stays with the Python wrapper.
+        spec = {"mode": "actor", "placement": "Consumers", "pipeline": pipeline}
         files = {c.weights_sha256: c.weights for c in exported.components}
         files.update({c.skeleton_sha256: c.skeleton for c in exported.components if c.skeleton and c.skeleton_sha256})
         if exported.pipeline_skeleton and exported.pipeline_skeleton_sha256:
@@ -200,7 +205,7 @@ def _create_or_reuse(kube: Kube, namespace: str, name: str, spec: dict[str, Any]
         if e.status != 409:
             raise
     existing = kube.get(wrappers_path(namespace, name))
-    same_weights = _weights(existing["spec"]) == _weights(spec) and existing["spec"].get("mode", "actor") == spec["mode"]
+    same_weights = _weights(existing["spec"]) == _weights(spec)
     patch: dict[str, Any] = {"metadata": {"annotations": {UPLOAD_TOKEN_ANNOTATION: token_hash}}}
     known = {o.get("uid") for o in existing["metadata"].get("ownerReferences") or []}
     if any(o["uid"] not in known for o in owners):

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -49,6 +49,8 @@ pub struct Server {
     pub requests: Arc<AtomicU32>,
     /// The start offset of every Range request, for assertions on resumes.
     pub range_starts: Arc<Mutex<Vec<u64>>>,
+    /// Body bytes sent in full responses (what an origin paid).
+    pub bytes_served: Arc<AtomicU64>,
     /// Bodies that replace a file once a response for it was cut.
     after_cut: Arc<Mutex<HashMap<String, Vec<u8>>>>,
 }
@@ -62,7 +64,9 @@ impl Server {
         let requests = Arc::new(AtomicU32::new(0));
         let range_starts: Arc<Mutex<Vec<u64>>> = Arc::default();
         let after_cut: Arc<Mutex<HashMap<String, Vec<u8>>>> = Arc::default();
+        let bytes_served = Arc::new(AtomicU64::new(0));
         let state = State {
+            bytes_served: bytes_served.clone(),
             files: files.clone(),
             requests: requests.clone(),
             range_starts: range_starts.clone(),
@@ -82,6 +86,7 @@ impl Server {
             files,
             requests,
             range_starts,
+            bytes_served,
             after_cut,
         }
     }
@@ -119,6 +124,7 @@ fn etag(body: &[u8]) -> String {
 
 #[derive(Clone)]
 struct State {
+    bytes_served: Arc<AtomicU64>,
     files: Arc<Mutex<HashMap<String, Entry>>>,
     requests: Arc<AtomicU32>,
     range_starts: Arc<Mutex<Vec<u64>>>,
@@ -128,6 +134,7 @@ struct State {
 
 fn handle(stream: TcpStream, state: &State) -> std::io::Result<()> {
     let State {
+        bytes_served,
         files,
         requests,
         range_starts,
@@ -255,6 +262,7 @@ fn handle(stream: TcpStream, state: &State) -> std::io::Result<()> {
             out.flush()?;
             return Ok(()); // close mid-body
         }
+        bytes_served.fetch_add((total - start) as u64, Ordering::SeqCst);
         if fault == Fault::Slow {
             for chunk in body[start..].chunks(64 << 10) {
                 out.write_all(chunk)?;

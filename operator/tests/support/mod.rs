@@ -47,14 +47,27 @@ impl Env {
         operator_args: &[&str],
         agent_args: &[&str],
     ) -> Env {
+        // Keep logs and node roots for a post-mortem: ZEROCOPY_E2E_DIR=/tmp/x cargo test ...
+        let dir = std::env::var_os("ZEROCOPY_E2E_DIR").map(PathBuf::from);
+        Self::start_in(dir, nodes, operators, operator_args, agent_args).await
+    }
+
+    /// As [`Env::start_with`], with the cluster's directory (node roots,
+    /// sockets, logs) at `dir` (e.g. on a tmpfs, so roots are shared memory).
+    pub async fn start_in(
+        dir: Option<PathBuf>,
+        nodes: Vec<NodeSpec>,
+        operators: usize,
+        operator_args: &[&str],
+        agent_args: &[&str],
+    ) -> Env {
         let mut opts = ClusterOptions::with_nodes(vec![]).agent(
             agent_bin(),
             AgentMode::Cluster {
                 namespace: SYSTEM_NS.into(),
             },
         );
-        // Keep logs and node roots for a post-mortem: ZEROCOPY_E2E_DIR=/tmp/x cargo test ...
-        opts.dir = std::env::var_os("ZEROCOPY_E2E_DIR").map(PathBuf::from);
+        opts.dir = dir;
         // The tests' models are files in the cluster's directory, which lies
         // there: the one host directory file:// sources may read.
         let models_dir = opts.dir.clone().unwrap_or_else(std::env::temp_dir);
@@ -230,6 +243,10 @@ pub fn generations_on(cluster: &Cluster, node: &str) -> Vec<String> {
     let mut out = Vec::new();
     for w in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
         for g in std::fs::read_dir(w.path()).into_iter().flatten().flatten() {
+            // `current` points at a generation; it is not one.
+            if g.file_name() == "current" {
+                continue;
+            }
             if g.path().join("manifest.json").exists() {
                 out.push(format!(
                     "{}/{}",

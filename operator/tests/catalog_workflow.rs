@@ -1,0 +1,319 @@
+//! The seed's workflow across the simulated cluster: a driver pod calls
+//! `ModelWrapper.from_model()`, worker pods on other nodes (some started
+//! before it) call `wrapper.load()` from the namespace catalog volume; the
+//! real operator places the wrapper where the catalog is mounted, the real
+//! agents take the upload and copy it between themselves. Also: peer fill
+//! keeps an http origin to about one download for four nodes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::ResourceExt;
+use serde_json::{json, Value};
+use support::*;
+use zerocopy_api::ModelWrapper;
+use zerocopy_e2e::NodeSpec;
+use zerocopy_integration_tests::http::{Fault, Server};
+use zerocopy_integration_tests::safetensors::{file, T};
+use zerocopy_integration_tests::{sha256_hex, TmpfsDir};
+
+const PEER_TOKEN: &str = "simulated-cluster-peer-token";
+
+fn data_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/catalog")
+}
+
+/// A pod on `node` that mounts its namespace's catalog at /mnt/models and
+/// runs `pod.py <role>`.
+fn catalog_pod(
+    ns: &str,
+    name: &str,
+    node: &str,
+    role: &str,
+    shared: &Path,
+    kubeconfig: &Path,
+    owner: Option<&Value>,
+) -> Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "nodeName": node,
+            "restartPolicy": "Never",
+            "containers": [{
+                "name": "main", "image": "rayproject/ray",
+                "command": ["python3", data_dir().join("pod.py").display().to_string(), role],
+                "env": [
+                    {"name": "MODELWRAPPER_CATALOG", "value": "/mnt/models"},
+                    {"name": "SHARED_DIR", "value": shared.display().to_string()},
+                    {"name": "KUBECONFIG", "value": kubeconfig.display().to_string()},
+                    {"name": "PYTHONPATH", "value": data_dir().display().to_string()},
+                    {"name": "OWNER", "value": owner.map(|o| o.to_string()).unwrap_or_default()},
+                    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                    {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
+                ],
+                "volumeMounts": [{"name": "models", "mountPath": "/mnt/models", "readOnly": true}]
+            }],
+            "volumes": [{"name": "models", "csi": {"driver": "csi.zerocopy.dev", "readOnly": true, "volumeAttributes": {"catalog": "true"}}}]
+        }
+    }))
+    .unwrap()
+}
+
+fn read_json(path: &Path) -> Option<Value> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+/// Waits for `pod`'s result file; fails at once with the pod's log when the
+/// pod's program died (a traceback), instead of waiting out the bound.
+async fn result_of(env: &mut Env, ns: &str, pod: &str, path: &Path, secs: u64) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        env.assert_operators_alive();
+        if let Some(v) = read_json(path) {
+            return v;
+        }
+        let log = env.cluster.pod_log(ns, pod, "main").unwrap_or_default();
+        let timed_out = std::time::Instant::now() > deadline;
+        if log.contains("Traceback") || timed_out {
+            let pods: Api<Pod> = Api::namespaced(env.client.clone(), ns);
+            let status = pods.get_opt(pod).await.ok().flatten().and_then(|p| p.status);
+            let agents: String = ["node-1", "node-2", "node-3"]
+                .iter()
+                .filter_map(|n| env.cluster.node_dirs(n))
+                .map(|d| std::fs::read_to_string(d.base.join("agent.log")).unwrap_or_default())
+                .map(|l| l.lines().rev().take(15).collect::<Vec<_>>().join("\n"))
+                .collect::<Vec<_>>()
+                .join("\n---\n");
+            panic!(
+                "pod {ns}/{pod} {}:\n{log}\nstatus: {status:?}\nagents (last lines, newest first):\n{agents}\noperator:\n{}",
+                if timed_out { "gave no result in time" } else { "failed" },
+                env.operator_log("op-0").lines().rev().take(20).collect::<Vec<_>>().join("\n")
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// Pss of every `.safetensors` mapping of `pid`, in bytes.
+fn weights_pss(pid: u64) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut current = false;
+    let mut total = 0;
+    for line in smaps.lines() {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        if !parts[0].ends_with(':') {
+            current = parts.last().is_some_and(|p| p.ends_with(".safetensors"));
+        } else if current && parts[0] == "Pss:" {
+            total += parts[1].parse::<u64>().unwrap() * 1024;
+        }
+    }
+    total
+}
+
+async fn start_env(tmp: &TmpfsDir, nodes: usize, extra_agent_args: &[&str]) -> Env {
+    let token = tmp.path().join("peer-token");
+    std::fs::write(&token, PEER_TOKEN).unwrap();
+    let token_arg = format!("--peer-token-file={}", token.display());
+    let mut agent_args = vec!["--peer-addr=127.0.0.1:0", token_arg.as_str()];
+    agent_args.extend_from_slice(extra_agent_args);
+    let nodes = (1..=nodes).map(|i| NodeSpec::new(&format!("node-{i}"))).collect();
+    // Node roots on a tmpfs: generations are shared memory, as on a real node.
+    Env::start_in(Some(tmp.path().join("cluster")), nodes, 1, &[], &agent_args).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn from_model_in_a_driver_pod_and_load_in_pods_on_every_node() {
+    let tmp = TmpfsDir::new();
+    let mut env = start_env(&tmp, 3, &["--consumer-grace-seconds=2"]).await;
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let kubeconfig = env.cluster.kubeconfig.clone();
+    let nss: Api<Namespace> = Api::all(env.client.clone());
+    nss.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "other"}})).unwrap(),
+    )
+    .await
+    .unwrap();
+    // The object whose lifetime the wrapper follows (a RayCluster in real use).
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), NS);
+    let owner_cm = cms
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "raycluster"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let owner = json!({"apiVersion": "v1", "kind": "ConfigMap", "name": "raycluster", "uid": owner_cm.uid().unwrap()});
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), NS);
+    let pp = PostParams::default();
+
+    // Workers start before the model exists.
+    for (name, node) in [("worker-2a", "node-2"), ("worker-2b", "node-2"), ("worker-3", "node-3")] {
+        pods.create(&pp, &catalog_pod(NS, name, node, "worker", &shared, &kubeconfig, None))
+            .await
+            .unwrap();
+    }
+    pods.create(
+        &pp,
+        &catalog_pod(NS, "driver", "node-1", "driver", &shared, &kubeconfig, Some(&owner)),
+    )
+    .await
+    .unwrap();
+    let driver = result_of(&mut env, NS, "driver", &shared.join("driver.json"), 60).await;
+    assert_eq!(
+        driver["tasks_equal"], true,
+        "for_tasks(pipeline)(x) == pipeline(x): {driver}"
+    );
+    assert!(
+        driver["pickle_bytes"].as_u64().unwrap() < 2048,
+        "a wrapper pickles to a reference: {driver}"
+    );
+    // The driver may go once from_model() returned: the other nodes still fill.
+    pods.delete("driver", &DeleteParams::default()).await.unwrap();
+
+    let mut results = Vec::new();
+    for name in ["worker-2a", "worker-2b", "worker-3"] {
+        let path = shared.join(format!("result-{name}.json"));
+        let r = result_of(&mut env, NS, name, &path, 300).await;
+        assert_eq!(r["equal"], true, "{name}: outputs differ from the driver's model: {r}");
+        let mapped = r["mapped"].as_array().unwrap();
+        assert!(!mapped.is_empty(), "{name} maps no weights: {r}");
+        assert!(
+            mapped.iter().all(|m| m.as_str().unwrap().starts_with("/mnt/models/")),
+            "{name}: tensor data must lie in the catalog mount: {r}"
+        );
+        results.push(r);
+    }
+
+    // One copy per node: one generation of the wrapper on each node, no
+    // upload left over, and two pods on node-2 share its pages.
+    let wrappers: Api<ModelWrapper> = Api::namespaced(env.client.clone(), NS);
+    let actor = wrappers
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|w| w.labels().get("zerocopy.dev/created-by").map(String::as_str) == Some("from_model"))
+        .expect("from_model made a wrapper");
+    assert_eq!(actor.spec.placement, zerocopy_api::Placement::Consumers);
+    let name = actor.name_any();
+    for node in ["node-1", "node-2", "node-3"] {
+        let gens: Vec<String> = generations_on(&env.cluster, node)
+            .into_iter()
+            .filter(|g| g.starts_with(&format!("{name}/")))
+            .collect();
+        assert_eq!(gens.len(), 1, "{node} holds {gens:?}");
+        let uploads = env.cluster.node_dirs(node).unwrap().root.join(".uploads");
+        let left = std::fs::read_dir(&uploads).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(left, 0, "{node}: uploads left in shared memory");
+    }
+    let bytes = actor.status.as_ref().unwrap().total_bytes;
+    let pss: u64 = results[..2]
+        .iter()
+        .map(|r| weights_pss(r["pid"].as_u64().unwrap()))
+        .sum();
+    assert!(
+        pss <= bytes + bytes / 10,
+        "two pods on node-2 hold {pss} bytes of weights for a {bytes}-byte model: not one shared copy"
+    );
+
+    // Bytes came from the driver once: nodes 2 and 3 copied from peers.
+    let uploaded: usize = ["node-1", "node-2", "node-3"]
+        .iter()
+        .map(|n| {
+            std::fs::read_to_string(env.cluster.node_dirs(n).unwrap().base.join("agent.log"))
+                .unwrap_or_default()
+                .matches("upload verified")
+                .count()
+        })
+        .sum();
+    // 2 weights, 2 skeletons, the pipeline skeleton; for_tasks() reused the
+    // wrapper from_model() made (same bytes), so nothing was uploaded twice.
+    assert_eq!(uploaded, 5, "each file uploaded once");
+
+    // A node joining later gets its copy when a pod there mounts the catalog.
+    env.cluster.add_node(NodeSpec::new("node-4")).await.unwrap();
+    pods.create(
+        &pp,
+        &catalog_pod(NS, "worker-4", "node-4", "worker", &shared, &kubeconfig, None),
+    )
+    .await
+    .unwrap();
+    let r = result_of(&mut env, NS, "worker-4", &shared.join("result-worker-4.json"), 300).await;
+    assert_eq!(r["equal"], true, "{r}");
+
+    // Another namespace sees nothing of ml's.
+    let other: Api<Pod> = Api::namespaced(env.client.clone(), "other");
+    other
+        .create(
+            &pp,
+            &catalog_pod("other", "snoop", "node-2", "list", &shared, &kubeconfig, None),
+        )
+        .await
+        .unwrap();
+    let listed = result_of(&mut env, "other", "snoop", &shared.join("list-snoop.json"), 120).await;
+    assert_eq!(
+        listed,
+        json!([".node.json"]),
+        "another namespace's catalog shows ml's wrappers"
+    );
+
+    // Deleting the owner collects the wrapper; node memory is freed.
+    cms.delete("raycluster", &DeleteParams::default()).await.unwrap();
+    env.wait_alive("the wrapper to be garbage-collected", 120, || async {
+        wrappers.get_opt(&name).await.unwrap().is_none().then_some(())
+    })
+    .await;
+    wait_for("every node to free the generation", 120, || async {
+        ["node-1", "node-2", "node-3", "node-4"]
+            .iter()
+            .all(|n| {
+                !generations_on(&env.cluster, n)
+                    .iter()
+                    .any(|g| g.starts_with(&format!("{name}/")))
+            })
+            .then_some(())
+    })
+    .await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_nodes_fill_from_about_one_origin_download() {
+    let tmp = TmpfsDir::new();
+    let mut env = start_env(&tmp, 4, &["--allow-network=127.0.0.0/8"]).await;
+    let server = Server::start(Fault::None);
+    let body = file(&[T::f32("w", 2_000_000, 5)]); // 8 MB
+    let url = server.put("big.safetensors", body.clone());
+    let wrappers: Api<ModelWrapper> = Api::namespaced(env.client.clone(), NS);
+    // The test server is on 127.0.0.1: allowed explicitly, as an admin would
+    // allow an in-cluster object store.
+    let w: ModelWrapper = serde_json::from_value(json!({
+        "apiVersion": "zerocopy.dev/v1alpha1", "kind": "ModelWrapper",
+        "metadata": {"name": "big", "namespace": NS},
+        "spec": {"pipeline": {"components": [{"name": "enc", "weights": {"uri": url, "sha256": sha256_hex(&body)}}]}}
+    }))
+    .unwrap();
+    wrappers.create(&PostParams::default(), &w).await.unwrap();
+    env.wait_alive("big Ready on 4 nodes", 300, || async {
+        let s = wrappers.get("big").await.ok()?.status?;
+        (s.ready_nodes == 4).then_some(())
+    })
+    .await;
+    let served = server.bytes_served.load(std::sync::atomic::Ordering::SeqCst);
+    let size = body.len() as u64;
+    println!("origin served {served} bytes for a {size}-byte model on 4 nodes");
+    assert!(
+        served * 10 <= size * 12,
+        "the origin served {served} bytes for a {size}-byte model on 4 nodes (more than 1.2x)"
+    );
+    env.stop().await;
+}
