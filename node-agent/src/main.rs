@@ -88,6 +88,11 @@ struct PeerFlags {
     /// --peer-token-file, Ready generations to other agents (e.g. 0.0.0.0:9465).
     #[arg(long)]
     peer_addr: Option<std::net::SocketAddr>,
+    /// Serve blobs to other agents on this address instead (e.g.
+    /// 0.0.0.0:9466), so a NetworkPolicy can admit only agents to it while
+    /// pods reach --peer-addr for uploads.
+    #[arg(long)]
+    blob_addr: Option<std::net::SocketAddr>,
     /// Host or IP in the URL pods and peers reach this agent at (the node's
     /// address; the chart passes status.hostIP). Default: --peer-addr's IP,
     /// or the host name when it listens on all addresses.
@@ -116,8 +121,8 @@ impl PeerFlags {
     fn options(&self, capacity: Option<u64>) -> anyhow::Result<Option<zerocopy_node_agent::serve::PeerOptions>> {
         let Some(addr) = self.peer_addr else {
             anyhow::ensure!(
-                self.peer_token_file.is_none(),
-                "--peer-token-file needs --peer-addr (where peers read from)"
+                self.peer_token_file.is_none() && self.blob_addr.is_none(),
+                "--peer-token-file and --blob-addr need --peer-addr (the upload and peer server)"
             );
             return Ok(None);
         };
@@ -128,6 +133,7 @@ impl PeerFlags {
         };
         Ok(Some(zerocopy_node_agent::serve::PeerOptions {
             addr,
+            blob_addr: self.blob_addr,
             advertise_host,
             token: self.token()?,
             max_upload_bytes: capacity.unwrap_or(u64::MAX),

@@ -108,21 +108,23 @@ pub struct PeerServer {
 }
 
 impl PeerServer {
-    /// The routes.
-    pub fn router(self) -> axum::Router {
+    /// Uploads from pods.
+    pub fn uploads_router(self: &Arc<Self>) -> axum::Router {
         use axum::routing::get;
         axum::Router::new()
-            .route("/v1/blobs/{sha256}", get(blob))
             .route(
                 "/v1/uploads/{namespace}/{name}/{sha256}",
                 get(upload_status).put(upload),
             )
-            .with_state(Arc::new(self))
+            .with_state(self.clone())
     }
 
-    /// Binds `addr` and serves until the process ends.
-    pub async fn serve(self, listener: tokio::net::TcpListener) -> io::Result<()> {
-        axum::serve(listener, self.router()).await
+    /// Blob reads by other agents.
+    pub fn blobs_router(self: &Arc<Self>) -> axum::Router {
+        use axum::routing::get;
+        axum::Router::new()
+            .route("/v1/blobs/{sha256}", get(blob))
+            .with_state(self.clone())
     }
 
     fn find_blob(&self, sha256: &str) -> Option<(PathBuf, u64)> {

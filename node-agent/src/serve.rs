@@ -49,8 +49,12 @@ pub struct ServeOptions {
 /// Where uploads and peer reads are served.
 #[derive(Debug, Clone)]
 pub struct PeerOptions {
-    /// Listen address (`0.0.0.0:9465`; port 0 picks one).
+    /// Listen address for uploads from pods (`0.0.0.0:9465`; port 0 picks
+    /// one); blobs too unless `blob_addr` is set.
     pub addr: SocketAddr,
+    /// A separate listener for blob reads by other agents, so a
+    /// NetworkPolicy can admit only agents to it.
+    pub blob_addr: Option<SocketAddr>,
     /// Host (node address) in the URL told to pods and peers.
     pub advertise_host: String,
     /// The token other agents present to read blobs; `None`: no blob serving.
@@ -92,7 +96,7 @@ pub struct Shared {
     pub ledger: Arc<Ledger>,
     /// Metrics registry.
     pub metrics: Metrics,
-    /// `http://<node>:<port>` of the upload and peer server, if one runs.
+    /// `http://<node>:<port>` other agents read blobs from, if served.
     pub endpoint: Option<String>,
 }
 
@@ -163,9 +167,12 @@ pub async fn serve_wanted(
     // Complete generations are Ready before the socket answers.
     supervisor.set_wanted(&wrappers);
     let ready = Arc::new(AtomicBool::new(false));
-    let endpoint = match &opts.peer {
-        Some(p) => Some(start_peer_server(p, &opts.node_id, &root, &catalog).await?),
-        None => None,
+    let (upload_endpoint, endpoint) = match &opts.peer {
+        Some(p) => {
+            let (uploads, blobs) = start_peer_server(p, &opts.node_id, &root, &catalog).await?;
+            (Some(uploads), blobs)
+        }
+        None => (None, None),
     };
     let node = NodeService {
         node_id: opts.node_id.clone(),
@@ -176,7 +183,7 @@ pub async fn serve_wanted(
         kubelet_dir: opts.kubelet_dir.clone(),
         publish_wait: opts.publish_wait,
         metrics: metrics.clone(),
-        upload_endpoint: endpoint.clone(),
+        upload_endpoint,
     };
     let listener = server::bind(&opts.csi_socket)
         .await
@@ -270,40 +277,61 @@ fn collect_uploads(root: &VolumeRoot, catalog: &Catalog) {
     }
 }
 
-/// Binds the upload and peer server and returns the URL others reach it at.
+/// Binds the upload server (and the blob server, on its own address when
+/// one is given) and returns their URLs: uploads, and blobs when a peer
+/// token lets this agent serve them.
 async fn start_peer_server(
     p: &PeerOptions,
     node: &str,
     root: &VolumeRoot,
     catalog: &Arc<Catalog>,
-) -> Result<String, ServeError> {
-    let listener = tokio::net::TcpListener::bind(p.addr)
-        .await
-        .map_err(io(format!("binding the peer server on {}", p.addr)))?;
-    let port = listener
-        .local_addr()
-        .map_err(io("reading the peer server's address"))?
-        .port();
-    let host = if p.advertise_host.contains(':') {
-        format!("[{}]", p.advertise_host)
-    } else {
-        p.advertise_host.clone()
-    };
-    let endpoint = format!("http://{host}:{port}");
-    let server = PeerServer {
+) -> Result<(String, Option<String>), ServeError> {
+    let server = Arc::new(PeerServer {
         root: root.clone(),
         catalog: catalog.clone(),
         peer_token: p.token.clone(),
         node: node.to_string(),
         max_upload_bytes: p.max_upload_bytes,
-    };
-    tokio::spawn(async move {
-        if let Err(e) = server.serve(listener).await {
-            tracing::error!(error = %e, "peer server stopped");
-        }
     });
-    tracing::info!(%endpoint, blobs = p.token.is_some(), "serving uploads and peers");
-    Ok(endpoint)
+    let host = if p.advertise_host.contains(':') {
+        format!("[{}]", p.advertise_host)
+    } else {
+        p.advertise_host.clone()
+    };
+    let bind = |addr: SocketAddr| async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(io(format!("binding the peer server on {addr}")))?;
+        let port = listener
+            .local_addr()
+            .map_err(io("reading the peer server's address"))?
+            .port();
+        Ok::<_, ServeError>((listener, port))
+    };
+    let spawn = |listener: tokio::net::TcpListener, app: axum::Router| {
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "peer server stopped");
+            }
+        });
+    };
+    let (listener, port) = bind(p.addr).await?;
+    let uploads = format!("http://{host}:{port}");
+    let blobs = match p.blob_addr {
+        Some(addr) => {
+            let (blob_listener, blob_port) = bind(addr).await?;
+            spawn(listener, server.uploads_router());
+            spawn(blob_listener, server.blobs_router());
+            format!("http://{host}:{blob_port}")
+        }
+        None => {
+            spawn(listener, server.uploads_router().merge(server.blobs_router()));
+            uploads.clone()
+        }
+    };
+    let blobs = p.token.is_some().then_some(blobs);
+    tracing::info!(%uploads, blobs = ?blobs, "serving uploads and peers");
+    Ok((uploads, blobs))
 }
 
 fn files_fingerprint(files: &[PathBuf]) -> Vec<(PathBuf, Option<SystemTime>, u64)> {

@@ -109,6 +109,23 @@ async fn the_rendered_chart_runs_the_actor_mode_example_to_ready() {
     let ds: Api<DaemonSet> = Api::namespaced(client.clone(), RELEASE_NS);
     let ds = ds.get("zerocopy-node-agent").await.unwrap();
     let agent_args: Vec<String> = ds.spec.template.spec.unwrap().containers[0].args.clone().unwrap();
+    // The Secret the chart generated, as the agents' volume would carry it.
+    let secret = docs
+        .iter()
+        .find(|d| d["kind"] == "Secret" && d["metadata"]["name"] == "zerocopy-peer-token")
+        .expect("the chart makes the agents' peer token");
+    let token = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        secret["data"]["token"].as_str().unwrap(),
+    )
+    .unwrap();
+    assert!(token.len() >= 32, "a weak peer token");
+    let token_file = cluster.dir.join("peer-token");
+    std::fs::write(&token_file, token).unwrap();
+    assert!(
+        docs.iter().any(|d| d["kind"] == "NetworkPolicy"),
+        "the blob port is closed to everything but agents"
+    );
     let mut template = Vec::new();
     for a in &agent_args {
         let (flag, _) = a.split_once('=').unwrap_or((a, ""));
@@ -119,6 +136,11 @@ async fn the_rendered_chart_runs_the_actor_mode_example_to_ready() {
             "--node-id" => "--node-id={node}".into(),
             "--kubelet-dir" => "--kubelet-dir={kubelet}".into(),
             "--metrics-addr" => "--metrics-addr={metrics}".into(),
+            // Every simulated node shares 127.0.0.1: free ports, not 9465/9466.
+            "--peer-addr" => "--peer-addr=127.0.0.1:0".into(),
+            "--blob-addr" => "--blob-addr=127.0.0.1:0".into(),
+            "--advertise-host" => "--advertise-host=127.0.0.1".into(),
+            "--peer-token-file" => format!("--peer-token-file={}", token_file.display()),
             _ => a.clone(),
         });
         if a == "run" {

@@ -31,7 +31,10 @@ fn upload_spec(sha: &str) -> ModelWrapperSpec {
 
 struct AgentProcess {
     child: Child,
+    /// Uploads from pods.
     endpoint: String,
+    /// Blob reads by agents (its own listener).
+    blobs: String,
 }
 
 impl Drop for AgentProcess {
@@ -54,11 +57,14 @@ fn start_agent(dir: &Path, sha: &str) -> AgentProcess {
     .unwrap();
     let token = dir.join("peer-token");
     fs::write(&token, format!("{PEER_TOKEN}\n")).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (port, blob_port) = (free(), free());
     let child = Command::new(agent_bin())
         .arg("--root")
         .arg(dir.join("root"))
@@ -76,6 +82,7 @@ fn start_agent(dir: &Path, sha: &str) -> AgentProcess {
             "0.2",
         ])
         .args(["--peer-addr", &format!("127.0.0.1:{port}")])
+        .args(["--blob-addr", &format!("127.0.0.1:{blob_port}")])
         .arg("--peer-token-file")
         .arg(&token)
         .arg("-f")
@@ -88,6 +95,7 @@ fn start_agent(dir: &Path, sha: &str) -> AgentProcess {
     AgentProcess {
         child,
         endpoint: format!("http://127.0.0.1:{port}"),
+        blobs: format!("http://127.0.0.1:{blob_port}"),
     }
 }
 
@@ -164,7 +172,7 @@ async fn an_upload_is_authorized_and_verified_then_peers_copy_it_and_skip_a_liar
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 404);
+    assert_eq!(r.status(), 503, "not placed here (yet): the uploader retries");
     let mut corrupt = body.clone();
     let last = corrupt.len() - 1;
     corrupt[last] ^= 0xff;
@@ -203,8 +211,12 @@ async fn an_upload_is_authorized_and_verified_then_peers_copy_it_and_skip_a_liar
     })
     .await;
 
-    // Blobs go to agents only.
-    let blob = format!("{}/v1/blobs/{sha}", agent.endpoint);
+    // Blobs go to agents only: not on the upload port pods reach, and only
+    // with the peer token on their own port.
+    let on_upload_port = format!("{}/v1/blobs/{sha}", agent.endpoint);
+    let r = http.get(&on_upload_port).bearer_auth(PEER_TOKEN).send().await.unwrap();
+    assert_eq!(r.status(), 404, "the upload port serves no blobs");
+    let blob = format!("{}/v1/blobs/{sha}", agent.blobs);
     assert_eq!(http.get(&blob).send().await.unwrap().status(), 401);
     let served = http.get(&blob).bearer_auth(PEER_TOKEN).send().await.unwrap();
     assert_eq!(served.status(), 200);
@@ -215,7 +227,7 @@ async fn an_upload_is_authorized_and_verified_then_peers_copy_it_and_skip_a_liar
     liar.put(&format!("v1/blobs/{sha}"), corrupt);
     let peers = StaticPeers(vec![
         ("liar".into(), liar.base.clone()),
-        ("node-a".into(), agent.endpoint.clone()),
+        ("node-a".into(), agent.blobs.clone()),
     ]);
     let other_root = tmp.path().join("other-node");
     let engine = FillEngine::new(

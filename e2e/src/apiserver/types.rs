@@ -162,6 +162,15 @@ pub fn builtin_types() -> Vec<ResourceType> {
         R::builtin("apps", "v1", "daemonsets", "DaemonSet", true, true).short(&["ds"]),
         R::builtin("batch", "v1", "jobs", "Job", true, true),
         R::builtin("coordination.k8s.io", "v1", "leases", "Lease", true, false),
+        R::builtin(
+            "networking.k8s.io",
+            "v1",
+            "networkpolicies",
+            "NetworkPolicy",
+            true,
+            false,
+        )
+        .short(&["netpol"]),
         R::builtin("rbac.authorization.k8s.io", "v1", "roles", "Role", true, false),
         R::builtin(
             "rbac.authorization.k8s.io",
