@@ -72,18 +72,22 @@ fn read_json(path: &Path) -> Option<Value> {
 /// Waits for `pod`'s result file; fails at once with the pod's log when the
 /// pod's program died (a traceback), instead of waiting out the bound.
 async fn result_of(env: &mut Env, ns: &str, pod: &str, path: &Path, secs: u64) -> Value {
+    result_of_container(env, ns, pod, "main", path, secs).await
+}
+
+async fn result_of_container(env: &mut Env, ns: &str, pod: &str, container: &str, path: &Path, secs: u64) -> Value {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
     loop {
         env.assert_operators_alive();
         if let Some(v) = read_json(path) {
             return v;
         }
-        let log = env.cluster.pod_log(ns, pod, "main").unwrap_or_default();
+        let log = env.cluster.pod_log(ns, pod, container).unwrap_or_default();
         let timed_out = std::time::Instant::now() > deadline;
         if log.contains("Traceback") || timed_out {
             let pods: Api<Pod> = Api::namespaced(env.client.clone(), ns);
             let status = pods.get_opt(pod).await.ok().flatten().and_then(|p| p.status);
-            let agents: String = ["node-1", "node-2", "node-3"]
+            let agents: String = ["node-1", "node-2", "node-3", "node-4"]
                 .iter()
                 .filter_map(|n| env.cluster.node_dirs(n))
                 .map(|d| std::fs::read_to_string(d.base.join("agent.log")).unwrap_or_default())
@@ -316,4 +320,166 @@ async fn four_nodes_fill_from_about_one_origin_download() {
         "the origin served {served} bytes for a {size}-byte model on 4 nodes (more than 1.2x)"
     );
     env.stop().await;
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A pod of the emulated KubeRay cluster: every container gets the catalog
+/// volume, the Ray address and what Ray needs to run several nodes on one
+/// host (all simulated nodes share 127.0.0.1).
+fn ray_pod(name: &str, node: &str, containers: &[(&str, Vec<String>)], env: &[(&str, String)]) -> Pod {
+    let mut vars: Vec<Value> = env.iter().map(|(k, v)| json!({"name": k, "value": v})).collect();
+    vars.push(json!({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}));
+    vars.push(json!({"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}));
+    let containers: Vec<Value> = containers
+        .iter()
+        .map(|(cname, command)| {
+            json!({
+                "name": cname, "image": "rayproject/ray", "command": command, "env": vars,
+                "volumeMounts": [{"name": "models", "mountPath": "/mnt/models", "readOnly": true}]
+            })
+        })
+        .collect();
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS, "labels": {"ray.io/cluster": "raycluster"}},
+        "spec": {
+            "nodeName": node,
+            "restartPolicy": "Never",
+            "containers": containers,
+            "volumes": [{"name": "models", "csi": {"driver": "csi.zerocopy.dev", "readOnly": true, "volumeAttributes": {"catalog": "true"}}}]
+        }
+    }))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kuberay_cluster_runs_the_seeds_ray_data_workflow_with_one_copy_per_node() {
+    let tmp = TmpfsDir::new();
+    let mut env = start_env(&tmp, 4, &[]).await;
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let gcs_port = free_port();
+    let ray_env: Vec<(&str, String)> = vec![
+        ("MODELWRAPPER_CATALOG", "/mnt/models".into()),
+        ("KUBECONFIG", env.cluster.kubeconfig.display().to_string()),
+        ("PYTHONPATH", data_dir().display().to_string()),
+        ("SHARED_DIR", shared.display().to_string()),
+        ("RAY_ADDRESS", format!("127.0.0.1:{gcs_port}")),
+        ("RAY_NODES", "4".into()),
+        ("RAY_WORKERS", "3".into()),
+        // Several Ray nodes on one host, as the simulator's nodes are.
+        ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1".into()),
+        ("RAY_AUTH_MODE", "disabled".into()),
+    ];
+    let ray = |args: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "ray",
+            "start",
+            "--block",
+            "--object-store-memory=80000000",
+            "--disable-usage-stats",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.push(format!("--dashboard-agent-listen-port={}", free_port()));
+        v.extend(args.iter().map(|s| s.to_string()));
+        v
+    };
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), NS);
+    let pp = PostParams::default();
+    let head = ray(&[
+        "--head",
+        &format!("--port={gcs_port}"),
+        "--num-cpus=1",
+        "--include-dashboard=false",
+    ]);
+    let driver = vec![
+        "python3".to_string(),
+        data_dir().join("ray_driver.py").display().to_string(),
+    ];
+    let ray_tmp = |env: &[(&'static str, String)], pod: &str| -> Vec<(&'static str, String)> {
+        // Each pod its own Ray temp dir, as each real pod has its own /tmp:
+        // Ray names sockets by what exists there. Short: sockets live in it.
+        let dir = format!("/tmp/zc-ray-{gcs_port}-{}", pod.rsplit('-').next().unwrap_or(pod));
+        let mut e = env.to_vec();
+        e.push(("RAY_TMPDIR", dir));
+        e
+    };
+    pods.create(
+        &pp,
+        &ray_pod(
+            "raycluster-head",
+            "node-1",
+            &[("ray-head", head), ("driver", driver)],
+            &ray_tmp(&ray_env, "head"),
+        ),
+    )
+    .await
+    .unwrap();
+    for (i, node) in ["node-2", "node-3", "node-4"].iter().enumerate() {
+        let name = format!("raycluster-worker-{i}");
+        let worker = ray(&[&format!("--address=127.0.0.1:{gcs_port}"), "--num-cpus=2"]);
+        pods.create(
+            &pp,
+            &ray_pod(&name, node, &[("ray-worker", worker)], &ray_tmp(&ray_env, &name)),
+        )
+        .await
+        .unwrap();
+        // One Ray node at a time, as an autoscaler adds them.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+        loop {
+            let log = env.cluster.pod_log(NS, &name, "ray-worker").unwrap_or_default();
+            if log.contains("Ray runtime started") {
+                break;
+            }
+            let head_log = env
+                .cluster
+                .pod_log(NS, "raycluster-head", "ray-head")
+                .unwrap_or_default();
+            assert!(
+                !log.contains("Traceback") && !log.contains("Error:") && std::time::Instant::now() < deadline,
+                "{name}: ray start did not come up:\n{log}\nhead:\n{head_log}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+    let r = result_of_container(
+        &mut env,
+        NS,
+        "raycluster-head",
+        "driver",
+        &shared.join("ray-result.json"),
+        600,
+    )
+    .await;
+    println!("seed workflow in the emulated KubeRay cluster: {r}");
+    assert_eq!(r["rows"], 24, "{r}");
+    assert_eq!(r["equal"], true, "actors' outputs differ from the driver's model: {r}");
+    assert_eq!(
+        r["tasks_equal"], true,
+        "for_tasks(pipeline)(x) differs from pipeline(x): {r}"
+    );
+    assert_eq!(
+        r["all_in_catalog"], true,
+        "actors' tensors must lie in the catalog mount: {r}"
+    );
+    let actor_nodes = r["actor_nodes"].as_array().unwrap();
+    assert_eq!(actor_nodes.len(), 3, "one actor on each worker node: {r}");
+    assert!(!actor_nodes.contains(&r["driver_node"]), "{r}");
+    for node in ["node-1", "node-2", "node-3", "node-4"] {
+        let gens = generations_on(&env.cluster, node);
+        assert_eq!(gens.len(), 1, "{node}: one generation of the one wrapper, got {gens:?}");
+    }
+    env.stop().await;
+    for pod in ["head", "0", "1", "2"] {
+        let _ = std::fs::remove_dir_all(format!("/tmp/zc-ray-{gcs_port}-{pod}"));
+    }
 }
