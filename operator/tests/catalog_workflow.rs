@@ -359,98 +359,136 @@ fn ray_pod(name: &str, node: &str, containers: &[(&str, Vec<String>)], env: &[(&
     .unwrap()
 }
 
+/// An emulated KubeRay cluster: a head pod on node-1 (`ray start --head`
+/// plus a `driver` container running `driver`), and one worker pod per other
+/// node, started one at a time. Returns the GCS port.
+struct RayCluster {
+    gcs_port: u16,
+    nodes: usize,
+}
+
+impl RayCluster {
+    async fn start(
+        env: &mut Env,
+        shared: &Path,
+        nodes: usize,
+        head_cpus: u32,
+        object_store: u64,
+        driver: Vec<String>,
+        extra_env: &[(&'static str, String)],
+    ) -> RayCluster {
+        let gcs_port = free_port();
+        let mut ray_env: Vec<(&'static str, String)> = vec![
+            ("MODELWRAPPER_CATALOG", "/mnt/models".into()),
+            ("KUBECONFIG", env.cluster.kubeconfig.display().to_string()),
+            ("PYTHONPATH", data_dir().display().to_string()),
+            ("SHARED_DIR", shared.display().to_string()),
+            ("RAY_ADDRESS", format!("127.0.0.1:{gcs_port}")),
+            ("RAY_NODES", nodes.to_string()),
+            // Several Ray nodes on one host, as the simulator's nodes are.
+            ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1".into()),
+            ("RAY_AUTH_MODE", "disabled".into()),
+        ];
+        ray_env.extend_from_slice(extra_env);
+        let ray = |args: &[&str]| -> Vec<String> {
+            let mut v: Vec<String> = ["ray", "start", "--block", "--disable-usage-stats"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            v.push(format!("--object-store-memory={object_store}"));
+            v.push(format!("--dashboard-agent-listen-port={}", free_port()));
+            v.extend(args.iter().map(|s| s.to_string()));
+            v
+        };
+        let ray_tmp = |pod: &str| -> Vec<(&'static str, String)> {
+            // Each pod its own Ray temp dir, as each real pod has its own /tmp:
+            // Ray names sockets by what exists there. Short: sockets live in it.
+            let mut e = ray_env.clone();
+            e.push(("RAY_TMPDIR", format!("/tmp/zc-ray-{gcs_port}-{pod}")));
+            e
+        };
+        let pods: Api<Pod> = Api::namespaced(env.client.clone(), NS);
+        let pp = PostParams::default();
+        let head = ray(&[
+            "--head",
+            &format!("--port={gcs_port}"),
+            &format!("--num-cpus={head_cpus}"),
+            "--include-dashboard=false",
+        ]);
+        pods.create(
+            &pp,
+            &ray_pod(
+                "raycluster-head",
+                "node-1",
+                &[("ray-head", head), ("driver", driver)],
+                &ray_tmp("head"),
+            ),
+        )
+        .await
+        .unwrap();
+        for i in 0..nodes - 1 {
+            let name = format!("raycluster-worker-{i}");
+            let worker = ray(&[&format!("--address=127.0.0.1:{gcs_port}"), "--num-cpus=2"]);
+            pods.create(
+                &pp,
+                &ray_pod(
+                    &name,
+                    &format!("node-{}", i + 2),
+                    &[("ray-worker", worker)],
+                    &ray_tmp(&i.to_string()),
+                ),
+            )
+            .await
+            .unwrap();
+            // One Ray node at a time, as an autoscaler adds them.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+            loop {
+                let log = env.cluster.pod_log(NS, &name, "ray-worker").unwrap_or_default();
+                if log.contains("Ray runtime started") {
+                    break;
+                }
+                let head_log = env
+                    .cluster
+                    .pod_log(NS, "raycluster-head", "ray-head")
+                    .unwrap_or_default();
+                assert!(
+                    !log.contains("Traceback") && !log.contains("Error:") && std::time::Instant::now() < deadline,
+                    "{name}: ray start did not come up:\n{log}\nhead:\n{head_log}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+        RayCluster { gcs_port, nodes }
+    }
+
+    fn clean_up(&self) {
+        let _ = std::fs::remove_dir_all(format!("/tmp/zc-ray-{}-head", self.gcs_port));
+        for i in 0..self.nodes - 1 {
+            let _ = std::fs::remove_dir_all(format!("/tmp/zc-ray-{}-{i}", self.gcs_port));
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kuberay_cluster_runs_the_seeds_ray_data_workflow_with_one_copy_per_node() {
     let tmp = TmpfsDir::new();
     let mut env = start_env(&tmp, 4, &[]).await;
     let shared = tmp.path().join("shared");
     std::fs::create_dir_all(&shared).unwrap();
-    let gcs_port = free_port();
-    let ray_env: Vec<(&str, String)> = vec![
-        ("MODELWRAPPER_CATALOG", "/mnt/models".into()),
-        ("KUBECONFIG", env.cluster.kubeconfig.display().to_string()),
-        ("PYTHONPATH", data_dir().display().to_string()),
-        ("SHARED_DIR", shared.display().to_string()),
-        ("RAY_ADDRESS", format!("127.0.0.1:{gcs_port}")),
-        ("RAY_NODES", "4".into()),
-        ("RAY_WORKERS", "3".into()),
-        // Several Ray nodes on one host, as the simulator's nodes are.
-        ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1".into()),
-        ("RAY_AUTH_MODE", "disabled".into()),
-    ];
-    let ray = |args: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = [
-            "ray",
-            "start",
-            "--block",
-            "--object-store-memory=80000000",
-            "--disable-usage-stats",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        v.push(format!("--dashboard-agent-listen-port={}", free_port()));
-        v.extend(args.iter().map(|s| s.to_string()));
-        v
-    };
-    let pods: Api<Pod> = Api::namespaced(env.client.clone(), NS);
-    let pp = PostParams::default();
-    let head = ray(&[
-        "--head",
-        &format!("--port={gcs_port}"),
-        "--num-cpus=1",
-        "--include-dashboard=false",
-    ]);
     let driver = vec![
         "python3".to_string(),
         data_dir().join("ray_driver.py").display().to_string(),
     ];
-    let ray_tmp = |env: &[(&'static str, String)], pod: &str| -> Vec<(&'static str, String)> {
-        // Each pod its own Ray temp dir, as each real pod has its own /tmp:
-        // Ray names sockets by what exists there. Short: sockets live in it.
-        let dir = format!("/tmp/zc-ray-{gcs_port}-{}", pod.rsplit('-').next().unwrap_or(pod));
-        let mut e = env.to_vec();
-        e.push(("RAY_TMPDIR", dir));
-        e
-    };
-    pods.create(
-        &pp,
-        &ray_pod(
-            "raycluster-head",
-            "node-1",
-            &[("ray-head", head), ("driver", driver)],
-            &ray_tmp(&ray_env, "head"),
-        ),
+    let ray = RayCluster::start(
+        &mut env,
+        &shared,
+        4,
+        1,
+        80_000_000,
+        driver,
+        &[("RAY_WORKERS", "3".into())],
     )
-    .await
-    .unwrap();
-    for (i, node) in ["node-2", "node-3", "node-4"].iter().enumerate() {
-        let name = format!("raycluster-worker-{i}");
-        let worker = ray(&[&format!("--address=127.0.0.1:{gcs_port}"), "--num-cpus=2"]);
-        pods.create(
-            &pp,
-            &ray_pod(&name, node, &[("ray-worker", worker)], &ray_tmp(&ray_env, &name)),
-        )
-        .await
-        .unwrap();
-        // One Ray node at a time, as an autoscaler adds them.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
-        loop {
-            let log = env.cluster.pod_log(NS, &name, "ray-worker").unwrap_or_default();
-            if log.contains("Ray runtime started") {
-                break;
-            }
-            let head_log = env
-                .cluster
-                .pod_log(NS, "raycluster-head", "ray-head")
-                .unwrap_or_default();
-            assert!(
-                !log.contains("Traceback") && !log.contains("Error:") && std::time::Instant::now() < deadline,
-                "{name}: ray start did not come up:\n{log}\nhead:\n{head_log}"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        }
-    }
+    .await;
     let r = result_of_container(
         &mut env,
         NS,
@@ -472,14 +510,89 @@ async fn a_kuberay_cluster_runs_the_seeds_ray_data_workflow_with_one_copy_per_no
         "actors' tensors must lie in the catalog mount: {r}"
     );
     let actor_nodes = r["actor_nodes"].as_array().unwrap();
-    assert_eq!(actor_nodes.len(), 3, "one actor on each worker node: {r}");
-    assert!(!actor_nodes.contains(&r["driver_node"]), "{r}");
+    assert!(
+        !actor_nodes.is_empty() && !actor_nodes.contains(&r["driver_node"]),
+        "map_batches actors run on workers: {r}"
+    );
+    assert_eq!(
+        r["pinned_nodes"].as_array().unwrap().len(),
+        3,
+        "an actor on each worker node loaded: {r}"
+    );
+    assert_eq!(r["pinned_equal"], true, "{r}");
+    assert_eq!(r["pinned_in_catalog"], true, "{r}");
     for node in ["node-1", "node-2", "node-3", "node-4"] {
         let gens = generations_on(&env.cluster, node);
         assert_eq!(gens.len(), 1, "{node}: one generation of the one wrapper, got {gens:?}");
     }
     env.stop().await;
-    for pod in ["head", "0", "1", "2"] {
-        let _ = std::fs::remove_dir_all(format!("/tmp/zc-ray-{gcs_port}-{pod}"));
+    ray.clean_up();
+}
+
+/// Not a test: the benchmark of docs/benchmarks.md ("The seed's workflow on
+/// four Ray nodes"). Needs ray-zerocopy 0.2.0 installed (`pip install
+/// ray-zerocopy==0.2.0`) and about 12 GiB of free memory:
+/// `BENCH_MB=1024 cargo test -p zerocopy-operator --test catalog_workflow -- --ignored --nocapture bench`
+/// (`BENCH_OUT=docs/benchmarks-kuberay.json` keeps the numbers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: minutes and ~12 GiB; run by hand"]
+async fn bench_seed_workflow_against_ray_zerocopy() {
+    let mb: u64 = std::env::var("BENCH_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    let tmp = TmpfsDir::with_size("16g");
+    let mut env = start_env(&tmp, 4, &[]).await;
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let driver = vec![
+        "python3".to_string(),
+        data_dir().join("ray_bench.py").display().to_string(),
+    ];
+    // Ray's object store holds ray-zerocopy's copy on each node.
+    let store = (mb + mb / 2 + 64) << 20;
+    let ray = RayCluster::start(&mut env, &shared, 4, 2, store, driver, &[("BENCH_MB", mb.to_string())]).await;
+    let mut r = result_of_container(
+        &mut env,
+        NS,
+        "raycluster-head",
+        "driver",
+        &shared.join("bench.json"),
+        1800,
+    )
+    .await;
+    // Bytes the origin (the driver) sent: its uploads; the rest came from peers.
+    let sum_logged = |needle: &str| -> u64 {
+        (1..=4)
+            .filter_map(|i| env.cluster.node_dirs(&format!("node-{i}")))
+            .map(|d| std::fs::read_to_string(d.base.join("agent.log")).unwrap_or_default())
+            .flat_map(|log| {
+                log.lines()
+                    .filter(|l| l.contains(needle))
+                    .filter_map(|l| {
+                        l.split("bytes")
+                            .nth(1)
+                            .and_then(|t| {
+                                t.trim_start_matches(|c: char| !c.is_ascii_digit())
+                                    .split(|c: char| !c.is_ascii_digit())
+                                    .next()
+                            })
+                            .and_then(|n| n.parse::<u64>().ok())
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .sum()
+    };
+    r["zerocopy_origin_bytes"] = json!(sum_logged("upload verified"));
+    r["zerocopy_peer_bytes"] = json!(sum_logged("serving a blob to a peer"));
+    println!("{}", serde_json::to_string_pretty(&r).unwrap());
+    if let Ok(out) = std::env::var("BENCH_OUT") {
+        std::fs::write(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(out),
+            serde_json::to_string_pretty(&r).unwrap(),
+        )
+        .unwrap();
     }
+    env.stop().await;
+    ray.clean_up();
 }

@@ -50,13 +50,18 @@ pub struct TmpfsDir {
 impl TmpfsDir {
     /// Mounts a 2 GiB tmpfs on a fresh temporary directory (tests run as root).
     pub fn new() -> Self {
+        Self::with_size("2g")
+    }
+
+    /// A tmpfs of `size` (`12g`): a limit, not an allocation.
+    pub fn with_size(size: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         nix::mount::mount(
             Some("test"),
             dir.path(),
             Some("tmpfs"),
             nix::mount::MsFlags::empty(),
-            Some("size=2g,mode=0755"),
+            Some(format!("size={size},mode=0755").as_str()),
         )
         .expect("mount tmpfs (the integration tests run as root)");
         Self { dir }

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from catalog_models import TwoStage
 from modelwrapper import ModelWrapper  # was: from ray_zerocopy import ModelWrapper
@@ -56,6 +57,19 @@ def main() -> None:
     rows.sort(key=lambda r: r["i"])
     y = torch.as_tensor(np.stack([r["y"] for r in rows]))
 
+    # And one actor pinned to each worker node (Ray Data may hand all the
+    # batches to the actors that started first): every node loads.
+    workers = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != ray.get_runtime_context().get_node_id()]
+    pinned = [
+        ray.remote(num_cpus=2)(InferenceActor)
+        .options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+        .remote(wrapper)
+        for node in workers
+    ]
+    per_node = ray.get([a.__call__.remote({"i": np.arange(len(x)), "x": x.numpy()}) for a in pinned])
+    for a in pinned:
+        ray.kill(a)
+
     wrapped = ModelWrapper.for_tasks(pipeline)
     with torch.no_grad():
         via_tasks = wrapped(x)
@@ -64,6 +78,9 @@ def main() -> None:
         "equal": bool(torch.equal(y, expected)),
         "tasks_equal": bool(torch.equal(via_tasks, expected)),
         "actor_nodes": sorted({r["node"] for r in rows}),
+        "pinned_nodes": sorted({b["node"][0] for b in per_node}),
+        "pinned_equal": all(torch.equal(torch.as_tensor(b["y"]), expected) for b in per_node),
+        "pinned_in_catalog": all(bool(b["in_catalog"][0]) for b in per_node),
         "driver_node": ray.get_runtime_context().get_node_id(),
         "all_in_catalog": all(bool(r["in_catalog"]) for r in rows),
         "from_model_seconds": published,
