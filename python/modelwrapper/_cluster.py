@@ -347,6 +347,11 @@ def _node_detail(kube: Kube, ref: ClusterRef, node: str) -> str:
     except KubeError as e:
         if e.status != 404:
             return str(e)
+        never = _never_here(wrapper, node)
+        if never:
+            raise RuntimeError(
+                f"ModelWrapper {ref.namespace}/{ref.name} will not be placed on node {node}: {never}"
+            ) from None
         return f"not placed on this node yet: {_status_line(wrapper)}"
     status = replica.get("status") or {}
     if status.get("phase") == "Failed" and status.get("reason") not in (None, "WaitingForSource"):
@@ -355,6 +360,21 @@ def _node_detail(kube: Kube, ref: ClusterRef, node: str) -> str:
             raise RuntimeError(f"ModelWrapper {ref.namespace}/{ref.name} cannot be filled on node {node}: {status.get('message')}")
         return f"fill failed (attempt {attempts}, retried at {status.get('nextRetryTime')}): {status.get('message')}"
     return f"{status.get('phase', 'Pending')}: {status.get('message') or ''}".strip()
+
+
+# Placement reasons (operator/src/placement.rs) that waiting does not change.
+_PERMANENT = ("does not match nodeSelector", "node is cordoned", "not enough room")
+
+
+def _never_here(wrapper: dict[str, Any], node: str) -> str | None:
+    """The operator's reason this node is left out, when it is one waiting
+    does not fix; its messages list nodes as `N node(s) <reason> (a, b)`."""
+    for c in (wrapper.get("status") or {}).get("conditions") or []:
+        for part in (c.get("message") or "").split("; "):
+            listed = part[part.rfind("(") + 1 : part.rfind(")")].replace(" and", ",").split(", ")
+            if node in listed and any(reason in part for reason in _PERMANENT):
+                return part.split(": ", 1)[-1]
+    return None
 
 
 def _replica_name(wrapper: str, node: str) -> str:

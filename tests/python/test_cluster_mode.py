@@ -104,3 +104,12 @@ def test_a_cluster_wrapper_pickles_to_a_reference_and_needs_the_catalog(catalog:
     monkeypatch.delenv("MODELWRAPPER_CATALOG")
     with pytest.raises(RuntimeError, match="needs the namespace catalog volume mounted"):
         again.load()
+
+
+def test_a_node_left_out_for_good_is_named_with_the_reason() -> None:
+    from modelwrapper._cluster import _never_here
+
+    wrapper = {"status": {"conditions": [{"type": "Ready", "message": "no node can hold this wrapper: 2 node(s) does not match nodeSelector (node-7, node-8); 1 node(s) no live zerocopy agent (node-9)"}]}}
+    assert "does not match nodeSelector" in _never_here(wrapper, "node-7")
+    assert _never_here(wrapper, "node-9") is None, "an agent that is down may come back: keep waiting"
+    assert _never_here(wrapper, "node-1") is None
