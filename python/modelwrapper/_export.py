@@ -56,15 +56,24 @@ def _cloudpickle() -> Any | None:
     return cloudpickle
 
 
+def _defined_in_main(classes: Iterator[type]) -> bool:
+    """A class of the running script (``__main__``: a driver, ``python -c``)
+    pickles by reference to a module no other process has."""
+    return any(c.__module__ == "__main__" for c in classes)
+
+
 def _save_skeleton(module: nn.Module, path: Path) -> None:
-    """torch.save by reference; classes defined in a function (as in tests and
-    notebooks) cannot be pickled that way, so those go by value through
-    cloudpickle (Ray's own pickler), as the seed library does. Loading them
-    needs cloudpickle installed where load() runs."""
+    """torch.save by reference, except classes that no other process can
+    import (defined in a function, or in the driver script's ``__main__``):
+    those go by value through cloudpickle (Ray's own pickler), as the seed
+    library does. Loading them needs cloudpickle where load() runs."""
+    by_value = _cloudpickle()
+    if by_value is not None and _defined_in_main(type(m) for m in module.modules()):
+        torch.save(module, path, pickle_module=by_value)
+        return
     try:
         torch.save(module, path)
     except (AttributeError, pickle.PicklingError, TypeError) as e:
-        by_value = _cloudpickle()
         if by_value is None:
             raise
         log.info("%s pickles only by value (%s): saving its skeleton with cloudpickle", type(module).__name__, e)
@@ -72,10 +81,12 @@ def _save_skeleton(module: nn.Module, path: Path) -> None:
 
 
 def _pickle_by_value_if_needed(obj: Any) -> bytes:
+    by_value = _cloudpickle()
+    if by_value is not None and _defined_in_main(iter([type(obj)])):
+        return by_value.dumps(obj, protocol=4)
     try:
         return pickle.dumps(obj, protocol=4)
     except (AttributeError, pickle.PicklingError, TypeError):
-        by_value = _cloudpickle()
         if by_value is None:
             raise
         return by_value.dumps(obj, protocol=4)

@@ -138,3 +138,49 @@ def test_deserialize_takes_the_dict_or_its_keys(local_root: Path) -> None:
     assert ModelWrapper.deserialize(data).path == wrapper.path
     with pytest.raises(TypeError, match="missing .*path"):
         ModelWrapper.deserialize(mode="actor")
+
+
+def test_a_pipeline_defined_in_the_driver_script_loads_in_another_process(local_root: Path, tmp_path: Path) -> None:
+    """A Ray driver defines its pipeline class in __main__ (a script, or
+    `python -c` in a RayJob entrypoint); actors are other processes."""
+    driver = textwrap.dedent(
+        """
+        import pickle, sys, torch
+        from torch import nn
+        from modelwrapper import ModelWrapper
+
+        class Block(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin = nn.Linear(8, 8)
+            def forward(self, x):
+                return self.lin(x) * 2
+
+        class Pipe:
+            def __init__(self):
+                self.block = Block()
+            def __call__(self, x):
+                return self.block(x) + 1
+
+        torch.manual_seed(0)
+        p = Pipe()
+        w = ModelWrapper.from_model(p)
+        x = torch.ones(2, 8)
+        with torch.no_grad():
+            expected = p(x)
+        open(sys.argv[1], "wb").write(pickle.dumps((w, x, expected)))
+        """
+    )
+    out = tmp_path / "w.pkl"
+    subprocess.run([sys.executable, "-c", driver, str(out)], check=True, env={**os.environ})
+    actor = textwrap.dedent(
+        """
+        import pickle, sys, torch
+        w, x, expected = pickle.loads(open(sys.argv[1], "rb").read())
+        with torch.no_grad():
+            assert torch.equal(w.load()(x), expected)
+        print("ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", actor, str(out)], capture_output=True, text=True, env={**os.environ})
+    assert done.stdout.strip() == "ok", done.stderr
