@@ -27,7 +27,7 @@ for row in r["rows"]:
 fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
 labels = [row["label"] for row in r["rows"]]
 a.bar(labels, [row["all_actors_loaded_s"] for row in r["rows"]])
-a.set_ylabel("seconds: from_model() start to all actors loaded")
+a.set_ylabel("s, from_model() to all loaded")
 b.bar(labels, [row["memory_used_bytes"] / gib for row in r["rows"]], label="host memory used")
 b.axhline(model / gib * r["nodes"], color="k", linestyle="--", label="one copy per node")
 b.set_ylabel("GiB")

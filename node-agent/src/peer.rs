@@ -220,7 +220,12 @@ fn same_secret(a: &str, b: &str) -> bool {
     Sha256::digest(a.as_bytes()) == Sha256::digest(b.as_bytes())
 }
 
-async fn blob(State(s): State<Arc<PeerServer>>, UrlPath(sha256): UrlPath<String>, headers: HeaderMap) -> Response {
+async fn blob(
+    State(s): State<Arc<PeerServer>>,
+    UrlPath(sha256): UrlPath<String>,
+    method: axum::http::Method,
+    headers: HeaderMap,
+) -> Response {
     let Some(expected) = &s.peer_token else {
         return (
             StatusCode::FORBIDDEN,
@@ -241,7 +246,9 @@ async fn blob(State(s): State<Arc<PeerServer>>, UrlPath(sha256): UrlPath<String>
     };
     match tokio::fs::File::open(&path).await {
         Ok(f) => {
-            tracing::info!(sha256, bytes = size, "serving a blob to a peer");
+            if method != axum::http::Method::HEAD {
+                tracing::info!(sha256, bytes = size, "serving a blob to a peer");
+            }
             let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(f, 1 << 20));
             ([(header::CONTENT_LENGTH, size.to_string())], body).into_response()
         }

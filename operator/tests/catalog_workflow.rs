@@ -322,6 +322,23 @@ async fn four_nodes_fill_from_about_one_origin_download() {
     env.stop().await;
 }
 
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -562,29 +579,34 @@ async fn bench_seed_workflow_against_ray_zerocopy() {
     )
     .await;
     // Bytes the origin (the driver) sent: its uploads; the rest came from peers.
+    let logs: Vec<String> = (1..=4)
+        .filter_map(|i| env.cluster.node_dirs(&format!("node-{i}")))
+        .map(|d| strip_ansi(&std::fs::read_to_string(d.base.join("agent.log")).unwrap_or_default()))
+        .collect();
     let sum_logged = |needle: &str| -> u64 {
-        (1..=4)
-            .filter_map(|i| env.cluster.node_dirs(&format!("node-{i}")))
-            .map(|d| std::fs::read_to_string(d.base.join("agent.log")).unwrap_or_default())
-            .flat_map(|log| {
-                log.lines()
-                    .filter(|l| l.contains(needle))
-                    .filter_map(|l| {
-                        l.split("bytes")
-                            .nth(1)
-                            .and_then(|t| {
-                                t.trim_start_matches(|c: char| !c.is_ascii_digit())
-                                    .split(|c: char| !c.is_ascii_digit())
-                                    .next()
-                            })
-                            .and_then(|n| n.parse::<u64>().ok())
-                    })
-                    .collect::<Vec<_>>()
-            })
+        logs.iter()
+            .flat_map(|log| log.lines().filter(|l| l.contains(needle)))
+            .filter_map(|l| l.split(" bytes=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse::<u64>().ok())
             .sum()
     };
     r["zerocopy_origin_bytes"] = json!(sum_logged("upload verified"));
     r["zerocopy_peer_bytes"] = json!(sum_logged("serving a blob to a peer"));
+    // What the nodes' roots hold at the end (shared memory).
+    let du = |p: &Path| -> u64 {
+        fn walk(p: &Path) -> u64 {
+            let Ok(m) = std::fs::symlink_metadata(p) else { return 0 };
+            if m.is_dir() {
+                std::fs::read_dir(p).into_iter().flatten().flatten().map(|e| walk(&e.path())).sum()
+            } else {
+                m.len()
+            }
+        }
+        walk(p)
+    };
+    r["zerocopy_node_roots_bytes"] = json!((1..=4)
+        .filter_map(|i| env.cluster.node_dirs(&format!("node-{i}")))
+        .map(|d| du(&d.root))
+        .collect::<Vec<_>>());
     println!("{}", serde_json::to_string_pretty(&r).unwrap());
     if let Ok(out) = std::env::var("BENCH_OUT") {
         std::fs::write(
