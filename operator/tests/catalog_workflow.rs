@@ -586,7 +586,14 @@ async fn bench_seed_workflow_against_ray_zerocopy() {
     let sum_logged = |needle: &str| -> u64 {
         logs.iter()
             .flat_map(|log| log.lines().filter(|l| l.contains(needle)))
-            .filter_map(|l| l.split(" bytes=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse::<u64>().ok())
+            .filter_map(|l| {
+                l.split(" bytes=")
+                    .nth(1)?
+                    .split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
             .sum()
     };
     r["zerocopy_origin_bytes"] = json!(sum_logged("upload verified"));
@@ -596,7 +603,12 @@ async fn bench_seed_workflow_against_ray_zerocopy() {
         fn walk(p: &Path) -> u64 {
             let Ok(m) = std::fs::symlink_metadata(p) else { return 0 };
             if m.is_dir() {
-                std::fs::read_dir(p).into_iter().flatten().flatten().map(|e| walk(&e.path())).sum()
+                std::fs::read_dir(p)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| walk(&e.path()))
+                    .sum()
             } else {
                 m.len()
             }
