@@ -94,7 +94,7 @@ impl PeerDirectory for ReplicaPeers {
         // Nodes ordered earlier fetch from the origin first, for a while.
         let key = (namespace.to_string(), name.to_string(), generation.to_string());
         let mut waiting = self.waiting_since.lock().unwrap_or_else(|e| e.into_inner());
-        if view.earlier_fillers.is_empty() || !view.ready.is_empty() {
+        if (view.earlier_fillers.is_empty() && !view.catching_up) || !view.ready.is_empty() {
             waiting.remove(&key);
         } else {
             let since = *waiting.entry(key).or_insert_with(std::time::Instant::now);
@@ -102,6 +102,7 @@ impl PeerDirectory for ReplicaPeers {
                 tracing::warn!(namespace, name, generation, nodes = ?view.earlier_fillers,
                     "nodes ordered earlier did not fill it in time; fetching from the origin");
                 view.earlier_fillers.clear();
+                view.catching_up = false;
             }
         }
         view
@@ -111,7 +112,17 @@ impl PeerDirectory for ReplicaPeers {
 /// Pure: which other nodes hold `generation` Ready (with an endpoint), and
 /// which nodes named before `me` are still going to fill it (not Failed).
 pub fn peer_view(me: &str, namespace: &str, name: &str, generation: &str, replicas: &[Arc<ModelReplica>]) -> PeerView {
-    let mut view = PeerView::default();
+    // Replicas are created in node-name order, and a watch delivers them in
+    // order: once this node's own replica is listed, earlier ones are too.
+    let mut view = PeerView {
+        catching_up: !replicas.iter().any(|r| {
+            r.namespace().as_deref() == Some(namespace)
+                && r.spec.wrapper == name
+                && r.spec.generation == generation
+                && r.spec.node == me
+        }),
+        ..Default::default()
+    };
     let mut mine: Vec<&ModelReplica> = replicas
         .iter()
         .map(|r| r.as_ref())
@@ -470,7 +481,14 @@ mod tests {
             replica("e", Some(ReplicaPhase::Ready), None),
             replica("z", Some(ReplicaPhase::Pending), Some("http://z")),
         ];
+        assert!(
+            peer_view("m-node", "ns", "m", "g1", &replicas).catching_up,
+            "its own replica is not listed yet"
+        );
+        let mut replicas = replicas;
+        replicas.push(replica("m-node", None, None));
         let v = peer_view("m-node", "ns", "m", "g1", &replicas);
+        assert!(!v.catching_up);
         assert_eq!(v.ready, vec![("d".to_string(), "http://d".to_string())]);
         // b failed (it will not deliver), z comes after this node, d and e
         // are Ready (e cannot be read without an endpoint, but is not waited for).
@@ -479,15 +497,12 @@ mod tests {
             peer_view("a", "ns", "m", "g1", &replicas).earlier_fillers.is_empty(),
             "the first node fetches from the origin"
         );
-        assert_eq!(
-            peer_view("m-node", "ns", "m", "g2", &replicas),
-            PeerView::default(),
-            "another generation"
-        );
-        assert_eq!(
-            peer_view("m-node", "other", "m", "g1", &replicas),
-            PeerView::default(),
-            "another namespace"
-        );
+        for (ns, generation) in [("ns", "g2"), ("other", "g1")] {
+            let v = peer_view("m-node", ns, "m", generation, &replicas);
+            assert!(
+                v.ready.is_empty() && v.earlier_fillers.is_empty(),
+                "{ns}/{generation}: {v:?}"
+            );
+        }
     }
 }

@@ -288,6 +288,11 @@ impl FillEngine {
                 "waiting for ModelWrapper.from_model() to upload it, or for another node to hold it".into(),
             ));
         }
+        if self.peer_http.is_some() && view.catching_up {
+            return Err(waiting(
+                "waiting for the list of peers to show this node's replica (it may not show earlier nodes yet)".into(),
+            ));
+        }
         if self.peer_http.is_some() && !view.earlier_fillers.is_empty() {
             return Err(waiting(format!(
                 "node {} fetches it from the origin first; this node copies it from there once Ready",

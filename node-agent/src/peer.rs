@@ -46,6 +46,9 @@ pub struct PeerView {
     /// Other nodes, ordered before this one, that will fetch it from the
     /// origin first: this node waits for them instead of fetching too.
     pub earlier_fillers: Vec<String>,
+    /// The peer list does not show this node's own replica yet, so it may
+    /// miss earlier ones too: wait for it rather than guess.
+    pub catching_up: bool,
 }
 
 /// Where peers' copies are; the cluster mode reads it from ModelReplicas.

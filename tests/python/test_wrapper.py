@@ -101,7 +101,7 @@ def test_for_tasks_runs_in_process_without_ray(local_root: Path) -> None:
 
 def test_for_tasks_runs_each_call_as_a_ray_task(local_root: Path) -> None:
     ray = pytest.importorskip("ray", reason="ray is in requirements-dev.txt; CI installs it")
-    ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
+    ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
     try:
         torch.manual_seed(5)
         pipe = Pipeline()

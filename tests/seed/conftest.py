@@ -16,6 +16,9 @@ HERE = Path(__file__).resolve().parent
 ALIAS = HERE / "alias"
 
 sys.path.insert(0, str(ALIAS))
+# A fresh local Ray instance for these tests, never one a `ray start` on this
+# machine left registered in /tmp/ray/ray_current_cluster.
+os.environ["RAY_ADDRESS"] = "local"
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(ALIAS), str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])]
 )

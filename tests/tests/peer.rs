@@ -118,6 +118,7 @@ impl PeerDirectory for StaticPeers {
         PeerView {
             ready: self.0.clone(),
             earlier_fillers: Vec::new(),
+            catching_up: false,
         }
     }
 }
