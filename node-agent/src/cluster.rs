@@ -261,11 +261,12 @@ async fn renew_lease(
     loop {
         // Looked at every second, written when due or when consumers
         // changed, so placement follows a new consumer within about a second.
-        let publications = shared
-            .borrow_and_update()
-            .as_ref()
-            .map(|s| s.ledger.all())
-            .unwrap_or_default();
+        // Not before the ledger is loaded: an empty consumer list would make
+        // the operator take `placement: Consumers` wrappers off this node.
+        let Some(publications) = shared.borrow_and_update().as_ref().map(|s| s.ledger.all()) else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
         let now_consuming = consumers.update(&publications, opts.consumer_grace);
         let due = renewed_at.is_none_or(|t| t.elapsed() >= opts.renew_every);
         if !due && reported.as_deref() == Some(now_consuming.as_str()) {

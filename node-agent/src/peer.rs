@@ -34,8 +34,8 @@ use zerocopy_api::ModelWrapperSpec;
 use crate::csi::catalog::Catalog;
 use crate::layout::VolumeRoot;
 
-/// Uploads wait here, one file per sha256, on the root's filesystem (so a
-/// fill hard-links them instead of copying).
+/// Uploads wait here, one file per sha256, until a generation holds their
+/// bytes (a fill copies them into its staging directory).
 pub const UPLOADS_DIR: &str = ".uploads";
 
 /// What this agent knows about other nodes' copies of one generation.
@@ -73,8 +73,9 @@ pub fn upload_path(root: &VolumeRoot, sha256: &str) -> PathBuf {
 }
 
 /// Removes uploads no wanted wrapper still waits for: their bytes are in a
-/// generation now (or nobody wants them); partial ones of a crashed upload go
-/// too. Returns how many were removed.
+/// generation now (or nobody wants them). Partial files belong to uploads in
+/// progress; [`remove_partial_uploads`] clears a crashed process's at start.
+/// Returns how many were removed.
 pub fn collect_uploads(root: &VolumeRoot, still_needed: &dyn Fn(&str) -> bool) -> io::Result<usize> {
     let dir = root.path().join(UPLOADS_DIR);
     let entries = match std::fs::read_dir(&dir) {
@@ -88,6 +89,25 @@ pub fn collect_uploads(root: &VolumeRoot, still_needed: &dyn Fn(&str) -> bool) -
         let name = entry.file_name().to_string_lossy().into_owned();
         let keep = is_sha256_hex(&name) && still_needed(&name);
         if !keep && !name.ends_with(".partial") {
+            std::fs::remove_file(entry.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Removes partial uploads a previous process left (called before serving).
+pub fn remove_partial_uploads(root: &VolumeRoot) -> io::Result<usize> {
+    let dir = root.path().join(UPLOADS_DIR);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().ends_with(".partial") {
             std::fs::remove_file(entry.path())?;
             removed += 1;
         }
@@ -267,9 +287,12 @@ async fn upload_status(
     if let Err((code, msg)) = s.authorize_upload(&namespace, &name, &sha256, &headers) {
         return (code, msg).into_response();
     }
-    match tokio::task::block_in_place(|| s.find_blob(&sha256)) {
-        Some(_) => (StatusCode::OK, "held").into_response(),
-        None => (StatusCode::NOT_FOUND, "not uploaded yet").into_response(),
+    // Only an upload counts: a generation elsewhere on the node holding the
+    // same bytes is not a source a fill of this wrapper takes.
+    if upload_path(&s.root, &sha256).is_file() {
+        (StatusCode::OK, "held").into_response()
+    } else {
+        (StatusCode::NOT_FOUND, "not uploaded yet").into_response()
     }
 }
 

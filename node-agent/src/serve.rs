@@ -151,6 +151,11 @@ pub async fn serve_wanted(
     let cleaned = root
         .clean_leftovers()
         .map_err(io(format!("cleaning {}", root.path().display())))?;
+    match crate::peer::remove_partial_uploads(&root) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(partial = n, "removed uploads a previous run left unfinished"),
+        Err(e) => tracing::warn!(error = %e, "could not remove unfinished uploads"),
+    }
     let (ledger, dropped) =
         Ledger::load(&opts.state_dir).map_err(io(format!("loading ledger in {}", opts.state_dir.display())))?;
     tracing::info!(publications = ledger.all().len(), dropped, cleaned, "ledger recovered");

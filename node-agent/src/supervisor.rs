@@ -198,6 +198,14 @@ impl Supervisor {
         }
     }
 
+    /// `<wrapper>/current` → the wanted generation, now Ready (a rollback to
+    /// a generation still on disk, or one filled before `current` existed).
+    fn point_current(&self, ns: &str, name: &str, generation: &str) {
+        if let Err(e) = self.engine.root().set_current(ns, name, generation) {
+            tracing::warn!(wrapper = %format!("{ns}/{name}"), generation, error = %e, "could not point `current` at the Ready generation");
+        }
+    }
+
     /// Takes a new wanted set: the catalog (what publishes see) changes at
     /// once, complete generations are Ready at once (an agent restart does
     /// not flip them to Pending), and the rest is queued.
@@ -226,6 +234,7 @@ impl Supervisor {
             match self.tracks.get(&key) {
                 _ if complete => {
                     self.tracks.insert(key.clone(), Track::Ready);
+                    self.point_current(ns, name, generation);
                     self.catalog.set_state(ns, name, generation, FillState::Ready);
                 }
                 Some(Track::Running | Track::Failed { .. }) => {}
@@ -350,6 +359,9 @@ impl Supervisor {
                 }
                 self.attempts.remove(&key);
                 self.tracks.insert(key.clone(), Track::Ready);
+                if wanted {
+                    self.point_current(ns, name, generation);
+                }
                 self.catalog.set_state(ns, name, generation, FillState::Ready);
                 if !wanted {
                     self.tracks.remove(&key);

@@ -246,9 +246,12 @@ def _upload(info: dict[str, Any], namespace: str, name: str, files: dict[str, Pa
                 if status in (200, 201):
                     log.info("uploaded %s (%.1f MiB) to the agent on %s", path.name, path.stat().st_size / 2**20, node)
                     break
-            if status != 503 or time.monotonic() > deadline:
+            # 503: not placed on this node yet; 401/403/409: the agent has not
+            # seen this token or spec yet (a re-run, another driver's patch);
+            # 0/5xx: the agent is restarting. Anything else will not change.
+            transient = status in (0, 401, 403, 409) or status >= 500
+            if not transient or time.monotonic() > deadline:
                 raise RuntimeError(f"uploading {path.name} to the zerocopy agent on node {node} failed: HTTP {status}: {text}")
-            # 503: the operator has not placed the wrapper on this node yet.
             time.sleep(0.5)
 
 
