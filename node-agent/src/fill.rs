@@ -262,10 +262,16 @@ impl FillEngine {
     /// Where each file comes from on this attempt: an upload on this node,
     /// else peers that hold it, else the origin, unless the origin is an
     /// upload not here yet or a node ordered earlier fetches it first.
-    fn choose_origin(&self, wrapper: &str, f: &PlannedFile, view: &PeerView) -> Result<Origin, FillError> {
+    fn choose_origin(
+        &self,
+        namespace: &str,
+        wrapper: &str,
+        f: &PlannedFile,
+        view: &PeerView,
+    ) -> Result<Origin, FillError> {
         if let Some(sha) = &f.sha256 {
             let sha = sha.to_ascii_lowercase();
-            let upload = peer::upload_path(&self.root, &sha);
+            let upload = peer::upload_path(&self.root, namespace, &sha);
             if upload.is_file() {
                 return Ok(Origin::Upload(upload));
             }
@@ -355,7 +361,7 @@ impl FillEngine {
         let mut plan = plan_files(spec);
         let view = self.peers.view(namespace, name, &generation);
         for f in &mut plan {
-            f.origin = self.choose_origin(&wrapper, f, &view)?;
+            f.origin = self.choose_origin(namespace, &wrapper, f, &view)?;
             f.size = self.size_of(f).await.map_err(|e| fetch_error(&wrapper, f, e))?;
         }
         let needed: u64 = plan.iter().filter_map(|f| f.size).sum();

@@ -67,49 +67,62 @@ impl PeerDirectory for NoPeers {
     }
 }
 
-/// Where an upload of `sha256` lies once verified.
-pub fn upload_path(root: &VolumeRoot, sha256: &str) -> PathBuf {
-    root.path().join(UPLOADS_DIR).join(sha256)
+/// Where an upload of `sha256` for a wrapper of `namespace` lies once
+/// verified. Per namespace: a fill takes only its own namespace's uploads,
+/// so knowing another tenant's digest gets nobody its bytes.
+pub fn upload_path(root: &VolumeRoot, namespace: &str, sha256: &str) -> PathBuf {
+    root.path().join(UPLOADS_DIR).join(namespace).join(sha256)
+}
+
+/// `(namespace directory, its entries)` under `.uploads`.
+fn upload_dirs(root: &VolumeRoot) -> io::Result<Vec<(PathBuf, String)>> {
+    let dir = root.path().join(UPLOADS_DIR);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            out.push((entry.path(), entry.file_name().to_string_lossy().into_owned()));
+        }
+    }
+    Ok(out)
 }
 
 /// Removes uploads no wanted wrapper still waits for: their bytes are in a
 /// generation now (or nobody wants them). Partial files belong to uploads in
 /// progress; [`remove_partial_uploads`] clears a crashed process's at start.
 /// Returns how many were removed.
-pub fn collect_uploads(root: &VolumeRoot, still_needed: &dyn Fn(&str) -> bool) -> io::Result<usize> {
-    let dir = root.path().join(UPLOADS_DIR);
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(e),
-    };
+pub fn collect_uploads(root: &VolumeRoot, still_needed: &dyn Fn(&str, &str) -> bool) -> io::Result<usize> {
     let mut removed = 0;
-    for entry in entries {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let keep = is_sha256_hex(&name) && still_needed(&name);
-        if !keep && !name.ends_with(".partial") {
-            std::fs::remove_file(entry.path())?;
-            removed += 1;
+    for (dir, namespace) in upload_dirs(root)? {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let keep = is_sha256_hex(&name) && still_needed(&namespace, &name);
+            if !keep && !name.ends_with(".partial") {
+                std::fs::remove_file(entry.path())?;
+                removed += 1;
+            }
         }
+        let _ = std::fs::remove_dir(&dir); // only when empty
     }
     Ok(removed)
 }
 
 /// Removes partial uploads a previous process left (called before serving).
 pub fn remove_partial_uploads(root: &VolumeRoot) -> io::Result<usize> {
-    let dir = root.path().join(UPLOADS_DIR);
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(e),
-    };
     let mut removed = 0;
-    for entry in entries {
-        let entry = entry?;
-        if entry.file_name().to_string_lossy().ends_with(".partial") {
-            std::fs::remove_file(entry.path())?;
-            removed += 1;
+    for (dir, _) in upload_dirs(root)? {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            if entry.file_name().to_string_lossy().ends_with(".partial") {
+                std::fs::remove_file(entry.path())?;
+                removed += 1;
+            }
         }
     }
     Ok(removed)
@@ -157,9 +170,7 @@ impl PeerServer {
                 return Some((g.path.join(&f.file), f.bytes));
             }
         }
-        let upload = upload_path(&self.root, sha256);
-        let size = std::fs::metadata(&upload).ok()?.len();
-        Some((upload, size))
+        None
     }
 
     /// Checks an uploader: `Ok(())` or the status and message to answer.
@@ -289,7 +300,7 @@ async fn upload_status(
     }
     // Only an upload counts: a generation elsewhere on the node holding the
     // same bytes is not a source a fill of this wrapper takes.
-    if upload_path(&s.root, &sha256).is_file() {
+    if upload_path(&s.root, &namespace, &sha256).is_file() {
         (StatusCode::OK, "held").into_response()
     } else {
         (StatusCode::NOT_FOUND, "not uploaded yet").into_response()
@@ -306,7 +317,7 @@ async fn upload(
         tracing::warn!(%namespace, %name, sha256, code = code.as_u16(), error = %msg, "upload refused");
         return (code, msg).into_response();
     }
-    match receive(&s, &sha256, body).await {
+    match receive(&s, &namespace, &sha256, body).await {
         Ok(bytes) => {
             tracing::info!(%namespace, %name, sha256, bytes, "upload verified");
             // Fills waiting for it look again at their next (short) retry.
@@ -322,9 +333,10 @@ async fn upload(
 
 /// Streams the body into a private file, hashing it; only bytes with the
 /// declared digest are renamed to where fills look.
-async fn receive(s: &PeerServer, sha256: &str, body: Body) -> Result<u64, (StatusCode, String)> {
+async fn receive(s: &PeerServer, namespace: &str, sha256: &str, body: Body) -> Result<u64, (StatusCode, String)> {
     let internal = |what: &str, e: io::Error| (StatusCode::INTERNAL_SERVER_ERROR, format!("{what}: {e}"));
-    let dir = s.root.path().join(UPLOADS_DIR);
+    // `namespace` is one a wanted wrapper has (authorize_upload), a DNS label.
+    let dir = s.root.path().join(UPLOADS_DIR).join(namespace);
     std::fs::create_dir_all(&dir).map_err(|e| internal("creating the upload directory", e))?;
     let partial = dir.join(format!(
         "{sha256}.{}.{}.partial",
@@ -357,7 +369,7 @@ async fn receive(s: &PeerServer, sha256: &str, body: Body) -> Result<u64, (Statu
             format!("the body's sha256 is {actual}, not {sha256}: nothing was kept"),
         ));
     }
-    let target = upload_path(&s.root, sha256);
+    let target = upload_path(&s.root, namespace, sha256);
     std::fs::rename(&partial, &target).map_err(|e| internal("publishing the upload", e))?;
     guard.0 = None;
     Ok(bytes)

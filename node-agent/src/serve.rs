@@ -270,9 +270,11 @@ pub async fn serve_wanted(
 /// wanted wrapper declares.
 fn collect_uploads(root: &VolumeRoot, catalog: &Catalog) {
     let wanted = catalog.all_wanted();
-    let needed = |sha: &str| {
+    let needed = |namespace: &str, sha: &str| {
         wanted.iter().any(|((ns, name), w)| {
-            crate::peer::declares_upload(&w.spec, sha) && root.read_manifest(ns, name, &w.generation).is_none()
+            ns == namespace
+                && crate::peer::declares_upload(&w.spec, sha)
+                && root.read_manifest(ns, name, &w.generation).is_none()
         })
     };
     match crate::peer::collect_uploads(root, &needed) {
