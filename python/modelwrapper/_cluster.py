@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._export import component_name, detect_components, export
+from ._export import component_name, detect_components, export, model_info
 from ._kube import Kube, KubeError, pod_path, replica_path, wrappers_path
 
 log = logging.getLogger("modelwrapper")
@@ -155,18 +155,11 @@ def publish(
             wrapper = _create_or_reuse(kube, namespace, wname, spec, token, owner)
         except KubeError as e:
             raise _explain(e, namespace) from None
-        model_info = {
-            attr: {
-                "component": component_name(attr),
-                "class": f"{type(m).__module__}.{type(m).__qualname__}",
-                "parameters": sum(p.numel() for p in m.parameters()),
-            }
-            for attr, m in modules.items()
-        }
+        info = model_info(modules)
         if _ready_generation(wrapper) is None:
             _upload(info, namespace, wname, files, token, timeout)
         generation = _wait_ready_somewhere(kube, namespace, wname, timeout)
-        return ClusterRef(namespace, wname, generation), standalone, model_info
+        return ClusterRef(namespace, wname, generation), standalone, info
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -40,6 +40,18 @@ def detect_components(obj: Any) -> tuple[bool, dict[str, nn.Module]]:
     return False, found
 
 
+def model_info(modules: dict[str, nn.Module]) -> dict[str, dict[str, Any]]:
+    """What a wrapper says about each component (``wrapper._model_info``)."""
+    return {
+        attr: {
+            "component": component_name(attr),
+            "class": f"{type(m).__module__}.{type(m).__qualname__}",
+            "parameters": sum(p.numel() for p in m.parameters()),
+        }
+        for attr, m in modules.items()
+    }
+
+
 def component_name(attribute: str) -> str:
     """Attribute name → DNS-1123 component name (``text_encoder`` → ``text-encoder``)."""
     name = re.sub(r"[^a-z0-9-]+", "-", attribute.lower()).strip("-")[:63].strip("-")

@@ -20,7 +20,7 @@ from typing import Any
 
 from . import _cluster, _gc
 from ._cluster import ClusterRef
-from ._export import component_name, detect_components
+from ._export import component_name, detect_components, model_info
 from ._format import read_manifest
 from ._load import load as _load_volume
 from ._local import publish_local
@@ -103,14 +103,7 @@ class ModelWrapper:
         standalone, modules = detect_components(model)
         wrapper_name = name or component_name(type(model).__name__)
         path, lease = publish_local(model, name=wrapper_name, mode=mode)
-        info = {
-            attr: {
-                "component": component_name(attr),
-                "class": f"{type(m).__module__}.{type(m).__qualname__}",
-                "parameters": sum(p.numel() for p in m.parameters()),
-            }
-            for attr, m in modules.items()
-        }
+        info = model_info(modules)
         try:
             wrapper = cls(
                 path,
