@@ -155,11 +155,11 @@ def publish(
             wrapper = _create_or_reuse(kube, namespace, wname, spec, token, owner)
         except KubeError as e:
             raise _explain(e, namespace) from None
-        info = model_info(modules)
+        components = model_info(modules)
         if _ready_generation(wrapper) is None:
             _upload(info, namespace, wname, files, token, timeout)
         generation = _wait_ready_somewhere(kube, namespace, wname, timeout)
-        return ClusterRef(namespace, wname, generation), standalone, info
+        return ClusterRef(namespace, wname, generation), standalone, components
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
