@@ -11,11 +11,15 @@ from ._export import export
 from ._format import VolumeError
 from ._gc import GcReport
 from ._gc import collect as gc
-from ._load import LoadedPipeline, load
+from ._device import CopyReport
+from ._load import LoadedPipeline, last_copy_report, load, load_state_dict
+from ._prefault import wait_for_prefault
 from ._root import UnsafeRootError
+from ._shard import tp_shard
 from .wrapper import ModelWrapper, TaskPipeline
 
 __all__ = [
+    "CopyReport",
     "GcReport",
     "LoadedPipeline",
     "ModelWrapper",
@@ -24,7 +28,11 @@ __all__ = [
     "VolumeError",
     "export",
     "gc",
+    "last_copy_report",
     "load",
+    "load_state_dict",
+    "tp_shard",
+    "wait_for_prefault",
 ]
 # Keep in step with python/pyproject.toml (tests/python/test_wheel.py checks).
 __version__ = "0.1.0"

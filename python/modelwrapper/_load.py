@@ -4,31 +4,34 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import mmap
 import os
 import pickle
 import types
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
+from ._device import DEST_ALIGN, CopyReport, CudaBackend, FileSource, Gather, Piece, Transfer
 from ._format import (
     ATTRIBUTE_KEY,
-    PIPELINE_SKELETON_FILE,
+    SafetensorsHeader,
     VolumeError,
     parse_header,
     read_manifest,
 )
+from ._prefault import populate_in_background, populate_mapping
+from ._shard import Shard, shard_of
 from ._root import LOCAL_NAMESPACE, local_generation, open_root, opened, root_lock
 from ._skeleton import assign_state, build_from_factory
 
 log = logging.getLogger("modelwrapper")
 
-MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
-PAGE = mmap.PAGESIZE
 
 
 class LoadedPipeline(types.SimpleNamespace):
@@ -36,6 +39,7 @@ class LoadedPipeline(types.SimpleNamespace):
 
 
 ALLOW_PICKLE_ENV = "MODELWRAPPER_ALLOW_PICKLE"
+GPU_REGISTER_ENV = "MODELWRAPPER_GPU_REGISTER"
 COPY_ON_WRITE_ENV = "MODELWRAPPER_COPY_ON_WRITE"
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -60,18 +64,26 @@ def pickle_allowed() -> bool:
     return env_flag(ALLOW_PICKLE_ENV, True)
 
 
-def map_tensors(
-    path: Path, *, prefault: bool = False, copy_on_write: bool = False
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Maps a safetensors file privately and read-only, and returns views.
+@dataclass
+class MappedFile:
+    """One safetensors file mapped read-only (or copy-on-write), checked."""
 
-    No byte is copied: every tensor's storage lies inside the mapping, which
-    all processes share through the page cache of the tmpfs. An in-place
-    write is a bug that would silently give this process a private copy of
-    the page (memory the sharing was meant to save), so the mapping has no
-    write permission and the write fails loudly (SIGSEGV). With
-    ``copy_on_write=True`` the mapping is writable copy-on-write instead: a
-    write copies the touched page for this process only.
+    path: Path
+    mm: mmap.mmap
+    header: SafetensorsHeader
+    # The data region as a 1-D uint8 view of the mapping; None when empty.
+    data: torch.Tensor | None
+
+
+def map_file(path: Path, *, copy_on_write: bool = False) -> MappedFile:
+    """Maps a safetensors file privately and read-only and checks its header.
+
+    No byte is copied: views of the mapping share the tmpfs page cache with
+    every other process. An in-place write is a bug that would silently give
+    this process a private copy of the page (memory the sharing was meant to
+    save), so the mapping has no write permission and the write fails loudly
+    (SIGSEGV). With ``copy_on_write=True`` the mapping is writable
+    copy-on-write instead: a write copies the touched page for this process.
     """
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -82,40 +94,156 @@ def map_tensors(
         else:
             mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
     header = parse_header(memoryview(mm)[: min(size, 8 + 100 * 1024 * 1024)], size, str(path))
-    if prefault:
-        populate(mm)
-    data_len = size - header.data_offset
-    tensors: dict[str, torch.Tensor] = {}
-    base = None
-    if data_len:
+    data = None
+    if size > header.data_offset:
         with warnings.catch_warnings():
             # torch warns that it cannot mark tensors read-only; the mapping is.
             warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
-            base = torch.frombuffer(mm, dtype=torch.uint8, offset=header.data_offset, count=data_len)
-    for t in header.tensors:
-        if t.end == t.begin or base is None:
-            tensors[t.name] = torch.empty(t.shape, dtype=t.dtype)
+            data = torch.frombuffer(mm, dtype=torch.uint8, offset=header.data_offset, count=size - header.data_offset)
+    return MappedFile(path, mm, header, data)
+
+
+def cpu_views(m: MappedFile, shard: Shard | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor as a view of the mapping (a shard: a narrowed view)."""
+    tensors: dict[str, torch.Tensor] = {}
+    data = m.data
+    for t in m.header.tensors:
+        if t.end == t.begin or data is None:
+            tensor = torch.empty(t.shape, dtype=t.dtype)
+        else:
+            tensor = data[t.begin : t.end].view(t.dtype).view(t.shape)
+        cut = shard_of(shard, t, m.path)
+        tensors[t.name] = tensor.narrow(*cut) if cut else tensor
+    return tensors
+
+
+def map_tensors(
+    path: Path, *, prefault: bool = False, copy_on_write: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Views of every tensor in a mapped file, and the file's metadata."""
+    m = map_file(path, copy_on_write=copy_on_write)
+    if prefault:
+        populate(m.mm)
+    return cpu_views(m), m.header.metadata
+
+
+def device_tensors(
+    files: list[MappedFile], device: torch.device, shard: Shard | None = None
+) -> tuple[list[dict[str, torch.Tensor]], CopyReport]:
+    """Copies the tensors of ``files`` (a shard's bytes only) to ``device``.
+
+    A whole file lands in one device buffer at its file offsets, so the
+    copy is one contiguous stream of chunks; a shard's tensors are packed.
+    """
+    transfer = Transfer(_backend(device), register=env_flag(GPU_REGISTER_ENV, False))
+    out = []
+    fds: list[int] = []
+    try:
+        for m in files:
+            fds.append(os.open(m.path, os.O_RDONLY | os.O_CLOEXEC))
+            address = m.data.data_ptr() if m.data is not None else 0
+            out.append(_copy_file(transfer, FileSource(fds[-1], m.header.data_offset, address), m, device, shard))
+    finally:
+        try:
+            report = transfer.finish()
+        finally:
+            for fd in fds:
+                os.close(fd)
+    log.info(
+        "copied %.2f GB to %s in %.3f s (%.1f GB/s, %s%s)",
+        report.bytes / 1e9,
+        device,
+        report.seconds,
+        report.gb_per_s,
+        report.path,
+        f": {report.fallback_reason}" if report.fallback_reason and report.staged_bytes else "",
+    )
+    return out, report
+
+
+def _copy_file(
+    transfer: Transfer, source: FileSource, m: MappedFile, device: torch.device, shard: Shard | None
+) -> dict[str, torch.Tensor]:
+    pieces: list[Piece] = []
+    gathers: list[Gather] = []
+    # (name, dtype, shape, destination offset) of each non-empty tensor.
+    placed: list[tuple[str, torch.dtype, tuple[int, ...], int]] = []
+    empty: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    packed = 0
+    # A whole file keeps its layout shifted so that every tensor is as
+    # aligned in the device buffer as it is in the file.
+    shift = m.header.data_offset % DEST_ALIGN
+    for t in m.header.tensors:
+        cut = shard_of(shard, t, m.path)
+        if cut is None:
+            shape, nbytes = t.shape, t.end - t.begin
+        else:
+            dim, start, length = cut
+            shape = t.shape[:dim] + (length,) + t.shape[dim + 1 :]
+            nbytes = math.prod(shape) * t.dtype.itemsize
+        if nbytes == 0 or m.data is None:
+            empty[t.name] = (t.dtype, shape)
             continue
-        tensors[t.name] = base[t.begin : t.end].view(t.dtype).view(t.shape)
-    return tensors, header.metadata
+        if shard is None:
+            dst = shift + t.begin  # the file's own layout: one contiguous copy
+        else:
+            dst = -(-packed // DEST_ALIGN) * DEST_ALIGN
+            packed = dst + nbytes
+        placed.append((t.name, t.dtype, shape, dst))
+        if cut is None:
+            pieces.append(Piece(t.begin, nbytes, dst))
+            continue
+        dim, start, length = cut
+        if math.prod(t.shape[:dim]) == 1:  # a narrowed leading dimension is contiguous
+            row = math.prod(t.shape[dim + 1 :]) * t.dtype.itemsize
+            pieces.append(Piece(t.begin + start * row, nbytes, dst))
+        else:
+            view = m.data[t.begin : t.end].view(t.dtype).view(t.shape).narrow(dim, start, length)
+            gathers.append(Gather(view, dst))
+    size = (shift + (m.data.numel() if m.data is not None else 0)) if shard is None else packed
+    dest = transfer.backend.empty(size)
+    if m.data is not None:
+        transfer.copy_file(source, m.data, dest, pieces, gathers)
+    tensors = {
+        name: dest[dst : dst + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+        for name, dtype, shape, dst in placed
+    }
+    for name, (dtype, shape) in empty.items():
+        tensors[name] = torch.empty(shape, dtype=dtype, device=device)
+    return {t.name: tensors[t.name] for t in m.header.tensors}
+
+
+def _backend(device: torch.device) -> Any:
+    if device.type != "cuda":
+        raise VolumeError(f"device {str(device)!r} is not supported: load to 'cpu' (zero-copy) or to 'cuda[:N]'")
+    if not torch.cuda.is_available():
+        raise VolumeError(
+            f"cannot load to {device}: torch.cuda.is_available() is False in this process "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); "
+            "load to 'cpu' (the default), or run where a GPU is visible (nvidia.com/gpu resource, NVIDIA_VISIBLE_DEVICES)"
+        )
+    return CudaBackend(device)
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    try:
+        d = torch.device(device if device is not None else "cpu")
+    except (RuntimeError, TypeError) as e:
+        raise VolumeError(f"device {device!r} is not a torch device ({e}); use 'cpu', 'cuda' or 'cuda:N'") from None
+    if d.type not in ("cpu", "cuda"):
+        raise VolumeError(f"device {str(d)!r} is not supported: load to 'cpu' (zero-copy) or to 'cuda[:N]'")
+    return d
 
 
 def populate(mm: mmap.mmap) -> None:
     """Fills the page tables up front so the first forward pass takes no faults."""
-    try:
-        mm.madvise(MADV_POPULATE_READ)
-        return
-    except (OSError, ValueError):
-        pass
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
-        view = torch.frombuffer(mm, dtype=torch.uint8)
-    int(view[::PAGE].sum())  # one byte per page: reads only, so it works on the read-only mapping
+    populate_mapping(mm)
 
 
-def _component(path: Path, c: dict[str, Any], prefault: bool, copy_on_write: bool) -> tuple[str, Any]:
-    tensors, metadata = map_tensors(path / c["weights"]["file"], prefault=prefault, copy_on_write=copy_on_write)
-    attribute = metadata.get(ATTRIBUTE_KEY) or c["name"].replace("-", "_")
+def _build(
+    path: Path, c: dict[str, Any], m: MappedFile, tensors: dict[str, torch.Tensor], device: torch.device
+) -> tuple[str, Any]:
+    attribute = m.header.metadata.get(ATTRIBUTE_KEY) or c["name"].replace("-", "_")
     skeleton = c.get("skeleton")
     if not skeleton:
         return attribute, tensors
@@ -128,6 +256,12 @@ def _component(path: Path, c: dict[str, Any], prefault: bool, copy_on_write: boo
     else:
         raise VolumeError(f"component {c['name']}: skeleton has neither file nor factory")
     module = assign_state(c["name"], module, tensors)
+    # Where the weights landed (the requested device, with its index).
+    landed = next(iter(tensors.values())).device if tensors else device
+    if landed.type != "cpu":
+        # Buffers the weights do not hold (non-persistent ones) are still on
+        # the host; parameters already on the device stay where they are.
+        module.to(landed)
     module.eval()
     module.requires_grad_(False)
     return attribute, module
@@ -182,28 +316,88 @@ def _held_against_collection(path: Path) -> Iterator[None]:
             yield
 
 
-def load(path: str | os.PathLike[str], *, prefault: bool = False, copy_on_write: bool | None = None) -> Any:
+def _prefault_mode(prefault: bool | str | None) -> str:
+    if prefault in (None, False):
+        return "off"
+    if prefault is True or prefault == "sync":
+        return "sync"
+    if prefault == "background":
+        return "background"
+    raise VolumeError(f"prefault={prefault!r} is not understood: use False, True (or 'sync') or 'background'")
+
+
+def _mapped(root: Path, manifest: dict[str, Any], cow: bool) -> list[MappedFile]:
+    return [map_file(root / c["weights"]["file"], copy_on_write=cow) for c in manifest["components"]]
+
+
+_last_report: CopyReport | None = None
+
+
+def last_copy_report() -> CopyReport | None:
+    """How the last device load of this process moved its bytes: path
+    (registered or staged, and why), bytes, seconds, GB/s."""
+    return _last_report
+
+
+def _tensor_sets(
+    files: list[MappedFile], device: torch.device, prefault: str, shard: Shard | None = None
+) -> list[dict[str, torch.Tensor]]:
+    global _last_report
+    if device.type == "cpu":
+        if prefault == "sync":
+            for m in files:
+                populate_mapping(m.mm)
+        elif prefault == "background":
+            populate_in_background([m.mm for m in files])
+        return [cpu_views(m, shard) for m in files]
+    sets, _last_report = device_tensors(files, device, shard)
+    return sets
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    prefault: bool | str = False,
+    copy_on_write: bool | None = None,
+    device: str | torch.device | None = None,
+) -> Any:
     """Loads a ModelWrapper volume zero-copy.
 
     Returns the ``nn.Module`` when the pipeline is one component without a
     pipeline skeleton, else the pipeline object with one attribute per
-    component. Modules are in eval mode, on CPU, with ``requires_grad=False``.
-    A component without a skeleton comes back as ``dict[str, Tensor]``.
+    component. Modules are in eval mode with ``requires_grad=False``. A
+    component without a skeleton comes back as ``dict[str, Tensor]``.
 
-    Tensors are read-only views of the shared pages: an in-place write kills
-    the process with SIGSEGV rather than silently copying. ``copy_on_write=True``
-    (or ``MODELWRAPPER_COPY_ON_WRITE=1``) maps writable copy-on-write instead.
-    With ``MODELWRAPPER_ALLOW_PICKLE=0`` pickled skeletons are refused.
+    On CPU (the default) tensors are read-only views of the shared pages: an
+    in-place write kills the process with SIGSEGV rather than silently
+    copying. ``copy_on_write=True`` (or ``MODELWRAPPER_COPY_ON_WRITE=1``) maps
+    writable copy-on-write instead. ``prefault=True`` fills the page tables
+    before returning; ``prefault="background"`` returns at once and fills
+    them in a thread (``modelwrapper.wait_for_prefault()`` waits for it).
+
+    ``device="cuda:N"`` copies every tensor from the node copy to that GPU:
+    read by several threads into a ring of pinned buffers while earlier
+    buffers are in flight on two streams (``MODELWRAPPER_GPU_REGISTER=1``
+    pins the mapping itself instead, where the platform pins fast);
+    ``modelwrapper.last_copy_report()`` says how it went. With
+    ``MODELWRAPPER_ALLOW_PICKLE=0`` pickled skeletons are refused.
     """
     root = Path(path)
+    dev = _device(device)
+    mode = _prefault_mode(prefault)
     allow_pickle = pickle_allowed()
     cow = env_flag(COPY_ON_WRITE_ENV, False) if copy_on_write is None else copy_on_write
     with _held_against_collection(root):
         manifest = read_manifest(root)
         if not allow_pickle:
             _refuse_pickles(root, manifest)
-        prefault = prefault or bool(manifest.get("prefault"))
-        components = [_component(root, c, prefault, cow) for c in manifest["components"]]
+        if mode == "off" and manifest.get("prefault"):
+            mode = "sync"
+        files = _mapped(root, manifest, cow and dev.type == "cpu")
+        tensor_sets = _tensor_sets(files, dev, mode)
+        components = [
+            _build(root, c, m, tensors, dev) for c, m, tensors in zip(manifest["components"], files, tensor_sets)
+        ]
     pipeline_file = manifest.get("pipelineSkeleton")
     if pipeline_file:
         with open(root / pipeline_file["file"], "rb") as f:
@@ -214,3 +408,38 @@ def load(path: str | os.PathLike[str], *, prefault: bool = False, copy_on_write:
     if len(components) == 1:
         return components[0][1]
     return LoadedPipeline(**dict(components))
+
+
+def load_state_dict(
+    path: str | os.PathLike[str],
+    component: str | None = None,
+    *,
+    device: str | torch.device | None = None,
+    shard: Shard | None = None,
+    prefault: bool | str = False,
+) -> dict[str, torch.Tensor]:
+    """One component's tensors by name, without building a module: the hook
+    for frameworks that load weights themselves (vLLM, tensor-parallel
+    ranks). ``component`` may be left out when the volume holds one.
+
+    ``shard`` (``modelwrapper.tp_shard(rank, size, {...})``, or any
+    callable ``(name, shape) -> (dim, start, length) | None``) gives each
+    rank only its slice of every tensor it names: on CPU a narrowed view of
+    the node copy (no byte copied), on a GPU only the shard's bytes are
+    moved, so eight ranks on a node read one copy.
+    """
+    root = Path(path)
+    dev = _device(device)
+    mode = _prefault_mode(prefault)
+    with _held_against_collection(root):
+        manifest = read_manifest(root)
+        names = [c["name"] for c in manifest["components"]]
+        if component is None:
+            if len(names) != 1:
+                raise VolumeError(f"{root} holds components {', '.join(names)}: say which one (component=...)")
+            component = names[0]
+        chosen = [c for c in manifest["components"] if c["name"] == component]
+        if not chosen:
+            raise VolumeError(f"{root} has no component {component!r} (it has {', '.join(names)})")
+        files = [map_file(root / chosen[0]["weights"]["file"])]
+        return _tensor_sets(files, dev, mode, shard)[0]

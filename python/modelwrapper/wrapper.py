@@ -16,7 +16,7 @@ import logging
 import os
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _cluster, _gc
 from ._cluster import ClusterRef
@@ -25,6 +25,9 @@ from ._format import read_manifest
 from ._load import load as _load_volume
 from ._local import publish_local
 from ._root import local_generation
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("modelwrapper")
 
@@ -170,6 +173,8 @@ class ModelWrapper:
         *,
         copy_on_write: bool | None = None,
         timeout: float = _cluster.DEFAULT_TIMEOUT,
+        device: str | torch.device | None = None,
+        prefault: bool | str | None = None,
     ) -> Any:
         """Actor mode: the model or pipeline, mapped zero-copy (on CPU, eval,
         no grad, read-only: see ``modelwrapper.load``). ``_use_fast_load=True``
@@ -179,12 +184,22 @@ class ModelWrapper:
         A cluster wrapper is loaded from this pod's catalog: ``load()`` waits
         until it is Ready on this node (``timeout`` seconds, logging its
         status every few seconds) and fails at once with the reason when
-        this node cannot get it."""
+        this node cannot get it.
+
+        ``device="cuda:N"`` copies the weights from the node copy to that GPU
+        at close to the host-to-device limit; ``prefault="background"``
+        returns at once and fills the page tables in a thread (see
+        ``modelwrapper.load``)."""
         self._check_usable()
         if self._mode == "task":
             return TaskPipeline(self)
         path = _cluster.resolve(self._cluster, timeout) if self._cluster is not None else self._path
-        return _load_volume(path, prefault=_use_fast_load, copy_on_write=copy_on_write)
+        return _load_volume(
+            path,
+            prefault=prefault if prefault is not None else _use_fast_load,
+            copy_on_write=copy_on_write,
+            device=device,
+        )
 
     def release(self) -> bool:
         """Drops this wrapper's hold on its generation now, instead of when it

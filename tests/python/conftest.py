@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -44,8 +45,20 @@ def filled_volume(yaml_path: Path, root: Path) -> Path:
     proc = fill(yaml_path, root)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     status = subprocess.run([str(agent_bin()), "--root", str(root), "status", "--json"], capture_output=True, text=True, check=True)
-    import json
-
     gens = json.loads(status.stdout)
     assert len(gens) == 1, gens
     return Path(gens[0]["path"])
+
+
+def local_volume(model, where: Path, *, skeletons: bool = True, factory: dict | None = None) -> Path:
+    """A volume made without the node agent: export() plus the manifest the
+    local publisher writes; ``factory`` replaces the only component's skeleton."""
+    import modelwrapper
+    from modelwrapper._local import _manifest
+
+    exported = modelwrapper.export(model, where / "volume", name="v", skeletons=skeletons)
+    manifest = _manifest(exported, name="v", generation="0123456789abcdef", mode="actor")
+    if factory is not None:
+        manifest["components"][0]["skeleton"] = factory
+    (where / "volume" / "manifest.json").write_text(json.dumps(manifest))
+    return where / "volume"

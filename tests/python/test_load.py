@@ -17,7 +17,7 @@ import torch
 import yaml
 
 import modelwrapper
-from conftest import REPO, fill, filled_volume
+from conftest import REPO, fill, filled_volume, local_volume
 from mw_models import BigPipeline, Encoder, Pipeline
 
 
@@ -33,19 +33,6 @@ def mapped_ranges(path_part: str) -> list[tuple[int, int]]:
 def export_and_fill(model, shm: Path, **kw) -> Path:
     exported = modelwrapper.export(model, shm / "export", **kw)
     return filled_volume(exported.yaml_path, shm / "root")
-
-
-def local_volume(model, where: Path, *, skeletons: bool = True, factory: dict | None = None) -> Path:
-    """A volume made without the node agent: export() plus the manifest the
-    local publisher writes; ``factory`` replaces the only component's skeleton."""
-    from modelwrapper._local import _manifest
-
-    exported = modelwrapper.export(model, where / "volume", name="v", skeletons=skeletons)
-    manifest = _manifest(exported, name="v", generation="0123456789abcdef", mode="actor")
-    if factory is not None:
-        manifest["components"][0]["skeleton"] = factory
-    (where / "volume" / "manifest.json").write_text(json.dumps(manifest))
-    return where / "volume"
 
 
 def test_a_pipeline_loads_zero_copy_and_computes_the_same(shm: Path) -> None:
