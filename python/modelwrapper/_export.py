@@ -20,7 +20,7 @@ import torch
 import yaml
 from torch import nn
 
-from ._format import ATTRIBUTE_KEY, PIPELINE_SKELETON_FILE, skeleton_file, weights_file
+from ._format import ATTRIBUTE_KEY, PIPELINE_SKELETON_FILE, SKELETON_KEY, SKELETON_VERSION, skeleton_file, weights_file
 
 log = logging.getLogger("modelwrapper")
 
@@ -74,22 +74,25 @@ def _defined_in_main(classes: Iterator[type]) -> bool:
     return any(c.__module__ == "__main__" for c in classes)
 
 
-def _save_skeleton(module: nn.Module, path: Path) -> None:
-    """torch.save by reference, except classes that no other process can
-    import (defined in a function, or in the driver script's ``__main__``):
-    those go by value through cloudpickle (Ray's own pickler), as the seed
-    library does. Loading them needs cloudpickle where load() runs."""
+def _save_skeleton(payload: dict[str, Any], path: Path) -> None:
+    """The skeleton payload pickled by reference, except classes that no
+    other process can import (defined in a function, or in the driver
+    script's ``__main__``): those go by value through cloudpickle (Ray's own
+    pickler), as the seed library does. Loading them needs cloudpickle where
+    load() runs."""
+    module = payload["module"]
     by_value = _cloudpickle()
     if by_value is not None and _defined_in_main(type(m) for m in module.modules()):
-        torch.save(module, path, pickle_module=by_value)
+        path.write_bytes(by_value.dumps(payload, protocol=4))
         return
     try:
-        torch.save(module, path)
+        data = pickle.dumps(payload, protocol=4)
     except (AttributeError, pickle.PicklingError, TypeError) as e:
         if by_value is None:
             raise
         log.info("%s pickles only by value (%s): saving its skeleton with cloudpickle", type(module).__name__, e)
-        torch.save(module, path, pickle_module=by_value)
+        data = by_value.dumps(payload, protocol=4)
+    path.write_bytes(data)
 
 
 def _pickle_by_value_if_needed(obj: Any) -> bytes:
@@ -188,30 +191,41 @@ def _unique_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def _weights_on_meta(module: nn.Module) -> Iterator[nn.Module]:
-    """Temporarily swaps parameters and persistent buffers for meta tensors, so
-    the skeleton pickles without weights and without copying the model.
-    Non-persistent buffers keep their values: they are not in the weights."""
-    saved: list[tuple[dict[str, Any], str, Any]] = []
-    memo: dict[int, Any] = {}
+def _weights_stripped(module: nn.Module) -> Iterator[dict[str, Any]]:
+    """Temporarily sets parameters and persistent buffers to None and yields
+    the skeleton payload: the module, and per distinct tensor its names
+    (tied ones share an entry), shape, dtype and kind. Nothing of the model
+    is copied; non-persistent buffers keep their values (they are not in the
+    weights). Loading it rebuilds no placeholder tensors (SKELETON_KEY in
+    docs/FORMAT.md)."""
+    found: list[tuple[dict[str, Any], str, torch.Tensor, str]] = []
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        for name, p in sub._parameters.items():
+            if p is not None:
+                found.append((sub._parameters, name, p, dot + name))
+        for name, b in sub._buffers.items():
+            if b is not None and name not in sub._non_persistent_buffers_set:
+                found.append((sub._buffers, name, b, dot + name))
+    state: dict[int, dict[str, Any]] = {}
+    for _, _, value, full in found:
+        entry = state.get(id(value))
+        if entry is None:
+            entry = state[id(value)] = {
+                "names": [],
+                "shape": list(value.shape),
+                "dtype": str(value.dtype).removeprefix("torch."),
+                "parameter": isinstance(value, nn.Parameter),
+            }
+        if full not in entry["names"]:
+            entry["names"].append(full)
     try:
-        for sub in module.modules():
-            for name, p in list(sub._parameters.items()):
-                if p is not None:
-                    saved.append((sub._parameters, name, p))
-                    if id(p) not in memo:
-                        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-                    sub._parameters[name] = memo[id(p)]
-            for name, b in list(sub._buffers.items()):
-                if b is not None and name not in sub._non_persistent_buffers_set:
-                    saved.append((sub._buffers, name, b))
-                    if id(b) not in memo:
-                        memo[id(b)] = torch.empty_like(b, device="meta")
-                    sub._buffers[name] = memo[id(b)]
-        yield module
+        for table, name, _, _ in found:
+            table[name] = None
+        yield {SKELETON_KEY: SKELETON_VERSION, "module": module, "state": list(state.values())}
     finally:
-        for table, name, original in saved:
-            table[name] = original
+        for table, name, value, _ in found:
+            table[name] = value
 
 
 def export(
@@ -251,8 +265,8 @@ def export(
         spath = None
         if skeletons:
             spath = out / skeleton_file(cname)
-            with _weights_on_meta(module) as skeleton:
-                _save_skeleton(skeleton, spath)
+            with _weights_stripped(module) as payload:
+                _save_skeleton(payload, spath)
         exported.append(
             ExportedComponent(
                 name=cname,

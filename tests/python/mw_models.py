@@ -71,3 +71,21 @@ class BigPipeline:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(self.first(x))
+
+
+class CustomLoading(nn.Module):
+    """Loads its state its own way (as quantised or legacy modules do):
+    load() must go through load_state_dict for it, not bind directly."""
+
+    loads = 0
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.lin = nn.Linear(dim, dim)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        type(self).loads += 1
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -18,7 +19,7 @@ import yaml
 
 import modelwrapper
 from conftest import REPO, fill, filled_volume, local_volume
-from mw_models import BigPipeline, Encoder, Pipeline
+from mw_models import BigPipeline, CustomLoading, Encoder, Pipeline
 
 
 def mapped_ranges(path_part: str) -> list[tuple[int, int]]:
@@ -33,6 +34,42 @@ def mapped_ranges(path_part: str) -> list[tuple[int, int]]:
 def export_and_fill(model, shm: Path, **kw) -> Path:
     exported = modelwrapper.export(model, shm / "export", **kw)
     return filled_volume(exported.yaml_path, shm / "root")
+
+
+def test_a_torch_save_skeleton_as_older_exports_wrote_it_still_loads(tmp_path: Path) -> None:
+    """Skeletons were torch.save archives of the module on the meta device
+    before export() wrote stripped pickles; volumes filled from those files
+    must keep loading."""
+    torch.manual_seed(0)
+    enc = Encoder()
+    volume = local_volume(enc, tmp_path)
+    old = copy.deepcopy(enc)
+    for m in old.modules():
+        for k, p in m._parameters.items():
+            m._parameters[k] = torch.nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+        for k, b in m._buffers.items():
+            if k not in m._non_persistent_buffers_set:
+                m._buffers[k] = b.to("meta")
+    torch.save(old, volume / "model.skeleton.pt")
+    assert (volume / "model.skeleton.pt").read_bytes()[:4] == b"PK\x03\x04"
+    loaded = modelwrapper.load(volume)
+    x = torch.randn(3, 64)
+    assert torch.equal(loaded(x), enc(x)) and not loaded.training
+    assert all(not p.requires_grad for p in loaded.parameters())
+
+
+def test_export_skeletons_hold_no_weights_and_custom_loading_still_runs(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = CustomLoading()
+    volume = local_volume(module, tmp_path)
+    skeleton = (volume / "model.skeleton.pt").read_bytes()
+    assert len(skeleton) < 4096, "weights are not in the skeleton"
+    before = CustomLoading.loads
+    loaded = modelwrapper.load(volume)
+    assert CustomLoading.loads > before, "a module's own _load_from_state_dict is honoured"
+    x = torch.randn(2, 16)
+    assert torch.equal(loaded(x), module(x)) and not loaded.training
+    assert torch.equal(module.lin.weight, modelwrapper.load(volume).lin.weight), "export left the model intact"
 
 
 def test_a_pipeline_loads_zero_copy_and_computes_the_same(shm: Path) -> None:
