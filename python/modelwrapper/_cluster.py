@@ -14,8 +14,6 @@ import secrets
 import shutil
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -249,6 +247,9 @@ def _upload(info: dict[str, Any], namespace: str, name: str, files: dict[str, Pa
 
 
 def _http(method: str, url: str, token: str, path: Path | None = None) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
     if path is None:
         req = urllib.request.Request(url, method=method)
         handle = None

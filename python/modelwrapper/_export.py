@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import yaml
 from torch import nn
 
 from ._format import ATTRIBUTE_KEY, PIPELINE_SKELETON_FILE, SKELETON_KEY, SKELETON_VERSION, skeleton_file, weights_file
@@ -321,5 +320,7 @@ def export(
             "template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "task", "image": "REPLACE-ME"}]}}
         }
     yaml_path = out / "modelwrapper.yaml"
+    import yaml  # only here: load() never needs it
+
     yaml_path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return Exported(out, standalone, exported, pipeline_path, pipeline_sha, yaml_path, doc)

@@ -7,16 +7,16 @@ from __future__ import annotations
 import base64
 import json
 import os
-import ssl
 import tempfile
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import yaml
+# ssl, urllib.request and yaml are imported where used: most processes that
+# import modelwrapper (Ray workers loading a model) never call the API.
+if TYPE_CHECKING:
+    import ssl
 
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
@@ -40,6 +40,8 @@ class KubeConfig:
 
 
 def _ssl_from_kubeconfig(cluster: dict[str, Any], user: dict[str, Any]) -> ssl.SSLContext:
+    import ssl
+
     ctx = ssl.create_default_context()
     if cluster.get("insecure-skip-tls-verify"):
         ctx.check_hostname = False
@@ -67,6 +69,8 @@ def load_config() -> KubeConfig:
     host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT")
     token_file = SERVICE_ACCOUNT / "token"
     if host and port and token_file.exists():
+        import ssl
+
         ctx = ssl.create_default_context(cafile=str(SERVICE_ACCOUNT / "ca.crt"))
         ns_file = SERVICE_ACCOUNT / "namespace"
         return KubeConfig(
@@ -83,6 +87,8 @@ def load_config() -> KubeConfig:
             "(automountServiceAccountToken) and no kubeconfig at "
             f"{path}; give the pod a service account allowed to create ModelWrappers, or set KUBECONFIG"
         )
+    import yaml
+
     doc = yaml.safe_load(path.read_text()) or {}
     current = doc.get("current-context")
     ctx_entry = next((c["context"] for c in doc.get("contexts", []) if c.get("name") == current), None)
@@ -113,6 +119,9 @@ class Kube:
         self.timeout = timeout
 
     def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> dict[str, Any]:
+        import urllib.error
+        import urllib.request
+
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.config.server + path, data=data, method=method)
         req.add_header("Accept", "application/json")

@@ -12,11 +12,10 @@ import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-from ._device import DEST_ALIGN, CopyReport, CudaBackend, FileSource, Gather, Piece, Transfer
 from ._format import (
     ATTRIBUTE_KEY,
     SafetensorsHeader,
@@ -24,8 +23,10 @@ from ._format import (
     parse_header,
     read_manifest,
 )
-from ._prefault import populate_in_background, populate_mapping
 from ._shard import Shard, shard_of
+
+if TYPE_CHECKING:  # the GPU path's modules load when a device load runs
+    from ._device import CopyReport, Transfer
 from ._root import LOCAL_NAMESPACE, local_generation, open_root, opened, root_lock
 from ._skeleton import assign_state, assign_stripped, build_from_factory, read_skeleton
 
@@ -158,6 +159,8 @@ def device_tensors(
     A whole file lands in one device buffer at its file offsets, so the
     copy is one contiguous stream of chunks; a shard's tensors are packed.
     """
+    from ._device import FileSource, Transfer
+
     transfer = Transfer(_backend(device), register=env_flag(GPU_REGISTER_ENV, False))
     out = []
     fds: list[int] = []
@@ -187,6 +190,8 @@ def device_tensors(
 def _copy_file(
     transfer: Transfer, source: FileSource, m: MappedFile, device: torch.device, shard: Shard | None
 ) -> dict[str, torch.Tensor]:
+    from ._device import DEST_ALIGN, Gather, Piece
+
     pieces: list[Piece] = []
     gathers: list[Gather] = []
     # (name, dtype, shape, destination offset) of each non-empty tensor.
@@ -245,6 +250,8 @@ def _backend(device: torch.device) -> Any:
             f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); "
             "load to 'cpu' (the default), or run where a GPU is visible (nvidia.com/gpu resource, NVIDIA_VISIBLE_DEVICES)"
         )
+    from ._device import CudaBackend
+
     return CudaBackend(device)
 
 
@@ -260,6 +267,8 @@ def _device(device: str | torch.device | None) -> torch.device:
 
 def populate(mm: mmap.mmap) -> None:
     """Fills the page tables up front so the first forward pass takes no faults."""
+    from ._prefault import populate_mapping
+
     populate_mapping(mm)
 
 
@@ -368,8 +377,10 @@ def _tensor_sets(
     if device.type == "cpu":
         if prefault == "sync":
             for m in files:
-                populate_mapping(m.mm)
+                populate(m.mm)
         elif prefault == "background":
+            from ._prefault import populate_in_background
+
             populate_in_background([m.mm for m in files])
         return [cpu_views(m, shard) for m in files]
     sets, _last_report = device_tensors(files, device, shard)
