@@ -1,0 +1,167 @@
+"""CPU loads of the Llama-shaped model (32 layers, 291 tensors, 3.55 GB
+bf16), side by side in one run, each in a fresh process (a new worker):
+
+  floor                  mmap + one view per tensor, nothing else
+  modelwrapper.load()    the zero-copy load (module built, weights bound)
+  safetensors + assign   safetensors.torch.load_file + load_state_dict(assign=True)
+                         on a meta-device model (what users write today)
+  fastsafetensors cpu    SafeTensorsFileLoader(device="cpu", nogds=True)
+
+then the first forward pass after a lazy load, after prefault=True and
+after prefault="background" (once it finished), against a second forward,
+and the import times. Prints a table, writes --json (docs/benchmarks-cpu.json).
+
+    python3 benches/load_cpu.py --json docs/benchmarks-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+BENCHES = Path(__file__).resolve().parent
+
+PRELUDE = textwrap.dedent(
+    """
+    import json, mmap, os, sys, time, warnings
+    t_start = time.perf_counter()
+    import torch
+    t_torch = time.perf_counter()
+    import modelwrapper
+    t_mw = time.perf_counter()
+    sys.path.insert(0, {benches!r})
+    import llama_shaped
+    path = sys.argv[1]
+    weights = os.path.join(path, "model.safetensors")
+    """
+)
+
+LOADERS = {
+    "floor": """
+        t0 = time.perf_counter()
+        with open(weights, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+        n = int.from_bytes(mm[:8], "little")
+        header = json.loads(mm[8 : 8 + n])
+        header.pop("__metadata__", None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            base = torch.frombuffer(mm, dtype=torch.uint8)
+        out = {k: base[8 + n + v["data_offsets"][0] : 8 + n + v["data_offsets"][1]].view(torch.bfloat16).view(v["shape"]) for k, v in header.items()}
+        t1 = time.perf_counter()
+    """,
+    "modelwrapper.load()": """
+        t0 = time.perf_counter()
+        out = modelwrapper.load(path)
+        t1 = time.perf_counter()
+    """,
+    "safetensors + assign": """
+        from safetensors.torch import load_file
+        t0 = time.perf_counter()
+        with torch.device("meta"):
+            model = llama_shaped.LlamaShaped().to(torch.bfloat16)
+        model.load_state_dict(load_file(weights), assign=True)
+        out = model.eval()
+        t1 = time.perf_counter()
+    """,
+    "fastsafetensors cpu": """
+        from fastsafetensors import SafeTensorsFileLoader, SingleGroup
+        t0 = time.perf_counter()
+        loader = SafeTensorsFileLoader(SingleGroup(), "cpu", nogds=True)
+        loader.add_filenames({0: [weights]})
+        buffer = loader.copy_files_to_device()
+        out = {k: buffer.get_tensor(k) for k in loader.get_keys()}
+        t1 = time.perf_counter()
+    """,
+}
+
+FORWARD = """
+    mode = sys.argv[2]
+    ids = torch.randint(0, 32000, (1, 8))
+    t0 = time.perf_counter()
+    model = modelwrapper.load(path, prefault={"lazy": False, "prefault": True, "background": "background"}[mode])
+    t1 = time.perf_counter()
+    if mode == "background":
+        modelwrapper.wait_for_prefault()
+    t2 = time.perf_counter()
+    with torch.no_grad():
+        model(ids)
+        t3 = time.perf_counter()
+        model(ids)
+        t4 = time.perf_counter()
+"""
+
+
+def child(body: str, path: Path, *args: str) -> dict[str, float]:
+    code = PRELUDE.format(benches=str(BENCHES)) + textwrap.dedent(body)
+    code += "\nprint(json.dumps({k: v for k, v in globals().items() if k.startswith('t') and isinstance(v, float)}))\n"
+    out = subprocess.run([sys.executable, "-c", code, str(path), *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    sys.path.insert(0, str(BENCHES))
+    import llama_shaped
+    import modelwrapper
+
+    wrapper = modelwrapper.ModelWrapper.from_model(llama_shaped.uninitialised())
+    path = wrapper.path
+    print(f"volume: {path} ({(path / 'model.safetensors').stat().st_size / 1e9:.2f} GB)", flush=True)
+    results: dict[str, dict] = {}
+
+    for name, body in LOADERS.items():
+        try:
+            runs = [child(body, path) for _ in range(args.reps)]
+        except RuntimeError as e:
+            results[name] = {"error": str(e)[-300:]}
+            print(f"{name:24s} failed: {str(e)[-200:]}", flush=True)
+            continue
+        ms = [(r["t1"] - r["t0"]) * 1e3 for r in runs]
+        results[name] = {"ms": ms, "median_ms": statistics.median(ms)}
+        print(f"{name:24s} median {statistics.median(ms):9.2f} ms  runs {[round(x, 2) for x in ms]}", flush=True)
+        if name == "floor":
+            imports = {
+                "import torch ms": statistics.median((r["t_torch"] - r["t_start"]) * 1e3 for r in runs),
+                "import modelwrapper ms": statistics.median((r["t_mw"] - r["t_torch"]) * 1e3 for r in runs),
+            }
+            results["imports"] = imports
+            print("imports:", {k: round(v, 1) for k, v in imports.items()}, flush=True)
+
+    for mode in ("lazy", "prefault", "background"):
+        runs = [child(FORWARD, path, mode) for _ in range(args.reps)]
+        row = {
+            "load_ms": statistics.median((r["t1"] - r["t0"]) * 1e3 for r in runs),
+            "prefault_wait_ms": statistics.median((r["t2"] - r["t1"]) * 1e3 for r in runs),
+            "first_forward_ms": statistics.median((r["t3"] - r["t2"]) * 1e3 for r in runs),
+            "second_forward_ms": statistics.median((r["t4"] - r["t3"]) * 1e3 for r in runs),
+        }
+        row["first_over_second"] = row["first_forward_ms"] / row["second_forward_ms"]
+        results[f"forward after {mode} load"] = row
+        print(f"forward after {mode:10s} " + "  ".join(f"{k} {v:.1f}" for k, v in row.items()), flush=True)
+
+    floor = results.get("floor", {}).get("median_ms")
+    print("\n| loader | median ms | x floor |\n|---|---:|---:|")
+    for name in LOADERS:
+        r = results.get(name, {})
+        if "median_ms" in r:
+            print(f"| {name} | {r['median_ms']:.2f} | {r['median_ms'] / floor:.1f}x |" if floor else f"| {name} | {r['median_ms']:.2f} | |")
+    if args.json:
+        args.json.write_text(json.dumps({"cpus": os.cpu_count(), "results": results}, indent=1))
+    wrapper.release()
+
+
+if __name__ == "__main__":
+    main()
