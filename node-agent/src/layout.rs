@@ -342,31 +342,97 @@ impl VolumeRoot {
     }
 }
 
-/// Processes (pid list) that map or hold open a file under `dir`, read from
-/// `/proc/<pid>/maps` and `/proc/<pid>/fd`. Processes in other mount
-/// namespaces see other paths; the CSI ledger covers those.
+/// Other processes (pid list) that map or hold open a file under `dir`, or
+/// the directory itself, read from `/proc/<pid>/maps` and `/proc/<pid>/fd`.
+///
+/// Files are matched by device and inode, not by path: a pod sees a
+/// generation through its own mount namespace (a catalog or volume mount at
+/// `/mnt/models/…`), so its maps show a path the agent never sees. Processes
+/// in other PID namespaces are not listed in this `/proc`; the CSI ledger
+/// covers pods there. This process itself is left out: the agent maps no
+/// generation, and the files it holds are short reads (a manifest, a blob a
+/// peer copies), which must not keep a generation nobody wants.
 pub fn processes_using(dir: &Path) -> Vec<u32> {
+    processes_using_each(&[dir]).pop().unwrap_or_default()
+}
+
+/// [`processes_using`] for several directories, in one pass over `/proc`:
+/// the users of each, in the order given.
+pub fn processes_using_each(dirs: &[&Path]) -> Vec<Vec<u32>> {
+    let mut users = vec![Vec::new(); dirs.len()];
+    let owner: std::collections::HashMap<(u64, u64), usize> = dirs
+        .iter()
+        .enumerate()
+        .flat_map(|(i, d)| file_ids(d).into_iter().map(move |id| (id, i)))
+        .collect();
+    if owner.is_empty() {
+        return users;
+    }
     let Ok(entries) = fs::read_dir("/proc") else {
-        return Vec::new();
+        return users;
     };
-    let prefix = format!("{}/", dir.display());
-    let mut pids = Vec::new();
+    let me = std::process::id();
     for entry in entries.flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
+        if pid == me {
+            continue;
+        }
         let proc_dir = entry.path();
-        let maps_hit = fs::read_to_string(proc_dir.join("maps")).is_ok_and(|maps| maps.contains(&prefix));
-        let fd_hit = maps_hit
-            || fs::read_dir(proc_dir.join("fd")).is_ok_and(|fds| {
+        let mut hit = std::collections::BTreeSet::new();
+        if let Ok(maps) = fs::read_to_string(proc_dir.join("maps")) {
+            hit.extend(maps.lines().filter_map(mapped_file).filter_map(|id| owner.get(&id)));
+        }
+        if let Ok(fds) = fs::read_dir(proc_dir.join("fd")) {
+            // `stat` through the fd link reaches the open file in any mount
+            // namespace; sockets, pipes and the like (no path) are skipped.
+            hit.extend(
                 fds.flatten()
-                    .any(|fd| fs::read_link(fd.path()).is_ok_and(|t| t.starts_with(dir)))
-            });
-        if fd_hit {
-            pids.push(pid);
+                    .filter(|fd| fs::read_link(fd.path()).is_ok_and(|t| t.is_absolute()))
+                    .filter_map(|fd| fs::metadata(fd.path()).ok())
+                    .filter_map(|m| owner.get(&(m.dev(), m.ino()))),
+            );
+        }
+        for &i in hit {
+            users[i].push(pid);
         }
     }
-    pids
+    users
+}
+
+/// (device, inode) of `dir` and of everything below it.
+fn file_ids(dir: &Path) -> std::collections::HashSet<(u64, u64)> {
+    let mut ids = std::collections::HashSet::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        let Ok(meta) = fs::symlink_metadata(&p) else {
+            continue;
+        };
+        ids.insert((meta.dev(), meta.ino()));
+        if meta.is_dir() {
+            todo.extend(fs::read_dir(&p).into_iter().flatten().flatten().map(|e| e.path()));
+        }
+    }
+    ids
+}
+
+/// (device, inode) of the file a `/proc/<pid>/maps` line maps, if any
+/// (`address perms offset major:minor inode [path]`, numbers in hex but the
+/// inode in decimal; inode 0 is anonymous memory).
+fn mapped_file(line: &str) -> Option<(u64, u64)> {
+    let mut fields = line.split_ascii_whitespace();
+    let dev = fields.nth(3)?;
+    let ino: u64 = fields.next()?.parse().ok()?;
+    if ino == 0 {
+        return None;
+    }
+    let (major, minor) = dev.split_once(':')?;
+    let (major, minor) = (
+        u32::from_str_radix(major, 16).ok()?,
+        u32::from_str_radix(minor, 16).ok()?,
+    );
+    Some((libc::makedev(major, minor), ino))
 }
 
 fn read_dirs(dir: &Path) -> io::Result<Vec<PathBuf>> {
@@ -395,5 +461,44 @@ fn remove_path(p: &Path) -> io::Result<()> {
         Ok(_) => fs::remove_file(p),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_lines_name_device_and_inode() {
+        let line = "7f3a2c000000-7f3a2c100000 r--s 00000000 00:2d 1234   /mnt/models/m/g/w.safetensors (deleted)";
+        assert_eq!(mapped_file(line), Some((libc::makedev(0, 0x2d), 1234)));
+        assert_eq!(mapped_file("7f3a2c000000-7f3a2c100000 rw-p 00000000 00:00 0 "), None);
+        assert_eq!(
+            mapped_file("55d0-55d1 r-xp 00000000 fd:01 99 /usr/bin/x"),
+            Some((libc::makedev(0xfd, 1), 99))
+        );
+    }
+
+    #[test]
+    fn a_process_holding_a_file_is_a_user_and_this_process_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let gen = dir.path().join("g");
+        fs::create_dir(&gen).unwrap();
+        fs::write(gen.join("w.safetensors"), b"weights").unwrap();
+        let _mine = fs::File::open(gen.join("w.safetensors")).unwrap();
+        assert_eq!(
+            processes_using(&gen),
+            Vec::<u32>::new(),
+            "the agent's own reads keep nothing"
+        );
+        let mut other = std::process::Command::new("sleep")
+            .arg("30")
+            .stdin(fs::File::open(gen.join("w.safetensors")).unwrap())
+            .spawn()
+            .unwrap();
+        assert_eq!(processes_using(&gen), vec![other.id()]);
+        other.kill().unwrap();
+        other.wait().unwrap();
+        assert_eq!(processes_using(&gen), Vec::<u32>::new());
     }
 }

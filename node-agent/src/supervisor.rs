@@ -21,7 +21,7 @@ use crate::csi::ledger::Ledger;
 use crate::csi::metrics::Metrics;
 use crate::error::FillError;
 use crate::fill::{FillEngine, FillOutcome};
-use crate::layout::processes_using;
+use crate::layout::{processes_using_each, GenerationEntry};
 use crate::manifests::LoadedWrapper;
 
 /// `(namespace, name, generation)`
@@ -64,6 +64,12 @@ impl Default for FillPolicy {
 
 /// How often a fill waiting for an upload or a peer looks again.
 pub const WAITING_RETRY: Duration = Duration::from_secs(1);
+
+/// How often generations kept only because processes used them, or whose
+/// removal failed, are looked at again. Nothing else announces that the last
+/// process mapping a generation exited, so without this a generation kept
+/// once would stay until the wanted set happened to change again.
+pub const IN_USE_RECHECK: Duration = Duration::from_secs(5);
 
 /// Delay before attempt `attempts + 1`: base × 2^(attempts−1), capped, times
 /// a jitter factor in [0.8, 1.2) so nodes that failed together do not retry
@@ -172,6 +178,10 @@ pub struct Supervisor {
     /// Tasks told to stop that have not ended yet.
     stopping: BTreeMap<tokio::task::Id, GenKey>,
     specs: BTreeMap<GenKey, LoadedWrapper>,
+    /// Unwanted generations the last collection kept (in use, or their
+    /// removal failed): looked at again at `recheck_at`.
+    kept: BTreeSet<GenKey>,
+    recheck_at: Option<Instant>,
 }
 
 impl Supervisor {
@@ -195,6 +205,8 @@ impl Supervisor {
             tasks: JoinSet::new(),
             stopping: BTreeMap::new(),
             specs: BTreeMap::new(),
+            kept: BTreeSet::new(),
+            recheck_at: None,
         }
     }
 
@@ -260,6 +272,10 @@ impl Supervisor {
     /// stops fills.
     pub fn step(&mut self) {
         self.guard_throughput();
+        if self.recheck_at.is_some_and(|at| at <= Instant::now()) {
+            // Kept generations whose users may have gone.
+            self.collect_garbage();
+        }
         let wanted = self.wanted_keys();
         let stopping: BTreeSet<GenKey> = self.stopping.values().cloned().collect();
         let actions = next_actions(
@@ -461,47 +477,61 @@ impl Supervisor {
     }
 
     /// Removes complete generations that no wrapper wants (superseded ones
-    /// always; those of unwanted wrappers with `prune`), that no pod mounts
-    /// and no local process maps. Python's `local` namespace is not ours.
-    pub fn collect_garbage(&self) {
+    /// always; those of unwanted wrappers with `prune`), that no publication
+    /// mounts and no process maps or holds open. Python's `local` namespace
+    /// is not ours. What it keeps because processes use it (or could not
+    /// remove) is looked at again [`IN_USE_RECHECK`] later, until it goes.
+    pub fn collect_garbage(&mut self) {
         // Reads mountinfo and every process's maps, unmounts: off the reactor.
-        tokio::task::block_in_place(|| self.collect_garbage_blocking());
+        let kept = tokio::task::block_in_place(|| self.collect_garbage_blocking());
+        self.recheck_at = (!kept.is_empty()).then(|| Instant::now() + IN_USE_RECHECK);
+        self.kept = kept;
     }
 
-    fn collect_garbage_blocking(&self) {
+    fn collect_garbage_blocking(&self) -> BTreeSet<GenKey> {
         let Ok(generations) = self.engine.root().generations() else {
-            return;
+            // Unreadable for now: look again later.
+            return self.kept.clone();
         };
         let wanted_wrappers: BTreeSet<(String, String)> =
             self.specs.keys().map(|(ns, n, _)| (ns.clone(), n.clone())).collect();
-        for g in generations {
-            if g.namespace == LOCAL_NAMESPACE || g.manifest.is_none() {
-                continue;
-            }
+        let candidates: Vec<GenerationEntry> = generations
+            .into_iter()
+            .filter(|g| g.namespace != LOCAL_NAMESPACE && g.manifest.is_some())
+            .filter(|g| {
+                let key = (g.namespace.clone(), g.name.clone(), g.generation.clone());
+                !self.specs.contains_key(&key) && !self.running.contains_key(&key)
+            })
+            .filter(|g| self.policy.prune || wanted_wrappers.contains(&(g.namespace.clone(), g.name.clone())))
+            // Freed by the unpublish of its last publication.
+            .filter(|g| !self.ledger.references(&g.namespace, &g.name, &g.generation))
+            .collect();
+        let paths: Vec<&std::path::Path> = candidates.iter().map(|g| g.path.as_path()).collect();
+        let users = processes_using_each(&paths);
+        let mut kept = BTreeSet::new();
+        for (g, users) in candidates.iter().zip(users) {
             let key = (g.namespace.clone(), g.name.clone(), g.generation.clone());
-            if self.specs.contains_key(&key) || self.running.contains_key(&key) {
-                continue;
-            }
-            let wrapper_wanted = wanted_wrappers.contains(&(g.namespace.clone(), g.name.clone()));
-            if !wrapper_wanted && !self.policy.prune {
-                continue;
-            }
-            if self.ledger.references(&g.namespace, &g.name, &g.generation) {
-                continue;
-            }
-            let users = processes_using(&g.path);
+            let wrapper = format!("{}/{}", g.namespace, g.name);
             if !users.is_empty() {
-                tracing::info!(wrapper = %format!("{}/{}", g.namespace, g.name), generation = %g.generation, ?users, "kept generation: in use by local processes");
+                if !self.kept.contains(&key) {
+                    tracing::info!(%wrapper, generation = %g.generation, ?users,
+                        "kept generation: processes map or hold its files; freed once they are gone");
+                }
+                kept.insert(key);
                 continue;
             }
-            match self.engine.root().remove_generation(&g) {
-                Ok(()) => tracing::info!(wrapper = %format!("{}/{}", g.namespace, g.name), generation = %g.generation,
-                    "freed generation: no replica wants it and no pod mounts it"),
+            match self.engine.root().remove_generation(g) {
+                Ok(()) => tracing::info!(%wrapper, generation = %g.generation,
+                    "freed generation: no replica wants it and no pod mounts or maps it"),
                 Err(e) => {
-                    tracing::warn!(wrapper = %format!("{}/{}", g.namespace, g.name), generation = %g.generation, error = %e, "could not free generation")
+                    if !self.kept.contains(&key) {
+                        tracing::warn!(%wrapper, generation = %g.generation, error = %e, "could not free generation; trying again");
+                    }
+                    kept.insert(key);
                 }
             }
         }
+        kept
     }
 
     /// Waits for the next event (a fill ended, a retry is due, the guard's
@@ -515,6 +545,9 @@ impl Supervisor {
         let tick = Duration::from_secs(1).min(self.policy.throughput_window);
         let now = Instant::now();
         let sleep_until = retry
+            .into_iter()
+            .chain(self.recheck_at)
+            .min()
             .map(|r| r.max(now + Duration::from_millis(50)).min(now + tick))
             .unwrap_or(now + tick);
         tokio::select! {

@@ -15,8 +15,9 @@ use support::{mounts_at, mounts_under, publish, unpublish, Agent};
 use tonic::Code;
 use zerocopy_integration_tests::http::{Fault, Server};
 use zerocopy_integration_tests::safetensors::{file, T};
-use zerocopy_integration_tests::{sha256_hex, TmpfsDir};
+use zerocopy_integration_tests::{sha256_hex, wrapper_yaml, TmpfsDir};
 use zerocopy_node_agent::csi::proto::{GetPluginInfoRequest, NodeGetCapabilitiesRequest, NodeGetInfoRequest};
+use zerocopy_node_agent::supervisor::IN_USE_RECHECK;
 
 /// Writes `n` wrappers `m0..m{n-1}` in namespace `test`, each with its own model file.
 fn wrappers(dir: &Path, n: usize, floats: usize) -> std::path::PathBuf {
@@ -445,4 +446,80 @@ async fn a_catalog_volume_shows_the_namespace_and_what_becomes_ready_later() {
         node.node_unpublish_volume(unpublish(id, t)).await.unwrap();
         assert_eq!(mounts_at(t), 0);
     }
+}
+
+/// A catalog pod's process maps weights at its own path, in its own mount
+/// namespace, after its publish: a superseded generation it maps stays on the
+/// node while it does, and goes once the process is gone, with nothing else
+/// happening (no unpublish, no spec change).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_generation_a_catalog_pod_maps_is_kept_until_the_pod_is_gone() {
+    let tmp = TmpfsDir::new();
+    let yaml = tmp.path().join("mw.yaml");
+    let model = |seed: u32| {
+        let body = file(&[T::f32("w", 1 << 16, seed)]);
+        let src = tmp.path().join(format!("v{seed}.safetensors"));
+        fs::write(&src, &body).unwrap();
+        wrapper_yaml(
+            "m0",
+            &[("enc", &format!("file://{}", src.display()), Some(&sha256_hex(&body)))],
+        )
+    };
+    fs::write(&yaml, model(1)).unwrap();
+    let agent = Agent::start(tmp.path(), &yaml, &[]).await;
+    agent.wait_generations("test", "m0", 1).await;
+    let current = agent.root.join("test/m0/current");
+    let old_name = fs::read_link(&current).unwrap().to_str().unwrap().to_string();
+    let old = agent.root.join("test/m0").join(&old_name);
+    let mut node = agent.node().await;
+    let target = agent.target("cat-1");
+    node.node_publish_volume(support::publish_catalog("cat-1", &target, "test"))
+        .await
+        .unwrap();
+
+    // The pod: its own mount namespace with the catalog at /…/pod-mnt; the
+    // file is closed once mapped, so only the mapping holds it.
+    let script = "import mmap,sys\nf=open(sys.argv[1],'rb')\nm=mmap.mmap(f.fileno(),0,prot=mmap.PROT_READ)\nf.close()\nprint('ready',flush=True)\nsys.stdin.readline()\n";
+    let mut pod = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(r#"mkdir -p "$1" && mount --bind "$0" "$1" && exec python3 -c "$2" "$1/m0/$3/enc.safetensors""#)
+        .arg(&target)
+        .arg(tmp.path().join("pod-mnt"))
+        .arg(script)
+        .arg(&old_name)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(pod.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+
+    // An update supersedes the generation the pod maps.
+    fs::write(&yaml, model(2)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fs::read_link(&current).is_ok_and(|g| g == Path::new(&old_name)) {
+        assert!(Instant::now() < deadline, "generation 2 never became current");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Looked at when generation 2 was published, and again since.
+    tokio::time::sleep(IN_USE_RECHECK + Duration::from_secs(1)).await;
+    assert!(
+        old.join("manifest.json").exists(),
+        "the generation a pod still maps was freed"
+    );
+
+    pod.kill().unwrap();
+    pod.wait().unwrap();
+    let deadline = Instant::now() + IN_USE_RECHECK + Duration::from_secs(20);
+    while old.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the generation stayed after the last process mapping it exited"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    node.node_unpublish_volume(unpublish("cat-1", &target)).await.unwrap();
 }

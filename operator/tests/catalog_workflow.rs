@@ -120,6 +120,10 @@ fn weights_pss(pid: u64) -> u64 {
     total
 }
 
+fn agent_log(env: &Env, node: &str) -> String {
+    std::fs::read_to_string(env.cluster.node_dirs(node).unwrap().base.join("agent.log")).unwrap_or_default()
+}
+
 async fn start_env(tmp: &TmpfsDir, nodes: usize, extra_agent_args: &[&str]) -> Env {
     let token = tmp.path().join("peer-token");
     std::fs::write(&token, PEER_TOKEN).unwrap();
@@ -270,20 +274,52 @@ async fn from_model_in_a_driver_pod_and_load_in_pods_on_every_node() {
         "another namespace's catalog shows ml's wrappers"
     );
 
-    // Deleting the owner collects the wrapper; node memory is freed.
+    // Deleting the owner collects the wrapper. A node keeps the generation
+    // while a pod there still maps it (those pages are in use whatever the
+    // agent does; kept, they stay counted and visible), and the node with no
+    // pod left (node-1: the driver went) frees it.
+    let mapped_by_pods = ["node-2", "node-3", "node-4"];
+    let logged_before: Vec<usize> = mapped_by_pods.iter().map(|n| agent_log(&env, n).len()).collect();
     cms.delete("raycluster", &DeleteParams::default()).await.unwrap();
     env.wait_alive("the wrapper to be garbage-collected", 120, || async {
         wrappers.get_opt(&name).await.unwrap().is_none().then_some(())
     })
     .await;
+    let holds = |node: &str| {
+        generations_on(&env.cluster, node)
+            .iter()
+            .any(|g| g.starts_with(&format!("{name}/")))
+    };
+    wait_for(
+        "nodes whose pods map the generation to keep it, and node-1 to free it",
+        120,
+        || async {
+            let kept = mapped_by_pods.iter().zip(&logged_before).all(|(n, from)| {
+                agent_log(&env, n)
+                    .get(*from..)
+                    .unwrap_or_default()
+                    .lines()
+                    .any(|l| l.contains("kept generation") && l.contains(&name))
+            });
+            (kept && !holds("node-1")).then_some(())
+        },
+    )
+    .await;
+    // Still kept after the agents looked again (they do every few seconds).
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    for node in mapped_by_pods {
+        assert!(holds(node), "{node} freed the generation its worker pod still maps");
+    }
+
+    // Once those pods are gone, every node frees it: nothing else happens on
+    // the nodes, no wanted set changes.
+    for pod in ["worker-2a", "worker-2b", "worker-3", "worker-4"] {
+        pods.delete(pod, &DeleteParams::default()).await.unwrap();
+    }
     wait_for("every node to free the generation", 120, || async {
         ["node-1", "node-2", "node-3", "node-4"]
             .iter()
-            .all(|n| {
-                !generations_on(&env.cluster, n)
-                    .iter()
-                    .any(|g| g.starts_with(&format!("{name}/")))
-            })
+            .all(|n| !holds(n))
             .then_some(())
     })
     .await;
