@@ -243,9 +243,19 @@ async fn from_model_in_a_driver_pod_and_load_in_pods_on_every_node() {
                 .count()
         })
         .sum();
-    // 2 weights, 2 skeletons, the pipeline skeleton; for_tasks() reused the
+    // Each distinct file (2 weights, the skeletons, the pipeline skeleton;
+    // identical skeletons share a digest) once; for_tasks() reused the
     // wrapper from_model() made (same bytes), so nothing was uploaded twice.
-    assert_eq!(uploaded, 5, "each file uploaded once");
+    let pipeline = &actor.spec.pipeline;
+    let distinct: std::collections::BTreeSet<&str> = pipeline
+        .components
+        .iter()
+        .flat_map(|c| [c.weights.sha256.as_deref(), c.skeleton.as_ref().and_then(|s| s.sha256.as_deref())])
+        .chain([pipeline.skeleton.as_ref().and_then(|s| s.sha256.as_deref())])
+        .flatten()
+        .collect();
+    assert!(distinct.len() >= 4, "weights and skeletons are pinned by digest: {distinct:?}");
+    assert_eq!(uploaded, distinct.len(), "each distinct file uploaded once");
 
     // A node joining later gets its copy when a pod there mounts the catalog.
     env.cluster.add_node(NodeSpec::new("node-4")).await.unwrap();
