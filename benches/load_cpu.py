@@ -7,7 +7,7 @@ bf16), side by side in one run, each in a fresh process (a new worker):
                          on a meta-device model (what users write today)
   fastsafetensors cpu    SafeTensorsFileLoader(device="cpu", nogds=True)
 
-then the first forward pass after a lazy load, after prefault=True and
+then the first forward pass (one token) after a lazy load, after prefault=True and
 after prefault="background" (once it finished), against a second forward,
 and the import times. Prints a table, writes --json (docs/benchmarks-cpu.json).
 
@@ -83,7 +83,7 @@ LOADERS = {
 
 FORWARD = """
     mode = sys.argv[2]
-    ids = torch.randint(0, 32000, (1, 8))
+    ids = torch.randint(0, 32000, (1, 1))  # one token: a decode step, bound by reading the weights
     t0 = time.perf_counter()
     model = modelwrapper.load(path, prefault={"lazy": False, "prefault": True, "background": "background"}[mode])
     t1 = time.perf_counter()

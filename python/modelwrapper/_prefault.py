@@ -42,7 +42,10 @@ def _address(mm: mmap.mmap) -> tuple[int, int]:
 
 def populate_mapping(mm: mmap.mmap) -> None:
     """Maps every page of ``mm`` now (reads only: works on read-only mappings)."""
-    addr, size = _address(mm)
+    _populate(mm, *_address(mm))
+
+
+def _populate(mm: mmap.mmap, addr: int, size: int) -> None:
     for start in range(0, size, SLICE):
         n = min(SLICE, size - start)
         if _libc.madvise(addr + start, n, MADV_POPULATE_READ) != 0:
@@ -66,12 +69,15 @@ def _touch(mm: mmap.mmap) -> None:
 def populate_in_background(mappings: list[mmap.mmap]) -> threading.Thread:
     """Starts populating ``mappings`` in a daemon thread and returns it; the
     thread holds the mappings until it is done."""
+    # Addresses are taken here: warnings.catch_warnings (around frombuffer)
+    # is not safe to use from two threads at once.
+    targets = [(mm, *_address(mm)) for mm in mappings]
 
     def run() -> None:
         started = time.perf_counter()
         try:
-            for mm in mappings:
-                populate_mapping(mm)
+            for mm, addr, size in targets:
+                _populate(mm, addr, size)
         except (OSError, ValueError) as e:  # the mapping closed under us: nothing left to warm
             log.debug("background prefault stopped: %s", e)
         log.debug("background prefault of %d file(s) took %.3f s", len(mappings), time.perf_counter() - started)
