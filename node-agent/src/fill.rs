@@ -520,12 +520,19 @@ impl FillEngine {
         from: Option<Fetch>,
     ) -> Result<StagedFile, FillError> {
         let path = staging.join(&plan.file_name);
-        let file = File::create(&path).map_err(|source| FillError::Io {
-            wrapper: wrapper.into(),
-            action: "creating",
-            path: path.clone(),
-            source,
-        })?;
+        // Readable too: the hasher maps what the kernel copied into it.
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|source| FillError::Io {
+                wrapper: wrapper.into(),
+                action: "creating",
+                path: path.clone(),
+                source,
+            })?;
         let limit = match plan.kind {
             FileKind::Weights => limit,
             FileKind::Skeleton | FileKind::PipelineSkeleton => limit.min(MAX_SKELETON_BYTES),

@@ -250,11 +250,19 @@ async fn from_model_in_a_driver_pod_and_load_in_pods_on_every_node() {
     let distinct: std::collections::BTreeSet<&str> = pipeline
         .components
         .iter()
-        .flat_map(|c| [c.weights.sha256.as_deref(), c.skeleton.as_ref().and_then(|s| s.sha256.as_deref())])
+        .flat_map(|c| {
+            [
+                c.weights.sha256.as_deref(),
+                c.skeleton.as_ref().and_then(|s| s.sha256.as_deref()),
+            ]
+        })
         .chain([pipeline.skeleton.as_ref().and_then(|s| s.sha256.as_deref())])
         .flatten()
         .collect();
-    assert!(distinct.len() >= 4, "weights and skeletons are pinned by digest: {distinct:?}");
+    assert!(
+        distinct.len() >= 4,
+        "weights and skeletons are pinned by digest: {distinct:?}"
+    );
     assert_eq!(uploaded, distinct.len(), "each distinct file uploaded once");
 
     // A node joining later gets its copy when a pod there mounts the catalog.

@@ -19,6 +19,18 @@ use super::{FetchError, Fetched, Progress};
 
 /// Read size: large enough to amortise syscalls, small enough to stay in cache.
 const CHUNK: usize = 4 << 20;
+/// Kernel copy size: one hasher message per chunk, hashed while the next
+/// chunk is copied.
+const COPY_CHUNK: usize = 16 << 20;
+
+/// Errors with which `copy_file_range` says "not for these two files" (old
+/// kernels, filesystems that refuse it, special files) rather than failing.
+fn cannot_copy_in_kernel(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::EBADF)
+    )
+}
 
 /// The local path of a `file://` URI.
 pub fn path_of(uri: &url::Url) -> Result<PathBuf, FetchError> {
@@ -68,7 +80,8 @@ fn open_beneath(dir: &std::path::Path, rel: &std::path::Path) -> nix::Result<Fil
     Ok(File::from(fd))
 }
 
-/// Copies `src` into `sink`, reporting progress, until done or `cancelled`.
+/// Copies `src` into `sink`, reporting progress, until done or `cancelled`:
+/// in the kernel where the two files allow it, else through a buffer.
 pub fn fetch(
     mut src: File,
     what: &str,
@@ -76,9 +89,28 @@ pub fn fetch(
     progress: &dyn Progress,
     cancelled: &std::sync::atomic::AtomicBool,
 ) -> Result<Fetched, FetchError> {
+    let mut kernel_copy = true;
     loop {
         if cancelled.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(FetchError::Write(std::io::Error::other("the fill was stopped")));
+        }
+        if kernel_copy {
+            match sink.copy_from(&src, COPY_CHUNK) {
+                Ok(Ok(0)) => break,
+                Ok(Ok(n)) => {
+                    progress.advance(n as u64);
+                    continue;
+                }
+                Ok(Err(over)) => return Err(FetchError::TooLarge(over.limit)),
+                Err(e) if cannot_copy_in_kernel(&e) => {
+                    tracing::debug!(source = what, error = %e, "copy_file_range unavailable: copying through a buffer");
+                    kernel_copy = false;
+                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EFBIG | libc::EDQUOT)) => {
+                    return Err(FetchError::Write(e))
+                }
+                Err(e) => return Err(FetchError::Unreachable(format!("reading {what}: {e}"))),
+            }
         }
         let mut buf = BytesMut::zeroed(CHUNK);
         let n = src

@@ -1,9 +1,14 @@
 //! Writes a stream of chunks to a staging file while a second thread hashes
 //! them, so sha256 and the copy overlap instead of adding up.
+//!
+//! Local files (`file://` sources, uploads) are copied by the kernel
+//! (`copy_file_range`): no byte passes through this process on the way in,
+//! and the hasher reads each copied range back from the staging file's page
+//! cache through a mapping, so the digest is of the bytes actually staged.
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::thread;
 
 use bytes::Bytes;
@@ -13,13 +18,22 @@ use sha2::{Digest, Sha256};
 /// `HASH_QUEUE × chunk size`.
 const HASH_QUEUE: usize = 8;
 
+/// What the hasher reads next: a chunk in memory, or a range of the
+/// staging file the kernel copied.
+enum ToHash {
+    Bytes(Bytes),
+    Staged { file: Arc<File>, offset: u64, len: usize },
+}
+
 /// A staging file plus its running digest.
 pub struct HashingSink {
     file: File,
     written: u64,
     limit: u64,
-    to_hasher: Option<mpsc::SyncSender<Bytes>>,
-    hasher: Option<thread::JoinHandle<Sha256>>,
+    to_hasher: Option<mpsc::SyncSender<ToHash>>,
+    hasher: Option<thread::JoinHandle<io::Result<Sha256>>>,
+    /// A second handle on the staging file, for the hasher's mappings.
+    reader: Option<Arc<File>>,
 }
 
 /// Returned when a source delivers more bytes than the fill may hold.
@@ -30,15 +44,28 @@ pub struct OverLimit {
 }
 
 impl HashingSink {
-    /// Starts writing to `file`; more than `limit` bytes is refused.
+    /// Starts writing to `file` (opened for reading too: the hasher maps the
+    /// ranges the kernel copies); more than `limit` bytes is refused.
     pub fn new(file: File, limit: u64) -> Self {
-        let (tx, rx) = mpsc::sync_channel::<Bytes>(HASH_QUEUE);
+        let (tx, rx) = mpsc::sync_channel::<ToHash>(HASH_QUEUE);
         let hasher = thread::spawn(move || {
             let mut h = Sha256::new();
             for chunk in rx {
-                h.update(&chunk);
+                match chunk {
+                    ToHash::Bytes(bytes) => h.update(&bytes),
+                    ToHash::Staged { file, offset, len } => {
+                        // SAFETY: the staging file is this fill's own (created by
+                        // it in the agent's staging directory); the range was
+                        // completely written before it was sent here, and nothing
+                        // truncates the file while the fill runs, so every mapped
+                        // page stays backed while the mapping lives (this block).
+                        #[allow(unsafe_code)] // mapping memory: the one use in this crate
+                        let map = unsafe { memmap2::MmapOptions::new().offset(offset).len(len).map(&*file) }?;
+                        h.update(&map[..]);
+                    }
+                }
             }
-            h
+            Ok(h)
         });
         Self {
             file,
@@ -46,7 +73,39 @@ impl HashingSink {
             limit,
             to_hasher: Some(tx),
             hasher: Some(hasher),
+            reader: None,
         }
+    }
+
+    /// Copies up to `max` bytes from `src`'s current offset to the end of the
+    /// staging file in the kernel (`copy_file_range`), and queues the range
+    /// for hashing. `Ok(Ok(0))` at the end of `src`. An error such as
+    /// `EXDEV`/`EINVAL`/`EOPNOTSUPP` means this pair of files cannot be copied
+    /// this way: nothing was copied by this call, and [`HashingSink::write`]
+    /// can take over at the same offsets.
+    pub fn copy_from(&mut self, src: &File, max: usize) -> io::Result<Result<usize, OverLimit>> {
+        // One byte past the limit is enough to know the source is too large.
+        let room = self.limit.saturating_sub(self.written).saturating_add(1);
+        let len = max.min(usize::try_from(room).unwrap_or(usize::MAX));
+        let n = nix::fcntl::copy_file_range(src, None, &self.file, None, len).map_err(io::Error::from)?;
+        if n == 0 {
+            return Ok(Ok(0));
+        }
+        if self.written + n as u64 > self.limit {
+            return Ok(Err(OverLimit { limit: self.limit }));
+        }
+        let offset = self.written;
+        self.written += n as u64;
+        let file = match &self.reader {
+            Some(f) => f.clone(),
+            None => self.reader.insert(Arc::new(self.file.try_clone()?)).clone(),
+        };
+        if let Some(tx) = &self.to_hasher {
+            if tx.send(ToHash::Staged { file, offset, len: n }).is_err() {
+                return Err(self.hasher_failure());
+            }
+        }
+        Ok(Ok(n))
     }
 
     /// Bytes written so far.
@@ -62,9 +121,21 @@ impl HashingSink {
         self.file.write_all(&chunk)?;
         self.written += chunk.len() as u64;
         if let Some(tx) = &self.to_hasher {
-            tx.send(chunk).map_err(|_| io::Error::other("hasher thread stopped"))?;
+            if tx.send(ToHash::Bytes(chunk)).is_err() {
+                return Err(self.hasher_failure());
+            }
         }
         Ok(Ok(()))
+    }
+
+    /// Why the hasher stopped early (it only stops on an error).
+    fn hasher_failure(&mut self) -> io::Error {
+        drop(self.to_hasher.take());
+        match self.hasher.take().map(thread::JoinHandle::join) {
+            Some(Ok(Err(e))) => io::Error::new(e.kind(), format!("hashing the staged file: {e}")),
+            Some(Err(_)) => io::Error::other("hasher thread panicked"),
+            _ => io::Error::other("hasher thread stopped"),
+        }
     }
 
     /// Closes the file and returns (bytes, lowercase hex sha256).
@@ -77,8 +148,74 @@ impl HashingSink {
             .ok_or_else(|| io::Error::other("hasher already joined"))?;
         let digest = hasher
             .join()
-            .map_err(|_| io::Error::other("hasher thread panicked"))?
+            .map_err(|_| io::Error::other("hasher thread panicked"))??
             .finalize();
         Ok((self.written, hex::encode(digest)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Seek, SeekFrom};
+
+    fn content(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 4093) as u8).collect()
+    }
+
+    fn staging(path: &std::path::Path) -> File {
+        File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .unwrap()
+    }
+
+    fn source(dir: &std::path::Path, bytes: &[u8]) -> File {
+        let path = dir.join("src");
+        std::fs::write(&path, bytes).unwrap();
+        File::open(path).unwrap()
+    }
+
+    #[test]
+    fn a_kernel_copy_stages_and_hashes_the_same_bytes_as_a_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = content(5 * 1024 * 1024 + 123);
+        let src = source(dir.path(), &bytes);
+        let mut sink = HashingSink::new(staging(&dir.path().join("dst")), u64::MAX);
+        // Mixed on purpose: a copy, a write of the next bytes, copies again.
+        let first = sink.copy_from(&src, 1 << 20).unwrap().unwrap();
+        assert_eq!(first, 1 << 20);
+        let mut src = src;
+        src.seek(SeekFrom::Start(first as u64)).unwrap();
+        let middle = Bytes::copy_from_slice(&bytes[first..first + 4096]);
+        sink.write(middle).unwrap().unwrap();
+        src.seek(SeekFrom::Start((first + 4096) as u64)).unwrap();
+        while sink.copy_from(&src, 3 << 20).unwrap().unwrap() > 0 {}
+        let (n, sha) = sink.finish().unwrap();
+        assert_eq!(n, bytes.len() as u64);
+        assert_eq!(sha, hex::encode(Sha256::digest(&bytes)));
+        assert_eq!(std::fs::read(dir.path().join("dst")).unwrap(), bytes);
+    }
+
+    #[test]
+    fn a_kernel_copy_past_the_limit_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = source(dir.path(), &content(10_000));
+        let mut sink = HashingSink::new(staging(&dir.path().join("dst")), 9_999);
+        let mut refused = false;
+        for _ in 0..4 {
+            match sink.copy_from(&src, 4096).unwrap() {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(over) => {
+                    assert_eq!(over.limit, 9_999);
+                    refused = true;
+                    break;
+                }
+            }
+        }
+        assert!(refused, "10,000 bytes into a 9,999-byte limit");
     }
 }
