@@ -1,0 +1,134 @@
+"""Fill of a 4-file checkpoint (4 x 512 MiB safetensors, file:// sources with
+sha256) against `cp` of the same files into tmpfs and runai-model-streamer
+reading them, side by side in one run, alternating, best and median of N.
+
+    cargo build --release -p zerocopy-node-agent
+    python3 benches/fill_speed.py --json docs/benchmarks-fill-4file.json
+
+Sources live on disk under --work, read through the page cache (warmed
+first, as all contenders read them); every fill goes to a fresh tmpfs root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_checkpoint(src: Path, files: int, mib: int) -> list[Path]:
+    import torch
+    from safetensors.torch import save_file
+
+    src.mkdir(parents=True, exist_ok=True)
+    paths = []
+    g = torch.Generator().manual_seed(0)
+    for i in range(files):
+        tensors = {f"layer.{i}.{j}.weight": torch.randint(0, 255, (mib // 8, 2**20), dtype=torch.uint8, generator=g) for j in range(8)}
+        path = src / f"model-{i + 1:05d}-of-{files:05d}.safetensors"
+        save_file(tensors, str(path))
+        paths.append(path)
+    return paths
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--files", type=int, default=4)
+    ap.add_argument("--mib", type=int, default=512)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--agent", default="/var/tmp/zerocopy-ci-target/release/zerocopy-node-agent")
+    ap.add_argument("--baseline-agent", help="another build to measure side by side (e.g. before a change)")
+    ap.add_argument("--work", default="/var/tmp/zerocopy-bench-fill4")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    paths = make_checkpoint(work / "src", args.files, args.mib)
+    total = sum(p.stat().st_size for p in paths)
+    components = "\n".join(
+        f"      - name: shard-{i + 1}\n        weights: {{uri: '{p.as_uri()}', sha256: '{sha256(p)}'}}" for i, p in enumerate(paths)
+    )
+    spec = work / "fill.yaml"
+    spec.write_text(
+        "apiVersion: zerocopy.dev/v1alpha1\nkind: ModelWrapper\nmetadata: {name: fill-bench}\n"
+        f"spec:\n  mode: actor\n  pipeline:\n    components:\n{components}\n"
+    )
+    for p in paths:  # warm the page cache for every contender
+        p.read_bytes()
+
+    shm = Path("/dev/shm/zerocopy-bench-fill4")
+    shm.mkdir(parents=True, exist_ok=True)
+
+    def cp() -> float:
+        dst = shm / "cp"
+        dst.mkdir()
+        t0 = time.perf_counter()
+        subprocess.run(["cp", *map(str, paths), str(dst)], check=True)
+        seconds = time.perf_counter() - t0
+        shutil.rmtree(dst)
+        return seconds
+
+    def fill(agent: str = args.agent) -> float:
+        root = shm / "root"
+        t0 = time.perf_counter()
+        subprocess.run([agent, "--root", str(root), "standalone", "-q", "-f", str(spec)], check=True, capture_output=True)
+        seconds = time.perf_counter() - t0
+        shutil.rmtree(root)
+        return seconds
+
+    def runai() -> float:
+        from runai_model_streamer import SafetensorsStreamer
+
+        t0 = time.perf_counter()
+        n = 0
+        with SafetensorsStreamer() as streamer:
+            streamer.stream_files([str(p) for p in paths])
+            for _, tensor in streamer.get_tensors():
+                n += tensor.numel() * tensor.element_size()
+        seconds = time.perf_counter() - t0
+        assert n > 0
+        return seconds
+
+    contenders = {"cp into tmpfs": cp, "zerocopy-node-agent fill (sha256, checks, publish)": fill, "runai-model-streamer 0.16.1 (to host memory)": runai}
+    if args.baseline_agent:
+        contenders["baseline agent fill"] = lambda: fill(args.baseline_agent)
+    runs: dict[str, list[float]] = {k: [] for k in contenders}
+    for _ in range(args.repeat):
+        for name, fn in contenders.items():
+            try:
+                runs[name].append(fn())
+            except Exception as e:  # a contender that cannot run must not hide the others
+                print(f"{name} failed: {e}")
+    shutil.rmtree(shm, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+    gib = total / 2**30
+    best_cp = min(runs["cp into tmpfs"])
+    print(f"\n{args.files} files, {gib:.2f} GiB; best and median of {args.repeat}, alternating\n")
+    print("| contender | best | median | GiB/s (best) | of cp |\n|---|---:|---:|---:|---:|")
+    for name, r in runs.items():
+        if r:
+            print(f"| {name} | {min(r):.2f} s | {statistics.median(r):.2f} s | {gib / min(r):.2f} | {best_cp / min(r):.0%} |")
+    if args.json:
+        args.json.write_text(json.dumps({"bytes": total, "files": args.files, "runs_s": runs}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
