@@ -79,6 +79,7 @@ def test_custom_values_take_effect():
     assert mounts["kubelet-dir"]["mountPropagation"] == "Bidirectional"
     assert mounts["root"]["mountPropagation"] == "Bidirectional"
     assert agent["securityContext"]["privileged"] is True
+    assert ds["hostPID"] is True, "the agent must see pods' processes to keep generations they map"
     assert ds["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     registrar = ds["containers"][1]
     assert "--kubelet-registration-path=/var/lib/k0s/kubelet/plugins/csi.zerocopy.dev/csi.sock" in registrar["args"]
