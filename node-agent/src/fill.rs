@@ -145,6 +145,8 @@ pub struct FillEngine {
     mode: MountMode,
     can_mount: bool,
     root_on_tmpfs: bool,
+    /// What the huge-page probe found (None: mounts are not used).
+    huge_pages: Option<crate::hugepages::HugePages>,
     policy: Arc<SourcePolicy>,
     http: HttpSource,
     peers: Arc<dyn PeerDirectory>,
@@ -190,6 +192,15 @@ impl FillEngine {
             .map_err(io::Error::other)?;
         fs::create_dir_all(root.staging_dir())?;
         let can_mount = mode != MountMode::Directory && can_mount(&root.staging_dir());
+        let huge_pages = can_mount.then(|| crate::hugepages::probe(&root.staging_dir()));
+        match &huge_pages {
+            Some(h) if h.granted => tracing::info!(detail = %h.detail, "tmpfs huge pages: granted by this kernel"),
+            Some(h) => tracing::info!(
+                detail = %h.detail,
+                "tmpfs huge pages: not granted by this kernel; wrappers with memory.hugePages: true fill with 4 KiB pages"
+            ),
+            None => {}
+        }
         let root_on_tmpfs = mount::is_on_tmpfs(root.path()).unwrap_or(false);
         let use_tmpfs = match mode {
             MountMode::Directory => false,
@@ -206,6 +217,7 @@ impl FillEngine {
             capacity,
             mode,
             can_mount,
+            huge_pages,
             root_on_tmpfs,
             policy,
             http,
@@ -319,6 +331,11 @@ impl FillEngine {
         self.own_tmpfs(false)
     }
 
+    /// Whether a tmpfs this agent mounts gets huge pages (None: it mounts none).
+    pub fn huge_pages(&self) -> Option<&crate::hugepages::HugePages> {
+        self.huge_pages.as_ref()
+    }
+
     fn own_tmpfs(&self, huge_pages: bool) -> bool {
         match self.mode {
             MountMode::Directory => false,
@@ -401,6 +418,19 @@ impl FillEngine {
         let staging = self.root.staging_dir().join(format!("{namespace}.{name}.{generation}"));
         let mut guard = StagingGuard::create(&staging).map_err(io_err("creating staging", &staging))?;
         let own_tmpfs = self.own_tmpfs(spec.memory.huge_pages);
+        if spec.memory.huge_pages {
+            match &self.huge_pages {
+                Some(h) if !h.granted => tracing::warn!(
+                    wrapper = %wrapper,
+                    detail = %h.detail,
+                    "memory.hugePages is set, but this node's kernel grants tmpfs no huge pages: filling with 4 KiB pages (first touch and prefault cost ~10x more per GiB)"
+                ),
+                None => {
+                    tracing::warn!(wrapper = %wrapper, "memory.hugePages is set, but this agent does not mount tmpfs (--mount-mode directory, or not root): 4 KiB pages")
+                }
+                Some(_) => {}
+            }
+        }
         if own_tmpfs {
             let all_known = plan.iter().all(|f| f.size.is_some());
             let size = if all_known { needed } else { limit.min(host_memory()) };

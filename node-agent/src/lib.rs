@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod csi;
 pub mod error;
 pub mod fill;
+pub mod hugepages;
 pub mod layout;
 pub mod manifests;
 pub mod mount;

@@ -162,6 +162,9 @@ pub async fn serve_wanted(
     let ledger = Arc::new(ledger);
     let catalog = Arc::new(Catalog::default());
     let metrics = Metrics::new()?;
+    if let Some(h) = engine.huge_pages() {
+        metrics.tmpfs_huge_pages.set(i64::from(h.granted));
+    }
     let mut supervisor = Supervisor::new(
         engine.clone(),
         catalog.clone(),

@@ -107,6 +107,10 @@ class CudaBackend:
         self._cudart = torch.cuda.cudart()
 
     def register(self, ptr: int, nbytes: int) -> str | None:
+        if _runtime("cudaGetLastError") is None:
+            # A refusal could not be cleared, and would surface later as an
+            # unrelated kernel launch's error: read instead.
+            return "no libcudart mapped in this process to clear a refused registration's error: not registering"
         direct = _runtime("cudaHostRegister")
         if direct is not None:
             import ctypes
@@ -198,6 +202,9 @@ def _runtime(name: str) -> Any:
             paths = sorted({line.split()[-1] for line in maps if "libcudart" in line and "/" in line})
     except OSError:
         paths = []
+    # torch's own runtime first (others, e.g. cupy's, may be mapped too).
+    torch_dir = os.path.dirname(os.path.dirname(torch.__file__))
+    paths.sort(key=lambda p: (not p.startswith(torch_dir), "nvidia" not in p, p))
     for path in paths:
         try:
             fn = getattr(ctypes.CDLL(path), name)
@@ -418,11 +425,16 @@ class Transfer:
         return left
 
     def _register_one(self, lo: int, hi: int) -> str | None:
+        """Registers one chunk's pages and records them at once (list.append
+        is atomic), so they are undone even if the copies stop early."""
         if lo == hi:
             return None
         if POPULATE_BEFORE_REGISTER:
             populate_range(lo, hi - lo)
-        return self.backend.register(lo, hi - lo)
+        refused = self.backend.register(lo, hi - lo)
+        if refused is None:
+            self._registered.append(lo)
+        return refused
 
     def _registrations(self, plan: list[tuple[Piece, int, int]]) -> Iterator[Any]:
         """Per chunk, in order: None once its pages are registered, the
@@ -433,10 +445,7 @@ class Transfer:
                 if not self._register:
                     yield _NOT_TRIED
                     continue
-                refused = self._register_one(lo, hi)
-                if refused is None and lo < hi:
-                    self._registered.append(lo)
-                yield refused
+                yield self._register_one(lo, hi)
             return
         window = 2 * REGISTER_THREADS
         with ThreadPoolExecutor(REGISTER_THREADS, initializer=self.backend.bind_thread) as pool:
@@ -448,10 +457,7 @@ class Transfer:
                 if i >= len(futures):
                     yield _NOT_TRIED
                     continue
-                refused = futures[i].result()
-                if refused is None and lo < hi:
-                    self._registered.append(lo)
-                yield refused
+                yield futures[i].result()
 
     def _refuse(self, reason: str) -> None:
         self._register = False

@@ -198,14 +198,21 @@ def _weights_stripped(module: nn.Module) -> Iterator[dict[str, Any]]:
     weights). Loading it rebuilds no placeholder tensors (SKELETON_KEY in
     docs/FORMAT.md)."""
     found: list[tuple[dict[str, Any], str, torch.Tensor, str]] = []
+    # Non-persistent buffers pickle with their values; one on a GPU would
+    # unpickle only where that GPU exists, so it is saved from a CPU copy.
+    moved: list[tuple[dict[str, Any], str, torch.Tensor]] = []
     for prefix, sub in module.named_modules(remove_duplicate=False):
         dot = f"{prefix}." if prefix else ""
         for name, p in sub._parameters.items():
             if p is not None:
                 found.append((sub._parameters, name, p, dot + name))
         for name, b in sub._buffers.items():
-            if b is not None and name not in sub._non_persistent_buffers_set:
+            if b is None:
+                continue
+            if name not in sub._non_persistent_buffers_set:
                 found.append((sub._buffers, name, b, dot + name))
+            elif b.device.type not in ("cpu", "meta"):
+                moved.append((sub._buffers, name, b))
     state: dict[int, dict[str, Any]] = {}
     for _, _, value, full in found:
         entry = state.get(id(value))
@@ -221,9 +228,13 @@ def _weights_stripped(module: nn.Module) -> Iterator[dict[str, Any]]:
     try:
         for table, name, _, _ in found:
             table[name] = None
+        for table, name, value in moved:
+            table[name] = value.cpu()
         yield {SKELETON_KEY: SKELETON_VERSION, "module": module, "state": list(state.values())}
     finally:
         for table, name, value, _ in found:
+            table[name] = value
+        for table, name, value in moved:
             table[name] = value
 
 

@@ -10,7 +10,7 @@ import os
 import pickle
 import types
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -19,6 +19,7 @@ import torch
 from ._format import (
     ATTRIBUTE_KEY,
     SafetensorsHeader,
+    TensorEntry,
     VolumeError,
     parse_header,
     read_manifest,
@@ -71,8 +72,22 @@ class MappedFile:
     path: Path
     mm: mmap.mmap
     header: SafetensorsHeader
-    # The data region as a 1-D uint8 view of the mapping; None when empty.
+    # The whole mapping, and its data region, as 1-D uint8 views; data is
+    # None when the file holds no tensor bytes.
+    whole: torch.Tensor
     data: torch.Tensor | None
+    _typed: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
+
+    def view(self, t: TensorEntry) -> torch.Tensor:
+        """Tensor ``t`` as a view of the mapping: one ``as_strided`` of a
+        per-dtype view of the whole mapping (page-aligned), at the tensor's
+        file offset, which the header check found aligned for its dtype
+        (whatever the data region's own alignment)."""
+        size = t.dtype.itemsize
+        base = self._typed.get(t.dtype)
+        if base is None:
+            base = self._typed[t.dtype] = self.whole[: self.whole.numel() // size * size].view(t.dtype)
+        return base.as_strided(t.shape, _contiguous_strides(t.shape), (self.header.data_offset + t.begin) // size)
 
 
 def map_file(path: Path, *, copy_on_write: bool = False) -> MappedFile:
@@ -94,44 +109,22 @@ def map_file(path: Path, *, copy_on_write: bool = False) -> MappedFile:
         else:
             mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
     header = parse_header(memoryview(mm)[: min(size, 8 + 100 * 1024 * 1024)], size, str(path))
-    data = None
-    if size > header.data_offset:
-        with warnings.catch_warnings():
-            # torch warns that it cannot mark tensors read-only; the mapping is.
-            warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
-            data = torch.frombuffer(mm, dtype=torch.uint8, offset=header.data_offset, count=size - header.data_offset)
-    return MappedFile(path, mm, header, data)
+    with warnings.catch_warnings():
+        # torch warns that it cannot mark tensors read-only; the mapping is.
+        warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+        whole = torch.frombuffer(mm, dtype=torch.uint8)
+    data = whole[header.data_offset :] if size > header.data_offset else None
+    return MappedFile(path, mm, header, whole, data)
 
 
 def cpu_views(m: MappedFile, shard: Shard | None = None) -> dict[str, torch.Tensor]:
     """Every tensor as a view of the mapping (a shard: a narrowed view)."""
     tensors: dict[str, torch.Tensor] = {}
-    data = m.data
-    # One typed view of the data region per dtype, and one as_strided per
-    # tensor: a third of the cost of slicing and viewing each tensor.
-    typed: dict[torch.dtype, torch.Tensor | None] = {}
     for t in m.header.tensors:
-        if t.end == t.begin or data is None:
-            tensor = torch.empty(t.shape, dtype=t.dtype)
-        else:
-            base = typed.get(t.dtype, False)
-            if base is False:
-                base = typed[t.dtype] = _typed_base(data, t.dtype)
-            if base is None:
-                tensor = data[t.begin : t.end].view(t.dtype).view(t.shape)
-            else:
-                tensor = base.as_strided(t.shape, _contiguous_strides(t.shape), base.storage_offset() + t.begin // t.dtype.itemsize)
+        tensor = torch.empty(t.shape, dtype=t.dtype) if t.end == t.begin else m.view(t)
         cut = shard_of(shard, t, m.path)
         tensors[t.name] = tensor.narrow(*cut) if cut else tensor
     return tensors
-
-
-def _typed_base(data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """The data region viewed as ``dtype``, where its start is aligned for it."""
-    size = dtype.itemsize
-    if data.storage_offset() % size or data.data_ptr() % size:
-        return None
-    return data[: data.numel() // size * size].view(dtype)
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -226,7 +219,7 @@ def _copy_file(
             row = math.prod(t.shape[dim + 1 :]) * t.dtype.itemsize
             pieces.append(Piece(t.begin + start * row, nbytes, dst))
         else:
-            view = m.data[t.begin : t.end].view(t.dtype).view(t.shape).narrow(dim, start, length)
+            view = m.view(t).narrow(dim, start, length)
             gathers.append(Gather(view, dst))
     size = (shift + (m.data.numel() if m.data is not None else 0)) if shard is None else packed
     dest = transfer.backend.empty(size)
@@ -450,6 +443,7 @@ def load_state_dict(
     device: str | torch.device | None = None,
     shard: Shard | None = None,
     prefault: bool | str = False,
+    copy_on_write: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """One component's tensors by name, without building a module: the hook
     for frameworks that load weights themselves (vLLM, tensor-parallel
@@ -459,13 +453,17 @@ def load_state_dict(
     callable ``(name, shape) -> (dim, start, length) | None``) gives each
     rank only its slice of every tensor it names: on CPU a narrowed view of
     the node copy (no byte copied), on a GPU only the shard's bytes are
-    moved, so eight ranks on a node read one copy.
+    moved, so eight ranks on a node read one copy. ``prefault`` and
+    ``copy_on_write`` (and their environment switches) as for :func:`load`.
     """
     root = Path(path)
     dev = _device(device)
     mode = _prefault_mode(prefault)
+    cow = env_flag(COPY_ON_WRITE_ENV, False) if copy_on_write is None else copy_on_write
     with _held_against_collection(root):
         manifest = read_manifest(root)
+        if mode == "off" and manifest.get("prefault"):
+            mode = "sync"
         names = [c["name"] for c in manifest["components"]]
         if component is None:
             if len(names) != 1:
@@ -474,5 +472,5 @@ def load_state_dict(
         chosen = [c for c in manifest["components"] if c["name"] == component]
         if not chosen:
             raise VolumeError(f"{root} has no component {component!r} (it has {', '.join(names)})")
-        files = [map_file(root / chosen[0]["weights"]["file"])]
+        files = [map_file(root / chosen[0]["weights"]["file"], copy_on_write=cow and dev.type == "cpu")]
         return _tensor_sets(files, dev, mode, shard)[0]

@@ -33,23 +33,24 @@ _lock = threading.Lock()
 _pending: list[threading.Thread] = []
 
 
-def _address(mm: mmap.mmap) -> tuple[int, int]:
+def _view(mm: mmap.mmap) -> torch.Tensor:
+    """The mapping as uint8 (the view keeps it mapped while it lives)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
-        view = torch.frombuffer(mm, dtype=torch.uint8)
-    return view.data_ptr(), view.numel()
+        return torch.frombuffer(mm, dtype=torch.uint8)
 
 
 def populate_mapping(mm: mmap.mmap) -> None:
     """Maps every page of ``mm`` now (reads only: works on read-only mappings)."""
-    _populate(mm, *_address(mm))
+    _populate(_view(mm))
 
 
-def _populate(mm: mmap.mmap, addr: int, size: int) -> None:
+def _populate(view: torch.Tensor) -> None:
+    addr, size = view.data_ptr(), view.numel()
     for start in range(0, size, SLICE):
         n = min(SLICE, size - start)
         if _libc.madvise(addr + start, n, MADV_POPULATE_READ) != 0:
-            _touch(mm)
+            int(view[::PAGE].sum())  # kernels before 5.14: one byte per page
             return
 
 
@@ -59,25 +60,18 @@ def populate_range(address: int, nbytes: int) -> bool:
     return _libc.madvise(address, nbytes, MADV_POPULATE_READ) == 0
 
 
-def _touch(mm: mmap.mmap) -> None:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
-        view = torch.frombuffer(mm, dtype=torch.uint8)
-    int(view[::PAGE].sum())  # one byte per page
-
-
 def populate_in_background(mappings: list[mmap.mmap]) -> threading.Thread:
     """Starts populating ``mappings`` in a daemon thread and returns it; the
     thread holds the mappings until it is done."""
-    # Addresses are taken here: warnings.catch_warnings (around frombuffer)
-    # is not safe to use from two threads at once.
-    targets = [(mm, *_address(mm)) for mm in mappings]
+    # Views are made here: warnings.catch_warnings (around frombuffer) is
+    # not safe to use from two threads at once.
+    views = [_view(mm) for mm in mappings]
 
     def run() -> None:
         started = time.perf_counter()
         try:
-            for mm, addr, size in targets:
-                _populate(mm, addr, size)
+            for view in views:
+                _populate(view)
         except (OSError, ValueError) as e:  # the mapping closed under us: nothing left to warm
             log.debug("background prefault stopped: %s", e)
         log.debug("background prefault of %d file(s) took %.3f s", len(mappings), time.perf_counter() - started)

@@ -113,7 +113,6 @@ def assign_stripped(
     except (KeyError, TypeError, AttributeError) as e:
         raise VolumeError(f"component {component}: skeleton's weight description is malformed ({e})") from None
     groups = {i: list(e["names"]) for i, e in enumerate(state)}
-    _check(component, expected, groups, tensors)
     walked = _plain_entries(module)
     if walked is None:
         # Custom loading: give it the placeholders it expects, then the general path.
@@ -126,6 +125,7 @@ def assign_stripped(
                 owner, leaf = _owner(module, name)
                 (owner._parameters if spec.parameter else owner._buffers)[leaf] = placeholder
         return assign_state(component, module, tensors)
+    _check(component, expected, groups, tensors)
     _, modules, unsaved = walked
     left = [name for name, value in unsaved if value.device.type == "meta"]
     if left:
@@ -154,12 +154,15 @@ def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def _eval(modules: list[tuple[str, nn.Module]]) -> None:
-    """``eval()`` without a recursive walk per module."""
+    """``root.eval()``, without its recursive walk where nothing overrides
+    ``train``/``eval`` (a parent's ``train`` may keep a child in training
+    mode on purpose, e.g. MC dropout: then the real call runs)."""
+    root = modules[0][1]
+    if type(root).eval is not _EVAL or any(type(m).train is not _TRAIN for _, m in modules):
+        root.eval()
+        return
     for _, m in modules:
-        if type(m).train is _TRAIN:
-            object.__setattr__(m, "training", False)  # what train(False) sets, without nn.Module's lookups
-        else:
-            m.eval()
+        object.__setattr__(m, "training", False)  # what train(False) sets, without nn.Module's lookups
 
 
 def assign_state(component: str, module: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
@@ -235,6 +238,10 @@ _STANDARD = {
     "_load_from_state_dict": (nn.Module._load_from_state_dict, _NORM_LOAD),
     "_save_to_state_dict": (nn.Module._save_to_state_dict,),
     "get_extra_state": (nn.Module.get_extra_state,),
+    # A module that renames its keys (a wrapper stripping a prefix) is
+    # bound by those names, through its own methods.
+    "state_dict": (nn.Module.state_dict,),
+    "load_state_dict": (nn.Module.load_state_dict,),
 }
 
 
@@ -290,6 +297,7 @@ def _plain_entries(
 
 
 _TRAIN = nn.Module.train
+_EVAL = nn.Module.eval
 
 
 def _bind(

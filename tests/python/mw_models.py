@@ -89,3 +89,49 @@ class CustomLoading(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lin(x)
+
+
+class KeepsDropoutOn(nn.Module):
+    """Monte Carlo dropout: its train() keeps dropout active in eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.drop = nn.Dropout(0.5)
+
+    def train(self, mode: bool = True) -> "KeepsDropoutOn":
+        super().train(mode)
+        self.drop.train(True)
+        return self
+
+
+class CountsEval(nn.Module):
+    """Overrides eval() itself (some libraries hook it)."""
+
+    evals = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def eval(self) -> "CountsEval":
+        type(self).evals += 1
+        return super().eval()
+
+
+class Renamed(nn.Module):
+    """A wrapper whose state dict drops its 'inner.' prefix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+
+    def state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def,override]
+        sd = super().state_dict(*args, **kwargs)
+        return type(sd)((k.removeprefix("inner."), v) for k, v in sd.items())
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):  # type: ignore[no-untyped-def,override]
+        return super().load_state_dict({f"inner.{k}": v for k, v in state_dict.items()}, strict=strict, assign=assign)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)

@@ -243,6 +243,14 @@ def test_shards_that_do_not_fit_are_refused_with_the_tensor_named(llama_volume: 
         modelwrapper.tp_shard(4, 4, {})
 
 
+def test_load_state_dict_honours_copy_on_write(llama_volume: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODELWRAPPER_COPY_ON_WRITE", "1")
+    tensors = modelwrapper.load_state_dict(llama_volume)
+    w = tensors["model.norm.weight"]
+    w.add_(1)  # would be SIGSEGV on the read-only mapping
+    assert torch.equal(modelwrapper.load_state_dict(llama_volume)["model.norm.weight"] + 1, w), "the node copy is untouched"
+
+
 def test_load_state_dict_names_the_components(tmp_path: Path) -> None:
     volume = local_volume(Pipeline(), tmp_path)
     with pytest.raises(modelwrapper.VolumeError, match="say which one"):

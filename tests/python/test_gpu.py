@@ -146,3 +146,19 @@ def test_tensor_parallel_ranks_get_their_shards_on_the_gpu(llama_volume: Path, m
         for name, tensor in full.items():
             cut = shard(name, tuple(tensor.shape))
             assert same_bytes(on_gpu[name], tensor.narrow(*cut) if cut else tensor), (rank, name)
+
+
+def test_a_model_exported_from_the_gpu_loads_on_the_cpu_and_on_the_gpu(shm_dir: Path) -> None:
+    """Its constructor-only buffers (not in the weights) were on the GPU when
+    it was exported; the skeleton must not need a GPU to unpickle."""
+    torch.manual_seed(2)
+    pipe = Pipeline()
+    pipe.text_encoder.to("cuda")
+    volume = local_volume(pipe, shm_dir / "from-gpu")
+    assert pipe.text_encoder.scale.is_cuda, "export left the model where it was"
+    on_cpu = modelwrapper.load(volume)
+    assert on_cpu.text_encoder.scale.device.type == "cpu"
+    on_gpu = modelwrapper.load(volume, device="cuda")
+    assert on_gpu.text_encoder.scale.is_cuda
+    x = torch.randn(3, 64, device="cuda")
+    assert torch.equal(on_gpu.text_encoder(x), pipe.text_encoder(x))

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -19,7 +20,7 @@ import yaml
 
 import modelwrapper
 from conftest import REPO, fill, filled_volume, local_volume
-from mw_models import BigPipeline, CustomLoading, Encoder, Pipeline
+from mw_models import BigPipeline, CountsEval, CustomLoading, Encoder, KeepsDropoutOn, Pipeline, Renamed
 
 
 def mapped_ranges(path_part: str) -> list[tuple[int, int]]:
@@ -70,6 +71,36 @@ def test_export_skeletons_hold_no_weights_and_custom_loading_still_runs(tmp_path
     x = torch.randn(2, 16)
     assert torch.equal(loaded(x), module(x)) and not loaded.training
     assert torch.equal(module.lin.weight, modelwrapper.load(volume).lin.weight), "export left the model intact"
+
+
+def test_eval_mode_is_what_the_modules_own_train_and_eval_make_it(tmp_path: Path) -> None:
+    mc = modelwrapper.load(local_volume(KeepsDropoutOn(), tmp_path / "mc"))
+    assert not mc.training and mc.drop.training, "a parent's train() keeping dropout on is honoured"
+    before = CountsEval.evals
+    counted = modelwrapper.load(local_volume(CountsEval(), tmp_path / "eval"))
+    assert CountsEval.evals == before + 1 and not counted.training
+
+
+def test_a_module_that_renames_its_state_dict_keys_loads(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = Renamed()
+    loaded = modelwrapper.load(local_volume(module, tmp_path))
+    x = torch.randn(2, 4)
+    assert torch.equal(loaded(x), module(x))
+
+
+def test_a_file_whose_data_starts_unaligned_still_maps_its_aligned_tensors(tmp_path: Path) -> None:
+    """safetensors pads headers to 8 bytes, but the format only requires each
+    tensor's file offset to be aligned: data starting at byte 132 with an F64
+    tensor at data byte 4 (file offset 136) is valid."""
+    from modelwrapper._load import map_tensors
+
+    header = json.dumps({"pad": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}, "x": {"dtype": "F64", "shape": [1], "data_offsets": [4, 12]}})
+    header = header.ljust(124).encode()
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes([1, 2, 3, 4]) + struct.pack("<d", 2.5))
+    tensors, _ = map_tensors(path)
+    assert tensors["x"].tolist() == [2.5] and tensors["pad"].tolist() == [1, 2, 3, 4]
 
 
 def test_a_pipeline_loads_zero_copy_and_computes_the_same(shm: Path) -> None:

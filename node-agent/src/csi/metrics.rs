@@ -25,6 +25,9 @@ pub struct Metrics {
     pub fill_bytes_total: IntCounterVec,
     /// Fill durations, by result.
     pub fill_seconds: HistogramVec,
+    /// 1 when a tmpfs this agent mounts `huge=within_size` gets huge pages;
+    /// 0 when the kernel grants none or the agent mounts no tmpfs.
+    pub tmpfs_huge_pages: prometheus::IntGauge,
     active_mounts: IntGaugeVec,
     bytes_resident: IntGaugeVec,
     bytes_saved: IntGaugeVec,
@@ -75,16 +78,22 @@ impl Metrics {
             ),
             &["namespace", "wrapper"],
         )?;
+        let tmpfs_huge_pages = prometheus::IntGauge::new(
+            "zerocopy_node_tmpfs_huge_pages",
+            "1 when this node's kernel gives the agent's tmpfs mounts huge pages (memory.hugePages), else 0",
+        )?;
         for c in [&publish_total, &unpublish_total, &fill_bytes_total] {
             registry.register(Box::new(c.clone()))?;
         }
         registry.register(Box::new(csi_seconds.clone()))?;
         registry.register(Box::new(fill_seconds.clone()))?;
+        registry.register(Box::new(tmpfs_huge_pages.clone()))?;
         for g in [&active_mounts, &bytes_resident, &bytes_saved] {
             registry.register(Box::new(g.clone()))?;
         }
         Ok(Self {
             registry,
+            tmpfs_huge_pages,
             publish_total,
             unpublish_total,
             csi_seconds,
