@@ -24,6 +24,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 BENCHES = Path(__file__).resolve().parent
 
@@ -107,17 +108,69 @@ def child(body: str, path: Path, *args: str) -> dict[str, float]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def huge_page_volume(model: Any, agent: str) -> tuple[Path, int, Path] | None:
+    """The same model filled by the node agent with memory.hugePages: true
+    (tmpfs huge=within_size); returns (volume, ShmemHugePages kB granted, root)."""
+    import shutil
+
+    import yaml
+
+    import modelwrapper
+
+    if not Path(agent).exists():
+        print(f"no agent at {agent}: skipping the huge-page rows (cargo build -p zerocopy-node-agent)", flush=True)
+        return None
+    work = Path("/var/tmp/zerocopy-bench-huge")
+    shutil.rmtree(work, ignore_errors=True)
+    exported = modelwrapper.export(model, work, name="llama-huge")
+    doc = yaml.safe_load(exported.yaml_path.read_text())
+    doc["spec"]["memory"] = {"hugePages": True}
+    exported.yaml_path.write_text(yaml.safe_dump(doc))
+    root = Path("/dev/shm/zerocopy-bench-huge")
+    before = _shmem_huge_kb()
+    subprocess.run([agent, "--root", str(root), "standalone", "-q", "-f", str(exported.yaml_path)], check=True, capture_output=True)
+    granted = _shmem_huge_kb() - before
+    status = subprocess.run([agent, "--root", str(root), "status", "--json"], check=True, capture_output=True, text=True)
+    shutil.rmtree(work, ignore_errors=True)
+    volume = Path(json.loads(status.stdout)[0]["path"])
+    print(f"huge-page volume: {volume}, {granted / 1024:.0f} MiB of huge pages granted", flush=True)
+    return volume, granted, root
+
+
+def _shmem_huge_kb() -> int:
+    line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("ShmemHugePages:"))
+    return int(line.split()[1])
+
+
+def clear_root(root: Path) -> None:
+    """Unmounts the generations under ``root`` (deepest first), then deletes it."""
+    import shutil
+
+    mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    for m in sorted((m for m in mounts if m.startswith(f"{root}/")), key=len, reverse=True):
+        subprocess.run(["umount", "-l", m], check=True)
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json", type=Path)
+    ap.add_argument(
+        "--agent",
+        default=os.environ.get("ZEROCOPY_AGENT_BIN", "/var/tmp/zerocopy-ci-target/debug/zerocopy-node-agent"),
+        help="zerocopy-node-agent, for the huge-page rows ('' to skip them)",
+    )
     args = ap.parse_args()
 
     sys.path.insert(0, str(BENCHES))
     import llama_shaped
     import modelwrapper
 
-    wrapper = modelwrapper.ModelWrapper.from_model(llama_shaped.uninitialised())
+    model = llama_shaped.uninitialised()
+    wrapper = modelwrapper.ModelWrapper.from_model(model)
+    huge = huge_page_volume(model, args.agent) if args.agent else None
+    del model
     path = wrapper.path
     print(f"volume: {path} ({(path / 'model.safetensors').stat().st_size / 1e9:.2f} GB)", flush=True)
     results: dict[str, dict] = {}
@@ -140,8 +193,11 @@ def main() -> None:
             results["imports"] = imports
             print("imports:", {k: round(v, 1) for k, v in imports.items()}, flush=True)
 
-    for mode in ("lazy", "prefault", "background"):
-        runs = [child(FORWARD, path, mode) for _ in range(args.reps)]
+    volumes = [("", path, m) for m in ("lazy", "prefault", "background")]
+    if huge is not None:
+        volumes += [("huge pages, ", huge[0], m) for m in ("lazy", "background")]
+    for pages, volume, mode in volumes:
+        runs = [child(FORWARD, volume, mode) for _ in range(args.reps)]
         row = {
             "load_ms": statistics.median((r["t1"] - r["t0"]) * 1e3 for r in runs),
             "prefault_wait_ms": statistics.median((r["t2"] - r["t1"]) * 1e3 for r in runs),
@@ -149,8 +205,11 @@ def main() -> None:
             "second_forward_ms": statistics.median((r["t4"] - r["t3"]) * 1e3 for r in runs),
         }
         row["first_over_second"] = row["first_forward_ms"] / row["second_forward_ms"]
-        results[f"forward after {mode} load"] = row
-        print(f"forward after {mode:10s} " + "  ".join(f"{k} {v:.1f}" for k, v in row.items()), flush=True)
+        results[f"forward after {pages}{mode} load"] = row
+        print(f"forward after {pages}{mode:10s} " + "  ".join(f"{k} {v:.1f}" for k, v in row.items()), flush=True)
+    if huge is not None:
+        results["huge pages granted kB"] = huge[1]
+        clear_root(huge[2])
 
     floor = results.get("floor", {}).get("median_ms")
     print("\n| loader | median ms | x floor |\n|---|---:|---:|")
