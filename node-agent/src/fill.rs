@@ -361,6 +361,16 @@ impl FillEngine {
         let wrapper = format!("{namespace}/{name}");
         let generation = generation_digest(spec);
         if let Some(m) = self.root.read_manifest(namespace, name, &generation) {
+            // A fill killed between publishing and pointing `current` left
+            // the generation complete but not current.
+            self.root
+                .set_current(namespace, name, &generation)
+                .map_err(|source| FillError::Io {
+                    wrapper: wrapper.clone(),
+                    action: "pointing `current` at",
+                    path: self.root.generation_dir(namespace, name, &generation),
+                    source,
+                })?;
             return Ok(FillOutcome::UpToDate(m));
         }
         let started = Instant::now();
@@ -465,9 +475,11 @@ impl FillEngine {
         fs::write(&manifest_path, manifest_json).map_err(io_err("writing", &manifest_path))?;
 
         let target = self.root.generation_dir(namespace, name, &generation);
+        failpoint("fill:before-publish");
         self.publish(&staging, &target, own_tmpfs)
             .map_err(io_err("publishing", &target))?;
         guard.disarm();
+        failpoint("fill:before-current");
         self.root
             .set_current(namespace, name, &generation)
             .map_err(io_err("pointing `current` at", &target))?;
@@ -899,6 +911,16 @@ fn fetch_error(wrapper: &str, f: &PlannedFile, e: FetchError) -> FillError {
             path: PathBuf::from(uri),
             source,
         },
+    }
+}
+
+/// A test hook: with `ZEROCOPY_FAILPOINT=<name>` in its environment the
+/// agent stops itself (SIGSTOP) when a fill reaches that point, so a test
+/// can SIGKILL it exactly there (node-agent/tests/standalone.rs).
+fn failpoint(name: &str) {
+    if std::env::var_os("ZEROCOPY_FAILPOINT").is_some_and(|v| v == name) {
+        tracing::warn!(failpoint = name, "stopping at a failpoint (ZEROCOPY_FAILPOINT)");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
     }
 }
 

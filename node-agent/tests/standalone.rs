@@ -287,3 +287,73 @@ fn sigkill_mid_fill_leaves_nothing_visible_and_the_next_run_completes() {
     );
     assert_eq!(staged_bytes(&staging), 0);
 }
+
+/// SIGKILL exactly in the publish step (the agent stops itself at a
+/// failpoint first): before the staging directory is renamed into place, and
+/// after it but before `current` points at it. Either way nothing partial is
+/// visible, and a rerun ends with one complete generation that `current`
+/// names.
+#[test]
+fn a_sigkill_in_the_publish_step_leaves_nothing_partial_and_a_rerun_completes() {
+    for point in ["fill:before-publish", "fill:before-current"] {
+        let tmp = TmpfsDir::new();
+        let root = tmp.path().join("root");
+        let (src, sha) = write_model(tmp.path(), "a.safetensors", 3);
+        let yaml = tmp.path().join("mw.yaml");
+        let uri = format!("file://{}", src.display());
+        fs::write(&yaml, wrapper_yaml("m", &[("enc", &uri, Some(&sha))])).unwrap();
+
+        let mut child = Command::new(BIN)
+            .arg("--root")
+            .arg(&root)
+            .args(["standalone", "-q", "-f", yaml.to_str().unwrap()])
+            .env("ZEROCOPY_FAILPOINT", point)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stopped = || {
+            fs::read_to_string(format!("/proc/{}/stat", child.id()))
+                .ok()
+                .and_then(|s| s.rsplit(')').next().map(|rest| rest.trim_start().starts_with('T')))
+                .unwrap_or(false)
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !stopped() {
+            assert!(
+                Instant::now() < deadline,
+                "{point}: the agent never reached its failpoint"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_only_complete_generations_visible(&root);
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        child.wait().unwrap();
+        assert_only_complete_generations_visible(&root);
+
+        let o = agent(&root, &["standalone", "-q", "-f", yaml.to_str().unwrap()]);
+        assert!(o.status.success(), "{point}: {}", text(&o));
+        let gens = generations(&root);
+        assert_eq!(gens.len(), 1, "{point}: {gens:?}");
+        let path = PathBuf::from(gens[0]["path"].as_str().unwrap());
+        assert_eq!(
+            fs::read(path.join("enc.safetensors")).unwrap(),
+            fs::read(&src).unwrap(),
+            "{point}"
+        );
+        let current = fs::read_link(path.parent().unwrap().join("current")).unwrap();
+        assert_eq!(
+            current,
+            PathBuf::from(path.file_name().unwrap()),
+            "{point}: current names the generation"
+        );
+        assert!(
+            fs::read_dir(root.join(".staging")).map(|d| d.count()).unwrap_or(0) == 0,
+            "{point}: leftovers of the killed fill were removed"
+        );
+    }
+}
