@@ -176,12 +176,14 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
 
 def _unique_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with tied tensors written once (safetensors refuses
-    aliases); the loader re-ties them from the module's structure."""
-    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    aliases); the loader re-ties them from the module's structure. Only the
+    very same view counts as tied: another view of the same storage (a
+    transpose, a slice, another dtype) is written as its own tensor."""
+    seen: set[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype]] = set()
     out = {}
     for name, t in module.state_dict().items():
         t = t.detach()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
         if key in seen:
             continue
         seen.add(key)

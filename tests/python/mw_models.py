@@ -135,3 +135,16 @@ class Renamed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner(x)
+
+
+class TransposedTie(nn.Module):
+    """A decoder weight that is a transposed view of the encoder's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(8, 8, bias=False)
+        self.dec = nn.Linear(8, 8, bias=False)
+        self.dec.weight = nn.Parameter(self.enc.weight.detach().t())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dec(self.enc(x))

@@ -20,7 +20,7 @@ import yaml
 
 import modelwrapper
 from conftest import REPO, fill, filled_volume, local_volume
-from mw_models import BigPipeline, CountsEval, CustomLoading, Encoder, KeepsDropoutOn, Pipeline, Renamed
+from mw_models import TransposedTie, BigPipeline, CountsEval, CustomLoading, Encoder, KeepsDropoutOn, Pipeline, Renamed
 
 
 def mapped_ranges(path_part: str) -> list[tuple[int, int]]:
@@ -79,6 +79,16 @@ def test_eval_mode_is_what_the_modules_own_train_and_eval_make_it(tmp_path: Path
     before = CountsEval.evals
     counted = modelwrapper.load(local_volume(CountsEval(), tmp_path / "eval"))
     assert CountsEval.evals == before + 1 and not counted.training
+
+
+def test_weights_that_are_other_views_of_one_storage_load(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = TransposedTie()
+    loaded = modelwrapper.load(local_volume(module, tmp_path))
+    assert torch.equal(loaded.dec.weight, module.enc.weight.t()) and torch.equal(loaded.enc.weight, module.enc.weight)
+    x = torch.randn(2, 8)
+    # Same values; the loaded copy is contiguous, so matmul may round differently.
+    assert torch.allclose(loaded(x), module(x), atol=1e-6)
 
 
 def test_a_module_that_renames_its_state_dict_keys_loads(tmp_path: Path) -> None:
