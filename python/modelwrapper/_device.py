@@ -11,7 +11,7 @@ copies (which stage through a driver buffer one tensor at a time):
   read-only mapping itself, chunk by chunk, and the DMA engine reads the
   node copy directly, with no host copy at all. Pinning is the kernel's
   page-by-page work; measured on an H200 in a Firecracker VM it ran at
-  1.8 GB/s against 17-40 GB/s for reading (docs/benchmarks.md), so it is
+  1.3-1.8 GB/s against 20-27 GB/s for reading (docs/benchmarks.md), so it is
   opt-in. Where it is refused the rest of the load is read, and the report
   says why.
 
@@ -31,8 +31,6 @@ from typing import Any, Iterator, Protocol
 
 import torch
 
-from ._prefault import populate_range
-
 log = logging.getLogger("modelwrapper")
 
 PAGE = 4096
@@ -46,12 +44,6 @@ STREAMS = 2
 READ_THREADS = max(1, min(16, len(os.sched_getaffinity(0))))
 RING = 4
 MIN_READ = 2**20
-# Copy from the (populated) mapping instead of pread: a benchmark knob.
-FROM_MAPPING = False
-# Threads that register chunks ahead of the copies (1: inline).
-REGISTER_THREADS = 1
-# Map the pages (MADV_POPULATE_READ) before registering each chunk.
-POPULATE_BEFORE_REGISTER = False
 _NOT_TRIED = object()
 # cudaHostRegisterPortable | cudaHostRegisterReadOnly (CUDA 11.1+).
 _REGISTER_FLAGS = 0x01 | 0x08
@@ -69,18 +61,6 @@ class Backend(Protocol):
         """Page-locks ``[ptr, ptr+nbytes)`` in place; the reason on refusal."""
 
     def unregister(self, ptr: int) -> None: ...
-
-    def _error_string(self, code: int) -> str:
-        fn = _runtime("cudaGetErrorString")
-        if fn is None:
-            return "error"
-        import ctypes
-
-        fn.restype = ctypes.c_char_p
-        return (fn(code) or b"error").decode(errors="replace")
-
-    def bind_thread(self) -> None:
-        """Makes the device current in a helper thread."""
 
     def empty(self, nbytes: int) -> torch.Tensor:
         """A uint8 destination buffer on the device."""
@@ -107,38 +87,22 @@ class CudaBackend:
         self._cudart = torch.cuda.cudart()
 
     def register(self, ptr: int, nbytes: int) -> str | None:
-        if _runtime("cudaGetLastError") is None:
-            # A refusal could not be cleared, and would surface later as an
-            # unrelated kernel launch's error: read instead.
-            return "no libcudart mapped in this process to clear a refused registration's error: not registering"
-        direct = _runtime("cudaHostRegister")
-        if direct is not None:
-            import ctypes
-
-            code = direct(ctypes.c_void_p(ptr), ctypes.c_size_t(nbytes), ctypes.c_uint(_REGISTER_FLAGS))
-            if code == 0:
-                return None
-            _clear_last_error()
-            return f"cudaHostRegister: {self._error_string(code)} (error {code})"
-        err = self._cudart.cudaHostRegister(ptr, nbytes, _REGISTER_FLAGS)
-        if int(err) == 0:
-            return None
-        # The runtime keeps the failure as its "last error", which torch's
-        # next kernel-launch check would raise; clear it.
-        _clear_last_error()
-        return f"cudaHostRegister: {self._cudart.cudaGetErrorString(err)} (error {int(err)})"
-
-    def _error_string(self, code: int) -> str:
-        fn = _runtime("cudaGetErrorString")
-        if fn is None:
-            return "error"
+        """Through ctypes, which also gives ``cudaGetLastError`` (torch binds
+        neither it nor a GIL-free register): a refusal stays CUDA's "last
+        error", which torch's next kernel-launch check would raise, so it is
+        cleared; where it could not be, nothing is registered."""
         import ctypes
 
-        fn.restype = ctypes.c_char_p
-        return (fn(code) or b"error").decode(errors="replace")
-
-    def bind_thread(self) -> None:
-        torch.cuda.set_device(self.device)
+        register, clear = _runtime("cudaHostRegister"), _runtime("cudaGetLastError")
+        if register is None or clear is None:
+            return "no libcudart mapped in this process (a static build): not registering"
+        code = register(ctypes.c_void_p(ptr), ctypes.c_size_t(nbytes), ctypes.c_uint(_REGISTER_FLAGS))
+        if code == 0:
+            return None
+        clear()
+        describe = _runtime("cudaGetErrorString", ctypes.c_char_p)
+        text = (describe(code) or b"").decode(errors="replace") if describe is not None else ""
+        return f"cudaHostRegister: {text or 'refused'} (error {code})"
 
     def unregister(self, ptr: int) -> None:
         err = self._cudart.cudaHostUnregister(ptr)
@@ -177,18 +141,10 @@ class CudaBackend:
             s.synchronize()
 
 
-def _clear_last_error() -> None:
-    """``cudaGetLastError()`` (torch does not bind it): without it a refused
-    registration would surface as the error of a later kernel launch."""
-    fn = _runtime("cudaGetLastError")
-    if fn is not None:
-        fn()
-
-
 _runtime_fns: dict[str, Any] = {}
 
 
-def _runtime(name: str) -> Any:
+def _runtime(name: str, restype: Any = None) -> Any:
     """A function of the CUDA runtime library torch loaded, through ctypes
     (which releases the GIL during the call), or None when this process has
     no separate libcudart mapped (a static build)."""
@@ -210,10 +166,10 @@ def _runtime(name: str) -> Any:
             fn = getattr(ctypes.CDLL(path), name)
         except (OSError, AttributeError):
             continue
-        fn.restype = ctypes.c_int
+        fn.restype = restype or ctypes.c_int
         break
     if fn is None:
-        log.debug("no libcudart mapped in this process: %s goes through torch's bindings or is skipped", name)
+        log.debug("no libcudart mapped in this process: %s is not available", name)
     _runtime_fns[name] = fn
     return fn
 
@@ -305,8 +261,6 @@ class FileSource:
 
     fd: int
     data_offset: int
-    # Where the data region is mapped in this process (0: not mapped).
-    address: int = 0
 
 
 def split(pieces: list[Piece], size: int) -> list[Piece]:
@@ -335,15 +289,6 @@ def _pread_into(fd: int, address: int, nbytes: int, offset: int) -> None:
         if got == 0:
             raise OSError(f"file ended at byte {offset + done} with {nbytes - done} bytes still to read: truncated")
         done += got
-
-
-def _copy_from_mapping(src: int, dst: int, nbytes: int) -> None:
-    """Maps the source pages in one call, then copies (ctypes releases the GIL)."""
-    import ctypes
-
-    lo = src // PAGE * PAGE
-    populate_range(lo, -(-(src + nbytes) // PAGE) * PAGE - lo)
-    ctypes.memmove(dst, src, nbytes)
 
 
 class Transfer:
@@ -425,12 +370,10 @@ class Transfer:
         return left
 
     def _register_one(self, lo: int, hi: int) -> str | None:
-        """Registers one chunk's pages and records them at once (list.append
-        is atomic), so they are undone even if the copies stop early."""
+        """Registers one chunk's pages and records them at once, so they are
+        undone even if the copies stop early."""
         if lo == hi:
             return None
-        if POPULATE_BEFORE_REGISTER:
-            populate_range(lo, hi - lo)
         refused = self.backend.register(lo, hi - lo)
         if refused is None:
             self._registered.append(lo)
@@ -438,26 +381,10 @@ class Transfer:
 
     def _registrations(self, plan: list[tuple[Piece, int, int]]) -> Iterator[Any]:
         """Per chunk, in order: None once its pages are registered, the
-        refusal, or _NOT_TRIED. With REGISTER_THREADS > 1 registrations run
-        ahead of the copies on a few threads."""
-        if REGISTER_THREADS <= 1:
-            for _, lo, hi in plan:
-                if not self._register:
-                    yield _NOT_TRIED
-                    continue
-                yield self._register_one(lo, hi)
-            return
-        window = 2 * REGISTER_THREADS
-        with ThreadPoolExecutor(REGISTER_THREADS, initializer=self.backend.bind_thread) as pool:
-            futures: list[Future[str | None]] = []
-            for i, (_, lo, hi) in enumerate(plan):
-                while len(futures) < min(len(plan), i + window) and self._register:
-                    _, flo, fhi = plan[len(futures)]
-                    futures.append(pool.submit(self._register_one, flo, fhi))
-                if i >= len(futures):
-                    yield _NOT_TRIED
-                    continue
-                yield futures[i].result()
+        refusal, or _NOT_TRIED once an earlier chunk was refused. Chunk k+1
+        is registered while chunk k's copy is in flight (copies are async)."""
+        for _, lo, hi in plan:
+            yield self._register_one(lo, hi) if self._register else _NOT_TRIED
 
     def _refuse(self, reason: str) -> None:
         self._register = False
@@ -503,9 +430,7 @@ class Transfer:
             reads[j] = (
                 b,
                 [
-                    self._readers.submit(_copy_from_mapping, source.address + plan[j].src + off, buf.data_ptr() + off, n)
-                    if FROM_MAPPING and source.address
-                    else self._readers.submit(
+                    self._readers.submit(
                         _pread_into, source.fd, buf.data_ptr() + off, n, source.data_offset + plan[j].src + off
                     )
                     for off, n in _parts(plan[j].length, READ_THREADS)

@@ -160,8 +160,7 @@ def device_tensors(
     try:
         for m in files:
             fds.append(os.open(m.path, os.O_RDONLY | os.O_CLOEXEC))
-            address = m.data.data_ptr() if m.data is not None else 0
-            out.append(_copy_file(transfer, FileSource(fds[-1], m.header.data_offset, address), m, device, shard))
+            out.append(_copy_file(transfer, FileSource(fds[-1], m.header.data_offset), m, device, shard))
     finally:
         try:
             report = transfer.finish()

@@ -54,12 +54,6 @@ def _populate(view: torch.Tensor) -> None:
             return
 
 
-def populate_range(address: int, nbytes: int) -> bool:
-    """``MADV_POPULATE_READ`` over ``[address, address+nbytes)``; False
-    where the kernel does not offer it."""
-    return _libc.madvise(address, nbytes, MADV_POPULATE_READ) == 0
-
-
 def populate_in_background(mappings: list[mmap.mmap]) -> threading.Thread:
     """Starts populating ``mappings`` in a daemon thread and returns it; the
     thread holds the mappings until it is done."""

@@ -50,9 +50,6 @@ class HostBackend:
     def unregister(self, ptr: int) -> None:
         del self.registered[ptr]
 
-    def bind_thread(self) -> None:
-        pass
-
     def empty(self, nbytes: int) -> torch.Tensor:
         return torch.full((nbytes,), 0xAB, dtype=torch.uint8)
 
@@ -110,16 +107,13 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
-@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("chunk", [PAGE, 3 * PAGE, _device.DEFAULT_CHUNK])
 def test_a_device_load_copies_every_byte_from_the_registered_mapping(
-    llama_volume: Path, host_backend, monkeypatch: pytest.MonkeyPatch, chunk: int, threads: int
+    llama_volume: Path, host_backend, monkeypatch: pytest.MonkeyPatch, chunk: int
 ) -> None:
     backend = host_backend()
     monkeypatch.setenv("MODELWRAPPER_GPU_REGISTER", "1")
     monkeypatch.setattr(_device, "DEFAULT_CHUNK", chunk)
-    monkeypatch.setattr(_device, "REGISTER_THREADS", threads)
-    monkeypatch.setattr(_device, "POPULATE_BEFORE_REGISTER", threads > 1)
     on_device = modelwrapper.load_state_dict(llama_volume, device="cuda:0")
     mapped = modelwrapper.load_state_dict(llama_volume)
     assert on_device.keys() == mapped.keys()
@@ -132,11 +126,9 @@ def test_a_device_load_copies_every_byte_from_the_registered_mapping(
     assert backend.registrations >= math.ceil(total / chunk)
 
 
-@pytest.mark.parametrize("threads", [1, 3])
 def test_a_refused_registration_falls_back_to_bounce_buffers_and_says_why(
-    llama_volume: Path, host_backend, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, threads: int
+    llama_volume: Path, host_backend, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_device, "REGISTER_THREADS", threads)
     monkeypatch.setattr(_device, "DEFAULT_CHUNK", 4 * PAGE)
     monkeypatch.setenv("MODELWRAPPER_GPU_REGISTER", "1")
     host_backend(refuse="cudaHostRegister: operation not permitted (error 800)")
@@ -154,13 +146,13 @@ def test_a_refused_registration_falls_back_to_bounce_buffers_and_says_why(
     assert second.registrations == 0 and modelwrapper.last_copy_report().path == "staged"
 
 
-@pytest.mark.parametrize("from_mapping", [False, True])
+@pytest.mark.parametrize("threads", [1, 4])
 @pytest.mark.parametrize("chunk", [PAGE, 5 * PAGE, _device.DEFAULT_CHUNK])
 def test_by_default_the_file_is_read_into_pinned_buffers_without_registering(
-    llama_volume: Path, host_backend, monkeypatch: pytest.MonkeyPatch, chunk: int, from_mapping: bool
+    llama_volume: Path, host_backend, monkeypatch: pytest.MonkeyPatch, chunk: int, threads: int
 ) -> None:
     backend = host_backend()
-    monkeypatch.setattr(_device, "FROM_MAPPING", from_mapping)
+    monkeypatch.setattr(_device, "READ_THREADS", threads)
     monkeypatch.setattr(_device, "DEFAULT_CHUNK", chunk)
     monkeypatch.setattr(_device, "MIN_READ", PAGE)  # several reader threads per chunk
     mapped = modelwrapper.load_state_dict(llama_volume)

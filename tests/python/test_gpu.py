@@ -57,15 +57,12 @@ def same_bytes(gpu: torch.Tensor, cpu: torch.Tensor) -> bool:
     )
 
 
-@pytest.mark.parametrize("threads", [1, 4])
 @pytest.mark.parametrize("chunk", [4096, 20 * 4096, _device.DEFAULT_CHUNK])
 def test_every_byte_reaches_the_gpu_from_the_registered_mapping(
-    llama_volume: Path, monkeypatch: pytest.MonkeyPatch, chunk: int, threads: int
+    llama_volume: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
 ) -> None:
     monkeypatch.setenv("MODELWRAPPER_GPU_REGISTER", "1")
     monkeypatch.setattr(_device, "DEFAULT_CHUNK", chunk)
-    monkeypatch.setattr(_device, "REGISTER_THREADS", threads)
-    monkeypatch.setattr(_device, "POPULATE_BEFORE_REGISTER", threads > 1)
     mapped = modelwrapper.load_state_dict(llama_volume)
     on_gpu = modelwrapper.load_state_dict(llama_volume, device="cuda")
     report = modelwrapper.last_copy_report()
@@ -98,11 +95,8 @@ def test_llama_forward_on_the_gpu_matches_the_same_weights_moved_by_torch(shm_di
     assert torch.equal(loaded(ids), model.to("cuda")(ids))
 
 
-@pytest.mark.parametrize(("threads", "from_mapping"), [(1, False), (8, False), (8, True)])
-def test_read_through_pinned_buffers_is_byte_identical(
-    llama_volume: Path, monkeypatch: pytest.MonkeyPatch, threads: int, from_mapping: bool
-) -> None:
-    monkeypatch.setattr(_device, "FROM_MAPPING", from_mapping)
+@pytest.mark.parametrize("threads", [1, 8])
+def test_read_through_pinned_buffers_is_byte_identical(llama_volume: Path, monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
     monkeypatch.setattr(_device, "DEFAULT_CHUNK", 64 * 4096)
     monkeypatch.setattr(_device, "READ_THREADS", threads)
     monkeypatch.setattr(_device, "MIN_READ", 4096)
