@@ -145,8 +145,9 @@ pub struct FillEngine {
     mode: MountMode,
     can_mount: bool,
     root_on_tmpfs: bool,
-    /// What the huge-page probe found (None: mounts are not used).
-    huge_pages: Option<crate::hugepages::HugePages>,
+    /// What the huge-page probe found (None: mounts are not used); probed
+    /// on first need, not at every start of a one-shot `standalone` run.
+    huge_pages: std::sync::OnceLock<Option<crate::hugepages::HugePages>>,
     policy: Arc<SourcePolicy>,
     http: HttpSource,
     peers: Arc<dyn PeerDirectory>,
@@ -192,15 +193,6 @@ impl FillEngine {
             .map_err(io::Error::other)?;
         fs::create_dir_all(root.staging_dir())?;
         let can_mount = mode != MountMode::Directory && can_mount(&root.staging_dir());
-        let huge_pages = can_mount.then(|| crate::hugepages::probe(&root.staging_dir()));
-        match &huge_pages {
-            Some(h) if h.granted => tracing::info!(detail = %h.detail, "tmpfs huge pages: granted by this kernel"),
-            Some(h) => tracing::info!(
-                detail = %h.detail,
-                "tmpfs huge pages: not granted by this kernel; wrappers with memory.hugePages: true fill with 4 KiB pages"
-            ),
-            None => {}
-        }
         let root_on_tmpfs = mount::is_on_tmpfs(root.path()).unwrap_or(false);
         let use_tmpfs = match mode {
             MountMode::Directory => false,
@@ -217,7 +209,7 @@ impl FillEngine {
             capacity,
             mode,
             can_mount,
-            huge_pages,
+            huge_pages: std::sync::OnceLock::new(),
             root_on_tmpfs,
             policy,
             http,
@@ -331,9 +323,23 @@ impl FillEngine {
         self.own_tmpfs(false)
     }
 
-    /// Whether a tmpfs this agent mounts gets huge pages (None: it mounts none).
+    /// Whether a tmpfs this agent mounts gets huge pages (None: it mounts
+    /// none). Probed once, on the first call, and logged.
     pub fn huge_pages(&self) -> Option<&crate::hugepages::HugePages> {
-        self.huge_pages.as_ref()
+        self.huge_pages
+            .get_or_init(|| {
+                let found = self.can_mount.then(|| crate::hugepages::probe(&self.root.staging_dir()))?;
+                if found.granted {
+                    tracing::info!(detail = %found.detail, "tmpfs huge pages: granted by this kernel");
+                } else {
+                    tracing::info!(
+                        detail = %found.detail,
+                        "tmpfs huge pages: not granted by this kernel; wrappers with memory.hugePages: true fill with 4 KiB pages"
+                    );
+                }
+                Some(found)
+            })
+            .as_ref()
     }
 
     fn own_tmpfs(&self, huge_pages: bool) -> bool {
@@ -429,7 +435,7 @@ impl FillEngine {
         let mut guard = StagingGuard::create(&staging).map_err(io_err("creating staging", &staging))?;
         let own_tmpfs = self.own_tmpfs(spec.memory.huge_pages);
         if spec.memory.huge_pages {
-            match &self.huge_pages {
+            match self.huge_pages() {
                 Some(h) if !h.granted => tracing::warn!(
                     wrapper = %wrapper,
                     detail = %h.detail,
