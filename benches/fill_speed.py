@@ -12,13 +12,14 @@ first, as all contenders read them); every fill goes to a fresh tmpfs root.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import statistics
 import subprocess
 import time
 from pathlib import Path
+
+from modelwrapper._export import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,14 +39,6 @@ def make_checkpoint(src: Path, files: int, mib: int) -> list[Path]:
     return paths
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(16 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--files", type=int, default=4)
@@ -62,7 +55,7 @@ def main() -> int:
     paths = make_checkpoint(work / "src", args.files, args.mib)
     total = sum(p.stat().st_size for p in paths)
     components = "\n".join(
-        f"      - name: shard-{i + 1}\n        weights: {{uri: '{p.as_uri()}', sha256: '{sha256(p)}'}}" for i, p in enumerate(paths)
+        f"      - name: shard-{i + 1}\n        weights: {{uri: '{p.as_uri()}', sha256: '{sha256_file(p)}'}}" for i, p in enumerate(paths)
     )
     spec = work / "fill.yaml"
     spec.write_text(

@@ -37,6 +37,30 @@ fn generations(root: &Path) -> Vec<serde_json::Value> {
     serde_json::from_slice(&o.stdout).expect("status json")
 }
 
+/// `standalone -q -f yaml` in the background, optionally stopping itself at a
+/// failpoint (`ZEROCOPY_FAILPOINT`).
+fn spawn_fill(root: &Path, yaml: &Path, failpoint: Option<&str>) -> std::process::Child {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--root")
+        .arg(root)
+        .args(["standalone", "-q", "-f", yaml.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(point) = failpoint {
+        cmd.env("ZEROCOPY_FAILPOINT", point);
+    }
+    cmd.spawn().unwrap()
+}
+
+fn sigkill(child: &mut std::process::Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    child.wait().unwrap();
+}
+
 fn write_model(dir: &Path, name: &str, seed: u32) -> (PathBuf, String) {
     let body = file(&[T::f32("w", 100_000, seed)]);
     let path = dir.join(name);
@@ -235,14 +259,7 @@ fn sigkill_mid_fill_leaves_nothing_visible_and_the_next_run_completes() {
     let yaml = tmp.path().join("mw.yaml");
     fs::write(&yaml, wrapper_yaml("m", &[("enc", &url, Some(&sha256_hex(&body)))])).unwrap();
 
-    let mut child = Command::new(BIN)
-        .arg("--root")
-        .arg(&root)
-        .args(["standalone", "-q", "-f", yaml.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_fill(&root, &yaml, None);
     let staging = root.join(".staging");
     let deadline = Instant::now() + Duration::from_secs(20);
     let staged_bytes = |p: &Path| -> u64 {
@@ -260,12 +277,7 @@ fn sigkill_mid_fill_leaves_nothing_visible_and_the_next_run_completes() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_only_complete_generations_visible(&root);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    child.wait().unwrap();
+    sigkill(&mut child);
     assert!(
         staged_bytes(&staging) > 0,
         "the killed fill should have left staging behind"
@@ -303,15 +315,7 @@ fn a_sigkill_in_the_publish_step_leaves_nothing_partial_and_a_rerun_completes() 
         let uri = format!("file://{}", src.display());
         fs::write(&yaml, wrapper_yaml("m", &[("enc", &uri, Some(&sha))])).unwrap();
 
-        let mut child = Command::new(BIN)
-            .arg("--root")
-            .arg(&root)
-            .args(["standalone", "-q", "-f", yaml.to_str().unwrap()])
-            .env("ZEROCOPY_FAILPOINT", point)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_fill(&root, &yaml, Some(point));
         let stopped = || {
             fs::read_to_string(format!("/proc/{}/stat", child.id()))
                 .ok()
@@ -327,12 +331,7 @@ fn a_sigkill_in_the_publish_step_leaves_nothing_partial_and_a_rerun_completes() 
             std::thread::sleep(Duration::from_millis(20));
         }
         assert_only_complete_generations_visible(&root);
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
-        child.wait().unwrap();
+        sigkill(&mut child);
         assert_only_complete_generations_visible(&root);
 
         let o = agent(&root, &["standalone", "-q", "-f", yaml.to_str().unwrap()]);
