@@ -234,8 +234,7 @@ def _copy_file(
 
 
 def _backend(device: torch.device) -> Any:
-    if device.type != "cuda":
-        raise VolumeError(f"device {str(device)!r} is not supported: load to 'cpu' (zero-copy) or to 'cuda[:N]'")
+    """The CUDA runtime for a device :func:`_device` accepted (not the CPU)."""
     if not torch.cuda.is_available():
         raise VolumeError(
             f"cannot load to {device}: torch.cuda.is_available() is False in this process "
@@ -339,14 +338,19 @@ def _held_against_collection(path: Path) -> Iterator[None]:
             yield
 
 
-def _prefault_mode(prefault: bool | str | None) -> str:
+def _prefault_mode(prefault: bool | str | None, manifest: dict[str, Any]) -> str:
+    """The caller's choice, or the volume's `memory.prefault` when it made none."""
     if prefault in (None, False):
-        return "off"
+        return "sync" if manifest.get("prefault") else "off"
     if prefault is True or prefault == "sync":
         return "sync"
     if prefault == "background":
         return "background"
     raise VolumeError(f"prefault={prefault!r} is not understood: use False, True (or 'sync') or 'background'")
+
+
+def _copy_on_write(copy_on_write: bool | None) -> bool:
+    return env_flag(COPY_ON_WRITE_ENV, False) if copy_on_write is None else copy_on_write
 
 
 def _mapped(root: Path, manifest: dict[str, Any], cow: bool) -> list[MappedFile]:
@@ -409,15 +413,13 @@ def load(
     """
     root = Path(path)
     dev = _device(device)
-    mode = _prefault_mode(prefault)
     allow_pickle = pickle_allowed()
-    cow = env_flag(COPY_ON_WRITE_ENV, False) if copy_on_write is None else copy_on_write
+    cow = _copy_on_write(copy_on_write)
     with _held_against_collection(root):
         manifest = read_manifest(root)
         if not allow_pickle:
             _refuse_pickles(root, manifest)
-        if mode == "off" and manifest.get("prefault"):
-            mode = "sync"
+        mode = _prefault_mode(prefault, manifest)
         files = _mapped(root, manifest, cow and dev.type == "cpu")
         tensor_sets = _tensor_sets(files, dev, mode)
         components = [
@@ -457,12 +459,10 @@ def load_state_dict(
     """
     root = Path(path)
     dev = _device(device)
-    mode = _prefault_mode(prefault)
-    cow = env_flag(COPY_ON_WRITE_ENV, False) if copy_on_write is None else copy_on_write
+    cow = _copy_on_write(copy_on_write)
     with _held_against_collection(root):
         manifest = read_manifest(root)
-        if mode == "off" and manifest.get("prefault"):
-            mode = "sync"
+        mode = _prefault_mode(prefault, manifest)
         names = [c["name"] for c in manifest["components"]]
         if component is None:
             if len(names) != 1:
