@@ -303,7 +303,7 @@ def main() -> None:
         results["tp8 per rank"] = {"error": str(e)[:500]}
 
     limit = results.get("pinned memcpy", {}).get("median_s")
-    print(f"\n| loader | median ms | GB/s | share of pinned memcpy |\n|---|---:|---:|---:|")
+    print("\n| loader | median ms | GB/s | share of pinned memcpy |\n|---|---:|---:|---:|")
     for name, r in results.items():
         if "median_s" in r and "gb_per_s" in r:
             share = f"{limit / r['median_s']:.0%}" if limit else "-"

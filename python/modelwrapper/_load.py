@@ -27,7 +27,7 @@ from ._format import (
 from ._shard import Shard, shard_of
 
 if TYPE_CHECKING:  # the GPU path's modules load when a device load runs
-    from ._device import CopyReport, Transfer
+    from ._device import CopyReport, FileSource, Transfer
 from ._root import LOCAL_NAMESPACE, local_generation, open_root, opened, root_lock
 from ._skeleton import assign_state, assign_stripped, build_from_factory, read_skeleton
 

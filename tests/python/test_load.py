@@ -19,7 +19,7 @@ import torch
 import yaml
 
 import modelwrapper
-from conftest import REPO, fill, filled_volume, local_volume
+from conftest import REPO, filled_volume, local_volume
 from mw_models import TransposedTie, BigPipeline, CountsEval, CustomLoading, Encoder, KeepsDropoutOn, Pipeline, Renamed
 
 
