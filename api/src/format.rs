@@ -8,6 +8,10 @@ use crate::spec::{Mode, ModelWrapperSpec};
 
 /// Value of `manifest.json`'s `format` field.
 pub const FORMAT_V1: &str = "zerocopy.dev/v1";
+/// The format of generations with a directory component (docs/FORMAT.md);
+/// generations of single-file components keep [`FORMAT_V1`], so pods with
+/// older loaders keep reading them.
+pub const FORMAT_V2: &str = "zerocopy.dev/v2";
 /// Written last: its presence means the generation is complete and verified.
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// Directory under the volume root holding fills in progress.
@@ -53,7 +57,9 @@ struct GenerationInput<'a> {
 #[derive(Serialize)]
 struct ComponentInput<'a> {
     name: &'a str,
-    weights: (&'a str, Option<&'a str>),
+    weights: Option<(&'a str, Option<&'a str>)>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source: Option<&'a crate::spec::DirectorySourceSpec>,
     skeleton_uri: Option<(&'a str, Option<&'a str>)>,
     factory: Option<&'a str>,
     kwargs: Option<&'a serde_json::Map<String, serde_json::Value>>,
@@ -70,7 +76,7 @@ pub fn generation_digest(spec: &ModelWrapperSpec) -> String {
         .iter()
         .map(|c| {
             (
-                lower(&c.weights.sha256),
+                c.weights.as_ref().and_then(|w| lower(&w.sha256)),
                 c.skeleton.as_ref().and_then(|s| lower(&s.sha256)),
             )
         })
@@ -87,7 +93,8 @@ pub fn generation_digest(spec: &ModelWrapperSpec) -> String {
             .zip(&shas)
             .map(|(c, (w, s))| ComponentInput {
                 name: &c.name,
-                weights: (&c.weights.uri, w.as_deref()),
+                weights: c.weights.as_ref().map(|weights| (weights.uri.as_str(), w.as_deref())),
+                source: c.source.as_ref(),
                 skeleton_uri: c
                     .skeleton
                     .as_ref()

@@ -11,6 +11,7 @@ pub mod manifest;
 pub mod quantity;
 pub mod replica;
 pub mod safetensors;
+pub mod source;
 pub mod spec;
 pub mod task;
 pub mod validation;

@@ -2,14 +2,15 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::format::FORMAT_V1;
+use crate::format::{FORMAT_V1, FORMAT_V2};
 use crate::spec::Mode;
 
 /// Written last into a generation; readers trust nothing without it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Manifest {
-    /// Always [`FORMAT_V1`] for this version.
+    /// [`FORMAT_V1`], or [`FORMAT_V2`] when a component is a directory
+    /// (so loaders that read only v1 refuse it instead of misreading it).
     pub format: String,
     /// Namespace of the ModelWrapper.
     pub namespace: String,
@@ -42,8 +43,12 @@ pub struct Manifest {
 pub struct ManifestComponent {
     /// Component name from the spec.
     pub name: String,
-    /// The safetensors file.
-    pub weights: ManifestWeights,
+    /// The safetensors file (a `weights` component).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<ManifestWeights>,
+    /// The component's directory (a `source` component, format v2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory: Option<ManifestDirectory>,
     /// How to rebuild the module, if the spec says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skeleton: Option<ManifestSkeleton>,
@@ -78,6 +83,48 @@ pub struct ManifestWeights {
     pub data_offset: u64,
 }
 
+/// A component filled as a directory of files (format v2).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ManifestDirectory {
+    /// The directory inside the generation (the component's name).
+    pub path: String,
+    /// What the source resolved to: the commit of an `hf://` revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// The safetensors files that hold the component's weights, in order
+    /// (paths relative to the generation): the shards that
+    /// `model.safetensors.index.json` names, else every top-level
+    /// `.safetensors` file of the directory.
+    pub weights: Vec<String>,
+    /// Every file, sorted by path.
+    pub files: Vec<ManifestEntry>,
+}
+
+/// One file of a directory component.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ManifestEntry {
+    /// Path relative to the generation, size, sha256, origin.
+    #[serde(flatten)]
+    pub file: ManifestFile,
+    /// What the header check found, for every `.safetensors` file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub safetensors: Option<SafetensorsSummary>,
+}
+
+/// The header facts of one checked safetensors file.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SafetensorsSummary {
+    /// Number of tensors.
+    pub tensors: u64,
+    /// Distinct dtypes, sorted.
+    pub dtypes: Vec<String>,
+    /// 8 + header length.
+    pub data_offset: u64,
+}
+
 /// Module skeleton: a pickle in the generation or a factory reference.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -101,7 +148,7 @@ pub enum ManifestError {
     Parse(#[from] serde_json::Error),
     /// Written by a newer or foreign format.
     #[error(
-        "manifest.json has format {found:?}; this build reads {FORMAT_V1:?}: upgrade the loader or refill the volume"
+        "manifest.json has format {found:?}; this build reads {FORMAT_V1:?} and {FORMAT_V2:?}: upgrade the loader or refill the volume"
     )]
     Format {
         /// What the file says.
@@ -113,7 +160,7 @@ impl Manifest {
     /// Parses and checks the format version.
     pub fn from_json(bytes: &[u8]) -> Result<Self, ManifestError> {
         let m: Manifest = serde_json::from_slice(bytes)?;
-        if m.format != FORMAT_V1 {
+        if m.format != FORMAT_V1 && m.format != FORMAT_V2 {
             return Err(ManifestError::Format { found: m.format });
         }
         Ok(m)
@@ -123,7 +170,14 @@ impl Manifest {
     pub fn files(&self) -> impl Iterator<Item = &ManifestFile> {
         self.components
             .iter()
-            .flat_map(|c| std::iter::once(&c.weights.file).chain(c.skeleton.as_ref().and_then(|s| s.file.as_ref())))
+            .flat_map(|c| {
+                c.weights
+                    .as_ref()
+                    .map(|w| &w.file)
+                    .into_iter()
+                    .chain(c.directory.iter().flat_map(|d| d.files.iter().map(|e| &e.file)))
+                    .chain(c.skeleton.as_ref().and_then(|s| s.file.as_ref()))
+            })
             .chain(self.pipeline_skeleton.as_ref())
     }
 }
@@ -146,7 +200,7 @@ mod tests {
             prefault: false,
             components: vec![ManifestComponent {
                 name: "enc".into(),
-                weights: ManifestWeights {
+                weights: Some(ManifestWeights {
                     file: ManifestFile {
                         file: "enc.safetensors".into(),
                         bytes: 10,
@@ -156,7 +210,8 @@ mod tests {
                     tensors: 1,
                     dtypes: vec!["F32".into()],
                     data_offset: 8,
-                },
+                }),
+                directory: None,
                 skeleton: None,
             }],
             pipeline_skeleton: None,

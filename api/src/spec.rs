@@ -40,7 +40,7 @@ pub struct ModelWrapperSpec {
     /// `task`: each ModelTask runs as a Job next to the weights.
     #[serde(default)]
     pub mode: Mode,
-    /// The models to fill, one safetensors file each.
+    /// The models to fill: one safetensors file or one directory each.
     pub pipeline: PipelineSpec,
     /// Nodes to place the weights on; empty means every node with an agent.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -109,15 +109,26 @@ pub struct PipelineSpec {
     pub skeleton: Option<SourceSpec>,
 }
 
-/// One named model of the pipeline.
+/// One named model of the pipeline: one safetensors file (`weights`) or a
+/// directory of files (`source`: a Hugging Face repo, a directory), exactly
+/// one of the two.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.weights) != has(self.source)", "message": "set either weights (one safetensors file) or source (a repository or directory of files), not both"}
+]))]
 #[serde(rename_all = "camelCase")]
 pub struct ComponentSpec {
     /// DNS-1123 label, unique within the pipeline; also the file name stem.
     #[schemars(length(min = 1, max = 63))]
     pub name: String,
     /// The safetensors file holding the component's weights.
-    pub weights: SourceSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<SourceSpec>,
+    /// A directory of files: safetensors shards plus config, tokenizer and
+    /// other files, filled as `<component>/` and readable in place by
+    /// `transformers` and vLLM (format v2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<DirectorySourceSpec>,
     /// How to rebuild the `nn.Module`; without it the component loads as a
     /// `dict[str, Tensor]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -133,6 +144,52 @@ pub struct SourceSpec {
     /// Lowercase hex sha256 of the file; verified while streaming.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
+}
+
+/// Many files from one place: `hf://org/repo[@revision]` (a Hugging Face
+/// repository) or `file:///dir/` (a directory on the node).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DirectorySourceSpec {
+    /// `hf://org/repo@<commit or branch>` or `file:///dir/`.
+    pub uri: String,
+    /// Globs (`*.safetensors`, `1_Pooling/**`) of the paths to take; empty:
+    /// every file but other weight formats (docs/FORMAT.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub include: Vec<String>,
+    /// Globs of paths to leave out, applied after `include`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
+    /// sha256 per path, for sources that do not carry their own digests
+    /// (`file://`); a Hugging Face repo provides them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sha256: BTreeMap<String, String>,
+    /// The hub's address for `hf://` (a mirror or an on-premises hub);
+    /// default: the agent's `--hf-endpoint` (`https://huggingface.co`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// A Secret in the wrapper's namespace holding the access token, which
+    /// the namespace shared with the node agent (docs/security.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretKeyRef>,
+}
+
+/// One key of a Secret in the wrapper's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// The Secret's name.
+    pub name: String,
+    /// The key holding the token; default `token`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+impl SecretKeyRef {
+    /// The key to read.
+    pub fn key(&self) -> &str {
+        self.key.as_deref().unwrap_or("token")
+    }
 }
 
 /// Either a pickled meta-device module (`uri`) or a factory reference

@@ -4,7 +4,8 @@
 use std::collections::BTreeSet;
 use std::fmt;
 
-use crate::spec::{Mode, ModelWrapperSpec, SourceSpec};
+use crate::source::{is_safe_relative_path, DirectorySource};
+use crate::spec::{DirectorySourceSpec, Mode, ModelWrapperSpec, SourceSpec};
 
 /// URI schemes the fill engine can read today.
 pub const SUPPORTED_SCHEMES: [&str; 4] = ["file", "http", "https", "upload"];
@@ -172,7 +173,18 @@ pub fn validate_sources(
                 format!("duplicate component name {:?}: names must be unique", c.name),
             );
         }
-        check_source(&mut errs, &format!("{at}.weights"), &c.weights, pinning);
+        match (&c.weights, &c.source) {
+            (Some(weights), None) => check_source(&mut errs, &format!("{at}.weights"), weights, pinning),
+            (None, Some(source)) => check_directory_source(&mut errs, &format!("{at}.source"), source, pinning),
+            (Some(_), Some(_)) => errs.push(
+                at.clone(),
+                "set either weights (one safetensors file) or source (a repository or directory of files), not both",
+            ),
+            (None, None) => errs.push(
+                at.clone(),
+                "set weights: {uri: ...} (one safetensors file) or source: {uri: hf://org/repo@commit} (a repository or directory of files)",
+            ),
+        }
         if let Some(sk) = &c.skeleton {
             let at = format!("{at}.skeleton");
             match (&sk.uri, &sk.factory) {
@@ -275,6 +287,70 @@ fn check_source(errs: &mut ValidationErrors, at: &str, source: &SourceSpec, pinn
             "a sha256 is required in a cluster: every pod that loads the volume trusts these bytes (a skeleton is a pickle that runs code); add the file's sha256 (sha256sum prints it)",
         ),
         _ => {}
+    }
+}
+
+fn check_directory_source(errs: &mut ValidationErrors, at: &str, source: &DirectorySourceSpec, pinning: Pinning) {
+    match DirectorySource::parse(&source.uri) {
+        Err(message) => errs.push(format!("{at}.uri"), message),
+        Ok(DirectorySource::HuggingFace { revision, .. }) => {
+            let pinned = revision.as_deref().is_some_and(crate::source::is_commit);
+            if pinning == Pinning::Required && !pinned {
+                errs.push(
+                    format!("{at}.uri"),
+                    format!(
+                        "{:?} names no commit: in a cluster a repository is pinned by its 40-hex commit (hf://org/repo@<commit>; `huggingface-cli repo-info` or the Hub's \"Files\" page shows it), so every node fills the same bytes",
+                        source.uri
+                    ),
+                );
+            }
+        }
+        Ok(DirectorySource::Directory { .. }) => {
+            if pinning == Pinning::Required && source.sha256.is_empty() {
+                errs.push(
+                    format!("{at}.sha256"),
+                    "a directory source in a cluster needs the sha256 of every file it takes (path: sha256), since its files carry no digests of their own",
+                );
+            }
+        }
+    }
+    for (kind, globs) in [("include", &source.include), ("exclude", &source.exclude)] {
+        for (j, g) in globs.iter().enumerate() {
+            if let Err(e) = crate::source::glob(g) {
+                errs.push(format!("{at}.{kind}[{j}]"), format!("{g:?} is not a glob: {e}"));
+            }
+        }
+    }
+    for (path, sha) in &source.sha256 {
+        if !is_safe_relative_path(path) {
+            errs.push(
+                format!("{at}.sha256[{path:?}]"),
+                "not a relative path inside the source (no leading '/', no '.' or '..' parts, no hidden files)",
+            );
+        }
+        if !is_sha256_hex(sha) {
+            errs.push(
+                format!("{at}.sha256[{path:?}]"),
+                format!("{sha:?} is not a sha256: expected 64 hex characters (sha256sum prints it)"),
+            );
+        }
+    }
+    if let Some(endpoint) = &source.endpoint {
+        match url::Url::parse(endpoint) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {}
+            _ => errs.push(
+                format!("{at}.endpoint"),
+                format!("{endpoint:?} is not an http(s) address; write e.g. https://hf-mirror.example.com"),
+            ),
+        }
+    }
+    if let Some(secret) = &source.secret_ref {
+        if !is_dns1123_subdomain(&secret.name) {
+            errs.push(
+                format!("{at}.secretRef.name"),
+                format!("{:?} is not a Secret name", secret.name),
+            );
+        }
     }
 }
 

@@ -14,12 +14,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let pipeline = zerocopy_loader::load(&path)?;
     let mut out: BTreeMap<String, BTreeMap<String, serde_json::Value>> = BTreeMap::new();
     for c in pipeline.components() {
-        let range = c.mapped_range();
+        let ranges = c.mapped_ranges();
         let entry = out.entry(c.name().to_string()).or_default();
         for (name, t) in c.tch_tensors()? {
             let bytes: Vec<u8> = Vec::<u8>::try_from(t.view_dtype(Kind::Uint8).flatten(0, -1))?;
             let ptr = t.data_ptr() as usize;
-            let inside = bytes.is_empty() || range.contains(&ptr);
+            let inside = bytes.is_empty() || ranges.iter().any(|r| r.contains(&ptr));
             entry.insert(
                 name,
                 serde_json::json!({"sha256": hex::encode(Sha256::digest(&bytes)), "zeroCopy": inside}),

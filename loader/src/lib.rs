@@ -52,6 +52,21 @@ pub enum LoadError {
         /// The rule.
         source: HeaderError,
     },
+    /// The manifest lists no weights file for a component.
+    #[error("component {0}: the manifest lists no weights file; the volume is damaged, refill it")]
+    NoWeights(String),
+    /// Two shards of one component hold the same tensor.
+    #[error("component {component}: tensor {name} is in both {first} and {second}; a component's shards must hold distinct tensors (read per-rank files one at a time through Component::shards)")]
+    DuplicateTensor {
+        /// Component.
+        component: String,
+        /// Tensor name.
+        name: String,
+        /// First file holding it.
+        first: String,
+        /// Second file holding it.
+        second: String,
+    },
     /// The file on disk is not the one the manifest describes.
     #[error("component {component}: {file} is {actual} bytes but the manifest says {expected}; the volume is damaged, refill it")]
     SizeMismatch {
@@ -74,12 +89,20 @@ pub struct Pipeline {
     components: Vec<Component>,
 }
 
-/// One component's weights, mapped. The mapping is reference-counted: tch
-/// tensors made from it hold a reference in their storage, so it stays mapped
-/// until the last tensor (or view of one) is gone, whatever safe code does.
+/// One component's weights: its safetensors file (format v1) or the shards
+/// of a directory component (format v2), each mapped once.
 #[derive(Debug)]
 pub struct Component {
     name: String,
+    shards: Vec<Shard>,
+}
+
+/// One mapped safetensors file. The mapping is reference-counted: tch
+/// tensors made from it hold a reference in their storage, so it stays mapped
+/// until the last tensor (or view of one) is gone, whatever safe code does.
+#[derive(Debug)]
+pub struct Shard {
+    file: String,
     map: Arc<Mmap>,
     header: Header,
 }
@@ -91,6 +114,9 @@ pub struct TensorView<'a> {
     pub info: &'a TensorInfo,
     /// The tensor's bytes, borrowed from the mapping.
     pub data: &'a [u8],
+    /// The mapping the bytes belong to.
+    #[cfg_attr(not(feature = "tch"), allow(dead_code))]
+    pub(crate) map: &'a Arc<Mmap>,
 }
 
 /// Maps the volume at `path` (a generation directory or a CSI mount).
@@ -108,7 +134,7 @@ pub fn load(path: impl AsRef<Path>) -> Result<Pipeline, LoadError> {
     let components = manifest
         .components
         .iter()
-        .map(|c| map_component(path, &c.name, &c.weights.file.file, c.weights.file.bytes))
+        .map(|c| map_component(path, c))
         .collect::<Result<_, _>>()?;
     Ok(Pipeline {
         path: path.to_path_buf(),
@@ -117,7 +143,47 @@ pub fn load(path: impl AsRef<Path>) -> Result<Pipeline, LoadError> {
     })
 }
 
-fn map_component(dir: &Path, name: &str, file: &str, expected: u64) -> Result<Component, LoadError> {
+/// Maps a component's weights: its one file, or every shard a directory
+/// component lists (a tensor name in two shards is refused: per-rank files
+/// are read one at a time with [`Shard`]s of their own, not merged).
+fn map_component(dir: &Path, c: &zerocopy_api::manifest::ManifestComponent) -> Result<Component, LoadError> {
+    let mut files: Vec<(&str, u64)> = Vec::new();
+    if let Some(w) = &c.weights {
+        files.push((&w.file.file, w.file.bytes));
+    }
+    if let Some(d) = &c.directory {
+        for w in &d.weights {
+            let bytes = d.files.iter().find(|e| &e.file.file == w).map(|e| e.file.bytes);
+            files.push((w, bytes.unwrap_or(u64::MAX)));
+        }
+    }
+    if files.is_empty() {
+        return Err(LoadError::NoWeights(c.name.clone()));
+    }
+    let shards = files
+        .into_iter()
+        .map(|(file, bytes)| map_shard(dir, &c.name, file, bytes))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut seen = std::collections::BTreeMap::new();
+    for s in &shards {
+        for t in &s.header.tensors {
+            if let Some(first) = seen.insert(t.name.as_str(), s.file.as_str()) {
+                return Err(LoadError::DuplicateTensor {
+                    component: c.name.clone(),
+                    name: t.name.clone(),
+                    first: first.into(),
+                    second: s.file.clone(),
+                });
+            }
+        }
+    }
+    Ok(Component {
+        name: c.name.clone(),
+        shards,
+    })
+}
+
+fn map_shard(dir: &Path, name: &str, file: &str, expected: u64) -> Result<Shard, LoadError> {
     let path = dir.join(file);
     let io = |source| LoadError::Io {
         path: path.clone(),
@@ -149,8 +215,8 @@ fn map_component(dir: &Path, name: &str, file: &str, expected: u64) -> Result<Co
     let n = header_len(&prefix);
     check_header_len(n, actual).map_err(header_err)?;
     let header = validate_header(&map[8..8 + n as usize], actual).map_err(header_err)?;
-    Ok(Component {
-        name: name.into(),
+    Ok(Shard {
+        file: file.into(),
         map: Arc::new(map),
         header,
     })
@@ -186,7 +252,43 @@ impl Component {
 
     /// The Python attribute this component came from, when recorded.
     pub fn attribute(&self) -> Option<&str> {
-        self.header.metadata.get(ATTRIBUTE_KEY).map(String::as_str)
+        self.shards
+            .first()
+            .and_then(|s| s.header.metadata.get(ATTRIBUTE_KEY))
+            .map(String::as_str)
+    }
+
+    /// The parsed header of the first (for format v1 the only) file.
+    pub fn header(&self) -> &Header {
+        // map_component never builds a component without a shard.
+        &self.shards[0].header
+    }
+
+    /// The mapped files, in manifest order.
+    pub fn shards(&self) -> &[Shard] {
+        &self.shards
+    }
+
+    /// Every tensor, shard by shard in file order.
+    pub fn tensors(&self) -> impl Iterator<Item = TensorView<'_>> {
+        self.shards.iter().flat_map(|s| s.tensors())
+    }
+
+    /// One tensor by name.
+    pub fn tensor_view(&self, name: &str) -> Option<TensorView<'_>> {
+        self.shards.iter().find_map(|s| s.tensor_view(name))
+    }
+
+    /// The address range of each mapping, to check that views lie inside them.
+    pub fn mapped_ranges(&self) -> Vec<std::ops::Range<usize>> {
+        self.shards.iter().map(Shard::mapped_range).collect()
+    }
+}
+
+impl Shard {
+    /// The file, relative to the generation.
+    pub fn file(&self) -> &str {
+        &self.file
     }
 
     /// The parsed header.
@@ -215,10 +317,11 @@ impl Component {
         TensorView {
             info,
             data: &self.map[start..end],
+            map: &self.map,
         }
     }
 
-    /// The address range of the mapping, to check that views lie inside it.
+    /// The address range of the mapping.
     pub fn mapped_range(&self) -> std::ops::Range<usize> {
         let start = self.map.as_ptr() as usize;
         start..start + self.map.len()

@@ -154,7 +154,8 @@ fn scalar_type(kind: Kind) -> c_int {
     }
 }
 
-fn tensor_over(map: &Arc<Mmap>, view: TensorView<'_>) -> Result<Tensor, BindError> {
+fn tensor_over(view: TensorView<'_>) -> Result<Tensor, BindError> {
+    let map = view.map;
     let shape: Vec<i64> = view.info.shape.iter().map(|&d| d as i64).collect();
     let kind = kind_of(view.info.dtype).ok_or_else(|| BindError::UnsupportedDtype {
         name: view.info.name.clone(),
@@ -211,13 +212,13 @@ impl Component {
             component: self.name.clone(),
             names: name.into(),
         })?;
-        tensor_over(&self.map, view)
+        tensor_over(view)
     }
 
     /// Every tensor, zero-copy, by name.
     pub fn tch_tensors(&self) -> Result<Vec<(String, Tensor)>, BindError> {
         self.tensors()
-            .map(|v| Ok((v.info.name.clone(), tensor_over(&self.map, v)?)))
+            .map(|v| Ok((v.info.name.clone(), tensor_over(v)?)))
             .collect()
     }
 }
@@ -260,7 +261,7 @@ impl Pipeline {
                         expected: format!("{:?}{:?}", var.kind(), var.size()),
                     });
                 }
-                tensors.push(tensor_over(&c.map, v)?);
+                tensors.push(tensor_over(v)?);
             }
         }
         let mut bound = Vec::new();

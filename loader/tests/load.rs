@@ -5,8 +5,10 @@
 use std::fs;
 use std::path::Path;
 
-use zerocopy_api::format::FORMAT_V1;
-use zerocopy_api::manifest::{Manifest, ManifestComponent, ManifestFile, ManifestWeights};
+use zerocopy_api::format::{FORMAT_V1, FORMAT_V2};
+use zerocopy_api::manifest::{
+    Manifest, ManifestComponent, ManifestDirectory, ManifestEntry, ManifestFile, ManifestWeights, SafetensorsSummary,
+};
 use zerocopy_api::spec::Mode;
 
 /// Writes a one-component volume holding `l.weight` (3×4) and `l.bias` (3).
@@ -37,7 +39,7 @@ fn volume(dir: &Path) -> (Vec<f32>, Vec<f32>) {
         prefault: false,
         components: vec![ManifestComponent {
             name: "lin".into(),
-            weights: ManifestWeights {
+            weights: Some(ManifestWeights {
                 file: ManifestFile {
                     file: "lin.safetensors".into(),
                     bytes: file.len() as u64,
@@ -47,13 +49,126 @@ fn volume(dir: &Path) -> (Vec<f32>, Vec<f32>) {
                 tensors: 2,
                 dtypes: vec!["F32".into()],
                 data_offset,
-            },
+            }),
+            directory: None,
             skeleton: None,
         }],
         pipeline_skeleton: None,
     };
     fs::write(dir.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
     (w, b)
+}
+
+/// One F32 tensor as a safetensors file.
+fn one_tensor_file(name: &str, shape: &[usize], values: &[f32]) -> Vec<u8> {
+    let n = values.len() * 4;
+    let header = format!(r#"{{"{name}":{{"dtype":"F32","shape":{shape:?},"data_offsets":[0,{n}]}}}}"#);
+    let mut h = header.into_bytes();
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let mut file = (h.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(&h);
+    for v in values {
+        file.extend_from_slice(&v.to_le_bytes());
+    }
+    file
+}
+
+/// A format v2 volume: component `lin` is a directory with `config.json`
+/// and two shards, `l.weight` in one and `l.bias` in the other (and, with
+/// `duplicate`, `l.bias` in both).
+fn directory_volume(dir: &Path, duplicate: bool) -> (Vec<f32>, Vec<f32>) {
+    let w: Vec<f32> = (0..12).map(|i| i as f32 * 0.5).collect();
+    let b: Vec<f32> = vec![1.0, -1.0, 0.25];
+    fs::create_dir_all(dir.join("lin")).unwrap();
+    let (first, second) = if duplicate {
+        (one_tensor_file("l.bias", &[3], &b), one_tensor_file("l.bias", &[3], &b))
+    } else {
+        (
+            one_tensor_file("l.weight", &[3, 4], &w),
+            one_tensor_file("l.bias", &[3], &b),
+        )
+    };
+    let mut files = Vec::new();
+    for (name, bytes) in [
+        ("lin/model-00001-of-00002.safetensors", &first),
+        ("lin/model-00002-of-00002.safetensors", &second),
+    ] {
+        fs::write(dir.join(name), bytes).unwrap();
+        files.push(ManifestEntry {
+            file: ManifestFile {
+                file: name.into(),
+                bytes: bytes.len() as u64,
+                sha256: String::new(),
+                source: String::new(),
+            },
+            safetensors: Some(SafetensorsSummary {
+                tensors: 1,
+                dtypes: vec!["F32".into()],
+                data_offset: 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()),
+            }),
+        });
+    }
+    fs::write(dir.join("lin/config.json"), "{}").unwrap();
+    let m = Manifest {
+        format: FORMAT_V2.into(),
+        namespace: "t".into(),
+        name: "m".into(),
+        generation: "0123456789abcdef".into(),
+        mode: Mode::Actor,
+        created: "2026-01-01T00:00:00Z".into(),
+        total_bytes: (first.len() + second.len() + 2) as u64,
+        huge_pages: false,
+        prefault: false,
+        components: vec![ManifestComponent {
+            name: "lin".into(),
+            weights: None,
+            directory: Some(ManifestDirectory {
+                path: "lin".into(),
+                revision: None,
+                weights: files.iter().map(|f| f.file.file.clone()).collect(),
+                files,
+            }),
+            skeleton: None,
+        }],
+        pipeline_skeleton: None,
+    };
+    fs::write(dir.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+    (w, b)
+}
+
+#[test]
+fn a_directory_component_maps_every_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let (w, b) = directory_volume(dir.path(), false);
+    let p = zerocopy_loader::load(dir.path()).unwrap();
+    let c = p.component("lin").unwrap();
+    assert_eq!(c.shards().len(), 2);
+    let names: Vec<String> = c.tensors().map(|v| v.info.name.clone()).collect();
+    assert_eq!(names, ["l.weight", "l.bias"]);
+    let ranges = c.mapped_ranges();
+    for (name, expect) in [("l.weight", &w), ("l.bias", &b)] {
+        let v = c.tensor_view(name).unwrap();
+        assert!(
+            ranges.iter().any(|r| r.contains(&(v.data.as_ptr() as usize))),
+            "{name} outside the mappings"
+        );
+        let got: Vec<f32> = v
+            .data
+            .chunks(4)
+            .map(|x| f32::from_le_bytes(x.try_into().unwrap()))
+            .collect();
+        assert_eq!(&got, expect);
+    }
+}
+
+#[test]
+fn shards_holding_the_same_tensor_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    directory_volume(dir.path(), true);
+    let err = zerocopy_loader::load(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("l.bias") && err.contains("model-00002-of-00002"), "{err}");
 }
 
 #[test]
@@ -64,7 +179,7 @@ fn views_lie_inside_the_mapping() {
     let c = p.component("lin").unwrap();
     let v = c.tensor_view("l.weight").unwrap();
     assert_eq!(v.info.shape, [3, 4]);
-    assert!(c.mapped_range().contains(&(v.data.as_ptr() as usize)));
+    assert!(c.mapped_ranges()[0].contains(&(v.data.as_ptr() as usize)));
     let first = f32::from_le_bytes(v.data[4..8].try_into().unwrap());
     assert_eq!(first, w[1]);
 }
@@ -100,7 +215,7 @@ mod tch_tests {
         let binding = p.bind("lin", vs).unwrap();
         assert_eq!(binding.bound, ["l.bias", "l.weight"]);
         assert!(binding.unused.is_empty());
-        let range = p.component("lin").unwrap().mapped_range();
+        let range = p.component("lin").unwrap().mapped_ranges()[0].clone();
         for (name, t) in binding.variables() {
             assert!(range.contains(&(t.data_ptr() as usize)), "{name} was copied");
         }

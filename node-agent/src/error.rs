@@ -81,10 +81,12 @@ pub enum FillError {
         resumes: u32,
     },
     /// The bytes do not match the pinned digest.
-    #[error("{wrapper}: component {component}: sha256 mismatch for {uri}: expected {expected}, got {actual}; the source changed or is corrupt; fix the source or the sha256 in the spec")]
+    #[error("{wrapper}: component {component}: {what} mismatch for {uri}: expected {expected}, got {actual}; the source changed or is corrupt; fix the source or the digest in the spec")]
     DigestMismatch {
         /// namespace/name
         wrapper: String,
+        /// Which digest.
+        what: DigestKind,
         /// Component.
         component: String,
         /// The source URI.
@@ -105,6 +107,20 @@ pub enum FillError {
         uri: String,
         /// The rule that failed.
         source: Box<HeaderError>,
+    },
+    /// A directory source holds something the format cannot take: no
+    /// safetensors file, an oversized auxiliary file, a file without a
+    /// digest where one is required, an index naming missing shards.
+    #[error("{wrapper}: component {component}: {uri}: {reason}")]
+    BadContent {
+        /// namespace/name
+        wrapper: String,
+        /// Component.
+        component: String,
+        /// The source (and file) URI.
+        uri: String,
+        /// What is wrong and what to do.
+        reason: String,
     },
     /// The fill would not fit.
     #[error("{wrapper}: needs {} but only {} of the {} capacity is free; held by {held_by}. Generations that a replica still wants or a pod still mounts are kept: delete unused ModelWrappers, end the pods that mount an old generation, or raise --capacity", HumanBytes(*.needed), HumanBytes(.capacity.saturating_sub(*.used)), HumanBytes(*.capacity))]
@@ -167,12 +183,31 @@ pub enum FillError {
     },
 }
 
+/// The digest a file was checked against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DigestKind {
+    /// sha256 of the content (the spec's pin, an LFS file's oid).
+    Sha256,
+    /// A Hub file kept in git: sha1 of `blob <len>\0<content>`.
+    GitBlob,
+}
+
+impl std::fmt::Display for DigestKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DigestKind::Sha256 => "sha256",
+            DigestKind::GitBlob => "git blob id",
+        })
+    }
+}
+
 impl FillError {
     /// The condition reason written to replica status, as Kubernetes users
     /// read it (`SourceUnavailable`, `IntegrityMismatch`, `InsufficientCapacity`, …).
     pub fn reason(&self) -> &'static str {
         match self {
             FillError::Invalid(_) => "InvalidSpec",
+            FillError::BadContent { .. } => "InvalidSource",
             FillError::Refused { .. } => "SourceRefused",
             FillError::Source { .. } | FillError::HttpStatus { .. } | FillError::Truncated { .. } => {
                 "SourceUnavailable"
@@ -188,13 +223,17 @@ impl FillError {
     /// False when trying again cannot help until the spec or the agent's
     /// flags change (both start over anyway).
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, FillError::Invalid(_) | FillError::Refused { .. })
+        !matches!(
+            self,
+            FillError::Invalid(_) | FillError::Refused { .. } | FillError::BadContent { .. }
+        )
     }
 
     /// A short stable category, for metrics labels and the summary table.
     pub fn category(&self) -> &'static str {
         match self {
             FillError::Invalid(_) => "invalid",
+            FillError::BadContent { .. } => "bad_content",
             FillError::Source { .. } => "source",
             FillError::Refused { .. } => "refused",
             FillError::HttpStatus { .. } => "http_status",

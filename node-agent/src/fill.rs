@@ -6,6 +6,7 @@
 //! hashing; verify digests and safetensors headers; write `manifest.json`
 //! last; publish with one atomic step (bind mount, or rename).
 
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::unix::fs::PermissionsExt;
@@ -14,17 +15,24 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures_util::stream::{self, StreamExt, TryStreamExt};
+use reqwest::header::HeaderValue;
 use zerocopy_api::format::{
-    generation_digest, skeleton_file, weights_file, FORMAT_V1, MANIFEST_FILE, PIPELINE_SKELETON_FILE,
+    generation_digest, skeleton_file, weights_file, FORMAT_V1, FORMAT_V2, MANIFEST_FILE, PIPELINE_SKELETON_FILE,
 };
-use zerocopy_api::manifest::{Manifest, ManifestComponent, ManifestFile, ManifestSkeleton, ManifestWeights};
+use zerocopy_api::manifest::{
+    Manifest, ManifestComponent, ManifestDirectory, ManifestEntry, ManifestFile, ManifestSkeleton, ManifestWeights,
+    SafetensorsSummary,
+};
 use zerocopy_api::safetensors::{check_header_len, header_len, validate_header, Header};
+use zerocopy_api::source::{DirectorySource, Selection, MAX_FILES};
 use zerocopy_api::{validate_sources, ModelWrapperSpec, Pinning};
 
-use crate::error::FillError;
+use crate::error::{DigestKind, FillError};
 use crate::layout::{RootLock, VolumeRoot};
 use crate::mount;
 use crate::peer::{self, NoPeers, PeerDirectory, PeerView};
+use crate::secrets::{NoSecrets, SecretStore};
+use crate::source::hf::RepoDigest;
 use crate::source::http::HttpSource;
 use crate::source::policy::SourcePolicy;
 use crate::source::sink::HashingSink;
@@ -40,6 +48,10 @@ const TMPFS_ROUND: u64 = 2 << 20;
 /// holds no weights, so anything larger is a mistake or an attempt to copy
 /// something else through the volume.
 pub const MAX_SKELETON_BYTES: u64 = 64 << 20;
+/// Most bytes a file of a directory component may have unless it is a
+/// safetensors file: configs, tokenizers and vocabularies are far smaller,
+/// and a larger one is a mistake (or weights in a format we do not map).
+pub const MAX_AUX_BYTES: u64 = 128 << 20;
 
 /// How a generation is backed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -99,6 +111,8 @@ enum FileKind {
     Weights,
     Skeleton,
     PipelineSkeleton,
+    /// A file of a directory component (`<component>/<path>`).
+    Entry,
 }
 
 #[derive(Debug, Clone)]
@@ -110,6 +124,39 @@ struct PlannedFile {
     size: Option<u64>,
     kind: FileKind,
     origin: Origin,
+    /// The git blob id a hub listing gives for a file kept in git (not LFS).
+    git_blob: Option<String>,
+    /// `Authorization` for the origin (a hub token from a shared Secret).
+    auth: Option<HeaderValue>,
+}
+
+impl PlannedFile {
+    fn new(component: &str, file_name: String, uri: url::Url, sha256: Option<String>, kind: FileKind) -> Self {
+        Self {
+            component: component.to_string(),
+            file_name,
+            uri,
+            sha256,
+            size: None,
+            kind,
+            origin: Origin::Source,
+            git_blob: None,
+            auth: None,
+        }
+    }
+
+    fn is_safetensors(&self) -> bool {
+        self.kind == FileKind::Weights || (self.kind == FileKind::Entry && self.file_name.ends_with(".safetensors"))
+    }
+}
+
+/// What a directory source lists: one file, before it is planned.
+struct Listed {
+    path: String,
+    size: Option<u64>,
+    uri: url::Url,
+    sha256: Option<String>,
+    git_blob: Option<String>,
 }
 
 /// One attempt's source when it is not the spec's URI.
@@ -153,6 +200,10 @@ pub struct FillEngine {
     peers: Arc<dyn PeerDirectory>,
     /// Client for other agents (carries the peer token); `None`: no peer fill.
     peer_http: Option<HttpSource>,
+    /// Where `hf://` sources go unless the spec names an endpoint.
+    hf_endpoint: url::Url,
+    /// Credentials for sources that name a Secret.
+    secrets: Arc<dyn SecretStore>,
     /// Bytes reserved by fills in progress, by `namespace/name@generation`:
     /// concurrent fills must not each see the same free room.
     reserved: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
@@ -215,6 +266,8 @@ impl FillEngine {
             http,
             peers: Arc::new(NoPeers),
             peer_http: None,
+            hf_endpoint: url::Url::parse(source::hf::DEFAULT_ENDPOINT).map_err(io::Error::other)?,
+            secrets: Arc::new(NoSecrets),
             reserved: Default::default(),
             _lock: lock,
         })
@@ -261,6 +314,19 @@ impl FillEngine {
         self.peers = peers;
         self.peer_http = Some(HttpSource::for_peers(token).map_err(io::Error::other)?);
         Ok(self)
+    }
+
+    /// Sends `hf://` sources without an endpoint of their own to `endpoint`
+    /// (a mirror or an on-premises hub).
+    pub fn with_hf_endpoint(mut self, endpoint: url::Url) -> Self {
+        self.hf_endpoint = endpoint;
+        self
+    }
+
+    /// Reads source credentials (`secretRef`) from `secrets`.
+    pub fn with_secrets(mut self, secrets: Arc<dyn SecretStore>) -> Self {
+        self.secrets = secrets;
+        self
     }
 
     /// Where each file comes from on this attempt: an upload on this node,
@@ -392,10 +458,14 @@ impl FillEngine {
         };
 
         let mut plan = plan_files(spec);
+        let (listed, revisions) = self.expand_sources(namespace, &wrapper, spec).await?;
+        plan.extend(listed);
         let view = self.peers.view(namespace, name, &generation);
         for f in &mut plan {
             f.origin = self.choose_origin(namespace, &wrapper, f, &view)?;
-            f.size = self.size_of(f).await.map_err(|e| fetch_error(&wrapper, f, e))?;
+            if f.size.is_none() || !matches!(f.origin, Origin::Source) {
+                f.size = self.size_of(f).await.map_err(|e| fetch_error(&wrapper, f, e))?;
+            }
         }
         let needed: u64 = plan.iter().filter_map(|f| f.size).sum();
         let key = format!("{wrapper}@{generation}");
@@ -474,7 +544,17 @@ impl FillEngine {
             });
         }
 
-        let manifest = build_manifest(namespace, name, &generation, spec, staged, total_bytes);
+        let weights = weights_of_directories(&wrapper, spec, &staging, &staged)?;
+        let manifest = build_manifest(
+            namespace,
+            name,
+            &generation,
+            spec,
+            staged,
+            total_bytes,
+            &revisions,
+            weights,
+        );
         let manifest_json = serde_json::to_vec_pretty(&manifest)
             .map_err(|e| io_err("encoding manifest", &staging)(io::Error::other(e)))?;
         let manifest_path = staging.join(MANIFEST_FILE);
@@ -499,7 +579,7 @@ impl FillEngine {
             Origin::Upload(path) => return Ok(fs::metadata(path).ok().map(|m| m.len())),
             Origin::Peers(urls) => {
                 if let (Some(http), Some((_, url))) = (&self.peer_http, urls.first()) {
-                    return Ok(source::http::size(http, url).await.ok().flatten());
+                    return Ok(source::http::size(http, url, None).await.ok().flatten());
                 }
                 return Ok(None);
             }
@@ -507,8 +587,174 @@ impl FillEngine {
         }
         match f.uri.scheme() {
             "file" => source::file::open(&f.uri, &self.policy).map(|(_, size)| Some(size)),
-            _ => source::http::size(&self.http, &f.uri).await,
+            _ => source::http::size(&self.http, &f.uri, f.auth.as_ref()).await,
         }
+    }
+
+    /// Lists every directory source (`hf://`, `file:///dir/`) into planned
+    /// files `<component>/<path>`, with the digests the source provides and
+    /// the spec's pins, and refuses what the format cannot take, naming the
+    /// component and the file. Also returns each `hf://` component's commit.
+    async fn expand_sources(
+        &self,
+        namespace: &str,
+        wrapper: &str,
+        spec: &ModelWrapperSpec,
+    ) -> Result<(Vec<PlannedFile>, BTreeMap<String, String>), FillError> {
+        let mut planned = Vec::new();
+        let mut revisions = BTreeMap::new();
+        for c in &spec.pipeline.components {
+            let Some(src) = &c.source else { continue };
+            let bad = |reason: String| FillError::BadContent {
+                wrapper: wrapper.into(),
+                component: c.name.clone(),
+                uri: src.uri.clone(),
+                reason,
+            };
+            let unreachable = |e: FetchError| source_error(wrapper, &c.name, &src.uri, e);
+            let selection = Selection::new(&src.include, &src.exclude);
+            let mut auth = None;
+            let mut listed: Vec<Listed> = match DirectorySource::parse(&src.uri).map_err(bad)? {
+                DirectorySource::HuggingFace { repo, revision } => {
+                    auth = self.auth_for(namespace, wrapper, &c.name, src).await?;
+                    let endpoint = match &src.endpoint {
+                        Some(e) => url::Url::parse(e).map_err(|e| bad(format!("endpoint: {e}")))?,
+                        None => self.hf_endpoint.clone(),
+                    };
+                    let revision = revision.unwrap_or_else(|| "main".into());
+                    let listing = source::hf::list(&self.http, &endpoint, &repo, &revision, auth.as_ref())
+                        .await
+                        .map_err(unreachable)?;
+                    tracing::info!(wrapper, component = %c.name, %repo, %revision, commit = %listing.commit, files = listing.files.len(), "hub revision resolved");
+                    revisions.insert(c.name.clone(), listing.commit.clone());
+                    let mut out = Vec::new();
+                    for f in listing.files.into_iter().filter(|f| selection.takes(&f.path)) {
+                        let uri =
+                            source::hf::resolve_url(&endpoint, &repo, &listing.commit, &f.path).map_err(unreachable)?;
+                        let (sha256, git_blob) = match f.digest {
+                            RepoDigest::Sha256(s) => (Some(s), None),
+                            RepoDigest::GitBlob(b) => (None, Some(b)),
+                            RepoDigest::None => (None, None),
+                        };
+                        out.push(Listed {
+                            path: f.path,
+                            size: f.size,
+                            uri,
+                            sha256,
+                            git_blob,
+                        });
+                    }
+                    out
+                }
+                DirectorySource::Directory { path } => {
+                    let policy = self.policy.clone();
+                    tokio::task::spawn_blocking(move || list_directory(&policy, Path::new(&path), &selection))
+                        .await
+                        .map_err(|e| unreachable(FetchError::Write(io::Error::other(e))))?
+                        .map_err(unreachable)?
+                }
+            };
+            listed.sort_by(|a, b| a.path.cmp(&b.path));
+            for (path, pin) in &src.sha256 {
+                match listed.iter_mut().find(|l| &l.path == path) {
+                    Some(l) => match &l.sha256 {
+                        Some(listed_sha) if !listed_sha.eq_ignore_ascii_case(pin) => {
+                            return Err(bad(format!(
+                                "{path}: the spec pins sha256 {pin} but the source lists {listed_sha}; fix the pin or the revision"
+                            )))
+                        }
+                        _ => l.sha256 = Some(pin.to_ascii_lowercase()),
+                    },
+                    None => {
+                        return Err(bad(format!(
+                            "source.sha256 pins {path}, which the source does not hold or include/exclude leave out"
+                        )))
+                    }
+                }
+            }
+            let names = || {
+                let mut shown: Vec<&str> = listed.iter().take(8).map(|l| l.path.as_str()).collect();
+                if listed.len() > 8 {
+                    shown.push("…");
+                }
+                shown.join(", ")
+            };
+            if listed.is_empty() {
+                return Err(bad(
+                    "no file of the source is selected (empty, or include/exclude leave nothing)".into(),
+                ));
+            }
+            if listed.len() > MAX_FILES {
+                return Err(bad(format!(
+                    "{} files are selected; at most {MAX_FILES}: narrow include/exclude",
+                    listed.len()
+                )));
+            }
+            if !listed.iter().any(|l| l.path.ends_with(".safetensors")) {
+                return Err(bad(format!(
+                    "no .safetensors file among the selected files ({}): volumes map safetensors weights only; pick a revision that has them (on the Hub, the \"convert to safetensors\" bot opens one) or convert the checkpoint",
+                    names()
+                )));
+            }
+            for l in &listed {
+                if !l.path.ends_with(".safetensors") && l.size.is_some_and(|n| n > MAX_AUX_BYTES) {
+                    return Err(bad(format!(
+                        "{} is {}; files other than .safetensors may hold at most {} (configs and tokenizers are far smaller): leave it out with source.exclude",
+                        l.path,
+                        zerocopy_api::quantity::HumanBytes(l.size.unwrap_or_default()),
+                        zerocopy_api::quantity::HumanBytes(MAX_AUX_BYTES)
+                    )));
+                }
+                if self.policy.require_sha256 && l.sha256.is_none() && l.git_blob.is_none() {
+                    return Err(bad(format!(
+                        "{} has no digest from the source: pin it in source.sha256 (every file is verified in a cluster)",
+                        l.path
+                    )));
+                }
+            }
+            for l in listed {
+                let mut f = PlannedFile::new(
+                    &c.name,
+                    format!("{}/{}", c.name, l.path),
+                    l.uri,
+                    l.sha256,
+                    FileKind::Entry,
+                );
+                f.size = l.size;
+                f.git_blob = l.git_blob;
+                f.auth = auth.clone();
+                planned.push(f);
+            }
+        }
+        Ok((planned, revisions))
+    }
+
+    /// The `Authorization` header for a source that names a Secret.
+    async fn auth_for(
+        &self,
+        namespace: &str,
+        wrapper: &str,
+        component: &str,
+        src: &zerocopy_api::spec::DirectorySourceSpec,
+    ) -> Result<Option<HeaderValue>, FillError> {
+        let Some(secret) = &src.secret_ref else {
+            return Ok(None);
+        };
+        let failed = |reason: String| FillError::Source {
+            wrapper: wrapper.into(),
+            component: component.into(),
+            uri: src.uri.clone(),
+            reason,
+        };
+        let token = self.secrets.get(namespace, secret).await.map_err(failed)?;
+        let mut value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+            failed(format!(
+                "the token in Secret {namespace}/{} is not printable ASCII",
+                secret.name
+            ))
+        })?;
+        value.set_sensitive(true);
+        Ok(Some(value))
     }
 
     /// Stages one file from its chosen origin. Peers are tried in turn; one
@@ -568,6 +814,14 @@ impl FillEngine {
         from: Option<Fetch>,
     ) -> Result<StagedFile, FillError> {
         let path = staging.join(&plan.file_name);
+        if let Some(parent) = path.parent().filter(|p| *p != staging) {
+            fs::create_dir_all(parent).map_err(|source| FillError::Io {
+                wrapper: wrapper.into(),
+                action: "creating",
+                path: parent.to_path_buf(),
+                source,
+            })?;
+        }
         // Readable too: the hasher maps what the kernel copied into it.
         let file = File::options()
             .read(true)
@@ -583,13 +837,15 @@ impl FillEngine {
             })?;
         let limit = match plan.kind {
             FileKind::Weights => limit,
+            FileKind::Entry if plan.is_safetensors() => limit,
+            FileKind::Entry => limit.min(MAX_AUX_BYTES),
             FileKind::Skeleton | FileKind::PipelineSkeleton => limit.min(MAX_SKELETON_BYTES),
         };
         let sink = HashingSink::new(file, limit);
         let bar = progress.file(&plan.component, &plan.file_name, plan.size);
         let fetched = match (&from, plan.uri.scheme()) {
             (Some(Fetch::Peer(url)), _) => match &self.peer_http {
-                Some(http) => source::http::fetch(http, url, sink, bar.as_ref()).await,
+                Some(http) => source::http::fetch(http, url, None, sink, bar.as_ref()).await,
                 None => Err(FetchError::Refused("peer fill is off".into())),
             },
             (Some(Fetch::Upload(upload)), _) => {
@@ -622,7 +878,7 @@ impl FillEngine {
                 .map_err(|e| FetchError::Write(io::Error::other(e)))
                 .and_then(|r| r)
             }
-            (None, _) => source::http::fetch(&self.http, &plan.uri, sink, bar.as_ref()).await,
+            (None, _) => source::http::fetch(&self.http, &plan.uri, plan.auth.as_ref(), sink, bar.as_ref()).await,
         }
         .map_err(|e| fetch_error(wrapper, &plan, e))?;
         if fetched.resumes > 0 {
@@ -632,6 +888,7 @@ impl FillEngine {
             if !expected.eq_ignore_ascii_case(&fetched.sha256) {
                 return Err(FillError::DigestMismatch {
                     wrapper: wrapper.into(),
+                    what: DigestKind::Sha256,
                     component: plan.component.clone(),
                     uri: plan.uri.to_string(),
                     expected: expected.to_ascii_lowercase(),
@@ -639,7 +896,27 @@ impl FillEngine {
                 });
             }
         }
-        let header = if plan.kind == FileKind::Weights {
+        if let Some(expected) = &plan.git_blob {
+            let io_failed = |source| FillError::Io {
+                wrapper: wrapper.into(),
+                action: "hashing",
+                path: path.clone(),
+                source,
+            };
+            let mut staged = File::open(&path).map_err(io_failed)?;
+            let actual = source::hf::git_blob_id(&mut staged, fetched.bytes).map_err(io_failed)?;
+            if !expected.eq_ignore_ascii_case(&actual) {
+                return Err(FillError::DigestMismatch {
+                    wrapper: wrapper.into(),
+                    what: DigestKind::GitBlob,
+                    component: plan.component.clone(),
+                    uri: plan.uri.to_string(),
+                    expected: expected.clone(),
+                    actual,
+                });
+            }
+        }
+        let header = if plan.is_safetensors() {
             let h = read_header(&path, fetched.bytes).map_err(|e| match e {
                 HeaderRead::Io(source) => FillError::Io {
                     wrapper: wrapper.into(),
@@ -688,10 +965,7 @@ impl FillEngine {
             mount::unmount_lazy(staging)?;
             fs::remove_dir(staging)?;
         } else {
-            for entry in fs::read_dir(staging)? {
-                fs::set_permissions(entry?.path(), fs::Permissions::from_mode(0o444))?;
-            }
-            fs::set_permissions(staging, fs::Permissions::from_mode(0o555))?;
+            seal(staging)?;
             fs::rename(staging, target)?;
         }
         Ok(())
@@ -743,49 +1017,179 @@ impl Drop for StagingGuard {
 }
 
 fn plan_files(spec: &ModelWrapperSpec) -> Vec<PlannedFile> {
+    // validate_sources already checked every URI; parse cannot fail here.
     let parse = |s: &str| url::Url::parse(s).ok();
     let mut plan = Vec::new();
     for c in &spec.pipeline.components {
-        // validate_sources already checked every URI; parse cannot fail here.
-        if let Some(uri) = parse(&c.weights.uri) {
-            plan.push(PlannedFile {
-                component: c.name.clone(),
-                file_name: weights_file(&c.name),
+        if let Some((w, uri)) = c.weights.as_ref().and_then(|w| Some((w, parse(&w.uri)?))) {
+            plan.push(PlannedFile::new(
+                &c.name,
+                weights_file(&c.name),
                 uri,
-                sha256: c.weights.sha256.clone(),
-                size: None,
-                kind: FileKind::Weights,
-                origin: Origin::Source,
-            });
+                w.sha256.clone(),
+                FileKind::Weights,
+            ));
         }
-        if let Some(uri) = c.skeleton.as_ref().and_then(|s| s.uri.as_deref()).and_then(parse) {
-            plan.push(PlannedFile {
-                component: c.name.clone(),
-                file_name: skeleton_file(&c.name),
-                uri,
-                sha256: c.skeleton.as_ref().and_then(|s| s.sha256.clone()),
-                size: None,
-                kind: FileKind::Skeleton,
-                origin: Origin::Source,
-            });
+        if let Some(sk) = &c.skeleton {
+            if let Some(uri) = sk.uri.as_deref().and_then(parse) {
+                plan.push(PlannedFile::new(
+                    &c.name,
+                    skeleton_file(&c.name),
+                    uri,
+                    sk.sha256.clone(),
+                    FileKind::Skeleton,
+                ));
+            }
         }
     }
     if let Some(p) = &spec.pipeline.skeleton {
         if let Some(uri) = parse(&p.uri) {
-            plan.push(PlannedFile {
-                component: "pipeline".into(),
-                file_name: PIPELINE_SKELETON_FILE.into(),
+            plan.push(PlannedFile::new(
+                "pipeline",
+                PIPELINE_SKELETON_FILE.into(),
                 uri,
-                sha256: p.sha256.clone(),
-                size: None,
-                kind: FileKind::PipelineSkeleton,
-                origin: Origin::Source,
-            });
+                p.sha256.clone(),
+                FileKind::PipelineSkeleton,
+            ));
         }
     }
     plan
 }
 
+/// Lists the regular files below `dir` that `selection` takes, as `(path
+/// relative to dir, size)`. Symlinks are skipped (never followed), and in a
+/// cluster `dir` must lie below an allowed directory; each file is then
+/// opened beneath it without following symlinks (source::file::open).
+fn list_directory(policy: &SourcePolicy, dir: &Path, selection: &Selection) -> Result<Vec<Listed>, FetchError> {
+    policy.file_location(dir).map_err(FetchError::Refused)?;
+    let mut out = Vec::new();
+    let mut pending = vec![(dir.to_path_buf(), String::new(), 0usize)];
+    while let Some((at, prefix, depth)) = pending.pop() {
+        let entries = fs::read_dir(&at).map_err(|e| FetchError::Unreachable(format!("{}: {e}", at.display())))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| FetchError::Unreachable(format!("{}: {e}", at.display())))?;
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            let rel = if prefix.is_empty() {
+                name
+            } else {
+                format!("{prefix}/{name}")
+            };
+            let meta = entry
+                .metadata()
+                .map_err(|e| FetchError::Unreachable(format!("{}: {e}", entry.path().display())))?;
+            if meta.is_dir() && depth < 16 && zerocopy_api::source::is_safe_relative_path(&rel) {
+                pending.push((entry.path(), rel, depth + 1));
+            } else if meta.is_file() && selection.takes(&rel) {
+                let uri = url::Url::from_file_path(entry.path()).map_err(|_| {
+                    FetchError::Unreachable(format!("{} is not an absolute path", entry.path().display()))
+                })?;
+                out.push(Listed {
+                    path: rel,
+                    size: Some(meta.len()),
+                    uri,
+                    sha256: None,
+                    git_blob: None,
+                });
+                if out.len() > MAX_FILES {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The weights files of each directory component, relative to the
+/// generation: the shards `*.safetensors.index.json` names (each must be
+/// there), else every top-level `.safetensors` file, sorted.
+fn weights_of_directories(
+    wrapper: &str,
+    spec: &ModelWrapperSpec,
+    staging: &Path,
+    staged: &[StagedFile],
+) -> Result<BTreeMap<String, Vec<String>>, FillError> {
+    let mut out = BTreeMap::new();
+    for c in &spec.pipeline.components {
+        let Some(src) = &c.source else { continue };
+        let bad = |reason: String| FillError::BadContent {
+            wrapper: wrapper.into(),
+            component: c.name.clone(),
+            uri: src.uri.clone(),
+            reason,
+        };
+        let prefix = format!("{}/", c.name);
+        let mut top: Vec<&str> = staged
+            .iter()
+            .filter(|s| s.plan.kind == FileKind::Entry && s.plan.component == c.name)
+            .filter_map(|s| s.plan.file_name.strip_prefix(&prefix))
+            .filter(|rel| !rel.contains('/'))
+            .collect();
+        top.sort_unstable();
+        let index = top.iter().find(|rel| rel.ends_with(".safetensors.index.json"));
+        let weights: Vec<String> = match index {
+            Some(index) => {
+                let text = fs::read(staging.join(&prefix).join(index)).map_err(|source| FillError::Io {
+                    wrapper: wrapper.into(),
+                    action: "reading",
+                    path: staging.join(&prefix).join(index),
+                    source,
+                })?;
+                let parsed: serde_json::Value =
+                    serde_json::from_slice(&text).map_err(|e| bad(format!("{index} is not JSON: {e}")))?;
+                let map = parsed
+                    .get("weight_map")
+                    .and_then(|m| m.as_object())
+                    .ok_or_else(|| bad(format!("{index} has no weight_map object")))?;
+                let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+                if shards.len() != map.len() {
+                    return Err(bad(format!("{index}: weight_map values must be file names")));
+                }
+                shards.sort_unstable();
+                shards.dedup();
+                for shard in &shards {
+                    let held = staged
+                        .iter()
+                        .any(|s| s.plan.file_name == format!("{prefix}{shard}") && s.header.is_some());
+                    if !held {
+                        return Err(bad(format!(
+                            "{index} names shard {shard:?}, which the source does not hold as a .safetensors file (or include/exclude leave it out)"
+                        )));
+                    }
+                }
+                shards.into_iter().map(|s| format!("{prefix}{s}")).collect()
+            }
+            None => top
+                .iter()
+                .filter(|rel| rel.ends_with(".safetensors"))
+                .map(|rel| format!("{prefix}{rel}"))
+                .collect(),
+        };
+        if weights.is_empty() {
+            return Err(bad(
+                "no .safetensors file at the top of the directory (only in subfolders): the component's weights must be at its top level".into(),
+            ));
+        }
+        out.insert(c.name.clone(), weights);
+    }
+    Ok(out)
+}
+
+/// Makes a staged generation read-only for everyone: files 0444, directories 0555.
+fn seal(dir: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            seal(&entry.path())?;
+        } else {
+            fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o444))?;
+        }
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o555))
+}
+
+#[allow(clippy::too_many_arguments)]
 fn build_manifest(
     namespace: &str,
     name: &str,
@@ -793,6 +1197,8 @@ fn build_manifest(
     spec: &ModelWrapperSpec,
     staged: Vec<StagedFile>,
     total_bytes: u64,
+    revisions: &BTreeMap<String, String>,
+    mut weights: BTreeMap<String, Vec<String>>,
 ) -> Manifest {
     let file_of = |s: &StagedFile| ManifestFile {
         file: s.plan.file_name.clone(),
@@ -800,37 +1206,70 @@ fn build_manifest(
         sha256: s.sha256.clone(),
         source: s.plan.uri.to_string(),
     };
+    let summary = |h: &Header| SafetensorsSummary {
+        tensors: h.tensors.len() as u64,
+        dtypes: h.dtype_names(),
+        data_offset: h.data_offset,
+    };
     let find = |component: &str, kind: FileKind| {
         staged
             .iter()
             .find(|s| s.plan.component == component && s.plan.kind == kind)
     };
-    let components = spec
+    let components: Vec<ManifestComponent> = spec
         .pipeline
         .components
         .iter()
         .filter_map(|c| {
-            let w = find(&c.name, FileKind::Weights)?;
-            let header = w.header.as_ref()?;
             let skeleton = c.skeleton.as_ref().map(|sk| ManifestSkeleton {
                 file: find(&c.name, FileKind::Skeleton).map(file_of),
                 factory: sk.factory.clone(),
                 kwargs: sk.kwargs.clone(),
             });
+            let weights_file = match find(&c.name, FileKind::Weights) {
+                Some(w) => {
+                    let s = summary(w.header.as_ref()?);
+                    Some(ManifestWeights {
+                        file: file_of(w),
+                        tensors: s.tensors,
+                        dtypes: s.dtypes,
+                        data_offset: s.data_offset,
+                    })
+                }
+                None => None,
+            };
+            let directory = c.source.as_ref().map(|_| {
+                let mut files: Vec<ManifestEntry> = staged
+                    .iter()
+                    .filter(|s| s.plan.component == c.name && s.plan.kind == FileKind::Entry)
+                    .map(|s| ManifestEntry {
+                        file: file_of(s),
+                        safetensors: s.header.as_ref().map(summary),
+                    })
+                    .collect();
+                files.sort_by(|a, b| a.file.file.cmp(&b.file.file));
+                ManifestDirectory {
+                    path: c.name.clone(),
+                    revision: revisions.get(&c.name).cloned(),
+                    weights: weights.remove(&c.name).unwrap_or_default(),
+                    files,
+                }
+            });
             Some(ManifestComponent {
                 name: c.name.clone(),
-                weights: ManifestWeights {
-                    file: file_of(w),
-                    tensors: header.tensors.len() as u64,
-                    dtypes: header.dtype_names(),
-                    data_offset: header.data_offset,
-                },
+                weights: weights_file,
+                directory,
                 skeleton,
             })
         })
         .collect();
+    let format = if components.iter().any(|c| c.directory.is_some()) {
+        FORMAT_V2
+    } else {
+        FORMAT_V1
+    };
     Manifest {
-        format: FORMAT_V1.into(),
+        format: format.into(),
         namespace: namespace.into(),
         name: name.into(),
         generation: generation.into(),
@@ -869,7 +1308,11 @@ fn read_header(path: &Path, file_size: u64) -> Result<Header, HeaderRead> {
 }
 
 fn fetch_error(wrapper: &str, f: &PlannedFile, e: FetchError) -> FillError {
-    let (wrapper, component, uri) = (wrapper.to_string(), f.component.clone(), f.uri.to_string());
+    source_error(wrapper, &f.component, f.uri.as_str(), e)
+}
+
+fn source_error(wrapper: &str, component: &str, uri: &str, e: FetchError) -> FillError {
+    let (wrapper, component, uri) = (wrapper.to_string(), component.to_string(), uri.to_string());
     match e {
         FetchError::Unreachable(reason) => FillError::Source {
             wrapper,

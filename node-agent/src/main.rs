@@ -35,6 +35,10 @@ struct Cli {
     /// Node id reported to kubelet (default: the host name).
     #[arg(long, global = true)]
     node_id: Option<String>,
+    /// Where `hf://` sources go unless their spec names an endpoint (a
+    /// mirror or an on-premises hub speaking the Hugging Face Hub API).
+    #[arg(long, global = true, env = "HF_ENDPOINT", default_value = zerocopy_node_agent::source::hf::DEFAULT_ENDPOINT)]
+    hf_endpoint: url::Url,
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -295,7 +299,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 };
                 let client = kube::Client::try_from(config)?;
                 let mut engine = FillEngine::new(root.clone(), capacity, mount_mode, policy)
-                    .with_context(|| format!("preparing volume root {}", cli.root.display()))?;
+                    .with_context(|| format!("preparing volume root {}", cli.root.display()))?
+                    .with_hf_endpoint(cli.hf_endpoint.clone())
+                    .with_secrets(std::sync::Arc::new(zerocopy_node_agent::secrets::KubeSecrets::new(
+                        client.clone(),
+                    )));
                 let peers = match (peer.token()?, peer.peer_addr) {
                     (Some(token), Some(_)) => {
                         let peers = std::sync::Arc::new(zerocopy_node_agent::cluster::ReplicaPeers::new(node.clone()));
@@ -365,6 +373,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(EXIT_INVALID));
                 }
             };
+            let secrets = match manifests::load_secrets(&files) {
+                Ok(s) => std::sync::Arc::new(s),
+                Err(e) => {
+                    eprintln!("{e}\nnothing was filled; fix the files and run again");
+                    return Ok(ExitCode::from(EXIT_INVALID));
+                }
+            };
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             if serve {
                 let opts = zerocopy_node_agent::serve::ServeOptions {
@@ -381,7 +396,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 };
                 runtime.block_on(async {
                     let engine = FillEngine::new(root.clone(), capacity, mount_mode, SourcePolicy::standalone())
-                        .with_context(|| format!("preparing volume root {}", cli.root.display()))?;
+                        .with_context(|| format!("preparing volume root {}", cli.root.display()))?
+                        .with_hf_endpoint(cli.hf_endpoint.clone())
+                        .with_secrets(secrets.clone());
                     zerocopy_node_agent::serve::serve(std::sync::Arc::new(engine), wrappers, opts, shutdown_signal())
                         .await
                         .context("serving")
@@ -390,7 +407,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let report = runtime.block_on(async {
                 let engine = FillEngine::new(root.clone(), capacity, mount_mode, SourcePolicy::standalone())
-                    .with_context(|| format!("preparing volume root {}", cli.root.display()))?;
+                    .with_context(|| format!("preparing volume root {}", cli.root.display()))?
+                    .with_hf_endpoint(cli.hf_endpoint.clone())
+                    .with_secrets(secrets.clone());
                 let opts = standalone::Options {
                     progress: !quiet && std::io::stderr().is_terminal(),
                     prune,

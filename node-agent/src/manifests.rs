@@ -76,6 +76,56 @@ struct TypeMeta {
 /// of a directory). Other kinds in the same files (ModelTask, RayCluster…)
 /// are skipped, so an examples directory can be given as is.
 pub fn load_wrappers(path: &Path) -> Result<Vec<LoadedWrapper>, LoadError> {
+    let mut out: Vec<LoadedWrapper> = Vec::new();
+    for (file, i, value) in documents(path)? {
+        let parse_err = |message: String| LoadError::Parse {
+            path: file.clone(),
+            index: i + 1,
+            message,
+        };
+        let meta: TypeMeta = serde_yaml::from_value(value.clone()).map_err(|e| parse_err(e.to_string()))?;
+        if meta.kind != "ModelWrapper" {
+            continue;
+        }
+        if meta.api_version != format!("{GROUP}/{VERSION}") {
+            return Err(parse_err(format!(
+                "apiVersion {:?} is not served; use {GROUP}/{VERSION}",
+                meta.api_version
+            )));
+        }
+        let wrapper: ModelWrapper = serde_yaml::from_value(value).map_err(|e| parse_err(e.to_string()))?;
+        let namespace = wrapper.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let name = wrapper
+            .metadata
+            .name
+            .clone()
+            .ok_or_else(|| parse_err("metadata.name is required".into()))?;
+        if let Some(prev) = out.iter().find(|w| w.namespace == namespace && w.name == name) {
+            return Err(LoadError::Duplicate {
+                namespace,
+                name,
+                first: prev.file.clone(),
+                second: file.clone(),
+            });
+        }
+        out.push(LoadedWrapper {
+            file: file.clone(),
+            namespace,
+            name,
+            wrapper,
+        });
+    }
+    if out.is_empty() {
+        return Err(LoadError::Empty {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(out)
+}
+
+/// Every non-empty YAML document of `path` (a file, or the `*.yaml`/`*.yml`
+/// files of a directory): `(file, 0-based index, value)`.
+fn documents(path: &Path) -> Result<Vec<(PathBuf, usize, serde_yaml::Value)>, LoadError> {
     let read_err = |source| LoadError::Read {
         path: path.to_path_buf(),
         source,
@@ -92,61 +142,47 @@ pub fn load_wrappers(path: &Path) -> Result<Vec<LoadedWrapper>, LoadError> {
     } else {
         vec![path.to_path_buf()]
     };
-    let mut out: Vec<LoadedWrapper> = Vec::new();
+    let mut out = Vec::new();
     for file in files {
         let text = fs::read_to_string(&file).map_err(|source| LoadError::Read {
             path: file.clone(),
             source,
         })?;
         for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+            let value = serde_yaml::Value::deserialize(doc).map_err(|e| LoadError::Parse {
+                path: file.clone(),
+                index: i + 1,
+                message: e.to_string(),
+            })?;
+            if !value.is_null() {
+                out.push((file.clone(), i, value));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The `kind: Secret` documents of the same files, for sources that name a
+/// Secret (`source.secretRef`) in standalone mode.
+pub fn load_secrets(paths: &[PathBuf]) -> Result<crate::secrets::StaticSecrets, LoadError> {
+    let mut secrets = crate::secrets::StaticSecrets::default();
+    for path in paths {
+        for (file, i, value) in documents(path)? {
             let parse_err = |message: String| LoadError::Parse {
                 path: file.clone(),
                 index: i + 1,
                 message,
             };
-            let value = serde_yaml::Value::deserialize(doc).map_err(|e| parse_err(e.to_string()))?;
-            if value.is_null() {
-                continue;
-            }
             let meta: TypeMeta = serde_yaml::from_value(value.clone()).map_err(|e| parse_err(e.to_string()))?;
-            if meta.kind != "ModelWrapper" {
+            if meta.kind != "Secret" || meta.api_version != "v1" {
                 continue;
             }
-            if meta.api_version != format!("{GROUP}/{VERSION}") {
-                return Err(parse_err(format!(
-                    "apiVersion {:?} is not served; use {GROUP}/{VERSION}",
-                    meta.api_version
-                )));
-            }
-            let wrapper: ModelWrapper = serde_yaml::from_value(value).map_err(|e| parse_err(e.to_string()))?;
-            let namespace = wrapper.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-            let name = wrapper
-                .metadata
-                .name
-                .clone()
-                .ok_or_else(|| parse_err("metadata.name is required".into()))?;
-            if let Some(prev) = out.iter().find(|w| w.namespace == namespace && w.name == name) {
-                return Err(LoadError::Duplicate {
-                    namespace,
-                    name,
-                    first: prev.file.clone(),
-                    second: file.clone(),
-                });
-            }
-            out.push(LoadedWrapper {
-                file: file.clone(),
-                namespace,
-                name,
-                wrapper,
-            });
+            let secret: k8s_openapi::api::core::v1::Secret =
+                serde_yaml::from_value(value).map_err(|e| parse_err(e.to_string()))?;
+            secrets.insert("default", &secret).map_err(parse_err)?;
         }
     }
-    if out.is_empty() {
-        return Err(LoadError::Empty {
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(out)
+    Ok(secrets)
 }
 
 /// As [`load_valid`], for `--serve`: a directory with no ModelWrapper yet is

@@ -224,7 +224,9 @@ impl PeerServer {
 pub fn declares_upload(spec: &ModelWrapperSpec, sha256: &str) -> bool {
     let mut sources = Vec::new();
     for c in &spec.pipeline.components {
-        sources.push((c.weights.uri.as_str(), c.weights.sha256.as_deref()));
+        if let Some(w) = &c.weights {
+            sources.push((w.uri.as_str(), w.sha256.as_deref()));
+        }
         if let Some(sk) = &c.skeleton {
             if let Some(uri) = &sk.uri {
                 sources.push((uri.as_str(), sk.sha256.as_deref()));

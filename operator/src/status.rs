@@ -224,10 +224,11 @@ mod tests {
                 pipeline: PipelineSpec {
                     components: vec![ComponentSpec {
                         name: "m".into(),
-                        weights: SourceSpec {
+                        weights: Some(SourceSpec {
                             uri: "file:///m".into(),
                             sha256: None,
-                        },
+                        }),
+                        source: None,
                         skeleton: None,
                     }],
                     skeleton: None,

@@ -252,7 +252,7 @@ async fn from_model_in_a_driver_pod_and_load_in_pods_on_every_node() {
         .iter()
         .flat_map(|c| {
             [
-                c.weights.sha256.as_deref(),
+                c.weights.as_ref().and_then(|w| w.sha256.as_deref()),
                 c.skeleton.as_ref().and_then(|s| s.sha256.as_deref()),
             ]
         })

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use reqwest::header::{ACCEPT_RANGES, CONTENT_RANGE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE};
+use reqwest::header::{HeaderValue, ACCEPT_RANGES, CONTENT_RANGE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE};
 use reqwest::StatusCode;
 
 use super::policy::{check_url, redirect_policy, CheckedResolver, SourcePolicy};
@@ -78,9 +78,9 @@ impl HttpSource {
 /// The announced size, from a HEAD request; `None` when the server does not
 /// say or refuses HEAD (S3 and GCS presigned GET URLs answer 403 to it): the
 /// GET then decides.
-pub async fn size(http: &HttpSource, uri: &url::Url) -> Result<Option<u64>, FetchError> {
+pub async fn size(http: &HttpSource, uri: &url::Url, auth: Option<&HeaderValue>) -> Result<Option<u64>, FetchError> {
     http.check(uri)?;
-    let resp = send_with_retry(http.client.head(uri.clone())).await?;
+    let resp = send_with_retry(with_auth(http.client.head(uri.clone()), auth)).await?;
     if !resp.status().is_success() {
         tracing::debug!(%uri, status = resp.status().as_u16(), "HEAD refused; the size is learnt from the GET");
         return Ok(None);
@@ -95,6 +95,7 @@ pub async fn size(http: &HttpSource, uri: &url::Url) -> Result<Option<u64>, Fetc
 pub async fn fetch(
     http: &HttpSource,
     uri: &url::Url,
+    auth: Option<&HeaderValue>,
     mut sink: HashingSink,
     progress: &dyn Progress,
 ) -> Result<Fetched, FetchError> {
@@ -107,7 +108,7 @@ pub async fn fetch(
     let mut validator: Option<reqwest::header::HeaderValue> = None;
     loop {
         let offset = sink.written();
-        let mut req = http.client.get(uri.clone());
+        let mut req = with_auth(http.client.get(uri.clone()), auth);
         if offset > 0 {
             req = req.header(RANGE, format!("bytes={offset}-"));
             if let Some(v) = &validator {
@@ -186,6 +187,39 @@ pub async fn fetch(
             continue;
         }
         return Err(truncated(sink.written(), expected, resumes));
+    }
+}
+
+/// A small document (an API answer) read whole, at most `limit` bytes:
+/// `(status, headers, body)`. Error statuses are returned, not raised, so
+/// the caller can read the server's explanation.
+pub async fn get_document(
+    http: &HttpSource,
+    uri: &url::Url,
+    auth: Option<&HeaderValue>,
+    limit: usize,
+) -> Result<(StatusCode, reqwest::header::HeaderMap, Vec<u8>), FetchError> {
+    http.check(uri)?;
+    let resp = send_with_retry(with_auth(http.client.get(uri.clone()), auth)).await?;
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| FetchError::Unreachable(describe(&e)))?;
+        if body.len() + chunk.len() > limit {
+            return Err(FetchError::TooLarge(limit as u64));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((status, headers, body))
+}
+
+/// `Authorization` on a request; reqwest drops it when a redirect leaves
+/// the host (a hub's CDN never sees the token).
+fn with_auth(req: reqwest::RequestBuilder, auth: Option<&HeaderValue>) -> reqwest::RequestBuilder {
+    match auth {
+        Some(v) => req.header(reqwest::header::AUTHORIZATION, v.clone()),
+        None => req,
     }
 }
 

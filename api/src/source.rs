@@ -1,0 +1,257 @@
+//! Directory sources (`ComponentSpec.source`): what a URI names, which of its
+//! paths are taken, and which paths may exist inside a generation at all.
+//! Shared by validation (operator, agent) and the fill engine.
+
+use globset::{Glob, GlobBuilder, GlobMatcher};
+
+/// Paths taken when a source gives no `include`: every file except weight
+/// formats other than safetensors (a Hugging Face repo often carries the same
+/// weights as PyTorch pickles, ONNX, TensorFlow, Flax, Rust and GGUF files).
+pub const DEFAULT_EXCLUDES: [&str; 15] = [
+    "**/*.bin",
+    "**/*.pt",
+    "**/*.pth",
+    "**/*.ckpt",
+    "**/*.h5",
+    "**/*.msgpack",
+    "**/*.ot",
+    "**/*.onnx",
+    "**/*.onnx_data",
+    "**/*.gguf",
+    "**/*.tflite",
+    "**/*.mlmodel",
+    "**/*.npz",
+    "onnx/**",
+    "openvino/**",
+];
+
+/// Most files one directory source may select.
+pub const MAX_FILES: usize = 10_000;
+
+/// Where a directory source's files come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DirectorySource {
+    /// `hf://org/repo[@revision]`.
+    HuggingFace {
+        /// `org/repo` (or a bare `repo`).
+        repo: String,
+        /// Commit, branch or tag; `None`: `main`.
+        revision: Option<String>,
+    },
+    /// `file:///dir/`: a directory on the node.
+    Directory {
+        /// Absolute path.
+        path: String,
+    },
+}
+
+impl DirectorySource {
+    /// Parses a directory source URI, or says what is wrong and what to write.
+    pub fn parse(uri: &str) -> Result<Self, String> {
+        if let Some(rest) = uri.strip_prefix("hf://") {
+            let (repo, revision) = match rest.split_once('@') {
+                Some((repo, rev)) => (repo, Some(rev)),
+                None => (rest, None),
+            };
+            let parts: Vec<&str> = repo.split('/').collect();
+            let name_ok = |p: &&str| {
+                !p.is_empty()
+                    && p.len() <= 96
+                    && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                    && !p.starts_with(['.', '-'])
+                    && !p.contains("..")
+            };
+            if parts.is_empty() || parts.len() > 2 || !parts.iter().all(name_ok) {
+                return Err(format!(
+                    "{uri:?} does not name a Hugging Face repository: write hf://org/repo or hf://org/repo@<commit>"
+                ));
+            }
+            if let Some(rev) = revision {
+                let rev_ok = !rev.is_empty()
+                    && rev.len() <= 256
+                    && rev.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+                    && !rev.split('/').any(|p| p.is_empty() || p == "." || p == "..");
+                if !rev_ok {
+                    return Err(format!(
+                        "{uri:?}: {rev:?} is not a revision (a 40-hex commit, a branch or a tag)"
+                    ));
+                }
+            }
+            return Ok(Self::HuggingFace {
+                repo: repo.to_string(),
+                revision: revision.map(str::to_string),
+            });
+        }
+        match url::Url::parse(uri) {
+            Ok(u) if u.scheme() == "file" => {
+                if u.host_str().is_some_and(|h| !h.is_empty() && h != "localhost") {
+                    return Err(format!("{uri:?} names a host; a directory source is file:///abs/dir/"));
+                }
+                Ok(Self::Directory {
+                    path: u.path().to_string(),
+                })
+            }
+            Ok(u) if matches!(u.scheme(), "s3" | "gs" | "az" | "oci") => Err(format!(
+                "scheme {}:// is not supported yet for directory sources; supported: hf://org/repo@commit and file:///dir/",
+                u.scheme()
+            )),
+            Ok(u) => Err(format!(
+                "scheme {}:// cannot list files; a directory source is hf://org/repo@commit or file:///dir/ (one file over http(s) goes in weights: instead)",
+                u.scheme()
+            )),
+            Err(e) => Err(format!(
+                "{uri:?} is not a URI ({e}); write hf://org/repo@commit or file:///dir/"
+            )),
+        }
+    }
+}
+
+/// True for a full 40-hex git commit id.
+pub fn is_commit(revision: &str) -> bool {
+    revision.len() == 40
+        && revision
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// True for a path that can live inside a component directory: relative,
+/// `/`-separated, no empty, `.` or `..` part, no hidden part (`.git…`), no
+/// backslash or control character, at most 1024 bytes and 16 levels.
+pub fn is_safe_relative_path(path: &str) -> bool {
+    !path.is_empty()
+        && path.len() <= 1024
+        && !path.starts_with('/')
+        && path.split('/').count() <= 16
+        && path
+            .split('/')
+            .all(|p| !p.is_empty() && !p.starts_with('.') && !p.bytes().any(|b| b < 0x20 || b == b'\\' || b == 0x7f))
+}
+
+/// One glob as include/exclude patterns are read: `*` stays within a path
+/// part, `**` crosses them.
+pub fn glob(pattern: &str) -> Result<Glob, globset::Error> {
+    GlobBuilder::new(pattern).literal_separator(true).build()
+}
+
+/// Which paths of a source are taken.
+#[derive(Debug, Clone)]
+pub struct Selection {
+    include: Vec<GlobMatcher>,
+    exclude: Vec<GlobMatcher>,
+}
+
+impl Selection {
+    /// From a spec's globs (already validated; a bad one matches nothing).
+    pub fn new(include: &[String], exclude: &[String]) -> Self {
+        let compile = |g: &str| glob(g).ok().map(|g| g.compile_matcher());
+        let mut excluded: Vec<GlobMatcher> = exclude.iter().filter_map(|g| compile(g)).collect();
+        if include.is_empty() {
+            excluded.extend(DEFAULT_EXCLUDES.iter().filter_map(|g| compile(g)));
+        }
+        Self {
+            include: include.iter().filter_map(|g| compile(g)).collect(),
+            exclude: excluded,
+        }
+    }
+
+    /// True when `path` is taken.
+    pub fn takes(&self, path: &str) -> bool {
+        is_safe_relative_path(path)
+            && (self.include.is_empty() || self.include.iter().any(|g| g.is_match(path)))
+            && !self.exclude.iter().any(|g| g.is_match(path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hf_uris() {
+        assert_eq!(
+            DirectorySource::parse("hf://sentence-transformers/all-MiniLM-L6-v2@main").unwrap(),
+            DirectorySource::HuggingFace {
+                repo: "sentence-transformers/all-MiniLM-L6-v2".into(),
+                revision: Some("main".into())
+            }
+        );
+        assert_eq!(
+            DirectorySource::parse("hf://gpt2").unwrap(),
+            DirectorySource::HuggingFace {
+                repo: "gpt2".into(),
+                revision: None
+            }
+        );
+        for bad in [
+            "hf://",
+            "hf://a/b/c",
+            "hf://a/../b",
+            "hf://a/b@",
+            "hf://a/b@../x",
+            "hf://a/.b",
+            "hf://a b/c",
+        ] {
+            assert!(DirectorySource::parse(bad).is_err(), "{bad}");
+        }
+        assert!(DirectorySource::parse("s3://bucket/prefix/")
+            .unwrap_err()
+            .contains("not supported yet"));
+        assert!(DirectorySource::parse("https://h/x").unwrap_err().contains("weights:"));
+        assert!(is_commit("0123456789abcdef0123456789abcdef01234567"));
+        assert!(!is_commit("main"));
+    }
+
+    #[test]
+    fn paths_inside_a_component() {
+        for ok in [
+            "config.json",
+            "1_Pooling/config.json",
+            "a/b/model-00001-of-00004.safetensors",
+        ] {
+            assert!(is_safe_relative_path(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a//b",
+            "./a",
+            ".gitattributes",
+            "a/.git/config",
+            "a\\b",
+            "a\nb",
+        ] {
+            assert!(!is_safe_relative_path(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn selection_defaults_skip_other_weight_formats() {
+        let all = Selection::new(&[], &[]);
+        for taken in [
+            "model.safetensors",
+            "config.json",
+            "1_Pooling/config.json",
+            "tokenizer.json",
+        ] {
+            assert!(all.takes(taken), "{taken}");
+        }
+        for skipped in [
+            "pytorch_model.bin",
+            "onnx/model.onnx",
+            "openvino/openvino_model.xml",
+            "rust_model.ot",
+            "tf_model.h5",
+            ".gitattributes",
+        ] {
+            assert!(!all.takes(skipped), "{skipped}");
+        }
+        let some = Selection::new(&["*.json".into(), "*.safetensors".into()], &["tokenizer*".into()]);
+        assert!(some.takes("config.json"));
+        assert!(!some.takes("1_Pooling/config.json"), "* stays within a path part");
+        assert!(!some.takes("tokenizer.json"));
+        assert!(some.takes("model.safetensors"));
+        assert!(Selection::new(&["**/*.json".into()], &[]).takes("1_Pooling/config.json"));
+    }
+}
