@@ -208,6 +208,7 @@ EXAMPLES = {
     "examples/actor-mode/modelwrapper.yaml": ("crds/modelwrappers.zerocopy.dev.yaml", "v1alpha1"),
     "examples/task-mode/modelwrapper.yaml": ("crds/modelwrappers.zerocopy.dev.yaml", "v1alpha1"),
     "examples/task-mode/modeltask.yaml": ("crds/modeltasks.zerocopy.dev.yaml", "v1alpha1"),
+    "examples/hf/modelwrapper.yaml": ("crds/modelwrappers.zerocopy.dev.yaml", "v1alpha1"),
     "examples/kuberay/raycluster.yaml": ("tests/data/kuberay/ray.io_rayclusters.yaml", "v1"),
     "examples/kuberay/rayjob.yaml": ("tests/data/kuberay/ray.io_rayjobs.yaml", "v1"),
 }
@@ -235,7 +236,7 @@ def test_the_validator_catches_a_broken_example():
 
 # Images the examples may name besides the ones docker/ builds: upstream
 # images, pulled from their public registries as they are.
-UPSTREAM_IMAGES = {"rayproject/ray", "python"}
+UPSTREAM_IMAGES = {"rayproject/ray", "python", "vllm/vllm-openai"}
 PIN_OPS = ("==", ">=", "<=", "~=", "!=", "===", ">", "<")
 
 
