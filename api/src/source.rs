@@ -43,6 +43,14 @@ pub enum DirectorySource {
         /// Absolute path.
         path: String,
     },
+    /// `s3://bucket/prefix/`: every object below a prefix of an S3 (or
+    /// S3-compatible) bucket.
+    S3 {
+        /// Bucket name.
+        bucket: String,
+        /// Key prefix, ending in `/` (empty: the whole bucket).
+        prefix: String,
+    },
 }
 
 impl DirectorySource {
@@ -91,8 +99,29 @@ impl DirectorySource {
                     path: u.path().to_string(),
                 })
             }
-            Ok(u) if matches!(u.scheme(), "s3" | "gs" | "az" | "oci") => Err(format!(
-                "scheme {}:// is not supported yet for directory sources; supported: hf://org/repo@commit and file:///dir/",
+            Ok(u) if u.scheme() == "s3" => {
+                let bucket = u.host_str().unwrap_or_default();
+                let bucket_ok = (3..=63).contains(&bucket.len())
+                    && bucket
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+                if !bucket_ok {
+                    return Err(format!("{uri:?} does not name an S3 bucket: write s3://bucket/prefix/"));
+                }
+                let mut prefix = u.path().trim_start_matches('/').to_string();
+                if !prefix.is_empty() && !prefix.ends_with('/') {
+                    prefix.push('/');
+                }
+                if !prefix.is_empty() && !is_safe_relative_path(prefix.trim_end_matches('/')) {
+                    return Err(format!("{uri:?}: the prefix must be a plain path (no '.', '..' or empty parts)"));
+                }
+                Ok(Self::S3 {
+                    bucket: bucket.to_string(),
+                    prefix,
+                })
+            }
+            Ok(u) if matches!(u.scheme(), "gs" | "az" | "oci") => Err(format!(
+                "scheme {}:// is not supported yet for directory sources; supported: hf://org/repo@commit, s3://bucket/prefix/ and file:///dir/",
                 u.scheme()
             )),
             Ok(u) => Err(format!(
@@ -193,7 +222,16 @@ mod tests {
         ] {
             assert!(DirectorySource::parse(bad).is_err(), "{bad}");
         }
-        assert!(DirectorySource::parse("s3://bucket/prefix/")
+        assert_eq!(
+            DirectorySource::parse("s3://models/minilm").unwrap(),
+            DirectorySource::S3 {
+                bucket: "models".into(),
+                prefix: "minilm/".into()
+            }
+        );
+        assert!(DirectorySource::parse("s3://Bad_Bucket/x").is_err());
+        assert!(DirectorySource::parse("s3://bucket/a/../b").is_err());
+        assert!(DirectorySource::parse("gs://bucket/prefix/")
             .unwrap_err()
             .contains("not supported yet"));
         assert!(DirectorySource::parse("https://h/x").unwrap_err().contains("weights:"));

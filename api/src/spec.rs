@@ -147,7 +147,8 @@ pub struct SourceSpec {
 }
 
 /// Many files from one place: `hf://org/repo[@revision]` (a Hugging Face
-/// repository) or `file:///dir/` (a directory on the node).
+/// repository), `s3://bucket/prefix/` or `file:///dir/` (a directory on the
+/// node).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DirectorySourceSpec {
@@ -164,12 +165,18 @@ pub struct DirectorySourceSpec {
     /// (`file://`); a Hugging Face repo provides them.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub sha256: BTreeMap<String, String>,
-    /// The hub's address for `hf://` (a mirror or an on-premises hub);
-    /// default: the agent's `--hf-endpoint` (`https://huggingface.co`).
+    /// The server: for `hf://` a mirror or an on-premises hub (default: the
+    /// agent's `--hf-endpoint`, `https://huggingface.co`); for `s3://` an
+    /// S3-compatible server (MinIO, Ceph; default: AWS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
-    /// A Secret in the wrapper's namespace holding the access token, which
-    /// the namespace shared with the node agent (docs/security.md).
+    /// `s3://`: the bucket's region (default `us-east-1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// A Secret in the wrapper's namespace, shared with the node agent
+    /// (docs/security.md): the token (`hf://`, key `token`), or
+    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and optionally
+    /// `AWS_SESSION_TOKEN` (`s3://`; without a Secret, requests are unsigned).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<SecretKeyRef>,
 }

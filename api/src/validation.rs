@@ -305,11 +305,11 @@ fn check_directory_source(errs: &mut ValidationErrors, at: &str, source: &Direct
                 );
             }
         }
-        Ok(DirectorySource::Directory { .. }) => {
+        Ok(DirectorySource::Directory { .. } | DirectorySource::S3 { .. }) => {
             if pinning == Pinning::Required && source.sha256.is_empty() {
                 errs.push(
                     format!("{at}.sha256"),
-                    "a directory source in a cluster needs the sha256 of every file it takes (path: sha256), since its files carry no digests of their own",
+                    "this source in a cluster needs pins: the sha256 of every file it takes (path: sha256), or of a SHA256SUMS file in it that lists them",
                 );
             }
         }

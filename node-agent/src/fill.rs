@@ -9,6 +9,8 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Read};
+
+use sha2::Digest;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -128,6 +130,16 @@ struct PlannedFile {
     git_blob: Option<String>,
     /// `Authorization` for the origin (a hub token from a shared Secret).
     auth: Option<HeaderValue>,
+    /// An object of an `s3://` source: the bucket client and the key.
+    object: Option<S3Object>,
+}
+
+/// One object of a bucket.
+#[derive(Debug, Clone)]
+struct S3Object {
+    store: Arc<dyn object_store::ObjectStore>,
+    bucket: String,
+    key: String,
 }
 
 impl PlannedFile {
@@ -142,6 +154,7 @@ impl PlannedFile {
             origin: Origin::Source,
             git_blob: None,
             auth: None,
+            object: None,
         }
     }
 
@@ -161,7 +174,12 @@ struct Listed {
     uri: url::Url,
     sha256: Option<String>,
     git_blob: Option<String>,
+    object: Option<S3Object>,
 }
+
+/// `sha256sum` output beside the files (`<hex>  <path>` per line): pins for
+/// sources whose files carry no digests of their own (S3, a directory).
+pub const SUMS_FILE: &str = "SHA256SUMS";
 
 /// One attempt's source when it is not the spec's URI.
 #[derive(Debug, Clone)]
@@ -646,6 +664,55 @@ impl FillEngine {
                             uri,
                             sha256,
                             git_blob,
+                            object: None,
+                        });
+                    }
+                    out
+                }
+                DirectorySource::S3 { bucket, prefix } => {
+                    let credentials = match &src.secret_ref {
+                        Some(secret) => Some(self.secrets.get(namespace, &secret.name).await.map_err(|reason| {
+                            FillError::Source {
+                                wrapper: wrapper.into(),
+                                component: c.name.clone(),
+                                uri: src.uri.clone(),
+                                reason,
+                            }
+                        })?),
+                        None => None,
+                    };
+                    let store = source::s3::bucket(
+                        &self.http,
+                        &bucket,
+                        src.endpoint.as_deref(),
+                        src.region.as_deref(),
+                        credentials.as_ref(),
+                    )
+                    .map_err(unreachable)?;
+                    let objects = source::s3::list(store.as_ref(), &bucket, &prefix)
+                        .await
+                        .map_err(unreachable)?;
+                    if objects.is_empty() {
+                        return Err(bad(format!(
+                            "no object below s3://{bucket}/{prefix}: check the bucket, the prefix and the endpoint"
+                        )));
+                    }
+                    let mut out = Vec::new();
+                    for (rel, size) in objects {
+                        let key = format!("{prefix}{rel}");
+                        let uri =
+                            url::Url::parse(&format!("s3://{bucket}/{key}")).map_err(|e| bad(format!("{key}: {e}")))?;
+                        out.push(Listed {
+                            path: rel,
+                            size: Some(size),
+                            uri,
+                            sha256: None,
+                            git_blob: None,
+                            object: Some(S3Object {
+                                store: store.clone(),
+                                bucket: bucket.clone(),
+                                key,
+                            }),
                         });
                     }
                     out
@@ -681,6 +748,35 @@ impl FillEngine {
                         return Err(bad(format!(
                             "source.sha256 pins {path}, which the source does not hold or include/exclude leave out"
                         )))
+                    }
+                }
+            }
+            if let Some(sums) = listed.iter().find(|l| l.path == SUMS_FILE) {
+                let text = self.read_small(sums).await.map_err(unreachable)?;
+                let actual = hex::encode(sha2::Sha256::digest(&text));
+                if let Some(pin) = &sums.sha256 {
+                    if !pin.eq_ignore_ascii_case(&actual) {
+                        return Err(FillError::DigestMismatch {
+                            wrapper: wrapper.into(),
+                            what: DigestKind::Sha256,
+                            component: c.name.clone(),
+                            uri: sums.uri.to_string(),
+                            expected: pin.clone(),
+                            actual,
+                        });
+                    }
+                }
+                let sums = parse_sums(&text).map_err(|e| bad(format!("{SUMS_FILE}: {e}")))?;
+                for l in &mut listed {
+                    let Some(listed_sum) = sums.get(&l.path) else { continue };
+                    match &l.sha256 {
+                        Some(pin) if !pin.eq_ignore_ascii_case(listed_sum) => {
+                            return Err(bad(format!(
+                                "{}: {SUMS_FILE} lists sha256 {listed_sum} but the spec pins {pin}",
+                                l.path
+                            )))
+                        }
+                        _ => l.sha256 = Some(listed_sum.clone()),
                     }
                 }
             }
@@ -740,10 +836,45 @@ impl FillEngine {
                 f.size = l.size;
                 f.git_blob = l.git_blob;
                 f.auth = auth.clone();
+                f.object = l.object;
                 planned.push(f);
             }
         }
         Ok((planned, revisions))
+    }
+
+    /// A small listed file (a SHA256SUMS), read whole before the fill.
+    async fn read_small(&self, l: &Listed) -> Result<Vec<u8>, FetchError> {
+        const LIMIT: usize = 4 << 20;
+        if l.size.is_some_and(|n| n > LIMIT as u64) {
+            return Err(FetchError::TooLarge(LIMIT as u64));
+        }
+        if let Some(o) = &l.object {
+            let got = o
+                .store
+                .get(&object_store::path::Path::from(o.key.as_str()))
+                .await
+                .map_err(|e| FetchError::Unreachable(format!("s3://{}/{}: {e}", o.bucket, o.key)))?;
+            let bytes = got
+                .bytes()
+                .await
+                .map_err(|e| FetchError::Unreachable(format!("s3://{}/{}: {e}", o.bucket, o.key)))?;
+            return Ok(bytes.to_vec());
+        }
+        if l.uri.scheme() == "file" {
+            let (mut f, _) = source::file::open(&l.uri, &self.policy)?;
+            let mut text = Vec::new();
+            (&mut f)
+                .take(LIMIT as u64 + 1)
+                .read_to_end(&mut text)
+                .map_err(|e| FetchError::Unreachable(format!("{}: {e}", l.uri)))?;
+            return Ok(text);
+        }
+        let (status, _, body) = source::http::get_document(&self.http, &l.uri, None, LIMIT).await?;
+        if !status.is_success() {
+            return Err(FetchError::Status(status.as_u16()));
+        }
+        Ok(body)
     }
 
     /// The `Authorization` header for a source that names a Secret.
@@ -763,7 +894,9 @@ impl FillEngine {
             uri: src.uri.clone(),
             reason,
         };
-        let token = self.secrets.get(namespace, secret).await.map_err(failed)?;
+        let token = crate::secrets::token(self.secrets.as_ref(), namespace, secret)
+            .await
+            .map_err(failed)?;
         let mut value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
             failed(format!(
                 "the token in Secret {namespace}/{} is not printable ASCII",
@@ -879,6 +1012,10 @@ impl FillEngine {
                 .map_err(|e| FetchError::Write(io::Error::other(e)))
                 .and_then(|r| r)
             }
+            (None, _) if plan.object.is_some() => match &plan.object {
+                Some(o) => source::s3::fetch(o.store.as_ref(), &o.bucket, &o.key, sink, bar.as_ref()).await,
+                None => Err(FetchError::Refused("no bucket".into())),
+            },
             (None, "file") => {
                 let uri = plan.uri.clone();
                 let bar = bar.clone();
@@ -1107,6 +1244,7 @@ fn list_directory(policy: &SourcePolicy, dir: &Path) -> Result<Vec<Listed>, Fetc
                     uri,
                     sha256: None,
                     git_blob: None,
+                    object: None,
                 });
                 if out.len() > 4 * MAX_FILES {
                     return Err(FetchError::Refused(format!(
@@ -1192,6 +1330,25 @@ fn weights_of_directories(
             ));
         }
         out.insert(c.name.clone(), weights);
+    }
+    Ok(out)
+}
+
+/// Parses `sha256sum` output: `<64 hex> <space><space or *><path>` per line.
+fn parse_sums(text: &[u8]) -> Result<BTreeMap<String, String>, String> {
+    let text = std::str::from_utf8(text).map_err(|_| "not UTF-8 text".to_string())?;
+    let mut out = BTreeMap::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (sum, rest) = line.split_at(line.len().min(64));
+        let path = rest
+            .strip_prefix("  ")
+            .or_else(|| rest.strip_prefix(" *"))
+            .filter(|_| zerocopy_api::validation::is_sha256_hex(sum))
+            .ok_or_else(|| format!("line {} is not `<sha256>  <path>` (sha256sum's output)", i + 1))?;
+        out.insert(path.trim_start_matches("./").to_string(), sum.to_ascii_lowercase());
     }
     Ok(out)
 }
@@ -1412,4 +1569,21 @@ fn can_mount(dir: &Path) -> bool {
 
 fn host_memory() -> u64 {
     nix::sys::sysinfo::sysinfo().map(|s| s.ram_total()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_files_parse_as_sha256sum_writes_them() {
+        let a = "a".repeat(64);
+        let b = "B".repeat(64);
+        let text = format!("{a}  model-00001-of-00002.safetensors\n{b} *1_Pooling/config.json\n\n");
+        let sums = parse_sums(text.as_bytes()).unwrap_or_default();
+        assert_eq!(sums.get("model-00001-of-00002.safetensors"), Some(&a));
+        assert_eq!(sums.get("1_Pooling/config.json"), Some(&"b".repeat(64)));
+        assert!(parse_sums(b"abc  x\n").is_err());
+        assert!(parse_sums(format!("{a}x\n").as_bytes()).is_err());
+    }
 }

@@ -11,10 +11,22 @@ use std::collections::BTreeMap;
 use futures_util::future::BoxFuture;
 use zerocopy_api::spec::SecretKeyRef;
 
-/// Looks up one key of one Secret in a namespace.
+/// A Secret's keys and values.
+pub type SecretData = BTreeMap<String, String>;
+
+/// Looks up Secrets in a namespace.
 pub trait SecretStore: Send + Sync {
-    /// The value, or why it cannot be had (names the Secret and what to do).
-    fn get<'a>(&'a self, namespace: &'a str, secret: &'a SecretKeyRef) -> BoxFuture<'a, Result<String, String>>;
+    /// Every key of Secret `name`, or why it cannot be had (names the
+    /// Secret and what to do).
+    fn get<'a>(&'a self, namespace: &'a str, name: &'a str) -> BoxFuture<'a, Result<SecretData, String>>;
+}
+
+/// The one key `secret` names (a token), trimmed.
+pub async fn token(store: &dyn SecretStore, namespace: &str, secret: &SecretKeyRef) -> Result<String, String> {
+    let data = store.get(namespace, &secret.name).await?;
+    data.get(secret.key())
+        .map(|v| v.trim().to_string())
+        .ok_or_else(|| format!("Secret {namespace}/{} has no key {:?}", secret.name, secret.key()))
 }
 
 /// No Secrets: every lookup fails with a message that says so.
@@ -22,11 +34,10 @@ pub trait SecretStore: Send + Sync {
 pub struct NoSecrets;
 
 impl SecretStore for NoSecrets {
-    fn get<'a>(&'a self, namespace: &'a str, secret: &'a SecretKeyRef) -> BoxFuture<'a, Result<String, String>> {
+    fn get<'a>(&'a self, namespace: &'a str, name: &'a str) -> BoxFuture<'a, Result<SecretData, String>> {
         Box::pin(async move {
             Err(format!(
-                "Secret {namespace}/{} is not available: this agent has no Secrets (standalone: add a `kind: Secret` document to the YAML files)",
-                secret.name
+                "Secret {namespace}/{name} is not available: this agent has no Secrets (standalone: add a `kind: Secret` document to the YAML files)"
             ))
         })
     }
@@ -36,7 +47,7 @@ impl SecretStore for NoSecrets {
 #[derive(Debug, Default, Clone)]
 pub struct StaticSecrets {
     /// `(namespace, name)` → key → value.
-    pub secrets: BTreeMap<(String, String), BTreeMap<String, String>>,
+    pub secrets: BTreeMap<(String, String), SecretData>,
 }
 
 impl StaticSecrets {
@@ -67,22 +78,14 @@ impl StaticSecrets {
 }
 
 impl SecretStore for StaticSecrets {
-    fn get<'a>(&'a self, namespace: &'a str, secret: &'a SecretKeyRef) -> BoxFuture<'a, Result<String, String>> {
+    fn get<'a>(&'a self, namespace: &'a str, name: &'a str) -> BoxFuture<'a, Result<SecretData, String>> {
         Box::pin(async move {
-            let values = self
-                .secrets
-                .get(&(namespace.to_string(), secret.name.clone()))
+            self.secrets
+                .get(&(namespace.to_string(), name.to_string()))
+                .cloned()
                 .ok_or_else(|| {
-                    format!(
-                        "Secret {namespace}/{} is not in the YAML files: add a `kind: Secret` document with stringData.{}",
-                        secret.name,
-                        secret.key()
-                    )
-                })?;
-            values
-                .get(secret.key())
-                .map(|v| v.trim().to_string())
-                .ok_or_else(|| format!("Secret {namespace}/{} has no key {:?}", secret.name, secret.key()))
+                    format!("Secret {namespace}/{name} is not in the YAML files: add a `kind: Secret` document (metadata.name: {name}) with stringData")
+                })
         })
     }
 }
@@ -101,21 +104,20 @@ impl KubeSecrets {
 }
 
 impl SecretStore for KubeSecrets {
-    fn get<'a>(&'a self, namespace: &'a str, secret: &'a SecretKeyRef) -> BoxFuture<'a, Result<String, String>> {
+    fn get<'a>(&'a self, namespace: &'a str, name: &'a str) -> BoxFuture<'a, Result<SecretData, String>> {
         Box::pin(async move {
             let api: kube::Api<k8s_openapi::api::core::v1::Secret> =
                 kube::Api::namespaced(self.client.clone(), namespace);
-            let found = api.get(&secret.name).await.map_err(|e| match &e {
+            let found = api.get(name).await.map_err(|e| match &e {
                 kube::Error::Api(s) if s.code == 403 => format!(
-                    "the node agent may not read Secret {namespace}/{name}: share it with the agent first (kubectl -n {namespace} create role zerocopy-source-{name} --verb=get --resource=secrets --resource-name={name}; kubectl -n {namespace} create rolebinding zerocopy-source-{name} --role=zerocopy-source-{name} --serviceaccount=<agent namespace>:<agent service account>; docs/security.md)",
-                    name = secret.name
+                    "the node agent may not read Secret {namespace}/{name}: share it with the agent first (kubectl -n {namespace} create role zerocopy-source-{name} --verb=get --resource=secrets --resource-name={name}; kubectl -n {namespace} create rolebinding zerocopy-source-{name} --role=zerocopy-source-{name} --serviceaccount=<agent namespace>:<agent service account>; docs/security.md)"
                 ),
-                kube::Error::Api(s) if s.code == 404 => format!("Secret {namespace}/{} does not exist", secret.name),
-                _ => format!("reading Secret {namespace}/{}: {e}", secret.name),
+                kube::Error::Api(s) if s.code == 404 => format!("Secret {namespace}/{name} does not exist"),
+                _ => format!("reading Secret {namespace}/{name}: {e}"),
             })?;
             let mut store = StaticSecrets::default();
             store.insert(namespace, &found)?;
-            store.get(namespace, secret).await
+            store.get(namespace, name).await
         })
     }
 }

@@ -70,6 +70,12 @@ impl HttpSource {
         Ok(Self { client, policy })
     }
 
+    /// The underlying client, for libraries that make their own requests
+    /// (object_store): the policy's resolver and redirect checks come with it.
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
     fn check(&self, uri: &url::Url) -> Result<(), FetchError> {
         check_url(&self.policy, uri).map_err(|reason| FetchError::Refused(format!("{uri}: {reason}")))
     }

@@ -6,6 +6,7 @@ pub mod file;
 pub mod hf;
 pub mod http;
 pub mod policy;
+pub mod s3;
 pub mod sink;
 
 /// A completed download.

@@ -1,0 +1,149 @@
+//! `s3://bucket/prefix/`: every object below a prefix of an S3 or
+//! S3-compatible bucket, through the `object_store` crate. Requests go
+//! through the agent's own HTTP client, so the source policy (no metadata or
+//! link-local addresses; internal ones only where allowed; names resolved
+//! once) applies to S3 endpoints as to any URL.
+//!
+//! Credentials come only from a Secret the wrapper's namespace shared
+//! (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, optionally
+//! `AWS_SESSION_TOKEN`); without one, requests are unsigned (public
+//! buckets). The agent's own workload identity is never used: every tenant
+//! could then read whatever the agent's role can (docs/security.md).
+
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::client::{HttpClient, HttpConnector};
+use object_store::path::Path as StorePath;
+use object_store::{ClientOptions, ObjectStore};
+
+use super::http::HttpSource;
+use super::sink::HashingSink;
+use super::{FetchError, Fetched, Progress};
+use crate::secrets::SecretData;
+
+/// Region when the spec gives none.
+pub const DEFAULT_REGION: &str = "us-east-1";
+
+/// Hands object_store the agent's policy-checked client.
+#[derive(Debug)]
+struct PolicyConnector(reqwest::Client);
+
+impl HttpConnector for PolicyConnector {
+    fn connect(&self, _: &ClientOptions) -> object_store::Result<HttpClient> {
+        Ok(HttpClient::new(self.0.clone()))
+    }
+}
+
+/// A bucket client. `endpoint`: an S3-compatible server (path-style
+/// requests), else AWS; `credentials`: a shared Secret's keys.
+pub fn bucket(
+    http: &HttpSource,
+    bucket: &str,
+    endpoint: Option<&str>,
+    region: Option<&str>,
+    credentials: Option<&SecretData>,
+) -> Result<Arc<dyn ObjectStore>, FetchError> {
+    let mut builder = AmazonS3Builder::new()
+        .with_bucket_name(bucket)
+        .with_region(region.unwrap_or(DEFAULT_REGION))
+        .with_http_connector(PolicyConnector(http.client().clone()));
+    if let Some(endpoint) = endpoint {
+        builder = builder
+            .with_endpoint(endpoint)
+            .with_allow_http(endpoint.starts_with("http://"))
+            .with_virtual_hosted_style_request(false);
+    }
+    match credentials {
+        Some(keys) => {
+            let get = |k: &str| {
+                keys.get(k)
+                    .map(|v| v.trim().to_string())
+                    .ok_or_else(|| FetchError::Unreachable(format!("the credentials Secret has no key {k}")))
+            };
+            builder = builder
+                .with_access_key_id(get("AWS_ACCESS_KEY_ID")?)
+                .with_secret_access_key(get("AWS_SECRET_ACCESS_KEY")?);
+            if let Some(token) = keys.get("AWS_SESSION_TOKEN") {
+                builder = builder.with_token(token.trim());
+            }
+        }
+        None => builder = builder.with_skip_signature(true),
+    }
+    let store = builder
+        .build()
+        .map_err(|e| FetchError::Unreachable(format!("s3://{bucket}: {e}")))?;
+    Ok(Arc::new(store))
+}
+
+/// Every object below `prefix`: `(path relative to the prefix, size)`.
+pub async fn list(store: &dyn ObjectStore, bucket: &str, prefix: &str) -> Result<Vec<(String, u64)>, FetchError> {
+    let under = StorePath::from(prefix.trim_end_matches('/'));
+    let mut objects = store.list(if prefix.is_empty() { None } else { Some(&under) });
+    let mut out = Vec::new();
+    while let Some(meta) = objects.next().await {
+        let meta = meta.map_err(|e| describe(bucket, prefix, e))?;
+        let key = meta.location.as_ref();
+        let rel = key.strip_prefix(prefix).unwrap_or(key);
+        out.push((rel.to_string(), meta.size));
+    }
+    Ok(out)
+}
+
+/// Streams one object into `sink`.
+pub async fn fetch(
+    store: &dyn ObjectStore,
+    bucket: &str,
+    key: &str,
+    mut sink: HashingSink,
+    progress: &dyn Progress,
+) -> Result<Fetched, FetchError> {
+    let location = StorePath::from(key);
+    let got = store.get(&location).await.map_err(|e| describe(bucket, key, e))?;
+    let expected = got.meta.size;
+    progress.set_total(expected);
+    let mut stream = got.into_stream();
+    while let Some(chunk) = stream.next().await {
+        let bytes = chunk.map_err(|e| describe(bucket, key, e))?;
+        let n = bytes.len() as u64;
+        tokio::task::block_in_place(|| sink.write(bytes))
+            .map_err(FetchError::Write)?
+            .map_err(|o| FetchError::TooLarge(o.limit))?;
+        progress.advance(n);
+    }
+    if sink.written() != expected {
+        return Err(FetchError::Truncated {
+            got: sink.written(),
+            expected,
+            resumes: 0,
+        });
+    }
+    let (bytes, sha256) = tokio::task::block_in_place(|| sink.finish()).map_err(FetchError::Write)?;
+    Ok(Fetched {
+        bytes,
+        sha256,
+        resumes: 0,
+    })
+}
+
+fn describe(bucket: &str, key: &str, e: object_store::Error) -> FetchError {
+    match e {
+        object_store::Error::NotFound { .. } => FetchError::Unreachable(format!(
+            "s3://{bucket}/{key} does not exist (or the bucket does not)"
+        )),
+        object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
+            FetchError::Unreachable(format!(
+                "s3://{bucket}/{key}: access denied; give the source a Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY that may read it (source.secretRef)"
+            ))
+        }
+        other => {
+            let text = other.to_string();
+            if text.contains("resolves to a refused address") {
+                FetchError::Refused(format!("s3://{bucket}/{key}: {text}"))
+            } else {
+                FetchError::Unreachable(format!("s3://{bucket}/{key}: {text}"))
+            }
+        }
+    }
+}
