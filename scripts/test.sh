@@ -7,9 +7,10 @@ cd "$(dirname "$0")/.."
 # Everything the tests need, installed here so this one command works on a
 # fresh machine (as root): shellcheck from Debian, Python packages from PyPI,
 # kubectl and helm below.
-if ! command -v shellcheck >/dev/null; then
-  echo "== system packages (shellcheck)"
-  apt-get update -qq && apt-get install -y -qq shellcheck >/dev/null
+# docker-registry: the CNCF distribution registry, for OCI sources.
+if ! command -v shellcheck >/dev/null || ! command -v docker-registry >/dev/null; then
+  echo "== system packages (shellcheck, docker-registry)"
+  apt-get update -qq && apt-get install -y -qq shellcheck docker-registry >/dev/null
 fi
 echo "== python packages (requirements-dev.txt, python/ editable)"
 python3 -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt

@@ -43,6 +43,16 @@ pub enum DirectorySource {
         /// Absolute path.
         path: String,
     },
+    /// `oci://registry/repository:tag` or `…@sha256:<hex>`: an OCI artifact
+    /// whose layers are files (a CNCF ModelPack model, `oras push`).
+    Oci {
+        /// `host[:port]`.
+        registry: String,
+        /// `org/name`.
+        repository: String,
+        /// A tag, or `sha256:<hex>`.
+        reference: String,
+    },
     /// `s3://bucket/prefix/`: every object below a prefix of an S3 (or
     /// S3-compatible) bucket.
     S3 {
@@ -90,6 +100,9 @@ impl DirectorySource {
                 revision: revision.map(str::to_string),
             });
         }
+        if let Some(rest) = uri.strip_prefix("oci://") {
+            return parse_oci(uri, rest);
+        }
         match url::Url::parse(uri) {
             Ok(u) if u.scheme() == "file" => {
                 if u.host_str().is_some_and(|h| !h.is_empty() && h != "localhost") {
@@ -120,8 +133,8 @@ impl DirectorySource {
                     prefix,
                 })
             }
-            Ok(u) if matches!(u.scheme(), "gs" | "az" | "oci") => Err(format!(
-                "scheme {}:// is not supported yet for directory sources; supported: hf://org/repo@commit, s3://bucket/prefix/ and file:///dir/",
+            Ok(u) if matches!(u.scheme(), "gs" | "az") => Err(format!(
+                "scheme {}:// is not supported yet for directory sources; supported: hf://org/repo@commit, s3://bucket/prefix/, oci://registry/repo@sha256:… and file:///dir/",
                 u.scheme()
             )),
             Ok(u) => Err(format!(
@@ -133,6 +146,56 @@ impl DirectorySource {
             )),
         }
     }
+}
+
+fn parse_oci(uri: &str, rest: &str) -> Result<DirectorySource, String> {
+    let bad = || {
+        format!("{uri:?} does not name an OCI artifact: write oci://registry/repository:tag or oci://registry/repository@sha256:<digest>")
+    };
+    let (registry, path) = rest.split_once('/').ok_or_else(bad)?;
+    let registry_ok = !registry.is_empty()
+        && registry.len() <= 255
+        && registry
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b));
+    let (repository, reference) = match path.split_once('@') {
+        Some((repo, digest)) => {
+            let hex = digest.strip_prefix("sha256:").ok_or_else(bad)?;
+            if !(hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))) {
+                return Err(format!(
+                    "{uri:?}: {digest:?} is not a sha256 digest (sha256:<64 lowercase hex>)"
+                ));
+            }
+            (repo, digest.to_string())
+        }
+        None => match path.rsplit_once(':') {
+            Some((repo, tag)) if !tag.contains('/') => (repo, tag.to_string()),
+            _ => (path, "latest".to_string()),
+        },
+    };
+    // The distribution spec's repository name and tag grammars.
+    let repo_ok = !repository.is_empty()
+        && repository.split('/').all(|part| {
+            !part.is_empty()
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+                && part.as_bytes()[0].is_ascii_alphanumeric()
+        });
+    let tag_ok = reference.starts_with("sha256:")
+        || (reference.len() <= 128
+            && reference
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            && !reference.starts_with(['.', '-']));
+    if !registry_ok || !repo_ok || !tag_ok {
+        return Err(bad());
+    }
+    Ok(DirectorySource::Oci {
+        registry: registry.to_string(),
+        repository: repository.to_string(),
+        reference,
+    })
 }
 
 /// True for a full 40-hex git commit id.
@@ -230,6 +293,32 @@ mod tests {
             }
         );
         assert!(DirectorySource::parse("s3://Bad_Bucket/x").is_err());
+        let digest = format!("sha256:{}", "a".repeat(64));
+        assert_eq!(
+            DirectorySource::parse(&format!("oci://127.0.0.1:5000/models/minilm@{digest}")).unwrap(),
+            DirectorySource::Oci {
+                registry: "127.0.0.1:5000".into(),
+                repository: "models/minilm".into(),
+                reference: digest
+            }
+        );
+        assert_eq!(
+            DirectorySource::parse("oci://ghcr.io/org/model:v1.0").unwrap(),
+            DirectorySource::Oci {
+                registry: "ghcr.io".into(),
+                repository: "org/model".into(),
+                reference: "v1.0".into()
+            }
+        );
+        for bad in [
+            "oci://ghcr.io",
+            "oci://ghcr.io/Org/x:v1",
+            "oci://r/x@sha256:abc",
+            "oci://r/x:../y",
+            "oci://r//x:v1",
+        ] {
+            assert!(DirectorySource::parse(bad).is_err(), "{bad}");
+        }
         assert!(DirectorySource::parse("s3://bucket/a/../b").is_err());
         assert!(DirectorySource::parse("gs://bucket/prefix/")
             .unwrap_err()

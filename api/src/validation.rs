@@ -305,6 +305,17 @@ fn check_directory_source(errs: &mut ValidationErrors, at: &str, source: &Direct
                 );
             }
         }
+        Ok(DirectorySource::Oci { reference, .. }) => {
+            if pinning == Pinning::Required && !reference.starts_with("sha256:") {
+                errs.push(
+                    format!("{at}.uri"),
+                    format!(
+                        "{:?} names a tag: in a cluster an artifact is pinned by its manifest digest (oci://registry/repo@sha256:…; `oras manifest fetch --descriptor` prints it), so every node fills the same bytes",
+                        source.uri
+                    ),
+                );
+            }
+        }
         Ok(DirectorySource::Directory { .. } | DirectorySource::S3 { .. }) => {
             if pinning == Pinning::Required && source.sha256.is_empty() {
                 errs.push(

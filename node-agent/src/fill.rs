@@ -717,6 +717,53 @@ impl FillEngine {
                     }
                     out
                 }
+                DirectorySource::Oci {
+                    registry,
+                    repository,
+                    reference,
+                } => {
+                    let credentials = match &src.secret_ref {
+                        Some(secret) => Some(self.secrets.get(namespace, &secret.name).await.map_err(|reason| {
+                            FillError::Source {
+                                wrapper: wrapper.into(),
+                                component: c.name.clone(),
+                                uri: src.uri.clone(),
+                                reason,
+                            }
+                        })?),
+                        None => None,
+                    };
+                    let base = source::oci::base_url(&registry, src.endpoint.as_deref()).map_err(unreachable)?;
+                    let artifact = source::oci::resolve(
+                        &self.http,
+                        &base,
+                        &registry,
+                        &repository,
+                        &reference,
+                        credentials.as_ref(),
+                    )
+                    .await
+                    .map_err(unreachable)?;
+                    tracing::info!(wrapper, component = %c.name, %registry, %repository, %reference, digest = %artifact.digest, files = artifact.files.len(), "OCI artifact resolved");
+                    revisions.insert(c.name.clone(), artifact.digest.clone());
+                    auth = artifact.auth.clone();
+                    let mut seen = std::collections::BTreeSet::new();
+                    let mut out = Vec::new();
+                    for f in artifact.files {
+                        if !seen.insert(f.path.clone()) {
+                            return Err(bad(format!("two layers name the file {}", f.path)));
+                        }
+                        out.push(Listed {
+                            path: f.path,
+                            size: Some(f.size),
+                            uri: f.url,
+                            sha256: Some(f.sha256),
+                            git_blob: None,
+                            object: None,
+                        });
+                    }
+                    out
+                }
                 DirectorySource::Directory { path } => {
                     let policy = self.policy.clone();
                     tokio::task::spawn_blocking(move || list_directory(&policy, Path::new(&path)))
@@ -870,7 +917,7 @@ impl FillEngine {
                 .map_err(|e| FetchError::Unreachable(format!("{}: {e}", l.uri)))?;
             return Ok(text);
         }
-        let (status, _, body) = source::http::get_document(&self.http, &l.uri, None, LIMIT).await?;
+        let (status, _, body) = source::http::get_document(&self.http, &l.uri, None, None, LIMIT).await?;
         if !status.is_success() {
             return Err(FetchError::Status(status.as_u16()));
         }

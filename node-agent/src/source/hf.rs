@@ -123,7 +123,7 @@ pub async fn list(
     auth: Option<&HeaderValue>,
 ) -> Result<Listing, FetchError> {
     let url = revision_url(endpoint, repo, revision)?;
-    let (status, headers, body) = get_document(http, &url, auth, MAX_LISTING).await?;
+    let (status, headers, body) = get_document(http, &url, auth, None, MAX_LISTING).await?;
     if !status.is_success() {
         // The Hub says which: RepoNotFound, RevisionNotFound, GatedRepo…
         let code = headers

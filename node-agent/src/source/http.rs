@@ -203,10 +203,15 @@ pub async fn get_document(
     http: &HttpSource,
     uri: &url::Url,
     auth: Option<&HeaderValue>,
+    accept: Option<&HeaderValue>,
     limit: usize,
 ) -> Result<(StatusCode, reqwest::header::HeaderMap, Vec<u8>), FetchError> {
     http.check(uri)?;
-    let resp = send_with_retry(with_auth(http.client.get(uri.clone()), auth)).await?;
+    let mut req = with_auth(http.client.get(uri.clone()), auth);
+    if let Some(accept) = accept {
+        req = req.header(reqwest::header::ACCEPT, accept.clone());
+    }
+    let resp = send_with_retry(req).await?;
     let (status, headers) = (resp.status(), resp.headers().clone());
     let mut body = Vec::new();
     let mut stream = resp.bytes_stream();

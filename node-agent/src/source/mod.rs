@@ -5,6 +5,7 @@
 pub mod file;
 pub mod hf;
 pub mod http;
+pub mod oci;
 pub mod policy;
 pub mod s3;
 pub mod sink;
