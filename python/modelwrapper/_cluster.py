@@ -127,7 +127,7 @@ def publish(
     standalone, modules = detect_components(model)
     work = Path(tempfile.mkdtemp(prefix="modelwrapper-export-"))
     try:
-        exported = export(model, work, mode=mode, name="export")
+        exported = export(model, work, mode=mode, name="export", hf_layout=False)
         shas = {c.attribute: c.weights_sha256 for c in exported.components}
         wname = name or _wrapper_name(model, modules, shas)
         spec = dict(exported.spec["spec"])

@@ -118,14 +118,18 @@ def sha256_file(path: Path) -> str:
 class ExportedComponent:
     name: str
     attribute: str
-    weights: Path
-    weights_sha256: str
+    # One safetensors file, or (a Hugging Face model) a directory that
+    # save_pretrained wrote, with the sha256 of each of its files.
+    weights: Path | None
+    weights_sha256: str | None
     skeleton: Path | None
     skeleton_sha256: str | None
     module_class: str
     parameters: int
     bytes: int
     dtypes: list[str] = field(default_factory=list)
+    directory: Path | None = None
+    directory_sha256: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -240,6 +244,35 @@ def _weights_stripped(module: nn.Module) -> Iterator[dict[str, Any]]:
             table[name] = value
 
 
+def _is_pretrained(module: nn.Module) -> bool:
+    """A transformers model, without importing transformers when it is not loaded."""
+    import sys
+
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(module, transformers.PreTrainedModel)
+
+
+def _export_pretrained(module: nn.Module, cname: str, attribute: str, out: Path) -> ExportedComponent:
+    directory = out / cname
+    module.save_pretrained(directory, safe_serialization=True)
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    sums = {p.relative_to(directory).as_posix(): sha256_file(p) for p in files}
+    return ExportedComponent(
+        name=cname,
+        attribute=attribute,
+        weights=None,
+        weights_sha256=None,
+        skeleton=None,
+        skeleton_sha256=None,
+        module_class=f"{type(module).__module__}.{type(module).__qualname__}",
+        parameters=sum(p.numel() for p in module.parameters()),
+        bytes=sum(p.stat().st_size for p in files),
+        dtypes=sorted({str(t.dtype).removeprefix("torch.") for t in module.state_dict().values()}),
+        directory=directory,
+        directory_sha256=sums,
+    )
+
+
 def export(
     model_or_pipeline: Any,
     out_dir: str | os.PathLike[str],
@@ -249,12 +282,20 @@ def export(
     namespace: str | None = None,
     mode: str = "actor",
     skeletons: bool = True,
+    hf_layout: bool | None = None,
 ) -> Exported:
     """Writes ``<component>.safetensors`` (+ ``.skeleton.pt``) per component,
     ``pipeline.skeleton.pkl`` for a pipeline object, and ``modelwrapper.yaml``.
 
-    ``uri_prefix`` is where the files will be served from (``https://host/dir/``);
-    by default the YAML points at the files with ``file://`` URIs.
+    A ``transformers.PreTrainedModel`` component is written as its Hugging
+    Face directory instead (``<component>/``, ``save_pretrained`` with
+    safetensors: config, shards), which ``transformers`` and vLLM read in
+    place and ``load()`` rebuilds without a pickle; ``hf_layout=False``
+    pickles it like any module.
+
+    ``uri_prefix`` is where the files will be served from (``https://host/dir/``;
+    directories: ``s3://bucket/prefix/``); by default the YAML points at the
+    files with ``file://`` URIs.
     """
     if mode not in ("actor", "task"):
         raise ValueError(f"mode must be 'actor' or 'task', not {mode!r}")
@@ -271,6 +312,9 @@ def export(
         if cname in names:
             raise ValueError(f"attributes {names[cname]!r} and {attribute!r} both map to component {cname!r}")
         names[cname] = attribute
+        if (hf_layout is None or hf_layout) and _is_pretrained(module):
+            exported.append(_export_pretrained(module, cname, attribute, out))
+            continue
         state = _unique_state(module)
         wpath = out / weights_file(cname)
         save_safetensors(state, wpath, {ATTRIBUTE_KEY: attribute, "format": "pt"})
@@ -308,10 +352,18 @@ def export(
     wrapper_name = name or component_name(type(model_or_pipeline).__name__)
     components_spec = []
     for c in exported:
-        entry: dict[str, Any] = {
-            "name": c.name,
-            "weights": {"uri": prefix + c.weights.name, "sha256": c.weights_sha256},
-        }
+        entry: dict[str, Any] = {"name": c.name}
+        if c.directory is not None:
+            if not prefix.startswith(("file://", "s3://")):
+                raise ValueError(
+                    f"component {c.name} is a Hugging Face directory, which {prefix!r} cannot serve as one "
+                    "source: upload the export to S3 (uri_prefix='s3://bucket/prefix/'), push it to an OCI "
+                    "registry or the Hub, or use the default file:// URIs"
+                )
+            entry["source"] = {"uri": prefix + c.name + "/", "sha256": c.directory_sha256}
+        else:
+            assert c.weights is not None
+            entry["weights"] = {"uri": prefix + c.weights.name, "sha256": c.weights_sha256}
         if c.skeleton:
             entry["skeleton"] = {"uri": prefix + c.skeleton.name, "sha256": c.skeleton_sha256}
         components_spec.append(entry)

@@ -75,7 +75,7 @@ def publish_local(
 def _publish(model_or_pipeline: object, root: Path, rfd: int, sfd: int, stage: str, *, name: str, mode: str) -> tuple[Path, _gc.LeaseKey]:
     with opened(open_subdir(sfd, stage, root / STAGING_DIR / stage, create=False)) as stage_fd:
         assert stage_fd is not None
-        exported = export(model_or_pipeline, fd_path(stage_fd), name=name, mode=mode)
+        exported = export(model_or_pipeline, fd_path(stage_fd), name=name, mode=mode, hf_layout=False)
         os.unlink("modelwrapper.yaml", dir_fd=stage_fd)
         # torch.save stamps a random id into every archive, so the skeleton
         # files never hash alike; the architecture's repr stands in for them.

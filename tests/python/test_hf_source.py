@@ -233,3 +233,30 @@ stringData: {token: hf_secret}
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert len(generations(root)) == 1
     assert "hf_secret" not in proc.stdout + proc.stderr, "the token leaked into the output"
+
+
+def test_export_of_a_pretrained_model_writes_the_hf_layout(tmp_path: Path, shm: Path, reference) -> None:
+    import yaml
+
+    import modelwrapper
+
+    tokenizer_ref, expected = reference
+    model = transformers.AutoModel.from_pretrained(str(minilm_dir())).eval()
+    exported = modelwrapper.export(model, tmp_path / "export", name="minilm")
+    doc = yaml.safe_load(exported.yaml_path.read_text())
+    [component] = doc["spec"]["pipeline"]["components"]
+    assert "weights" not in component and "skeleton" not in component, "no pickle for a PreTrainedModel"
+    source = component["source"]
+    assert source["uri"] == (tmp_path / "export" / "model").as_uri() + "/"
+    assert set(source["sha256"]) >= {"config.json", "model.safetensors"}
+    root = shm / "root"
+    proc = fill(exported.yaml_path, root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [gen] = generations(root)
+    generation = Path(gen["path"])
+    loaded = modelwrapper.load(generation)
+    assert type(loaded).__name__ == "BertModel"
+    assert torch.equal(embed(loaded, tokenizer_ref), expected)
+    assert_zero_copy(loaded, generation)
+    in_place = transformers.AutoModel.from_pretrained(str(generation / "model")).eval()
+    assert torch.allclose(embed(in_place, tokenizer_ref), expected, atol=1e-6)
