@@ -4,6 +4,8 @@
 //! writes the status. One object per node keeps writes small and
 //! conflict-free at 1,000 nodes.
 
+use std::collections::BTreeMap;
+
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -105,6 +107,10 @@ pub struct ModelReplicaStatus {
     /// When Failed and retried: when the next attempt starts (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_retry_time: Option<String>,
+    /// What each directory source resolved to when Ready, by component: the
+    /// commit of an `hf://` revision, the manifest digest of an `oci://` tag.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub revisions: BTreeMap<String, String>,
     /// Pods on the node that mount this wrapper.
     #[serde(default)]
     pub mounts: u32,

@@ -385,6 +385,60 @@ mod tests {
         serde_yaml::from_str(yaml).unwrap()
     }
 
+    fn source_errors(source: &str, pinning: Pinning) -> Vec<String> {
+        let s = spec(&format!("pipeline: {{components: [{{name: m, source: {source}}}]}}"));
+        match validate_sources("ns", "w", &s, pinning) {
+            Ok(()) => Vec::new(),
+            Err(e) => e.errors.into_iter().map(|e| format!("{}: {}", e.field, e.message)).collect(),
+        }
+    }
+
+    #[test]
+    fn directory_sources_must_be_pinned_in_a_cluster() {
+        let commit = "0123456789abcdef0123456789abcdef01234567";
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let sha = "cd".repeat(32);
+        // Content-addressed or pinned: fine in a cluster.
+        for ok in [
+            format!("{{uri: 'hf://org/repo@{commit}'}}"),
+            format!("{{uri: 'oci://ghcr.io/org/model@{digest}'}}"),
+            format!("{{uri: 's3://bucket/prefix/', sha256: {{SHA256SUMS: {sha}}}}}"),
+            format!("{{uri: 'file:///models/m/', sha256: {{model.safetensors: {sha}}}}}"),
+        ] {
+            assert_eq!(source_errors(&ok, Pinning::Required), Vec::<String>::new(), "{ok}");
+        }
+        // Moving or unpinned: fine standalone, refused in a cluster, saying how to pin.
+        for (moving, says) in [
+            ("{uri: 'hf://org/repo@main'}", "40-hex commit"),
+            ("{uri: 'hf://org/repo'}", "40-hex commit"),
+            ("{uri: 'oci://ghcr.io/org/model:v1'}", "manifest digest"),
+            ("{uri: 's3://bucket/prefix/'}", "SHA256SUMS"),
+            ("{uri: 'file:///models/m/'}", "sha256 of every file"),
+        ] {
+            assert_eq!(source_errors(moving, Pinning::Optional), Vec::<String>::new(), "{moving}");
+            let errs = source_errors(moving, Pinning::Required);
+            assert!(errs.len() == 1 && errs[0].contains(says), "{moving}: {errs:?}");
+        }
+    }
+
+    #[test]
+    fn directory_sources_report_every_problem() {
+        let errs = source_errors(
+            "{uri: 'gs://b/p/', include: ['a[b'], sha256: {'../x': 'zz'}, endpoint: 'ftp://x', secretRef: {name: 'Bad_Name'}}",
+            Pinning::Optional,
+        );
+        let text = errs.join("\n");
+        for needle in [".uri: scheme gs://", ".include[0]", "not a relative path", "is not a sha256", ".endpoint", ".secretRef.name"] {
+            assert!(text.contains(needle), "{needle} not in {text}");
+        }
+        let both = spec("pipeline: {components: [{name: m, weights: {uri: 'file:///m'}, source: {uri: 'hf://o/r'}}]}");
+        let e = validate_sources("ns", "w", &both, Pinning::Optional).unwrap_err();
+        assert!(e.to_string().contains("not both"), "{e}");
+        let neither = spec("pipeline: {components: [{name: m}]}");
+        let e = validate_sources("ns", "w", &neither, Pinning::Optional).unwrap_err();
+        assert!(e.to_string().contains("set weights"), "{e}");
+    }
+
     #[test]
     fn a_good_spec_passes() {
         let s = spec(&format!(

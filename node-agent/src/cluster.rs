@@ -201,7 +201,13 @@ pub fn replica_status(replica: &ModelReplica, shared: &Shared, root: &VolumeRoot
         }
         FillState::Ready => {
             s.phase = ReplicaPhase::Ready;
-            let total = root.read_manifest(&ns, name, &generation).map_or(0, |m| m.total_bytes);
+            let manifest = root.read_manifest(&ns, name, &generation);
+            let total = manifest.as_ref().map_or(0, |m| m.total_bytes);
+            s.revisions = manifest
+                .iter()
+                .flat_map(|m| &m.components)
+                .filter_map(|c| Some((c.name.clone(), c.directory.as_ref()?.revision.clone()?)))
+                .collect();
             s.bytes_total = total;
             s.bytes_done = total;
             s.digest = Some(generation);

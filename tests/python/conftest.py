@@ -62,3 +62,35 @@ def local_volume(model, where: Path, *, skeletons: bool = True, factory: dict | 
         manifest["components"][0]["skeleton"] = factory
     (where / "volume" / "manifest.json").write_text(json.dumps(manifest))
     return where / "volume"
+
+
+def directory_volume(where: Path, shards: dict[str, dict], *, component: str = "llm", config: dict | None = None) -> Path:
+    """A format v2 generation written without the agent: component
+    ``component`` is a directory holding ``shards`` (file name -> tensors)
+    and, with ``config``, a ``config.json``."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    gen = where / "0123456789abcdef"
+    (gen / component).mkdir(parents=True)
+    if config is not None:
+        (gen / component / "config.json").write_text(json.dumps(config))
+    for name, tensors in shards.items():
+        save_file(tensors, str(gen / component / name))
+    files = []
+    for p in sorted((gen / component).iterdir()):
+        entry = {"file": f"{component}/{p.name}", "bytes": p.stat().st_size,
+                 "sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "source": p.as_uri()}
+        if p.suffix == ".safetensors":
+            n = int.from_bytes(p.read_bytes()[:8], "little")
+            entry["safetensors"] = {"tensors": len(shards[p.name]), "dtypes": [], "dataOffset": 8 + n}
+        files.append(entry)
+    manifest = {
+        "format": "zerocopy.dev/v2", "namespace": "t", "name": "v", "generation": gen.name, "mode": "actor",
+        "created": "2026-01-01T00:00:00Z", "totalBytes": sum(f["bytes"] for f in files),
+        "components": [{"name": component, "directory": {
+            "path": component, "weights": [f"{component}/{n}" for n in sorted(shards)], "files": files}}],
+    }
+    (gen / "manifest.json").write_text(json.dumps(manifest))
+    return gen

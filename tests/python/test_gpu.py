@@ -156,3 +156,21 @@ def test_a_model_exported_from_the_gpu_loads_on_the_cpu_and_on_the_gpu(shm_dir: 
     assert on_gpu.text_encoder.scale.is_cuda
     x = torch.randn(3, 64, device="cuda")
     assert torch.equal(on_gpu.text_encoder(x), pipe.text_encoder(x))
+
+
+def test_a_sharded_directory_component_lands_on_the_gpu_byte_for_byte(tmp_path: Path) -> None:
+    from conftest import directory_volume
+
+    g = torch.Generator().manual_seed(3)
+    a = {f"layers.{i}.weight": torch.randn(256, 512, generator=g).to(torch.bfloat16) for i in range(4)}
+    b = {"embed.weight": torch.randn(1000, 64, generator=g), "head.bias": torch.arange(7, dtype=torch.int64)}
+    gen = directory_volume(Path(tempfile.mkdtemp(dir="/dev/shm")), {"model-00001-of-00002.safetensors": a, "model-00002-of-00002.safetensors": b})
+    try:
+        on_gpu = modelwrapper.load(gen, device="cuda")
+        assert set(on_gpu) == set(a) | set(b)
+        for name, t in {**a, **b}.items():
+            assert on_gpu[name].device.type == "cuda" and torch.equal(on_gpu[name].cpu(), t), name
+        one = modelwrapper.load_state_dict(gen, file="model-00002-of-00002.safetensors", device="cuda:0")
+        assert set(one) == set(b) and all(t.device.type == "cuda" for t in one.values())
+    finally:
+        shutil.rmtree(gen.parent, ignore_errors=True)

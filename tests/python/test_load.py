@@ -430,3 +430,26 @@ def test_four_processes_share_one_copy_of_a_512mb_pipeline(shm: Path) -> None:
     assert total_pss <= 1.1 * model_bytes, (total_pss, model_bytes)
     assert all(u[2] < 0.01 * model_bytes for u in usage), usage
     assert all("Pss:" in r for r in rollup)
+
+
+def test_a_directory_component_merges_its_shards_and_refuses_repeated_names(tmp_path: Path) -> None:
+    from conftest import directory_volume
+
+    a = {"layers.0.weight": torch.randn(4, 8), "embed.weight": torch.randn(16, 8).to(torch.bfloat16)}
+    b = {"layers.1.weight": torch.randn(4, 8), "head.bias": torch.arange(3, dtype=torch.int64)}
+    gen = directory_volume(tmp_path / "ok", {"model-00001-of-00002.safetensors": a, "model-00002-of-00002.safetensors": b})
+    tensors = modelwrapper.load(gen)
+    assert set(tensors) == set(a) | set(b)
+    for name, t in {**a, **b}.items():
+        assert torch.equal(tensors[name], t), name
+    assert modelwrapper.load_state_dict(gen, "llm").keys() == tensors.keys()
+    one = modelwrapper.load_state_dict(gen, "llm", file="model-00002-of-00002.safetensors")
+    assert set(one) == set(b)
+    with pytest.raises(modelwrapper.VolumeError, match="has no safetensors file 'nope.safetensors'"):
+        modelwrapper.load_state_dict(gen, "llm", file="nope.safetensors")
+    info = modelwrapper.ModelWrapper.from_volume(gen)._model_info["llm"]
+    assert info["tensors"] == 4 and info["bytes"] > 0
+    ranks = directory_volume(tmp_path / "ranks", {"rank0.safetensors": a, "rank1.safetensors": a})
+    with pytest.raises(modelwrapper.VolumeError, match="is in both rank0.safetensors and rank1.safetensors"):
+        modelwrapper.load(ranks)
+    assert set(modelwrapper.load_state_dict(ranks, file="rank1.safetensors")) == set(a)
