@@ -112,6 +112,10 @@ impl DirectorySource {
                     path: u.path().to_string(),
                 })
             }
+            // Url::parse would quietly resolve `a/../b`; a prefix is taken as written.
+            Ok(u) if u.scheme() == "s3" && uri.split('/').skip(3).any(|p| p == "." || p == "..") => Err(format!(
+                "{uri:?}: the prefix must be a plain path (no '.', '..' or empty parts)"
+            )),
             Ok(u) if u.scheme() == "s3" => {
                 let bucket = u.host_str().unwrap_or_default();
                 let bucket_ok = (3..=63).contains(&bucket.len())
