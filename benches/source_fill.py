@@ -5,7 +5,8 @@ index) from real servers on 127.0.0.1, side by side in one run:
   moto's S3 server (`s3://`) and from Debian's docker-registry (`oci://`);
 - the official clients from the same servers into tmpfs:
   `huggingface_hub.snapshot_download` and boto3 (`download_file` per object,
-  its transfer manager's default concurrency);
+  its transfer manager's default ranged concurrency, as `aws s3 cp` does;
+  and `get_object` streamed, one request per object);
 - `cp` of the same files from the page cache into tmpfs (the floor).
 
     cargo build --release -p zerocopy-node-agent
@@ -106,7 +107,7 @@ spec:
 apiVersion: v1
 kind: Secret
 metadata: {{name: s3}}
-stringData: {{AWS_ACCESS_KEY_ID: bench, AWS_SECRET_ACCESS_KEY: bench-secret}}
+stringData: {{AWS_ACCESS_KEY_ID: bench, AWS_SECRET_ACCESS_KEY: bench-secret, endpoint: "{endpoint}"}}
 """
     )
     started = time.perf_counter()
@@ -181,6 +182,8 @@ def main() -> None:
                                                     ", secretRef: {name: s3}"),
                 "boto3 download_file": lambda d: timed(lambda: [
                     s3.download_file(BUCKET, f"llm/{p.name}", str(d / p.name)) for p in files]),
+                "boto3 get_object (one stream each)": lambda d: timed(lambda: [
+                    stream_to(s3.get_object(Bucket=BUCKET, Key=f"llm/{p.name}")["Body"], d / p.name) for p in files]),
                 "agent oci://": lambda d: agent_fill(args.agent, d, f"oci://{reg}/models/bench:v1", f"http://{reg}"),
             }
             for run in range(args.runs):
@@ -232,6 +235,12 @@ def timed(fn) -> float:
     started = time.perf_counter()
     fn()
     return time.perf_counter() - started
+
+
+def stream_to(body, path: Path) -> None:
+    with open(path, "wb") as f:
+        for chunk in body.iter_chunks(8 << 20):
+            f.write(chunk)
 
 
 def run_cp(files: list[Path], dest: Path) -> float:

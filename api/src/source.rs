@@ -2,7 +2,7 @@
 //! paths are taken, and which paths may exist inside a generation at all.
 //! Shared by validation (operator, agent) and the fill engine.
 
-use globset::{Glob, GlobBuilder, GlobMatcher};
+use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 
 /// Paths taken when a source gives no `include`: every file except weight
 /// formats other than safetensors (a Hugging Face repo often carries the same
@@ -27,6 +27,10 @@ pub const DEFAULT_EXCLUDES: [&str; 15] = [
 
 /// Most files one directory source may select.
 pub const MAX_FILES: usize = 10_000;
+/// Longest include/exclude glob, and most globs of each kind.
+pub const MAX_GLOB_LEN: usize = 256;
+/// Most include (or exclude) globs of one source.
+pub const MAX_GLOBS: usize = 64;
 
 /// Where a directory source's files come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,9 +117,17 @@ impl DirectorySource {
                 })
             }
             // Url::parse would quietly resolve `a/../b`; a prefix is taken as written.
-            Ok(u) if u.scheme() == "s3" && uri.split('/').skip(3).any(|p| p == "." || p == "..") => Err(format!(
-                "{uri:?}: the prefix must be a plain path (no '.', '..' or empty parts)"
-            )),
+            Ok(u)
+                if u.scheme() == "s3"
+                    && uri.split('/').skip(3).any(|p| {
+                        let p = p.to_ascii_lowercase().replace("%2e", ".");
+                        p == "." || p == ".."
+                    }) =>
+            {
+                Err(format!(
+                    "{uri:?}: the prefix must be a plain path (no '.', '..' or empty parts)"
+                ))
+            }
             Ok(u) if u.scheme() == "s3" => {
                 let bucket = u.host_str().unwrap_or_default();
                 let bucket_ok = (3..=63).contains(&bucket.len())
@@ -224,37 +236,57 @@ pub fn is_safe_relative_path(path: &str) -> bool {
 }
 
 /// One glob as include/exclude patterns are read: `*` stays within a path
-/// part, `**` crosses them.
-pub fn glob(pattern: &str) -> Result<Glob, globset::Error> {
-    GlobBuilder::new(pattern).literal_separator(true).build()
+/// part, `**` crosses them. At most [`MAX_GLOB_LEN`] bytes.
+pub fn glob(pattern: &str) -> Result<Glob, String> {
+    if pattern.len() > MAX_GLOB_LEN {
+        return Err(format!("longer than {MAX_GLOB_LEN} characters"));
+    }
+    GlobBuilder::new(pattern)
+        .literal_separator(true)
+        .build()
+        .map_err(|e| e.to_string())
 }
 
 /// Which paths of a source are taken.
 #[derive(Debug, Clone)]
 pub struct Selection {
-    include: Vec<GlobMatcher>,
-    exclude: Vec<GlobMatcher>,
+    include: Option<GlobSet>,
+    exclude: GlobSet,
 }
 
 impl Selection {
-    /// From a spec's globs (already validated; a bad one matches nothing).
-    pub fn new(include: &[String], exclude: &[String]) -> Self {
-        let compile = |g: &str| glob(g).ok().map(|g| g.compile_matcher());
-        let mut excluded: Vec<GlobMatcher> = exclude.iter().filter_map(|g| compile(g)).collect();
+    /// From a spec's globs, or why they cannot be used (bad or too many
+    /// globs, or a set too large to compile).
+    pub fn new(include: &[String], exclude: &[String]) -> Result<Self, String> {
+        if include.len() > MAX_GLOBS || exclude.len() > MAX_GLOBS {
+            return Err(format!("at most {MAX_GLOBS} include and {MAX_GLOBS} exclude globs"));
+        }
+        let set = |globs: &mut dyn Iterator<Item = &str>| -> Result<GlobSet, String> {
+            let mut b = GlobSetBuilder::new();
+            for g in globs {
+                b.add(glob(g).map_err(|e| format!("{g:?}: {e}"))?);
+            }
+            b.build().map_err(|e| e.to_string())
+        };
+        let mut excluded: Vec<&str> = exclude.iter().map(String::as_str).collect();
         if include.is_empty() {
-            excluded.extend(DEFAULT_EXCLUDES.iter().filter_map(|g| compile(g)));
+            excluded.extend(DEFAULT_EXCLUDES);
         }
-        Self {
-            include: include.iter().filter_map(|g| compile(g)).collect(),
-            exclude: excluded,
-        }
+        Ok(Self {
+            include: if include.is_empty() {
+                None
+            } else {
+                Some(set(&mut include.iter().map(String::as_str))?)
+            },
+            exclude: set(&mut excluded.into_iter())?,
+        })
     }
 
     /// True when `path` is taken.
     pub fn takes(&self, path: &str) -> bool {
         is_safe_relative_path(path)
-            && (self.include.is_empty() || self.include.iter().any(|g| g.is_match(path)))
-            && !self.exclude.iter().any(|g| g.is_match(path))
+            && self.include.as_ref().is_none_or(|g| g.is_match(path))
+            && !self.exclude.is_match(path)
     }
 }
 
@@ -324,6 +356,7 @@ mod tests {
             assert!(DirectorySource::parse(bad).is_err(), "{bad}");
         }
         assert!(DirectorySource::parse("s3://bucket/a/../b").is_err());
+        assert!(DirectorySource::parse("s3://bucket/a/%2E%2e/b").is_err());
         assert!(DirectorySource::parse("gs://bucket/prefix/")
             .unwrap_err()
             .contains("not supported yet"));
@@ -359,7 +392,7 @@ mod tests {
 
     #[test]
     fn selection_defaults_skip_other_weight_formats() {
-        let all = Selection::new(&[], &[]);
+        let all = Selection::new(&[], &[]).unwrap();
         for taken in [
             "model.safetensors",
             "config.json",
@@ -378,11 +411,17 @@ mod tests {
         ] {
             assert!(!all.takes(skipped), "{skipped}");
         }
-        let some = Selection::new(&["*.json".into(), "*.safetensors".into()], &["tokenizer*".into()]);
+        let some = Selection::new(&["*.json".into(), "*.safetensors".into()], &["tokenizer*".into()]).unwrap();
         assert!(some.takes("config.json"));
         assert!(!some.takes("1_Pooling/config.json"), "* stays within a path part");
         assert!(!some.takes("tokenizer.json"));
         assert!(some.takes("model.safetensors"));
-        assert!(Selection::new(&["**/*.json".into()], &[]).takes("1_Pooling/config.json"));
+        assert!(Selection::new(&["**/*.json".into()], &[])
+            .unwrap()
+            .takes("1_Pooling/config.json"));
+        assert!(
+            Selection::new(&["*a".repeat(100_000)], &[]).is_err(),
+            "a huge glob is refused, not compiled"
+        );
     }
 }

@@ -325,11 +325,31 @@ fn check_directory_source(errs: &mut ValidationErrors, at: &str, source: &Direct
             }
         }
     }
+    let mut globs_ok = true;
     for (kind, globs) in [("include", &source.include), ("exclude", &source.exclude)] {
         for (j, g) in globs.iter().enumerate() {
             if let Err(e) = crate::source::glob(g) {
+                globs_ok = false;
                 errs.push(format!("{at}.{kind}[{j}]"), format!("{g:?} is not a glob: {e}"));
             }
+        }
+    }
+    if globs_ok {
+        if let Err(e) = crate::source::Selection::new(&source.include, &source.exclude) {
+            errs.push(format!("{at}.include"), e);
+        }
+    }
+    if let Some(region) = &source.region {
+        let ok = !region.is_empty()
+            && region.len() <= 32
+            && region
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !ok {
+            errs.push(
+                format!("{at}.region"),
+                format!("{region:?} is not a region name (e.g. us-east-1)"),
+            );
         }
     }
     for (path, sha) in &source.sha256 {
@@ -389,7 +409,11 @@ mod tests {
         let s = spec(&format!("pipeline: {{components: [{{name: m, source: {source}}}]}}"));
         match validate_sources("ns", "w", &s, pinning) {
             Ok(()) => Vec::new(),
-            Err(e) => e.errors.into_iter().map(|e| format!("{}: {}", e.field, e.message)).collect(),
+            Err(e) => e
+                .errors
+                .into_iter()
+                .map(|e| format!("{}: {}", e.field, e.message))
+                .collect(),
         }
     }
 
@@ -415,7 +439,11 @@ mod tests {
             ("{uri: 's3://bucket/prefix/'}", "SHA256SUMS"),
             ("{uri: 'file:///models/m/'}", "sha256 of every file"),
         ] {
-            assert_eq!(source_errors(moving, Pinning::Optional), Vec::<String>::new(), "{moving}");
+            assert_eq!(
+                source_errors(moving, Pinning::Optional),
+                Vec::<String>::new(),
+                "{moving}"
+            );
             let errs = source_errors(moving, Pinning::Required);
             assert!(errs.len() == 1 && errs[0].contains(says), "{moving}: {errs:?}");
         }
@@ -428,7 +456,14 @@ mod tests {
             Pinning::Optional,
         );
         let text = errs.join("\n");
-        for needle in [".uri: scheme gs://", ".include[0]", "not a relative path", "is not a sha256", ".endpoint", ".secretRef.name"] {
+        for needle in [
+            ".uri: scheme gs://",
+            ".include[0]",
+            "not a relative path",
+            "is not a sha256",
+            ".endpoint",
+            ".secretRef.name",
+        ] {
             assert!(text.contains(needle), "{needle} not in {text}");
         }
         let both = spec("pipeline: {components: [{name: m, weights: {uri: 'file:///m'}, source: {uri: 'hf://o/r'}}]}");

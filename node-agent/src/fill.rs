@@ -489,7 +489,7 @@ impl FillEngine {
                 f.size = self.size_of(f).await.map_err(|e| fetch_error(&wrapper, f, e))?;
             }
         }
-        let needed: u64 = plan.iter().filter_map(|f| f.size).sum();
+        let needed: u64 = plan.iter().filter_map(|f| f.size).fold(0, u64::saturating_add);
         let key = format!("{wrapper}@{generation}");
         let (used, limit, _reservation) = {
             // Read under the lock: a fill that publishes and drops its
@@ -542,7 +542,10 @@ impl FillEngine {
         if own_tmpfs {
             let all_known = plan.iter().all(|f| f.size.is_some());
             let size = if all_known { needed } else { limit.min(host_memory()) };
-            let size = (size + TMPFS_SLACK).div_ceil(TMPFS_ROUND) * TMPFS_ROUND;
+            let size = size
+                .saturating_add(TMPFS_SLACK)
+                .div_ceil(TMPFS_ROUND)
+                .saturating_mul(TMPFS_ROUND);
             mount::mount_tmpfs(&staging, size, spec.memory.huge_pages)
                 .map_err(io_err("mounting tmpfs at", &staging))?;
             guard.mounted = true;
@@ -634,7 +637,7 @@ impl FillEngine {
                 reason,
             };
             let unreachable = |e: FetchError| source_error(wrapper, &c.name, &src.uri, e);
-            let selection = Selection::new(&src.include, &src.exclude);
+            let selection = Selection::new(&src.include, &src.exclude).map_err(bad)?;
             let mut auth = None;
             let mut listed: Vec<Listed> = match DirectorySource::parse(&src.uri).map_err(bad)? {
                 DirectorySource::HuggingFace { repo, revision } => {
@@ -647,6 +650,12 @@ impl FillEngine {
                     let listing = source::hf::list(&self.http, &endpoint, &repo, &revision, auth.as_ref())
                         .await
                         .map_err(unreachable)?;
+                    if zerocopy_api::source::is_commit(&revision) && listing.commit != revision {
+                        return Err(bad(format!(
+                            "the hub answered commit {} for the pinned commit {revision}; refusing a server that does not serve the commit asked for",
+                            listing.commit
+                        )));
+                    }
                     tracing::info!(wrapper, component = %c.name, %repo, %revision, commit = %listing.commit, files = listing.files.len(), "hub revision resolved");
                     revisions.insert(c.name.clone(), listing.commit.clone());
                     let mut out = Vec::new();
@@ -670,17 +679,7 @@ impl FillEngine {
                     out
                 }
                 DirectorySource::S3 { bucket, prefix } => {
-                    let credentials = match &src.secret_ref {
-                        Some(secret) => Some(self.secrets.get(namespace, &secret.name).await.map_err(|reason| {
-                            FillError::Source {
-                                wrapper: wrapper.into(),
-                                component: c.name.clone(),
-                                uri: src.uri.clone(),
-                                reason,
-                            }
-                        })?),
-                        None => None,
-                    };
+                    let credentials = self.credentials(namespace, wrapper, &c.name, src).await?;
                     let store = source::s3::bucket(
                         &self.http,
                         &bucket,
@@ -689,7 +688,7 @@ impl FillEngine {
                         credentials.as_ref(),
                     )
                     .map_err(unreachable)?;
-                    let objects = source::s3::list(store.as_ref(), &bucket, &prefix)
+                    let objects = source::s3::list(store.as_ref(), &bucket, &prefix, 4 * MAX_FILES)
                         .await
                         .map_err(unreachable)?;
                     if objects.is_empty() {
@@ -722,17 +721,7 @@ impl FillEngine {
                     repository,
                     reference,
                 } => {
-                    let credentials = match &src.secret_ref {
-                        Some(secret) => Some(self.secrets.get(namespace, &secret.name).await.map_err(|reason| {
-                            FillError::Source {
-                                wrapper: wrapper.into(),
-                                component: c.name.clone(),
-                                uri: src.uri.clone(),
-                                reason,
-                            }
-                        })?),
-                        None => None,
-                    };
+                    let credentials = self.credentials(namespace, wrapper, &c.name, src).await?;
                     let base = source::oci::base_url(&registry, src.endpoint.as_deref()).map_err(unreachable)?;
                     let artifact = source::oci::resolve(
                         &self.http,
@@ -765,8 +754,12 @@ impl FillEngine {
                     out
                 }
                 DirectorySource::Directory { path } => {
+                    let path = url::Url::parse(&src.uri)
+                        .ok()
+                        .and_then(|u| u.to_file_path().ok())
+                        .unwrap_or_else(|| PathBuf::from(&path));
                     let policy = self.policy.clone();
-                    tokio::task::spawn_blocking(move || list_directory(&policy, Path::new(&path)))
+                    tokio::task::spawn_blocking(move || list_directory(&policy, &path))
                         .await
                         .map_err(|e| unreachable(FetchError::Write(io::Error::other(e))))?
                         .map_err(unreachable)?
@@ -781,6 +774,9 @@ impl FillEngine {
                 .collect();
             listed.retain(|l| selection.takes(&l.path));
             listed.sort_by(|a, b| a.path.cmp(&b.path));
+            if let Some(w) = listed.windows(2).find(|w| w[0].path == w[1].path) {
+                return Err(bad(format!("the source lists {} twice", w[0].path)));
+            }
             for (path, pin) in &src.sha256 {
                 match listed.iter_mut().find(|l| &l.path == path) {
                     Some(l) => match &l.sha256 {
@@ -798,8 +794,14 @@ impl FillEngine {
                     }
                 }
             }
-            if let Some(sums) = listed.iter().find(|l| l.path == SUMS_FILE) {
-                let text = self.read_small(sums).await.map_err(unreachable)?;
+            if let Some(index) = listed.iter().position(|l| l.path == SUMS_FILE) {
+                let sums = &listed[index];
+                if self.policy.require_sha256 && sums.sha256.is_none() {
+                    return Err(bad(format!(
+                        "{SUMS_FILE} is not pinned: in a cluster its lines count only when the spec pins it (source.sha256: {{{SUMS_FILE}: <sha256>}})"
+                    )));
+                }
+                let text = self.read_small(sums, auth.as_ref()).await.map_err(unreachable)?;
                 let actual = hex::encode(sha2::Sha256::digest(&text));
                 if let Some(pin) = &sums.sha256 {
                     if !pin.eq_ignore_ascii_case(&actual) {
@@ -813,8 +815,13 @@ impl FillEngine {
                         });
                     }
                 }
+                // The staged copy must be the one read here.
+                listed[index].sha256 = Some(actual);
                 let sums = parse_sums(&text).map_err(|e| bad(format!("{SUMS_FILE}: {e}")))?;
                 for l in &mut listed {
+                    if l.path == SUMS_FILE {
+                        continue;
+                    }
                     let Some(listed_sum) = sums.get(&l.path) else { continue };
                     match &l.sha256 {
                         Some(pin) if !pin.eq_ignore_ascii_case(listed_sum) => {
@@ -891,22 +898,13 @@ impl FillEngine {
     }
 
     /// A small listed file (a SHA256SUMS), read whole before the fill.
-    async fn read_small(&self, l: &Listed) -> Result<Vec<u8>, FetchError> {
+    async fn read_small(&self, l: &Listed, auth: Option<&HeaderValue>) -> Result<Vec<u8>, FetchError> {
         const LIMIT: usize = 4 << 20;
         if l.size.is_some_and(|n| n > LIMIT as u64) {
             return Err(FetchError::TooLarge(LIMIT as u64));
         }
         if let Some(o) = &l.object {
-            let got = o
-                .store
-                .get(&object_store::path::Path::from(o.key.as_str()))
-                .await
-                .map_err(|e| FetchError::Unreachable(format!("s3://{}/{}: {e}", o.bucket, o.key)))?;
-            let bytes = got
-                .bytes()
-                .await
-                .map_err(|e| FetchError::Unreachable(format!("s3://{}/{}: {e}", o.bucket, o.key)))?;
-            return Ok(bytes.to_vec());
+            return source::s3::read_small(o.store.as_ref(), &o.bucket, &o.key, LIMIT).await;
         }
         if l.uri.scheme() == "file" {
             let (mut f, _) = source::file::open(&l.uri, &self.policy)?;
@@ -917,11 +915,50 @@ impl FillEngine {
                 .map_err(|e| FetchError::Unreachable(format!("{}: {e}", l.uri)))?;
             return Ok(text);
         }
-        let (status, _, body) = source::http::get_document(&self.http, &l.uri, None, None, LIMIT).await?;
+        let (status, _, body) = source::http::get_document(&self.http, &l.uri, auth, None, LIMIT).await?;
         if !status.is_success() {
             return Err(FetchError::Status(status.as_u16()));
         }
         Ok(body)
+    }
+
+    /// The credentials Secret of a source, checked to go only where its
+    /// owner meant: a spec that sets its own `endpoint` (which anyone who
+    /// may write the ModelWrapper chooses) gets the Secret only when the
+    /// Secret names that endpoint too (key `endpoint`), so a ModelWrapper
+    /// cannot send a shared token to a server of its author's choosing.
+    async fn credentials(
+        &self,
+        namespace: &str,
+        wrapper: &str,
+        component: &str,
+        src: &zerocopy_api::spec::DirectorySourceSpec,
+    ) -> Result<Option<crate::secrets::SecretData>, FillError> {
+        let Some(secret) = &src.secret_ref else {
+            return Ok(None);
+        };
+        let failed = |reason: String| FillError::Source {
+            wrapper: wrapper.into(),
+            component: component.into(),
+            uri: src.uri.clone(),
+            reason,
+        };
+        let data = self.secrets.get(namespace, &secret.name).await.map_err(failed)?;
+        if let Some(endpoint) = &src.endpoint {
+            let same = |a: &str, b: &str| a.trim_end_matches('/') == b.trim_end_matches('/');
+            if !data.get("endpoint").is_some_and(|e| same(e.trim(), endpoint)) {
+                return Err(FillError::Refused {
+                    wrapper: wrapper.into(),
+                    component: component.into(),
+                    uri: src.uri.clone(),
+                    reason: format!(
+                        "the source sends Secret {namespace}/{} to its own endpoint {endpoint}, which the Secret does not name: add `endpoint: {endpoint}` to the Secret (its owner's consent), or drop the endpoint",
+                        secret.name
+                    ),
+                });
+            }
+        }
+        Ok(Some(data))
     }
 
     /// The `Authorization` header for a source that names a Secret.
@@ -941,9 +978,17 @@ impl FillEngine {
             uri: src.uri.clone(),
             reason,
         };
-        let token = crate::secrets::token(self.secrets.as_ref(), namespace, secret)
-            .await
-            .map_err(failed)?;
+        let data = self
+            .credentials(namespace, wrapper, component, src)
+            .await?
+            .unwrap_or_default();
+        let token = data.get(secret.key()).map(|v| v.trim().to_string()).ok_or_else(|| {
+            failed(format!(
+                "Secret {namespace}/{} has no key {:?}",
+                secret.name,
+                secret.key()
+            ))
+        })?;
         let mut value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
             failed(format!(
                 "the token in Secret {namespace}/{} is not printable ASCII",
@@ -1034,8 +1079,10 @@ impl FillEngine {
             })?;
         let limit = match plan.kind {
             FileKind::Weights => limit,
-            FileKind::Entry if plan.is_safetensors() => limit,
-            FileKind::Entry => limit.min(MAX_AUX_BYTES),
+            // An entry may not grow past the size its listing gave (the
+            // capacity check counted that size).
+            FileKind::Entry if plan.is_safetensors() => limit.min(plan.size.unwrap_or(u64::MAX)),
+            FileKind::Entry => limit.min(MAX_AUX_BYTES).min(plan.size.unwrap_or(u64::MAX)),
             FileKind::Skeleton | FileKind::PipelineSkeleton => limit.min(MAX_SKELETON_BYTES),
         };
         let sink = HashingSink::new(file, limit);
@@ -1262,6 +1309,18 @@ fn plan_files(spec: &ModelWrapperSpec) -> Vec<PlannedFile> {
 /// opened beneath it without following symlinks (source::file::open).
 fn list_directory(policy: &SourcePolicy, dir: &Path) -> Result<Vec<Listed>, FetchError> {
     policy.file_location(dir).map_err(FetchError::Refused)?;
+    if policy.file_dirs.is_some() {
+        // read_dir follows symlinks in the path: in a cluster the directory
+        // must be reached without any, or its names would leak from elsewhere.
+        let real = fs::canonicalize(dir).map_err(|e| FetchError::Unreachable(format!("{}: {e}", dir.display())))?;
+        if real != dir.components().collect::<PathBuf>() {
+            return Err(FetchError::Refused(format!(
+                "{} goes through a symlink (it is {}); directory sources below an allowed directory are read without following symlinks",
+                dir.display(),
+                real.display()
+            )));
+        }
+    }
     let mut out = Vec::new();
     let mut pending = vec![(dir.to_path_buf(), String::new(), 0usize)];
     while let Some((at, prefix, depth)) = pending.pop() {
@@ -1389,12 +1448,17 @@ fn parse_sums(text: &[u8]) -> Result<BTreeMap<String, String>, String> {
         if line.trim().is_empty() || line.starts_with('#') {
             continue;
         }
-        let (sum, rest) = line.split_at(line.len().min(64));
+        let malformed = || format!("line {} is not `<sha256>  <path>` (sha256sum's output)", i + 1);
+        // Split on bytes: the first 64 must be hex (ASCII) for the split to be valid.
+        let sum = line
+            .get(..64)
+            .filter(|s| zerocopy_api::validation::is_sha256_hex(s))
+            .ok_or_else(malformed)?;
+        let rest = &line[64..];
         let path = rest
             .strip_prefix("  ")
             .or_else(|| rest.strip_prefix(" *"))
-            .filter(|_| zerocopy_api::validation::is_sha256_hex(sum))
-            .ok_or_else(|| format!("line {} is not `<sha256>  <path>` (sha256sum's output)", i + 1))?;
+            .ok_or_else(malformed)?;
         out.insert(path.trim_start_matches("./").to_string(), sum.to_ascii_lowercase());
     }
     Ok(out)
@@ -1631,6 +1695,8 @@ mod tests {
         assert_eq!(sums.get("model-00001-of-00002.safetensors"), Some(&a));
         assert_eq!(sums.get("1_Pooling/config.json"), Some(&"b".repeat(64)));
         assert!(parse_sums(b"abc  x\n").is_err());
+        // A multi-byte character across byte 64 is an error, not a panic.
+        assert!(parse_sums(format!("{}\u{e9}  x\n", "a".repeat(63)).as_bytes()).is_err());
         assert!(parse_sums(format!("{a}x\n").as_bytes()).is_err());
     }
 }

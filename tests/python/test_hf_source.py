@@ -211,17 +211,22 @@ def test_bad_hf_sources_fail_clearly_and_publish_nothing(
     assert not (root / "default").exists() or not any((root / "default").rglob("manifest.json"))
 
 
-def test_a_private_repo_reads_its_token_from_a_secret(tmp_path: Path, shm: Path) -> None:
+@pytest.mark.parametrize("consent", [True, False])
+def test_a_private_repo_reads_its_token_from_a_secret_that_names_the_endpoint(
+    tmp_path: Path, shm: Path, consent: bool
+) -> None:
     root = shm / "root"
-    secret = """---
-apiVersion: v1
-kind: Secret
-metadata: {name: hf-token}
-stringData: {token: hf_secret}
-"""
     with HubServer() as hub:
         hub.add_repo(REPO_ID, minilm_dir())
         hub.token = "hf_secret"
+        # The spec picks the endpoint; the Secret's owner must have named it.
+        endpoint_key = f", endpoint: '{hub.endpoint}'" if consent else ""
+        secret = f"""---
+apiVersion: v1
+kind: Secret
+metadata: {{name: hf-token}}
+stringData: {{token: hf_secret{endpoint_key}}}
+"""
         yaml = wrapper_yaml(
             tmp_path / "mw.yaml",
             f"hf://{REPO_ID}",
@@ -230,9 +235,26 @@ stringData: {token: hf_secret}
             documents=secret,
         )
         proc = fill(yaml, root)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert len(generations(root)) == 1
-    assert "hf_secret" not in proc.stdout + proc.stderr, "the token leaked into the output"
+        asked = [path for _, path in hub.requests]
+    output = proc.stdout + proc.stderr
+    assert "hf_secret" not in output, "the token leaked into the output"
+    if consent:
+        assert proc.returncode == 0, output
+        assert len(generations(root)) == 1
+    else:
+        assert proc.returncode != 0 and "which the Secret does not name" in output, output
+        assert asked == [], "nothing may be sent to an endpoint the Secret does not name"
+        assert generations(root) == []
+
+
+def test_a_hub_that_answers_another_commit_is_refused(tmp_path: Path, shm: Path) -> None:
+    pinned = "f" * 40
+    with HubServer() as hub:
+        repo = hub.add_repo(REPO_ID, minilm_dir())
+        repo.refs[pinned] = repo.commit  # a mirror answering the pinned commit with another
+        proc = fill(wrapper_yaml(tmp_path / "mw.yaml", f"hf://{REPO_ID}@{pinned}", hub.endpoint), shm / "root")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and f"for the pinned commit {pinned}" in output, output
 
 
 def test_export_of_a_pretrained_model_writes_the_hf_layout(tmp_path: Path, shm: Path, reference) -> None:

@@ -28,8 +28,8 @@ BUCKET = "models"
 SECRET = """---
 apiVersion: v1
 kind: Secret
-metadata: {name: s3-credentials}
-stringData: {AWS_ACCESS_KEY_ID: testing, AWS_SECRET_ACCESS_KEY: testing-secret}
+metadata: {{name: s3-credentials}}
+stringData: {{AWS_ACCESS_KEY_ID: testing, AWS_SECRET_ACCESS_KEY: testing-secret, endpoint: "{endpoint}"}}
 """
 
 
@@ -123,7 +123,7 @@ spec:
           uri: "s3://{BUCKET}/{prefix}"
           endpoint: "{endpoint}"
           secretRef: {{name: {secret}}}{pin}
-{SECRET}"""
+{SECRET.format(endpoint=endpoint)}"""
     )
     return path
 
@@ -204,3 +204,26 @@ def test_bad_s3_sources_fail_clearly_and_publish_nothing(
         assert text in output, f"{text!r} not in: {output}"
     assert generations(root) == []
     assert not any((root / ".staging").iterdir()), "a failed fill left staging behind"
+
+
+@pytest.mark.parametrize("endpoint", ["http://169.254.169.254", "http://[fd00:ec2::254]", "http://[::ffff:169.254.169.254]"])
+def test_an_s3_endpoint_at_a_metadata_address_is_refused(tmp_path: Path, shm: Path, endpoint: str) -> None:
+    """Even standalone, where internal addresses are allowed: an IP address in
+    the endpoint is never resolved, so the policy checks it on every request."""
+    yaml = tmp_path / "mw.yaml"
+    yaml.write_text(
+        f"""apiVersion: zerocopy.dev/v1alpha1
+kind: ModelWrapper
+metadata: {{name: minilm}}
+spec:
+  pipeline:
+    components:
+      - name: encoder
+        source: {{uri: "s3://latest/meta-data/", endpoint: "{endpoint}"}}
+"""
+    )
+    root = shm / "root"
+    proc = fill(yaml, root)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "refused" in output and "link-local" in output, output
+    assert generations(root) == []

@@ -70,6 +70,11 @@ impl HttpSource {
         Ok(Self { client, policy })
     }
 
+    /// The policy every request of this client is held to.
+    pub fn policy(&self) -> &Arc<SourcePolicy> {
+        &self.policy
+    }
+
     /// The underlying client, for libraries that make their own requests
     /// (object_store): the policy's resolver and redirect checks come with it.
     pub fn client(&self) -> &reqwest::Client {

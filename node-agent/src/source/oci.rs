@@ -107,7 +107,7 @@ pub async fn resolve(
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_string();
-        auth = Some(authorize(http, &challenge, repository, basic.as_ref()).await?);
+        auth = Some(authorize(http, base, &challenge, repository, basic.as_ref()).await?);
         (status, headers, body) = get_document(http, &manifest_url, auth.as_ref(), Some(&accept), MAX_MANIFEST).await?;
     }
     match status.as_u16() {
@@ -249,6 +249,7 @@ fn basic_auth(secret: &SecretData, registry: &str) -> Result<Option<String>, Fet
 /// credential, or Bearer with a token from the realm it names.
 async fn authorize(
     http: &HttpSource,
+    base: &url::Url,
     challenge: &str,
     repository: &str,
     basic: Option<&String>,
@@ -292,6 +293,15 @@ async fn authorize(
             "scope",
             &param("scope").unwrap_or_else(|| format!("repository:{repository}:pull")),
         );
+    }
+    // The realm is the registry's choice: its credential goes there only
+    // over https, or to the registry's own host.
+    let own_host =
+        token_url.host_str() == base.host_str() && token_url.port_or_known_default() == base.port_or_known_default();
+    if basic.is_some() && token_url.scheme() != "https" && !own_host {
+        return Err(FetchError::Refused(format!(
+            "the registry names the token service {token_url}, which is neither https nor the registry itself; the pull Secret's credential is not sent there"
+        )));
     }
     let basic_header = basic.map(|b| sensitive(format!("Basic {b}"))).transpose()?;
     let (status, _, body) = get_document(http, &token_url, basic_header.as_ref(), None, 1 << 20).await?;

@@ -14,11 +14,14 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 use object_store::aws::AmazonS3Builder;
-use object_store::client::{HttpClient, HttpConnector};
+use object_store::client::{
+    HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse, HttpService,
+};
 use object_store::path::Path as StorePath;
 use object_store::{ClientOptions, ObjectStore};
 
 use super::http::HttpSource;
+use super::policy::{check_url, SourcePolicy};
 use super::sink::HashingSink;
 use super::{FetchError, Fetched, Progress};
 use crate::secrets::SecretData;
@@ -26,14 +29,45 @@ use crate::secrets::SecretData;
 /// Region when the spec gives none.
 pub const DEFAULT_REGION: &str = "us-east-1";
 
-/// Hands object_store the agent's policy-checked client.
-#[derive(Debug)]
-struct PolicyConnector(reqwest::Client);
+/// Hands object_store the agent's client, with every request's URL checked
+/// against the policy first: names are checked by the client's resolver,
+/// but an IP address in the URL (an endpoint of `http://169.254.169.254`)
+/// is never resolved, so it is checked here.
+#[derive(Debug, Clone)]
+struct PolicyConnector {
+    client: reqwest::Client,
+    policy: Arc<SourcePolicy>,
+}
 
 impl HttpConnector for PolicyConnector {
     fn connect(&self, _: &ClientOptions) -> object_store::Result<HttpClient> {
-        Ok(HttpClient::new(self.0.clone()))
+        Ok(HttpClient::new(self.clone()))
     }
+}
+
+#[async_trait::async_trait]
+impl HttpService for PolicyConnector {
+    async fn call(&self, req: HttpRequest) -> Result<HttpResponse, HttpError> {
+        let url = url::Url::parse(&req.uri().to_string()).map_err(|e| HttpError::new(HttpErrorKind::Request, e))?;
+        if let Err(reason) = check_url(&self.policy, &url) {
+            let refused = std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!("{url} resolves to a refused address: {reason}"),
+            );
+            return Err(HttpError::new(HttpErrorKind::Request, refused));
+        }
+        self.client.call(req).await
+    }
+}
+
+/// True for an AWS region name (`us-east-1`, `eu-central-2`): it becomes
+/// part of a host name, so nothing else may pass.
+pub fn is_region(region: &str) -> bool {
+    !region.is_empty()
+        && region.len() <= 32
+        && region
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// A bucket client. `endpoint`: an S3-compatible server (path-style
@@ -45,11 +79,22 @@ pub fn bucket(
     region: Option<&str>,
     credentials: Option<&SecretData>,
 ) -> Result<Arc<dyn ObjectStore>, FetchError> {
+    let region = region.unwrap_or(DEFAULT_REGION);
+    if !is_region(region) {
+        return Err(FetchError::Refused(format!("{region:?} is not an S3 region name")));
+    }
     let mut builder = AmazonS3Builder::new()
         .with_bucket_name(bucket)
-        .with_region(region.unwrap_or(DEFAULT_REGION))
-        .with_http_connector(PolicyConnector(http.client().clone()));
+        .with_region(region)
+        .with_http_connector(PolicyConnector {
+            client: http.client().clone(),
+            policy: http.policy().clone(),
+        });
     if let Some(endpoint) = endpoint {
+        let parsed = url::Url::parse(endpoint)
+            .map_err(|e| FetchError::Refused(format!("endpoint {endpoint:?} is not a URL: {e}")))?;
+        check_url(http.policy(), &parsed)
+            .map_err(|reason| FetchError::Refused(format!("endpoint {endpoint}: {reason}")))?;
         builder = builder
             .with_endpoint(endpoint)
             .with_allow_http(endpoint.starts_with("http://"))
@@ -77,8 +122,14 @@ pub fn bucket(
     Ok(Arc::new(store))
 }
 
-/// Every object below `prefix`: `(path relative to the prefix, size)`.
-pub async fn list(store: &dyn ObjectStore, bucket: &str, prefix: &str) -> Result<Vec<(String, u64)>, FetchError> {
+/// Every object below `prefix`: `(path relative to the prefix, size)`, at
+/// most `max` of them.
+pub async fn list(
+    store: &dyn ObjectStore,
+    bucket: &str,
+    prefix: &str,
+    max: usize,
+) -> Result<Vec<(String, u64)>, FetchError> {
     let under = StorePath::from(prefix.trim_end_matches('/'));
     let mut objects = store.list(if prefix.is_empty() { None } else { Some(&under) });
     let mut out = Vec::new();
@@ -87,6 +138,29 @@ pub async fn list(store: &dyn ObjectStore, bucket: &str, prefix: &str) -> Result
         let key = meta.location.as_ref();
         let rel = key.strip_prefix(prefix).unwrap_or(key);
         out.push((rel.to_string(), meta.size));
+        if out.len() > max {
+            return Err(FetchError::Refused(format!(
+                "s3://{bucket}/{prefix} holds more than {max} objects; point the source at the model's own prefix"
+            )));
+        }
+    }
+    Ok(out)
+}
+
+/// One small object read whole, at most `limit` bytes.
+pub async fn read_small(store: &dyn ObjectStore, bucket: &str, key: &str, limit: usize) -> Result<Vec<u8>, FetchError> {
+    let got = store
+        .get(&StorePath::from(key))
+        .await
+        .map_err(|e| describe(bucket, key, e))?;
+    let mut stream = got.into_stream();
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| describe(bucket, key, e))?;
+        if out.len() + chunk.len() > limit {
+            return Err(FetchError::TooLarge(limit as u64));
+        }
+        out.extend_from_slice(&chunk);
     }
     Ok(out)
 }
