@@ -376,6 +376,65 @@ async fn four_nodes_fill_from_about_one_origin_download() {
     env.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_component_fills_on_every_node_pinned_and_copied_between_agents() {
+    let tmp = TmpfsDir::new();
+    // A sharded model directory on the nodes' disk, below a directory the
+    // admin allowed; in a cluster every file is pinned.
+    let models = tmp.path().join("models");
+    let dir = models.join("llm");
+    std::fs::create_dir_all(dir.join("1_Pooling")).unwrap();
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        ("model-00001-of-00002.safetensors", file(&[T::f32("a.weight", 300_000, 7)])),
+        ("model-00002-of-00002.safetensors", file(&[T::f32("b.weight", 200_000, 8)])),
+        (
+            "model.safetensors.index.json",
+            br#"{"weight_map": {"a.weight": "model-00001-of-00002.safetensors", "b.weight": "model-00002-of-00002.safetensors"}}"#.to_vec(),
+        ),
+        ("config.json", br#"{"model_type": "test"}"#.to_vec()),
+        ("1_Pooling/config.json", br#"{"pooling_mode_mean_tokens": true}"#.to_vec()),
+    ];
+    let mut pins = serde_json::Map::new();
+    for (rel, bytes) in &files {
+        std::fs::write(dir.join(rel), bytes).unwrap();
+        pins.insert(rel.to_string(), json!(sha256_hex(bytes)));
+    }
+    let allow = format!("--allow-file-dir={}", models.display());
+    let mut env = start_env(&tmp, 2, &[allow.as_str()]).await;
+    let wrappers: Api<ModelWrapper> = Api::namespaced(env.client.clone(), NS);
+    let w: ModelWrapper = serde_json::from_value(json!({
+        "apiVersion": "zerocopy.dev/v1alpha1", "kind": "ModelWrapper",
+        "metadata": {"name": "llm", "namespace": NS},
+        "spec": {"pipeline": {"components": [{"name": "llm", "source": {"uri": format!("file://{}/", dir.display()), "sha256": pins}}]}}
+    }))
+    .unwrap();
+    wrappers.create(&PostParams::default(), &w).await.unwrap();
+    let digest = env
+        .wait_alive("llm Ready on 2 nodes", 300, || async {
+            let s = wrappers.get("llm").await.ok()?.status?;
+            (s.ready_nodes == 2).then_some(s.digest?)
+        })
+        .await;
+    for node in ["node-1", "node-2"] {
+        let root = env.cluster.node_dirs(node).unwrap().root;
+        let gen = root.join(NS).join("llm").join(&digest);
+        let manifest: Value = serde_json::from_slice(&std::fs::read(gen.join("manifest.json")).unwrap()).unwrap();
+        assert_eq!(manifest["format"], "zerocopy.dev/v2", "{node}");
+        assert_eq!(
+            manifest["components"][0]["directory"]["weights"],
+            json!(["llm/model-00001-of-00002.safetensors", "llm/model-00002-of-00002.safetensors"]),
+            "{node}"
+        );
+        for (rel, bytes) in &files {
+            assert_eq!(&std::fs::read(gen.join("llm").join(rel)).unwrap(), bytes, "{node}: {rel}");
+        }
+    }
+    // One node read the node's disk, the other copied every file from it.
+    let copied: usize = ["node-1", "node-2"].iter().map(|n| agent_log(&env, n).matches("copied from a peer").count()).sum();
+    assert_eq!(copied, files.len(), "every file of the second node came from the first");
+    env.stop().await;
+}
+
 fn strip_ansi(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars();
