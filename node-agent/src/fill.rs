@@ -1126,7 +1126,18 @@ impl FillEngine {
                 .map_err(|e| FetchError::Write(io::Error::other(e)))
                 .and_then(|r| r)
             }
-            (None, _) => source::http::fetch(&self.http, &plan.uri, plan.auth.as_ref(), sink, bar.as_ref()).await,
+            (None, _) => match plan.size.filter(|n| *n >= source::http::RANGED_MIN) {
+                Some(size) => {
+                    let auth = plan.auth.as_ref();
+                    match source::http::fetch_ranged(&self.http, &plan.uri, auth, sink, size, bar.as_ref()).await {
+                        Ok(Ok(fetched)) => Ok(fetched),
+                        // No ranges from this server: one stream.
+                        Ok(Err(sink)) => source::http::fetch(&self.http, &plan.uri, auth, sink, bar.as_ref()).await,
+                        Err(e) => Err(e),
+                    }
+                }
+                None => source::http::fetch(&self.http, &plan.uri, plan.auth.as_ref(), sink, bar.as_ref()).await,
+            },
         }
         .map_err(|e| fetch_error(wrapper, &plan, e))?;
         if fetched.resumes > 0 {

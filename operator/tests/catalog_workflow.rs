@@ -422,15 +422,25 @@ async fn a_directory_component_fills_on_every_node_pinned_and_copied_between_age
         assert_eq!(manifest["format"], "zerocopy.dev/v2", "{node}");
         assert_eq!(
             manifest["components"][0]["directory"]["weights"],
-            json!(["llm/model-00001-of-00002.safetensors", "llm/model-00002-of-00002.safetensors"]),
+            json!([
+                "llm/model-00001-of-00002.safetensors",
+                "llm/model-00002-of-00002.safetensors"
+            ]),
             "{node}"
         );
         for (rel, bytes) in &files {
-            assert_eq!(&std::fs::read(gen.join("llm").join(rel)).unwrap(), bytes, "{node}: {rel}");
+            assert_eq!(
+                &std::fs::read(gen.join("llm").join(rel)).unwrap(),
+                bytes,
+                "{node}: {rel}"
+            );
         }
     }
     // One node read the node's disk, the other copied every file from it.
-    let copied: usize = ["node-1", "node-2"].iter().map(|n| agent_log(&env, n).matches("copied from a peer").count()).sum();
+    let copied: usize = ["node-1", "node-2"]
+        .iter()
+        .map(|n| agent_log(&env, n).matches("copied from a peer").count())
+        .sum();
     assert_eq!(copied, files.len(), "every file of the second node came from the first");
     env.stop().await;
 }

@@ -153,6 +153,7 @@ fn handle(stream: TcpStream, state: &State) -> std::io::Result<()> {
         let method = parts.next().unwrap_or("").to_string();
         let path = parts.next().unwrap_or("").to_string();
         let mut range: Option<u64> = None;
+        let mut range_end: Option<u64> = None;
         let mut if_range: Option<String> = None;
         loop {
             let mut h = String::new();
@@ -163,10 +164,10 @@ fn handle(stream: TcpStream, state: &State) -> std::io::Result<()> {
             }
             if let Some((k, v)) = h.split_once(':') {
                 if k.eq_ignore_ascii_case("range") {
-                    range = v
-                        .trim()
-                        .strip_prefix("bytes=")
-                        .and_then(|r| r.trim_end_matches('-').parse().ok());
+                    let spec = v.trim().strip_prefix("bytes=").unwrap_or_default();
+                    let (a, b) = spec.split_once('-').unwrap_or((spec, ""));
+                    range = a.parse().ok();
+                    range_end = b.parse().ok();
                 }
                 if k.eq_ignore_ascii_case("if-range") {
                     if_range = Some(v.trim().to_string());
@@ -225,19 +226,26 @@ fn handle(stream: TcpStream, state: &State) -> std::io::Result<()> {
         }
         // RFC 9110 If-Range: a validator that no longer matches gets the whole new body.
         let range = range.filter(|_| if_range.as_ref().is_none_or(|v| *v == tag));
+        let ranged = range.is_some() && ranges;
         let (status, start) = match range {
             Some(start) if ranges => ("206 Partial Content", start.min(body.len() as u64) as usize),
             _ => ("200 OK", 0),
         };
         let total = body.len();
+        // `bytes=a-b` serves through b (inclusive); `bytes=a-` to the end.
+        let end = match range_end {
+            Some(last) if ranged => (last as usize + 1).min(total).max(start),
+            _ => total,
+        };
+        let body = body[..end].to_vec();
         let mut head = format!(
             "HTTP/1.1 {status}\r\ncontent-length: {}\r\netag: {tag}\r\n{accept}",
-            total - start
+            end - start
         );
         if start > 0 || status.starts_with("206") {
             head.push_str(&format!(
                 "content-range: bytes {start}-{}/{total}\r\n",
-                total.saturating_sub(1)
+                end.saturating_sub(1)
             ));
         }
         head.push_str("\r\n");
@@ -258,11 +266,11 @@ fn handle(stream: TcpStream, state: &State) -> std::io::Result<()> {
                     .map_err(|_| std::io::Error::other("lock"))?
                     .insert(path.clone(), Entry::Body(new));
             }
-            out.write_all(&body[start..start + (total - start) / 2])?;
+            out.write_all(&body[start..start + (end - start) / 2])?;
             out.flush()?;
             return Ok(()); // close mid-body
         }
-        bytes_served.fetch_add((total - start) as u64, Ordering::SeqCst);
+        bytes_served.fetch_add((end - start) as u64, Ordering::SeqCst);
         if fault == Fault::Slow {
             for chunk in body[start..].chunks(64 << 10) {
                 out.write_all(chunk)?;

@@ -131,6 +131,41 @@ async fn a_dropped_connection_is_resumed_with_range() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_large_object_arrives_as_concurrent_ranges_hashed_in_order() {
+    use zerocopy_node_agent::source::http::RANGED_MIN;
+    let tmp = TmpfsDir::new();
+    let n = (RANGED_MIN + (3 << 20)) as usize;
+    let data: Vec<u8> = (0..n).map(|i| (i.wrapping_mul(31) % 251) as u8).collect();
+    let header = format!(r#"{{"w":{{"dtype":"U8","shape":[{n}],"data_offsets":[0,{n}]}}}}"#);
+    let body = raw(&header, &data);
+    let part = (body.len() as u64).div_ceil(4).next_multiple_of(1 << 20);
+    let boundaries: Vec<u64> = (0..4).map(|i| i * part).collect();
+    for (fault, root) in [(Fault::None, "plain"), (Fault::TruncateOnce, "cut")] {
+        let server = Server::start(fault);
+        let url = server.put("big.safetensors", body.clone());
+        let s = one(&url, Some(&sha256_hex(&body)));
+        let root = tmp.path().join(root);
+        engine(&root, None, MountMode::Directory)
+            .fill("test", "m", &s, &Quiet)
+            .await
+            .expect("ranged fill");
+        let gen_dir = root.join("test/m").join(generation_digest(&s));
+        assert!(
+            fs::read(gen_dir.join("enc.safetensors")).unwrap() == body,
+            "{fault:?}: bytes differ"
+        );
+        let mut starts = server.range_starts.lock().unwrap().clone();
+        starts.sort_unstable();
+        match fault {
+            // Four concurrent parts, one request each.
+            Fault::None => assert_eq!(starts, boundaries),
+            // The first part was cut at half and resumed from there, not from 0.
+            _ => assert_eq!(starts, [0, part / 2, part, 2 * part, 3 * part]),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_resume_never_splices_two_versions_of_an_object() {
     let tmp = TmpfsDir::new();
     let server = Server::start(Fault::TruncateOnce);

@@ -1,6 +1,7 @@
 //! `http(s)://` sources: streamed with bounded memory, resumed with `Range`
 //! when the connection drops and the server supports it.
 
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -198,6 +199,202 @@ pub async fn fetch(
             continue;
         }
         return Err(truncated(sink.written(), expected, resumes));
+    }
+}
+
+/// Objects at least this large are fetched as several concurrent ranges.
+pub const RANGED_MIN: u64 = 128 << 20;
+/// Concurrent ranges per large object.
+const RANGED_PARTS: u64 = 4;
+
+/// Fetches an object of `size` bytes (known from a listing or HEAD) as
+/// [`RANGED_PARTS`] concurrent `Range` requests, each written in place at
+/// its offset, hashed in file order as the written prefix grows: one
+/// connection's throughput (a CDN's per-connection cap) no longer bounds a
+/// large file. Every part after the first carries `If-Range` with the first
+/// answer's validator, so parts of two versions are never combined; a part
+/// cut short resumes from where it stopped. `Ok(Err(sink))`: the server does
+/// not serve ranges (nothing was written), fetch the file as one stream.
+pub async fn fetch_ranged(
+    http: &HttpSource,
+    uri: &url::Url,
+    auth: Option<&HeaderValue>,
+    mut sink: HashingSink,
+    size: u64,
+    progress: &dyn Progress,
+) -> Result<Result<Fetched, HashingSink>, FetchError> {
+    http.check(uri)?;
+    if size > sink.limit() {
+        return Err(FetchError::TooLarge(sink.limit()));
+    }
+    let part_len = size.div_ceil(RANGED_PARTS).next_multiple_of(1 << 20);
+    let parts: Vec<(u64, u64)> = (0..size.div_ceil(part_len))
+        .map(|i| (i * part_len, ((i + 1) * part_len).min(size)))
+        .collect();
+    // The first part doubles as the probe: a 200 means no ranges.
+    let (first_start, first_end) = parts[0];
+    let first = send_with_retry(
+        with_auth(http.client.get(uri.clone()), auth).header(RANGE, format!("bytes={first_start}-{}", first_end - 1)),
+    )
+    .await?;
+    if first.status() == StatusCode::OK {
+        return Ok(Err(sink));
+    }
+    if first.status() != StatusCode::PARTIAL_CONTENT {
+        return Err(FetchError::Status(first.status().as_u16()));
+    }
+    let total = first
+        .headers()
+        .get(CONTENT_RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit_once('/'))
+        .and_then(|(_, t)| t.parse::<u64>().ok());
+    if total != Some(size) {
+        return Err(FetchError::Unreachable(format!(
+            "{uri}: the server says the object is {total:?} bytes, the listing said {size}; the object changed, try again"
+        )));
+    }
+    let validator = first
+        .headers()
+        .get(ETAG)
+        .filter(|v| !v.as_bytes().starts_with(b"W/"))
+        .or_else(|| first.headers().get(LAST_MODIFIED))
+        .cloned();
+    if validator.is_none() && parts.len() > 1 {
+        // Without a validator, parts could come from two versions.
+        return Err(FetchError::Unreachable(format!(
+            "{uri}: the server serves ranges without an ETag or Last-Modified, so parts cannot be tied to one version"
+        )));
+    }
+    progress.set_total(size);
+    let file = Arc::new(sink.file().try_clone().map_err(FetchError::Write)?);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, u64)>();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut first = Some(first);
+    for (index, &(start, end)) in parts.iter().enumerate() {
+        let part = RangePart {
+            http: http.clone(),
+            uri: uri.clone(),
+            auth: auth.cloned(),
+            validator: validator.clone(),
+            file: file.clone(),
+            index,
+            start,
+            end,
+            events: tx.clone(),
+        };
+        let opened = if index == 0 { first.take() } else { None };
+        tasks.spawn(part.run(opened));
+    }
+    drop(tx);
+    // Hash the contiguous written prefix as it grows.
+    let mut done = vec![0u64; parts.len()];
+    let mut hashed = 0u64;
+    while let Some((index, n)) = rx.recv().await {
+        done[index] += n;
+        progress.advance(n);
+        let mut frontier = 0;
+        for (i, &(start, end)) in parts.iter().enumerate() {
+            frontier = start + done[i];
+            if frontier < end {
+                break;
+            }
+        }
+        if frontier > hashed {
+            let len = usize::try_from(frontier - hashed).map_err(|e| FetchError::Write(io::Error::other(e)))?;
+            tokio::task::block_in_place(|| sink.staged(hashed, len)).map_err(FetchError::Write)?;
+            hashed = frontier;
+        }
+    }
+    let mut resumes = 0;
+    while let Some(joined) = tasks.join_next().await {
+        resumes += joined.map_err(|e| FetchError::Write(io::Error::other(e)))??;
+    }
+    if hashed != size {
+        return Err(truncated(hashed, Some(size), resumes));
+    }
+    let (bytes, sha256) = tokio::task::block_in_place(|| sink.finish()).map_err(FetchError::Write)?;
+    Ok(Ok(Fetched { bytes, sha256, resumes }))
+}
+
+/// One range of a [`fetch_ranged`] download.
+struct RangePart {
+    http: HttpSource,
+    uri: url::Url,
+    auth: Option<HeaderValue>,
+    validator: Option<HeaderValue>,
+    file: Arc<std::fs::File>,
+    index: usize,
+    start: u64,
+    end: u64,
+    /// `(part, bytes written)` as they land, for hashing and progress.
+    events: tokio::sync::mpsc::UnboundedSender<(usize, u64)>,
+}
+
+impl RangePart {
+    /// Writes the part at its offset; returns the resumptions it needed.
+    async fn run(self, mut opened: Option<reqwest::Response>) -> Result<u32, FetchError> {
+        use std::os::unix::fs::FileExt;
+        let mut at = self.start;
+        let mut resumes = 0;
+        loop {
+            let resp = match opened.take() {
+                Some(r) => r,
+                None => {
+                    let mut req = with_auth(self.http.client.get(self.uri.clone()), self.auth.as_ref())
+                        .header(RANGE, format!("bytes={at}-{}", self.end - 1));
+                    if let Some(v) = &self.validator {
+                        req = req.header(IF_RANGE, v.clone());
+                    }
+                    send_with_retry(req).await?
+                }
+            };
+            let expected = format!("bytes {at}-{}/", self.end - 1);
+            let exact = resp.status() == StatusCode::PARTIAL_CONTENT
+                && resp
+                    .headers()
+                    .get(CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.starts_with(&expected));
+            if !exact {
+                // A 200 here means If-Range failed: the object changed.
+                return Err(FetchError::Unreachable(format!(
+                    "{}: range {at}-{} answered HTTP {} without that range; the object changed while it was read, try again",
+                    self.uri,
+                    self.end - 1,
+                    resp.status().as_u16()
+                )));
+            }
+            let mut stream = resp.bytes_stream();
+            let mut broke = None;
+            while let Some(chunk) = stream.next().await {
+                match chunk {
+                    Ok(bytes) => {
+                        let n = bytes.len() as u64;
+                        if at + n > self.end {
+                            return Err(FetchError::TooLarge(self.end - self.start));
+                        }
+                        let file = self.file.clone();
+                        tokio::task::block_in_place(|| file.write_all_at(&bytes, at)).map_err(FetchError::Write)?;
+                        at += n;
+                        // The receiver only stops when the download is abandoned.
+                        let _ = self.events.send((self.index, n));
+                    }
+                    Err(e) => {
+                        broke = Some(describe(&e));
+                        break;
+                    }
+                }
+            }
+            if at == self.end {
+                return Ok(resumes);
+            }
+            if resumes >= MAX_RESUMES {
+                return Err(truncated(at - self.start, Some(self.end - self.start), resumes));
+            }
+            tracing::warn!(uri = %self.uri, part = self.index, at, reason = ?broke, "range ended early; resuming");
+            resumes += 1;
+        }
     }
 }
 

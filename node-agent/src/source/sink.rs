@@ -108,6 +108,44 @@ impl HashingSink {
         Ok(Ok(n))
     }
 
+    /// The staging file, for writers that place ranges at their offsets
+    /// themselves (parallel range downloads); they hand each completed
+    /// prefix to [`HashingSink::staged`].
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Hashes `len` bytes at `offset` that were written through another
+    /// handle. Ranges must come in file order, starting where the sink
+    /// stands, so the digest is of the file front to back.
+    pub fn staged(&mut self, offset: u64, len: usize) -> io::Result<()> {
+        if offset != self.written {
+            return Err(io::Error::other(format!(
+                "staged range at {offset} but {} bytes are hashed",
+                self.written
+            )));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        self.written += len as u64;
+        let file = match &self.reader {
+            Some(f) => f.clone(),
+            None => self.reader.insert(Arc::new(self.file.try_clone()?)).clone(),
+        };
+        if let Some(tx) = &self.to_hasher {
+            if tx.send(ToHash::Staged { file, offset, len }).is_err() {
+                return Err(self.hasher_failure());
+            }
+        }
+        Ok(())
+    }
+
+    /// The most bytes this sink takes.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
     /// Bytes written so far.
     pub fn written(&self) -> u64 {
         self.written
