@@ -132,6 +132,8 @@ struct PlannedFile {
     auth: Option<HeaderValue>,
     /// An object of an `s3://` source: the bucket client and the key.
     object: Option<S3Object>,
+    /// Concurrent ranges to fetch it with (1: one stream).
+    ranges: u64,
 }
 
 /// One object of a bucket.
@@ -155,6 +157,7 @@ impl PlannedFile {
             git_blob: None,
             auth: None,
             object: None,
+            ranges: 1,
         }
     }
 
@@ -490,6 +493,23 @@ impl FillEngine {
             }
         }
         let needed: u64 = plan.iter().filter_map(|f| f.size).fold(0, u64::saturating_add);
+        // Keep about PARALLEL_FILES streams busy: large HTTP objects get the
+        // connections that fewer files than that would leave idle (one
+        // connection's throughput often caps a CDN download). Several large
+        // files already fill them: measured on loopback, splitting each of
+        // four shards into four ranges was 30 % slower than one stream each.
+        let large = |f: &PlannedFile| {
+            f.size.is_some_and(|n| n >= source::http::RANGED_MIN)
+                && f.object.is_none()
+                && matches!(f.origin, Origin::Source)
+                && matches!(f.uri.scheme(), "http" | "https")
+        };
+        let large_files = plan.iter().filter(|f| large(f)).count() as u64;
+        if let Some(ranges) = (PARALLEL_FILES as u64).checked_div(large_files) {
+            for f in plan.iter_mut().filter(|f| large(f)) {
+                f.ranges = ranges.max(1);
+            }
+        }
         let key = format!("{wrapper}@{generation}");
         let (used, limit, _reservation) = {
             // Read under the lock: a fill that publishes and drops its
@@ -1126,13 +1146,14 @@ impl FillEngine {
                 .map_err(|e| FetchError::Write(io::Error::other(e)))
                 .and_then(|r| r)
             }
-            (None, _) => match plan.size.filter(|n| *n >= source::http::RANGED_MIN) {
+            (None, _) => match plan.size.filter(|_| plan.ranges > 1) {
                 Some(size) => {
                     let auth = plan.auth.as_ref();
-                    match source::http::fetch_ranged(&self.http, &plan.uri, auth, sink, size, bar.as_ref()).await {
+                    let bar = bar.as_ref();
+                    match source::http::fetch_ranged(&self.http, &plan.uri, auth, sink, size, plan.ranges, bar).await {
                         Ok(Ok(fetched)) => Ok(fetched),
                         // No ranges from this server: one stream.
-                        Ok(Err(sink)) => source::http::fetch(&self.http, &plan.uri, auth, sink, bar.as_ref()).await,
+                        Ok(Err(sink)) => source::http::fetch(&self.http, &plan.uri, auth, sink, bar).await,
                         Err(e) => Err(e),
                     }
                 }

@@ -274,17 +274,20 @@ def _build(
     attribute = (files[0].header.metadata.get(ATTRIBUTE_KEY) if files else None) or c["name"].replace("-", "_")
     skeleton = c.get("skeleton")
     directory = c.get("directory")
-    if not skeleton and directory and not as_dict and (path / directory["path"] / "config.json").is_file():
-        from ._hf import build_pretrained
+    if not skeleton and directory and not as_dict:
+        component_dir = inside(path, directory.get("path"), "component directory")
+        if (component_dir / "config.json").is_file():
+            from ._hf import build_pretrained
 
-        module = build_pretrained(c["name"], path / directory["path"], tensors)
-        if device.type != "cpu":
-            module.to(device)
-        return attribute, module
+            module = build_pretrained(c["name"], component_dir, tensors)
+            landed = next(iter(tensors.values())).device if tensors else device
+            if landed.type != "cpu":
+                module.to(landed)
+            return attribute, module
     if not skeleton or as_dict:
         return attribute, tensors
     if skeleton.get("file"):
-        module, state = read_skeleton(path / skeleton["file"]["file"])
+        module, state = read_skeleton(inside(path, skeleton["file"]["file"], "skeleton file"))
         if state is not None:
             module = assign_stripped(c["name"], module, state, tensors)
         else:
@@ -366,20 +369,40 @@ def _copy_on_write(copy_on_write: bool | None) -> bool:
     return env_flag(COPY_ON_WRITE_ENV, False) if copy_on_write is None else copy_on_write
 
 
+def inside(root: Path, rel: Any, what: str) -> Path:
+    """``root / rel`` for a path a manifest names, refused unless it is a
+    plain relative path (a hand-made or export()ed volume is read too)."""
+    parts = rel.split("/") if isinstance(rel, str) else [""]
+    if any(p in ("", ".", "..") or "\\" in p or "\0" in p for p in parts):
+        raise VolumeError(
+            f"{root}/manifest.json names {what} {rel!r}, which is not a path inside the volume; "
+            "the volume is damaged or not a zerocopy volume"
+        )
+    return root / rel
+
+
 def weights_files(c: dict[str, Any]) -> list[str]:
     """A component's safetensors files, relative to the generation: its one
-    file (format v1), or the shards its directory lists (format v2)."""
+    file (format v1), or the shards its directory lists (format v2), which
+    must lie in the component's directory."""
     if c.get("weights"):
         return [c["weights"]["file"]]
     directory = c.get("directory") or {}
     files = list(directory.get("weights") or [])
     if not files:
         raise VolumeError(f"component {c.get('name')!r}: the manifest lists no weights file; refill the volume")
+    prefix = f"{directory.get('path')}/"
+    outside = [f for f in files if not (isinstance(f, str) and f.startswith(prefix))]
+    if outside:
+        raise VolumeError(f"component {c.get('name')!r}: weights {outside} lie outside its directory {prefix!r}")
     return files
 
 
 def _mapped(root: Path, manifest: dict[str, Any], cow: bool) -> list[list[MappedFile]]:
-    return [[map_file(root / f, copy_on_write=cow) for f in weights_files(c)] for c in manifest["components"]]
+    return [
+        [map_file(inside(root, f, "weights file"), copy_on_write=cow) for f in weights_files(c)]
+        for c in manifest["components"]
+    ]
 
 
 def _merged(component: str, files: list[MappedFile], sets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -479,7 +502,7 @@ def load(
             components.append(_build(root, c, files, tensors, dev, as_dict))
     pipeline_file = manifest.get("pipelineSkeleton")
     if pipeline_file:
-        with open(root / pipeline_file["file"], "rb") as f:
+        with open(inside(root, pipeline_file["file"], "pipeline skeleton"), "rb") as f:
             pipeline = pickle.load(f)
         for attribute, value in components:
             setattr(pipeline, attribute, value)
@@ -535,8 +558,8 @@ def load_state_dict(
             if wanted not in listed or not file.endswith(".safetensors"):
                 raise VolumeError(
                     f"component {component} has no safetensors file {file!r}"
-                    + (f" (its files: {', '.join(sorted(f.split('/', 1)[1] for f in listed))})" if listed else "")
+                    + (f" (its files: {', '.join(sorted(f.split('/', 1)[-1] for f in listed))})" if listed else "")
                 )
             paths = [wanted]
-        files = [map_file(root / p, copy_on_write=cow and dev.type == "cpu") for p in paths]
+        files = [map_file(inside(root, p, "weights file"), copy_on_write=cow and dev.type == "cpu") for p in paths]
         return _merged(component, files, _tensor_sets(files, dev, mode, shard))

@@ -6,6 +6,7 @@ import contextlib
 import importlib
 import logging
 import pickle
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -17,23 +18,45 @@ from ._format import SKELETON_KEY, SKELETON_VERSION, VolumeError
 log = logging.getLogger("modelwrapper")
 
 
+# Parameters are put on the meta device by one process-wide replacement of
+# nn.Module.register_parameter, installed once and active only in threads
+# inside parameters_on_meta(): patching and restoring it per call would race
+# between threads (one thread's "original" being another's patch, left in
+# place for good) and reach modules other threads build meanwhile.
+_meta_build = threading.local()
+_install_lock = threading.Lock()
+_original_register = nn.Module.register_parameter
+
+
+def _register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    _original_register(module, name, param)
+    seen = getattr(_meta_build, "seen", None)
+    if seen is None or param is None or param.device.type == "meta":
+        return
+    # One meta parameter per original, so a parameter registered twice
+    # (self.a = p; self.b = p) stays one parameter.
+    entry = seen.get(id(param))
+    if entry is None:
+        entry = seen[id(param)] = (param, type(param)(param.to("meta"), requires_grad=param.requires_grad))
+    module._parameters[name] = entry[1]
+
+
 @contextlib.contextmanager
 def parameters_on_meta() -> Iterator[None]:
-    """Parameters created inside land on the meta device; buffers keep real
-    values, so a non-persistent buffer gets its value from the constructor."""
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None and param.device.type != "meta":
-            kwargs = {"requires_grad": param.requires_grad}
-            module._parameters[name] = type(param)(param.to("meta"), **kwargs)
-
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    """Parameters created inside (in this thread) land on the meta device;
+    buffers keep real values, so a non-persistent buffer gets its value from
+    the constructor. Other threads are not affected."""
+    with _install_lock:
+        if nn.Module.register_parameter is not _register_on_meta:
+            nn.Module.register_parameter = _register_on_meta  # type: ignore[method-assign]
+    outer = getattr(_meta_build, "seen", None)
+    if outer is None:
+        _meta_build.seen = {}
     try:
         yield
     finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
+        if outer is None:
+            _meta_build.seen = None
 
 
 def resolve_factory(ref: str) -> Callable[..., Any]:

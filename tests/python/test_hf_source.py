@@ -282,3 +282,107 @@ def test_export_of_a_pretrained_model_writes_the_hf_layout(tmp_path: Path, shm: 
     assert_zero_copy(loaded, generation)
     in_place = transformers.AutoModel.from_pretrained(str(generation / "model")).eval()
     assert torch.allclose(embed(in_place, tokenizer_ref), expected, atol=1e-6)
+
+
+def volume_of(directory: Path, where: Path, component: str = "llm") -> Path:
+    """A format v2 generation holding ``directory`` (a save_pretrained
+    output) as component ``component``, written without the agent."""
+    import hashlib
+
+    gen = where / "0123456789abcdef"
+    shutil.copytree(directory, gen / component)
+    files, weights = [], []
+    for p in sorted((gen / component).rglob("*")):
+        if not p.is_file():
+            continue
+        rel = f"{component}/{p.relative_to(gen / component).as_posix()}"
+        entry = {"file": rel, "bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "source": ""}
+        if p.suffix == ".safetensors":
+            weights.append(rel)
+        files.append(entry)
+    manifest = {"format": "zerocopy.dev/v2", "namespace": "t", "name": "v", "generation": gen.name, "mode": "actor",
+                "created": "2026-01-01T00:00:00Z", "totalBytes": 0,
+                "components": [{"name": component, "directory": {"path": component, "weights": weights, "files": files}}]}
+    (gen / "manifest.json").write_text(json.dumps(manifest))
+    return gen
+
+
+def tiny_llama(where: Path) -> Path:
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    model.save_pretrained(where)
+    return where
+
+
+def test_a_bf16_model_with_tied_weights_loads_zero_copy(tmp_path: Path) -> None:
+    import modelwrapper
+
+    src = tiny_llama(tmp_path / "llama")
+    gen = volume_of(src, tmp_path / "vol")
+    model = modelwrapper.load(gen)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.lm_head.weight is model.model.embed_tokens.weight, "tied weights stay tied"
+    assert_zero_copy(model, gen)
+    reference = transformers.LlamaForCausalLM.from_pretrained(str(src)).eval()
+    ids = torch.tensor([[1, 5, 9, 42]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
+def test_repository_code_and_paths_outside_the_volume_are_refused(tmp_path: Path) -> None:
+    import modelwrapper
+
+    src = tiny_llama(tmp_path / "llama")
+    config = json.loads((src / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig"}
+    (src / "config.json").write_text(json.dumps(config))
+    (src / "evil.py").write_text("raise SystemExit('repository code ran')\n")
+    gen = volume_of(src, tmp_path / "vol")
+    with pytest.raises(modelwrapper.VolumeError, match="code of its own"):
+        modelwrapper.load(gen)
+    assert len(modelwrapper.load(gen, as_dict=True)) > 0
+    manifest = json.loads((gen / "manifest.json").read_text())
+    for bad in (["llm/../../outside.safetensors"], ["/etc/passwd"], ["other/model.safetensors"]):
+        manifest["components"][0]["directory"]["weights"] = bad
+        (gen / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(modelwrapper.VolumeError, match="outside its directory|not a path inside the volume"):
+            modelwrapper.load(gen, as_dict=True)
+
+
+def test_concurrent_loads_leave_other_threads_modules_alone(tmp_path: Path) -> None:
+    import threading
+
+    import modelwrapper
+
+    gen = volume_of(tiny_llama(tmp_path / "llama"), tmp_path / "vol")
+    errors: list[BaseException] = []
+    on_meta: list[str] = []
+    stop = threading.Event()
+
+    def load_many() -> None:
+        try:
+            for _ in range(5):
+                modelwrapper.load(gen)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    def bystander() -> None:
+        while not stop.is_set():
+            if torch.nn.Linear(4, 4).weight.device.type == "meta":
+                on_meta.append("a module built by another thread got meta parameters")
+
+    watcher = threading.Thread(target=bystander)
+    watcher.start()
+    loaders = [threading.Thread(target=load_many) for _ in range(2)]
+    for t in loaders:
+        t.start()
+    for t in loaders:
+        t.join()
+    stop.set()
+    watcher.join()
+    assert not errors, errors
+    assert not on_meta, on_meta[0]
+    assert torch.nn.Linear(4, 4).weight.device.type == "cpu"

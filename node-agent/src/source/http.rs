@@ -202,13 +202,11 @@ pub async fn fetch(
     }
 }
 
-/// Objects at least this large are fetched as several concurrent ranges.
+/// Objects at least this large may be fetched as several concurrent ranges.
 pub const RANGED_MIN: u64 = 128 << 20;
-/// Concurrent ranges per large object.
-const RANGED_PARTS: u64 = 4;
 
 /// Fetches an object of `size` bytes (known from a listing or HEAD) as
-/// [`RANGED_PARTS`] concurrent `Range` requests, each written in place at
+/// `parts` concurrent `Range` requests, each written in place at
 /// its offset, hashed in file order as the written prefix grows: one
 /// connection's throughput (a CDN's per-connection cap) no longer bounds a
 /// large file. Every part after the first carries `If-Range` with the first
@@ -221,13 +219,14 @@ pub async fn fetch_ranged(
     auth: Option<&HeaderValue>,
     mut sink: HashingSink,
     size: u64,
+    parts: u64,
     progress: &dyn Progress,
 ) -> Result<Result<Fetched, HashingSink>, FetchError> {
     http.check(uri)?;
     if size > sink.limit() {
         return Err(FetchError::TooLarge(sink.limit()));
     }
-    let part_len = size.div_ceil(RANGED_PARTS).next_multiple_of(1 << 20);
+    let part_len = size.div_ceil(parts.max(1)).next_multiple_of(1 << 20);
     let parts: Vec<(u64, u64)> = (0..size.div_ceil(part_len))
         .map(|i| (i * part_len, ((i + 1) * part_len).min(size)))
         .collect();
