@@ -12,6 +12,11 @@ if ! command -v shellcheck >/dev/null || ! command -v docker-registry >/dev/null
   echo "== system packages (shellcheck, docker-registry)"
   apt-get update -qq && apt-get install -y -qq shellcheck docker-registry >/dev/null
 fi
+# Azurite: Microsoft's Azure Storage emulator, for az:// sources.
+if ! command -v azurite-blob >/dev/null; then
+  echo "== azurite (npm)"
+  npm install -g --silent azurite@3 >/dev/null
+fi
 echo "== python packages (requirements-dev.txt, python/ editable)"
 python3 -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 python3 -m pip install --quiet --disable-pip-version-check -e python/

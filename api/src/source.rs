@@ -57,6 +57,16 @@ pub enum DirectorySource {
         /// A tag, or `sha256:<hex>`.
         reference: String,
     },
+    /// `az://account/container/prefix/`: every blob below a prefix of an
+    /// Azure Blob Storage container (or Azurite).
+    Azure {
+        /// Storage account.
+        account: String,
+        /// Container.
+        container: String,
+        /// Blob name prefix, ending in `/` (empty: the whole container).
+        prefix: String,
+    },
     /// `s3://bucket/prefix/`: every object below a prefix of an S3 (or
     /// S3-compatible) bucket.
     S3 {
@@ -149,8 +159,9 @@ impl DirectorySource {
                     prefix,
                 })
             }
-            Ok(u) if matches!(u.scheme(), "gs" | "az") => Err(format!(
-                "scheme {}:// is not supported yet for directory sources; supported: hf://org/repo@commit, s3://bucket/prefix/, oci://registry/repo@sha256:… and file:///dir/",
+            Ok(u) if u.scheme() == "az" => parse_azure(uri, &u),
+            Ok(u) if u.scheme() == "gs" => Err(format!(
+                "scheme {}:// is not supported yet for directory sources; supported: hf://org/repo@commit, s3://bucket/prefix/, az://account/container/prefix/, oci://registry/repo@sha256:… and file:///dir/",
                 u.scheme()
             )),
             Ok(u) => Err(format!(
@@ -162,6 +173,41 @@ impl DirectorySource {
             )),
         }
     }
+}
+
+fn parse_azure(uri: &str, u: &url::Url) -> Result<DirectorySource, String> {
+    let bad = || format!("{uri:?} does not name an Azure blob prefix: write az://account/container/prefix/");
+    let account = u.host_str().unwrap_or_default();
+    let account_ok =
+        (3..=24).contains(&account.len()) && account.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    let path = u.path().trim_start_matches('/');
+    let (container, prefix) = path.split_once('/').unwrap_or((path, ""));
+    let container_ok = (3..=63).contains(&container.len())
+        && container
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !account_ok || !container_ok {
+        return Err(bad());
+    }
+    // Url::parse would quietly resolve `a/../b`; a prefix is taken as written.
+    let dotted = uri.split('/').skip(4).any(|p| {
+        let p = p.to_ascii_lowercase().replace("%2e", ".");
+        p == "." || p == ".."
+    });
+    let mut prefix = prefix.to_string();
+    if !prefix.is_empty() && !prefix.ends_with('/') {
+        prefix.push('/');
+    }
+    if dotted || (!prefix.is_empty() && !is_safe_relative_path(prefix.trim_end_matches('/'))) {
+        return Err(format!(
+            "{uri:?}: the prefix must be a plain path (no '.', '..' or empty parts)"
+        ));
+    }
+    Ok(DirectorySource::Azure {
+        account: account.to_string(),
+        container: container.to_string(),
+        prefix,
+    })
 }
 
 fn parse_oci(uri: &str, rest: &str) -> Result<DirectorySource, String> {
@@ -357,6 +403,22 @@ mod tests {
         }
         assert!(DirectorySource::parse("s3://bucket/a/../b").is_err());
         assert!(DirectorySource::parse("s3://bucket/a/%2E%2e/b").is_err());
+        assert_eq!(
+            DirectorySource::parse("az://devstoreaccount1/models/minilm").unwrap(),
+            DirectorySource::Azure {
+                account: "devstoreaccount1".into(),
+                container: "models".into(),
+                prefix: "minilm/".into()
+            }
+        );
+        for bad in [
+            "az://Bad/models/x",
+            "az://acct/x/y",
+            "az://acct/models/../y",
+            "az://acct",
+        ] {
+            assert!(DirectorySource::parse(bad).is_err(), "{bad}");
+        }
         assert!(DirectorySource::parse("gs://bucket/prefix/")
             .unwrap_err()
             .contains("not supported yet"));

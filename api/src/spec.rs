@@ -147,12 +147,15 @@ pub struct SourceSpec {
 }
 
 /// Many files from one place: `hf://org/repo[@revision]` (a Hugging Face
-/// repository), `s3://bucket/prefix/` or `file:///dir/` (a directory on the
+/// repository), `s3://bucket/prefix/`, `az://account/container/prefix/`,
+/// `oci://registry/repo@sha256:…` or `file:///dir/` (a directory on the
 /// node).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DirectorySourceSpec {
-    /// `hf://org/repo@<commit or branch>` or `file:///dir/`.
+    /// `hf://org/repo@<commit or branch>`, `s3://bucket/prefix/`,
+    /// `az://account/container/prefix/`, `oci://registry/repo:tag|@sha256:…`
+    /// or `file:///dir/`.
     pub uri: String,
     /// Globs (`*.safetensors`, `1_Pooling/**`) of the paths to take; empty:
     /// every file but other weight formats (docs/FORMAT.md).
@@ -167,16 +170,22 @@ pub struct DirectorySourceSpec {
     pub sha256: BTreeMap<String, String>,
     /// The server: for `hf://` a mirror or an on-premises hub (default: the
     /// agent's `--hf-endpoint`, `https://huggingface.co`); for `s3://` an
-    /// S3-compatible server (MinIO, Ceph; default: AWS).
+    /// S3-compatible server (MinIO, Ceph; default: AWS); for `az://` the
+    /// account's blob endpoint; for `oci://` `http://host:port` of a
+    /// plain-HTTP registry. A credentials Secret is sent to a spec-chosen
+    /// endpoint only when the Secret names it (key `endpoint`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
     /// `s3://`: the bucket's region (default `us-east-1`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
     /// A Secret in the wrapper's namespace, shared with the node agent
-    /// (docs/security.md): the token (`hf://`, key `token`), or
+    /// (docs/security.md): the token (`hf://`, key `token`);
     /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and optionally
-    /// `AWS_SESSION_TOKEN` (`s3://`; without a Secret, requests are unsigned).
+    /// `AWS_SESSION_TOKEN` (`s3://`); `AZURE_STORAGE_SAS_TOKEN` or
+    /// `AZURE_STORAGE_ACCOUNT_KEY` (`az://`); `.dockerconfigjson` or
+    /// `username` and `password` (`oci://`). Without one, requests are
+    /// anonymous.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<SecretKeyRef>,
 }

@@ -316,7 +316,7 @@ fn check_directory_source(errs: &mut ValidationErrors, at: &str, source: &Direct
                 );
             }
         }
-        Ok(DirectorySource::Directory { .. } | DirectorySource::S3 { .. }) => {
+        Ok(DirectorySource::Directory { .. } | DirectorySource::S3 { .. } | DirectorySource::Azure { .. }) => {
             if pinning == Pinning::Required && source.sha256.is_empty() {
                 errs.push(
                     format!("{at}.sha256"),

@@ -130,18 +130,62 @@ struct PlannedFile {
     git_blob: Option<String>,
     /// `Authorization` for the origin (a hub token from a shared Secret).
     auth: Option<HeaderValue>,
-    /// An object of an `s3://` source: the bucket client and the key.
-    object: Option<S3Object>,
+    /// An object of an `s3://` or `az://` source: the store and the key.
+    object: Option<StoreObject>,
     /// Concurrent ranges to fetch it with (1: one stream).
     ranges: u64,
 }
 
-/// One object of a bucket.
+/// One object of a bucket or container.
 #[derive(Debug, Clone)]
-struct S3Object {
+struct StoreObject {
     store: Arc<dyn object_store::ObjectStore>,
-    bucket: String,
+    /// `s3://bucket` or `az://account/container`, for messages.
+    place: String,
     key: String,
+}
+
+/// Why listing a store prefix gave nothing to fill.
+enum StoreListing {
+    /// Nothing below the prefix.
+    Empty(String),
+    /// The store could not be listed.
+    Failed(FetchError),
+}
+
+/// Every object below `prefix` of `store`, as listed files.
+async fn list_store(
+    store: Arc<dyn object_store::ObjectStore>,
+    place: &str,
+    prefix: &str,
+) -> Result<Vec<Listed>, StoreListing> {
+    let objects = source::objects::list(store.as_ref(), place, prefix, 4 * MAX_FILES)
+        .await
+        .map_err(StoreListing::Failed)?;
+    if objects.is_empty() {
+        return Err(StoreListing::Empty(format!(
+            "no object below {place}/{prefix}: check the bucket or container, the prefix and the endpoint"
+        )));
+    }
+    let mut out = Vec::new();
+    for (rel, size) in objects {
+        let key = format!("{prefix}{rel}");
+        let uri = url::Url::parse(&format!("{place}/{key}"))
+            .map_err(|e| StoreListing::Failed(FetchError::Unreachable(format!("{place}/{key}: {e}"))))?;
+        out.push(Listed {
+            path: rel,
+            size: Some(size),
+            uri,
+            sha256: None,
+            git_blob: None,
+            object: Some(StoreObject {
+                store: store.clone(),
+                place: place.to_string(),
+                key,
+            }),
+        });
+    }
+    Ok(out)
 }
 
 impl PlannedFile {
@@ -177,7 +221,7 @@ struct Listed {
     uri: url::Url,
     sha256: Option<String>,
     git_blob: Option<String>,
-    object: Option<S3Object>,
+    object: Option<StoreObject>,
 }
 
 /// `sha256sum` output beside the files (`<hex>  <path>` per line): pins for
@@ -700,7 +744,7 @@ impl FillEngine {
                 }
                 DirectorySource::S3 { bucket, prefix } => {
                     let credentials = self.credentials(namespace, wrapper, &c.name, src).await?;
-                    let store = source::s3::bucket(
+                    let store = source::objects::bucket(
                         &self.http,
                         &bucket,
                         src.endpoint.as_deref(),
@@ -708,33 +752,33 @@ impl FillEngine {
                         credentials.as_ref(),
                     )
                     .map_err(unreachable)?;
-                    let objects = source::s3::list(store.as_ref(), &bucket, &prefix, 4 * MAX_FILES)
+                    list_store(store, &format!("s3://{bucket}"), &prefix)
                         .await
-                        .map_err(unreachable)?;
-                    if objects.is_empty() {
-                        return Err(bad(format!(
-                            "no object below s3://{bucket}/{prefix}: check the bucket, the prefix and the endpoint"
-                        )));
-                    }
-                    let mut out = Vec::new();
-                    for (rel, size) in objects {
-                        let key = format!("{prefix}{rel}");
-                        let uri =
-                            url::Url::parse(&format!("s3://{bucket}/{key}")).map_err(|e| bad(format!("{key}: {e}")))?;
-                        out.push(Listed {
-                            path: rel,
-                            size: Some(size),
-                            uri,
-                            sha256: None,
-                            git_blob: None,
-                            object: Some(S3Object {
-                                store: store.clone(),
-                                bucket: bucket.clone(),
-                                key,
-                            }),
-                        });
-                    }
-                    out
+                        .map_err(|e| match e {
+                            StoreListing::Empty(reason) => bad(reason),
+                            StoreListing::Failed(e) => unreachable(e),
+                        })?
+                }
+                DirectorySource::Azure {
+                    account,
+                    container,
+                    prefix,
+                } => {
+                    let credentials = self.credentials(namespace, wrapper, &c.name, src).await?;
+                    let store = source::objects::container(
+                        &self.http,
+                        &account,
+                        &container,
+                        src.endpoint.as_deref(),
+                        credentials.as_ref(),
+                    )
+                    .map_err(unreachable)?;
+                    list_store(store, &format!("az://{account}/{container}"), &prefix)
+                        .await
+                        .map_err(|e| match e {
+                            StoreListing::Empty(reason) => bad(reason),
+                            StoreListing::Failed(e) => unreachable(e),
+                        })?
                 }
                 DirectorySource::Oci {
                     registry,
@@ -924,7 +968,7 @@ impl FillEngine {
             return Err(FetchError::TooLarge(LIMIT as u64));
         }
         if let Some(o) = &l.object {
-            return source::s3::read_small(o.store.as_ref(), &o.bucket, &o.key, LIMIT).await;
+            return source::objects::read_small(o.store.as_ref(), &o.place, &o.key, LIMIT).await;
         }
         if l.uri.scheme() == "file" {
             let (mut f, _) = source::file::open(&l.uri, &self.policy)?;
@@ -1127,8 +1171,8 @@ impl FillEngine {
                 .and_then(|r| r)
             }
             (None, _) if plan.object.is_some() => match &plan.object {
-                Some(o) => source::s3::fetch(o.store.as_ref(), &o.bucket, &o.key, sink, bar.as_ref()).await,
-                None => Err(FetchError::Refused("no bucket".into())),
+                Some(o) => source::objects::fetch(o.store.as_ref(), &o.place, &o.key, sink, bar.as_ref()).await,
+                None => Err(FetchError::Refused("no store".into())),
             },
             (None, "file") => {
                 let uri = plan.uri.clone();

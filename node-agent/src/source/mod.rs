@@ -5,9 +5,9 @@
 pub mod file;
 pub mod hf;
 pub mod http;
+pub mod objects;
 pub mod oci;
 pub mod policy;
-pub mod s3;
 pub mod sink;
 
 /// A completed download.

@@ -1,19 +1,23 @@
-//! `s3://bucket/prefix/`: every object below a prefix of an S3 or
-//! S3-compatible bucket, through the `object_store` crate. Requests go
-//! through the agent's own HTTP client, so the source policy (no metadata or
+//! Object stores through the `object_store` crate: `s3://bucket/prefix/`
+//! (S3 and S3-compatible servers) and `az://account/container/prefix/`
+//! (Azure Blob Storage, Azurite). Requests go through the agent's own HTTP
+//! client, every URL checked, so the source policy (no metadata or
 //! link-local addresses; internal ones only where allowed; names resolved
-//! once) applies to S3 endpoints as to any URL.
+//! once) applies to store endpoints as to any URL.
 //!
-//! Credentials come only from a Secret the wrapper's namespace shared
-//! (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, optionally
-//! `AWS_SESSION_TOKEN`); without one, requests are unsigned (public
-//! buckets). The agent's own workload identity is never used: every tenant
-//! could then read whatever the agent's role can (docs/security.md).
+//! Credentials come only from a Secret the wrapper's namespace shared (S3:
+//! `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, optionally
+//! `AWS_SESSION_TOKEN`; Azure: `AZURE_STORAGE_SAS_TOKEN` or
+//! `AZURE_STORAGE_ACCOUNT_KEY`); without one, requests are unsigned (public
+//! buckets and containers). The agent's own workload identity is never
+//! used: every tenant could then read whatever the agent's role can
+//! (docs/security.md).
 
 use std::sync::Arc;
 
 use futures_util::StreamExt;
 use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
 use object_store::client::{
     HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse, HttpService,
 };
@@ -122,11 +126,63 @@ pub fn bucket(
     Ok(Arc::new(store))
 }
 
+/// An Azure container client. `endpoint`: the account's blob endpoint
+/// (Azurite: `http://host:port/<account>`), else
+/// `https://<account>.blob.core.windows.net`; `credentials`: a shared
+/// Secret's `AZURE_STORAGE_SAS_TOKEN` (query string) or
+/// `AZURE_STORAGE_ACCOUNT_KEY`.
+pub fn container(
+    http: &HttpSource,
+    account: &str,
+    container: &str,
+    endpoint: Option<&str>,
+    credentials: Option<&SecretData>,
+) -> Result<Arc<dyn ObjectStore>, FetchError> {
+    let mut builder = MicrosoftAzureBuilder::new()
+        .with_account(account)
+        .with_container_name(container)
+        .with_http_connector(PolicyConnector {
+            client: http.client().clone(),
+            policy: http.policy().clone(),
+        });
+    if let Some(endpoint) = endpoint {
+        let parsed = url::Url::parse(endpoint)
+            .map_err(|e| FetchError::Refused(format!("endpoint {endpoint:?} is not a URL: {e}")))?;
+        check_url(http.policy(), &parsed)
+            .map_err(|reason| FetchError::Refused(format!("endpoint {endpoint}: {reason}")))?;
+        builder = builder
+            .with_endpoint(endpoint.trim_end_matches('/').to_string())
+            .with_allow_http(endpoint.starts_with("http://"));
+    }
+    match credentials {
+        Some(keys) => {
+            if let Some(sas) = keys.get("AZURE_STORAGE_SAS_TOKEN") {
+                let pairs: Vec<(String, String)> =
+                    url::form_urlencoded::parse(sas.trim().trim_start_matches('?').as_bytes())
+                        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                        .collect();
+                builder = builder.with_sas_authorization(pairs);
+            } else if let Some(key) = keys.get("AZURE_STORAGE_ACCOUNT_KEY") {
+                builder = builder.with_access_key(key.trim());
+            } else {
+                return Err(FetchError::Unreachable(
+                    "the credentials Secret has neither AZURE_STORAGE_SAS_TOKEN nor AZURE_STORAGE_ACCOUNT_KEY".into(),
+                ));
+            }
+        }
+        None => builder = builder.with_skip_signature(true),
+    }
+    let store = builder
+        .build()
+        .map_err(|e| FetchError::Unreachable(format!("az://{account}/{container}: {e}")))?;
+    Ok(Arc::new(store))
+}
+
 /// Every object below `prefix`: `(path relative to the prefix, size)`, at
 /// most `max` of them.
 pub async fn list(
     store: &dyn ObjectStore,
-    bucket: &str,
+    place: &str,
     prefix: &str,
     max: usize,
 ) -> Result<Vec<(String, u64)>, FetchError> {
@@ -134,13 +190,13 @@ pub async fn list(
     let mut objects = store.list(if prefix.is_empty() { None } else { Some(&under) });
     let mut out = Vec::new();
     while let Some(meta) = objects.next().await {
-        let meta = meta.map_err(|e| describe(bucket, prefix, e))?;
+        let meta = meta.map_err(|e| describe(place, prefix, e))?;
         let key = meta.location.as_ref();
         let rel = key.strip_prefix(prefix).unwrap_or(key);
         out.push((rel.to_string(), meta.size));
         if out.len() > max {
             return Err(FetchError::Refused(format!(
-                "s3://{bucket}/{prefix} holds more than {max} objects; point the source at the model's own prefix"
+                "{place}/{prefix} holds more than {max} objects; point the source at the model's own prefix"
             )));
         }
     }
@@ -148,15 +204,15 @@ pub async fn list(
 }
 
 /// One small object read whole, at most `limit` bytes.
-pub async fn read_small(store: &dyn ObjectStore, bucket: &str, key: &str, limit: usize) -> Result<Vec<u8>, FetchError> {
+pub async fn read_small(store: &dyn ObjectStore, place: &str, key: &str, limit: usize) -> Result<Vec<u8>, FetchError> {
     let got = store
         .get(&StorePath::from(key))
         .await
-        .map_err(|e| describe(bucket, key, e))?;
+        .map_err(|e| describe(place, key, e))?;
     let mut stream = got.into_stream();
     let mut out = Vec::new();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| describe(bucket, key, e))?;
+        let chunk = chunk.map_err(|e| describe(place, key, e))?;
         if out.len() + chunk.len() > limit {
             return Err(FetchError::TooLarge(limit as u64));
         }
@@ -168,18 +224,18 @@ pub async fn read_small(store: &dyn ObjectStore, bucket: &str, key: &str, limit:
 /// Streams one object into `sink`.
 pub async fn fetch(
     store: &dyn ObjectStore,
-    bucket: &str,
+    place: &str,
     key: &str,
     mut sink: HashingSink,
     progress: &dyn Progress,
 ) -> Result<Fetched, FetchError> {
     let location = StorePath::from(key);
-    let got = store.get(&location).await.map_err(|e| describe(bucket, key, e))?;
+    let got = store.get(&location).await.map_err(|e| describe(place, key, e))?;
     let expected = got.meta.size;
     progress.set_total(expected);
     let mut stream = got.into_stream();
     while let Some(chunk) = stream.next().await {
-        let bytes = chunk.map_err(|e| describe(bucket, key, e))?;
+        let bytes = chunk.map_err(|e| describe(place, key, e))?;
         let n = bytes.len() as u64;
         tokio::task::block_in_place(|| sink.write(bytes))
             .map_err(FetchError::Write)?
@@ -201,22 +257,23 @@ pub async fn fetch(
     })
 }
 
-fn describe(bucket: &str, key: &str, e: object_store::Error) -> FetchError {
+/// `place` is the source's `scheme://bucket` (or account/container).
+fn describe(place: &str, key: &str, e: object_store::Error) -> FetchError {
     match e {
         object_store::Error::NotFound { .. } => FetchError::Unreachable(format!(
-            "s3://{bucket}/{key} does not exist (or the bucket does not)"
+            "{place}/{key} does not exist (or the bucket or container does not)"
         )),
         object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
             FetchError::Unreachable(format!(
-                "s3://{bucket}/{key}: access denied; give the source a Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY that may read it (source.secretRef)"
+                "{place}/{key}: access denied; give the source a credentials Secret that may read it (source.secretRef; docs/security.md lists the keys)"
             ))
         }
         other => {
             let text = other.to_string();
             if text.contains("resolves to a refused address") {
-                FetchError::Refused(format!("s3://{bucket}/{key}: {text}"))
+                FetchError::Refused(format!("{place}/{key}: {text}"))
             } else {
-                FetchError::Unreachable(format!("s3://{bucket}/{key}: {text}"))
+                FetchError::Unreachable(format!("{place}/{key}: {text}"))
             }
         }
     }
