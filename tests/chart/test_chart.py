@@ -209,6 +209,7 @@ EXAMPLES = {
     "examples/task-mode/modelwrapper.yaml": ("crds/modelwrappers.zerocopy.dev.yaml", "v1alpha1"),
     "examples/task-mode/modeltask.yaml": ("crds/modeltasks.zerocopy.dev.yaml", "v1alpha1"),
     "examples/hf/modelwrapper.yaml": ("crds/modelwrappers.zerocopy.dev.yaml", "v1alpha1"),
+    "examples/oci/modelwrapper.yaml": ("crds/modelwrappers.zerocopy.dev.yaml", "v1alpha1"),
     "examples/kuberay/raycluster.yaml": ("tests/data/kuberay/ray.io_rayclusters.yaml", "v1"),
     "examples/kuberay/rayjob.yaml": ("tests/data/kuberay/ray.io_rayjobs.yaml", "v1"),
 }
