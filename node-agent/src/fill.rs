@@ -701,6 +701,10 @@ impl FillEngine {
                 reason,
             };
             let unreachable = |e: FetchError| source_error(wrapper, &c.name, &src.uri, e);
+            let listing_error = |e: StoreListing| match e {
+                StoreListing::Empty(reason) => bad(reason),
+                StoreListing::Failed(e) => unreachable(e),
+            };
             let selection = Selection::new(&src.include, &src.exclude).map_err(bad)?;
             let mut auth = None;
             let mut listed: Vec<Listed> = match DirectorySource::parse(&src.uri).map_err(bad)? {
@@ -754,10 +758,7 @@ impl FillEngine {
                     .map_err(unreachable)?;
                     list_store(store, &format!("s3://{bucket}"), &prefix)
                         .await
-                        .map_err(|e| match e {
-                            StoreListing::Empty(reason) => bad(reason),
-                            StoreListing::Failed(e) => unreachable(e),
-                        })?
+                        .map_err(listing_error)?
                 }
                 DirectorySource::Azure {
                     account,
@@ -775,10 +776,7 @@ impl FillEngine {
                     .map_err(unreachable)?;
                     list_store(store, &format!("az://{account}/{container}"), &prefix)
                         .await
-                        .map_err(|e| match e {
-                            StoreListing::Empty(reason) => bad(reason),
-                            StoreListing::Failed(e) => unreachable(e),
-                        })?
+                        .map_err(listing_error)?
                 }
                 DirectorySource::Oci {
                     registry,

@@ -40,6 +40,21 @@ def fill(yaml_path: Path, root: Path, *extra: str) -> subprocess.CompletedProces
     )
 
 
+def generations(root: Path) -> list[dict]:
+    """What `zerocopy-node-agent status --json` lists under ``root``."""
+    out = subprocess.run([str(agent_bin()), "--root", str(root), "status", "--json"], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 nothing listens on now, for a test server."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def filled_volume(yaml_path: Path, root: Path) -> Path:
     """Fills and returns the generation directory."""
     proc = fill(yaml_path, root)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import agent_bin, fill
+from conftest import fill, free_port, generations
 from hub_server import minilm_dir
 
 blob = pytest.importorskip("azure.storage.blob")
@@ -31,11 +31,6 @@ ACCOUNT = "devstoreaccount1"
 # Azurite's well-known development key (public, documented by Microsoft).
 KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +107,6 @@ spec:
     )
     return path
 
-
-def generations(root: Path) -> list[dict]:
-    out = subprocess.run([str(agent_bin()), "--root", str(root), "status", "--json"], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
 
 
 @pytest.mark.parametrize("auth", ["sas", "account-key", "public"])

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import agent_bin, fill
+from conftest import fill, generations
 from hub_server import HubServer, minilm_dir, sha256_of
 
 transformers = pytest.importorskip("transformers")
@@ -42,10 +41,6 @@ spec:
     )
     return path
 
-
-def generations(root: Path) -> list[dict]:
-    out = subprocess.run([str(agent_bin()), "--root", str(root), "status", "--json"], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
 
 
 def embed(model: torch.nn.Module, tokenizer) -> torch.Tensor:

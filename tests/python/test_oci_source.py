@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import agent_bin, fill
+from conftest import fill, free_port, generations
 from hub_server import minilm_dir
 
 oras_client = pytest.importorskip("oras.client")
@@ -33,11 +32,6 @@ CONFIG = "application/vnd.cncf.model.weight.config.v1.raw"
 MODEL_CONFIG = "application/vnd.cncf.model.config.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -115,10 +109,6 @@ spec:
     )
     return path
 
-
-def generations(root: Path) -> list[dict]:
-    out = subprocess.run([str(agent_bin()), "--root", str(root), "status", "--json"], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import agent_bin, fill
+from conftest import fill, free_port, generations
 from hub_server import minilm_dir
 
 boto3 = pytest.importorskip("boto3")
@@ -32,11 +32,6 @@ metadata: {{name: s3-credentials}}
 stringData: {{AWS_ACCESS_KEY_ID: testing, AWS_SECRET_ACCESS_KEY: testing-secret, endpoint: "{endpoint}"}}
 """
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -127,10 +122,6 @@ spec:
     )
     return path
 
-
-def generations(root: Path) -> list[dict]:
-    out = subprocess.run([str(agent_bin()), "--root", str(root), "status", "--json"], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
 
 
 def test_a_sharded_checkpoint_fills_from_an_s3_prefix(tmp_path: Path, shm: Path, s3_endpoint: str, sharded: Path) -> None:

@@ -95,10 +95,7 @@ pub fn bucket(
             policy: http.policy().clone(),
         });
     if let Some(endpoint) = endpoint {
-        let parsed = url::Url::parse(endpoint)
-            .map_err(|e| FetchError::Refused(format!("endpoint {endpoint:?} is not a URL: {e}")))?;
-        check_url(http.policy(), &parsed)
-            .map_err(|reason| FetchError::Refused(format!("endpoint {endpoint}: {reason}")))?;
+        checked_endpoint(http, endpoint)?;
         builder = builder
             .with_endpoint(endpoint)
             .with_allow_http(endpoint.starts_with("http://"))
@@ -126,6 +123,13 @@ pub fn bucket(
     Ok(Arc::new(store))
 }
 
+/// Refuses an endpoint the source policy does not allow, before any request.
+fn checked_endpoint(http: &HttpSource, endpoint: &str) -> Result<(), FetchError> {
+    let parsed = url::Url::parse(endpoint)
+        .map_err(|e| FetchError::Refused(format!("endpoint {endpoint:?} is not a URL: {e}")))?;
+    check_url(http.policy(), &parsed).map_err(|reason| FetchError::Refused(format!("endpoint {endpoint}: {reason}")))
+}
+
 /// An Azure container client. `endpoint`: the account's blob endpoint
 /// (Azurite: `http://host:port/<account>`), else
 /// `https://<account>.blob.core.windows.net`; `credentials`: a shared
@@ -146,10 +150,7 @@ pub fn container(
             policy: http.policy().clone(),
         });
     if let Some(endpoint) = endpoint {
-        let parsed = url::Url::parse(endpoint)
-            .map_err(|e| FetchError::Refused(format!("endpoint {endpoint:?} is not a URL: {e}")))?;
-        check_url(http.policy(), &parsed)
-            .map_err(|reason| FetchError::Refused(format!("endpoint {endpoint}: {reason}")))?;
+        checked_endpoint(http, endpoint)?;
         builder = builder
             .with_endpoint(endpoint.trim_end_matches('/').to_string())
             .with_allow_http(endpoint.starts_with("http://"));
