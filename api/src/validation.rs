@@ -13,8 +13,9 @@ pub const SUPPORTED_SCHEMES: [&str; 4] = ["file", "http", "https", "upload"];
 /// `ModelWrapper.from_model()` in a pod and spread between agents; always
 /// pinned by sha256, whatever the pinning mode.
 pub const UPLOAD_URI: &str = "upload:";
-/// Schemes the design reserves for later; named in the error so users know.
-const PLANNED_SCHEMES: [&str; 3] = ["s3", "hf", "oci"];
+/// Schemes a `source:` (directory) component reads; a single `weights:`
+/// file from them is pointed there.
+const DIRECTORY_SCHEMES: [&str; 5] = ["s3", "hf", "oci", "az", "gs"];
 
 /// Whether every source must carry a sha256.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,11 +245,11 @@ fn check_source(errs: &mut ValidationErrors, at: &str, source: &SourceSpec, pinn
                 source.uri
             ),
         ),
-        Ok(u) if PLANNED_SCHEMES.contains(&u.scheme()) => errs.push(
+        Ok(u) if DIRECTORY_SCHEMES.contains(&u.scheme()) => errs.push(
             format!("{at}.uri"),
             format!(
-                "scheme {}:// is not supported yet; supported: file, http, https",
-                u.scheme()
+                "one weights file from {scheme}:// is not supported yet (weights: takes file, http and https); declare the component with source: {{uri: '{scheme}://…', include: ['<file>.safetensors']}} instead (docs/FORMAT.md, \"Directory components\")",
+                scheme = u.scheme()
             ),
         ),
         Ok(u) if !SUPPORTED_SCHEMES.contains(&u.scheme()) => errs.push(
