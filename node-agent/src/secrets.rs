@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 
 use futures_util::future::BoxFuture;
-use zerocopy_api::spec::SecretKeyRef;
 
 /// A Secret's keys and values.
 pub type SecretData = BTreeMap<String, String>;
@@ -19,14 +18,6 @@ pub trait SecretStore: Send + Sync {
     /// Every key of Secret `name`, or why it cannot be had (names the
     /// Secret and what to do).
     fn get<'a>(&'a self, namespace: &'a str, name: &'a str) -> BoxFuture<'a, Result<SecretData, String>>;
-}
-
-/// The one key `secret` names (a token), trimmed.
-pub async fn token(store: &dyn SecretStore, namespace: &str, secret: &SecretKeyRef) -> Result<String, String> {
-    let data = store.get(namespace, &secret.name).await?;
-    data.get(secret.key())
-        .map(|v| v.trim().to_string())
-        .ok_or_else(|| format!("Secret {namespace}/{} has no key {:?}", secret.name, secret.key()))
 }
 
 /// No Secrets: every lookup fails with a message that says so.

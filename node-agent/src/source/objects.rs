@@ -43,6 +43,15 @@ struct PolicyConnector {
     policy: Arc<SourcePolicy>,
 }
 
+impl PolicyConnector {
+    fn of(http: &HttpSource) -> Self {
+        Self {
+            client: http.client().clone(),
+            policy: http.policy().clone(),
+        }
+    }
+}
+
 impl HttpConnector for PolicyConnector {
     fn connect(&self, _: &ClientOptions) -> object_store::Result<HttpClient> {
         Ok(HttpClient::new(self.clone()))
@@ -90,10 +99,7 @@ pub fn bucket(
     let mut builder = AmazonS3Builder::new()
         .with_bucket_name(bucket)
         .with_region(region)
-        .with_http_connector(PolicyConnector {
-            client: http.client().clone(),
-            policy: http.policy().clone(),
-        });
+        .with_http_connector(PolicyConnector::of(http));
     if let Some(endpoint) = endpoint {
         checked_endpoint(http, endpoint)?;
         builder = builder
@@ -145,10 +151,7 @@ pub fn container(
     let mut builder = MicrosoftAzureBuilder::new()
         .with_account(account)
         .with_container_name(container)
-        .with_http_connector(PolicyConnector {
-            client: http.client().clone(),
-            policy: http.policy().clone(),
-        });
+        .with_http_connector(PolicyConnector::of(http));
     if let Some(endpoint) = endpoint {
         checked_endpoint(http, endpoint)?;
         builder = builder
