@@ -35,5 +35,6 @@ ZEROCOPY_AGENT_BIN="$target_dir/debug/zerocopy-node-agent" \
 ZEROCOPY_LOADER_EXAMPLE="$target_dir/debug/examples/tensor-digests" \
   python3 -m pytest -n 2 -q tests/python tests/chart
 # Separately: its conftest (the import alias) would shadow tests/python's.
+echo "== fuzz (libFuzzer, bounded)"; bash scripts/fuzz.sh
 echo "== seed parity (ray-zerocopy 0.2.0's own API tests)"
 python3 -m pytest -q tests/seed

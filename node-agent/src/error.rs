@@ -221,12 +221,14 @@ impl FillError {
     }
 
     /// False when trying again cannot help until the spec or the agent's
-    /// flags change (both start over anyway).
+    /// flags change (both start over anyway). A refusal because a host name
+    /// resolved to a refused address is retried: the next answer may differ.
     pub fn is_retryable(&self) -> bool {
-        !matches!(
-            self,
-            FillError::Invalid(_) | FillError::Refused { .. } | FillError::BadContent { .. }
-        )
+        match self {
+            FillError::Refused { reason, .. } => reason.contains(crate::source::policy::REFUSED_BY_RESOLUTION),
+            FillError::Invalid(_) | FillError::BadContent { .. } => false,
+            _ => true,
+        }
     }
 
     /// A short stable category, for metrics labels and the summary table.
@@ -246,5 +248,34 @@ impl FillError {
             FillError::Io { .. } => "io",
             FillError::WaitingForSource { .. } => "waiting",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(reason: &str) -> FillError {
+        FillError::Refused {
+            wrapper: "ns/w".into(),
+            component: "c".into(),
+            uri: "https://models.example/x".into(),
+            reason: reason.into(),
+        }
+    }
+
+    #[test]
+    fn a_refusal_by_name_resolution_is_retried_and_other_refusals_are_not() {
+        let by_dns = refused(&format!(
+            "host models.example {}: 10.0.0.7 is a private address",
+            crate::source::policy::REFUSED_BY_RESOLUTION
+        ));
+        assert!(
+            by_dns.is_retryable(),
+            "DNS answers change; the fill must heal when they do"
+        );
+        assert_eq!(by_dns.reason(), "SourceRefused");
+        assert!(!refused("http://10.0.0.7/x: 10.0.0.7 is a private address").is_retryable());
+        assert!(!refused("file:///etc/shadow is outside the allowed directories").is_retryable());
     }
 }

@@ -468,7 +468,7 @@ async fn send_with_retry(req: reqwest::RequestBuilder) -> Result<reqwest::Respon
 /// The resolver's refusal surfaces as a connect error; tell it apart so it
 /// is not retried and reads as a policy decision.
 fn is_refused_by_resolver(e: &reqwest::Error) -> bool {
-    describe(e).contains("resolves to a refused address")
+    describe(e).contains(super::policy::REFUSED_BY_RESOLUTION)
 }
 
 /// reqwest's top-level message hides the cause; join the chain.

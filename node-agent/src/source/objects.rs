@@ -58,6 +58,10 @@ impl HttpConnector for PolicyConnector {
     }
 }
 
+/// Marks a URL the policy refused before any lookup (object_store wraps our
+/// error, so the classification below finds it by this text).
+const REFUSED_BY_POLICY: &str = "is refused by the agent's source policy";
+
 #[async_trait::async_trait]
 impl HttpService for PolicyConnector {
     async fn call(&self, req: HttpRequest) -> Result<HttpResponse, HttpError> {
@@ -65,7 +69,7 @@ impl HttpService for PolicyConnector {
         if let Err(reason) = check_url(&self.policy, &url) {
             let refused = std::io::Error::new(
                 std::io::ErrorKind::PermissionDenied,
-                format!("{url} resolves to a refused address: {reason}"),
+                format!("{url} {REFUSED_BY_POLICY}: {reason}"),
             );
             return Err(HttpError::new(HttpErrorKind::Request, refused));
         }
@@ -274,7 +278,7 @@ fn describe(place: &str, key: &str, e: object_store::Error) -> FetchError {
         }
         other => {
             let text = other.to_string();
-            if text.contains("resolves to a refused address") {
+            if text.contains(super::policy::REFUSED_BY_RESOLUTION) || text.contains(REFUSED_BY_POLICY) {
                 FetchError::Refused(format!("{place}/{key}: {text}"))
             } else {
                 FetchError::Unreachable(format!("{place}/{key}: {text}"))

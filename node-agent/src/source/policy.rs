@@ -200,6 +200,11 @@ fn classify_v6(ip: Ipv6Addr) -> AddressClass {
     AddressClass::Public
 }
 
+/// What a refusal by name resolution says. Such a refusal is retried with
+/// backoff: DNS answers change (split-horizon views, failovers), unlike a
+/// refused IP literal, scheme or path.
+pub const REFUSED_BY_RESOLUTION: &str = "resolves to a refused address";
+
 /// A resolver that resolves once and hands reqwest only checked addresses,
 /// so the connection goes exactly where the check looked (no DNS rebinding).
 #[derive(Debug)]
@@ -223,7 +228,7 @@ impl reqwest::dns::Resolve for CheckedResolver {
             // Any refused address refuses the name: a name that mixes public
             // and internal answers is how rebinding attacks start.
             if let Some(reason) = addrs.iter().find_map(|a| policy.refuse_address(a.ip())) {
-                return Err(format!("host {host} resolves to a refused address: {reason}").into());
+                return Err(format!("host {host} {REFUSED_BY_RESOLUTION}: {reason}").into());
             }
             if addrs.is_empty() {
                 return Err(format!("host {host} has no addresses").into());
