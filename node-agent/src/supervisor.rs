@@ -513,6 +513,10 @@ impl Supervisor {
             let key = (g.namespace.clone(), g.name.clone(), g.generation.clone());
             let wrapper = format!("{}/{}", g.namespace, g.name);
             if !users.is_empty() {
+                self.metrics
+                    .gc_kept_total
+                    .with_label_values(&[&g.namespace, &g.name])
+                    .inc();
                 if !self.kept.contains(&key) {
                     tracing::info!(%wrapper, generation = %g.generation, ?users,
                         "kept generation: processes map or hold its files; freed once they are gone");

@@ -504,8 +504,25 @@ async fn a_generation_a_catalog_pod_maps_is_kept_until_the_pod_is_gone() {
         assert!(Instant::now() < deadline, "generation 2 never became current");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Looked at when generation 2 was published, and again since.
-    tokio::time::sleep(IN_USE_RECHECK + Duration::from_secs(1)).await;
+    // Looked at when generation 2 was published, and again since: two
+    // collection passes counted that kept it.
+    let deadline = Instant::now() + IN_USE_RECHECK * 4 + Duration::from_secs(60);
+    loop {
+        let metrics = agent.metrics_text().await;
+        let kept: u64 = metrics
+            .lines()
+            .find(|l| l.starts_with("zerocopy_gc_kept_total{namespace=\"test\",wrapper=\"m0\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0);
+        if kept >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no second collection pass looked at the old generation: {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
         old.join("manifest.json").exists(),
         "the generation a pod still maps was freed"

@@ -120,6 +120,23 @@ fn weights_pss(pid: u64) -> u64 {
     total
 }
 
+/// `zerocopy_gc_kept_total` for `wrapper` from an agent's /metrics (0 when
+/// absent or unreachable).
+fn kept_total(metrics_addr: &str, wrapper: &str) -> u64 {
+    use std::io::{Read, Write};
+    let Ok(mut conn) = std::net::TcpStream::connect(metrics_addr) else {
+        return 0;
+    };
+    let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+    let _ = write!(conn, "GET /metrics HTTP/1.0\r\nHost: {metrics_addr}\r\n\r\n");
+    let mut text = String::new();
+    let _ = conn.read_to_string(&mut text);
+    text.lines()
+        .filter(|l| l.starts_with("zerocopy_gc_kept_total{") && l.contains(&format!("wrapper=\"{wrapper}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 fn agent_log(env: &Env, node: &str) -> String {
     std::fs::read_to_string(env.cluster.node_dirs(node).unwrap().base.join("agent.log")).unwrap_or_default()
 }
@@ -323,8 +340,18 @@ async fn from_model_in_a_driver_pod_and_load_in_pods_on_every_node() {
         },
     )
     .await;
-    // Still kept after the agents looked again (they do every few seconds).
-    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    // Still kept after every agent looked again (two more collection passes
+    // counted on its metrics), not only the first time.
+    let kept_passes = |node: &str| kept_total(&env.cluster.node_dirs(node).unwrap().metrics_addr, &name);
+    let passes_before: Vec<u64> = mapped_by_pods.iter().map(|n| kept_passes(n)).collect();
+    wait_for("every agent to look at the generation again", 120, || async {
+        mapped_by_pods
+            .iter()
+            .zip(&passes_before)
+            .all(|(n, before)| kept_passes(n) >= before + 2)
+            .then_some(())
+    })
+    .await;
     for node in mapped_by_pods {
         assert!(holds(node), "{node} freed the generation its worker pod still maps");
     }

@@ -51,7 +51,18 @@ async fn restarted_mid_rollout_converges_without_duplicates() {
         )
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Kill it once it has started rolling the new generation out.
+    wait_for("a replica of the new generation", 120, || async {
+        replicas
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .iter()
+            .any(|r| r.spec.generation != gen1)
+            .then_some(())
+    })
+    .await;
     env.kill_operator(0);
     env.start_operator("op-restarted-again");
     wait_for("the new generation Ready 3/3", 180, || {
@@ -235,15 +246,21 @@ async fn an_agent_restart_keeps_mounts_and_generations() {
 
     // SIGKILL and restart: the pod's mount and the generation stay; Ready again; new pods still mount.
     env.cluster.restart_agent("node-1").await.unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(mounts(), 1, "the running pod's mount survived the restart");
+    // A new pod mounting proves the restarted agent is serving (it has read
+    // its ledger and the root); only then is "the old mount is still there"
+    // a statement about the restart and not about a slow start.
+    pods.create(&PostParams::default(), &pod("after")).await.unwrap();
+    wait_for("a new pod mounts after the restart", 180, || running("after")).await;
+    assert_eq!(
+        mounts(),
+        2,
+        "the running pod's mount survived the restart, beside the new pod's"
+    );
     assert_eq!(generations_on(&env.cluster, "node-1"), vec![format!("w/{gen}")]);
     assert_eq!(
         pods.get("holder").await.unwrap().status.unwrap().phase.as_deref(),
         Some("Running")
     );
-    pods.create(&PostParams::default(), &pod("after")).await.unwrap();
-    wait_for("a new pod mounts after the restart", 180, || running("after")).await;
     wait_for("still Ready 1/1", 120, || ready(&wrappers, "w", 1, None)).await;
     env.stop().await;
 }

@@ -25,6 +25,9 @@ pub struct Metrics {
     pub fill_bytes_total: IntCounterVec,
     /// Fill durations, by result.
     pub fill_seconds: HistogramVec,
+    /// Times a collection pass kept a generation nothing wants because
+    /// processes still map or hold its files, by wrapper.
+    pub gc_kept_total: IntCounterVec,
     /// 1 when a tmpfs this agent mounts `huge=within_size` gets huge pages;
     /// 0 when the kernel grants none or the agent mounts no tmpfs.
     pub tmpfs_huge_pages: prometheus::IntGauge,
@@ -78,11 +81,18 @@ impl Metrics {
             ),
             &["namespace", "wrapper"],
         )?;
+        let gc_kept_total = IntCounterVec::new(
+            Opts::new(
+                "zerocopy_gc_kept_total",
+                "Collection passes that kept an unwanted generation because processes still map or hold it",
+            ),
+            &["namespace", "wrapper"],
+        )?;
         let tmpfs_huge_pages = prometheus::IntGauge::new(
             "zerocopy_node_tmpfs_huge_pages",
             "1 when this node's kernel gives the agent's tmpfs mounts huge pages (memory.hugePages), else 0",
         )?;
-        for c in [&publish_total, &unpublish_total, &fill_bytes_total] {
+        for c in [&publish_total, &unpublish_total, &fill_bytes_total, &gc_kept_total] {
             registry.register(Box::new(c.clone()))?;
         }
         registry.register(Box::new(csi_seconds.clone()))?;
@@ -99,6 +109,7 @@ impl Metrics {
             csi_seconds,
             fill_bytes_total,
             fill_seconds,
+            gc_kept_total,
             active_mounts,
             bytes_resident,
             bytes_saved,

@@ -26,6 +26,25 @@ pub struct Env {
     pub operators: Vec<(String, Child)>,
     /// Extra arguments for every operator this Env starts.
     pub operator_args: Vec<String>,
+    /// This test's slot among the simulated clusters allowed at once.
+    _slot: tokio::sync::SemaphorePermit<'static>,
+}
+
+/// Simulated clusters a test binary runs at once. Each is an API server,
+/// agents, operators and pod processes: two on a 2-core machine starve each
+/// other's agents past their Lease, so tests take turns (one per 2 cores;
+/// `ZEROCOPY_E2E_CLUSTERS` overrides). A test's bounds start counting once
+/// it has its slot.
+fn cluster_slots() -> &'static tokio::sync::Semaphore {
+    static SLOTS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    SLOTS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let slots = std::env::var("ZEROCOPY_E2E_CLUSTERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or((cores / 2).max(1));
+        tokio::sync::Semaphore::new(slots)
+    })
 }
 
 fn free_addr() -> String {
@@ -61,6 +80,7 @@ impl Env {
         operator_args: &[&str],
         agent_args: &[&str],
     ) -> Env {
+        let slot = cluster_slots().acquire().await.expect("the slots are never closed");
         let mut opts = ClusterOptions::with_nodes(vec![]).agent(
             agent_bin(),
             AgentMode::Cluster {
@@ -104,6 +124,7 @@ impl Env {
             client,
             operators: vec![],
             operator_args: operator_args.iter().map(|s| s.to_string()).collect(),
+            _slot: slot,
         };
         for i in 0..operators {
             env.start_operator(&format!("op-{i}"));
