@@ -67,6 +67,14 @@ pub enum DirectorySource {
         /// Blob name prefix, ending in `/` (empty: the whole container).
         prefix: String,
     },
+    /// `gs://bucket/prefix/`: every object below a prefix of a Google Cloud
+    /// Storage bucket (JSON API).
+    Gcs {
+        /// Bucket name.
+        bucket: String,
+        /// Object name prefix, ending in `/` (empty: the whole bucket).
+        prefix: String,
+    },
     /// `s3://bucket/prefix/`: every object below a prefix of an S3 (or
     /// S3-compatible) bucket.
     S3 {
@@ -138,32 +146,39 @@ impl DirectorySource {
                     "{uri:?}: the prefix must be a plain path (no '.', '..' or empty parts)"
                 ))
             }
-            Ok(u) if u.scheme() == "s3" => {
+            Ok(u) if u.scheme() == "s3" || u.scheme() == "gs" => {
+                let (store, extra) = if u.scheme() == "s3" { ("an S3", b'.') } else { ("a Cloud Storage", b'_') };
                 let bucket = u.host_str().unwrap_or_default();
                 let bucket_ok = (3..=63).contains(&bucket.len())
-                    && bucket
-                        .bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+                    && bucket.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.' || b == extra
+                    });
                 if !bucket_ok {
-                    return Err(format!("{uri:?} does not name an S3 bucket: write s3://bucket/prefix/"));
+                    return Err(format!(
+                        "{uri:?} does not name {store} bucket: write {}://bucket/prefix/",
+                        u.scheme()
+                    ));
                 }
+                // Url::parse would quietly resolve `a/../b`; a prefix is taken as written.
+                let dotted = uri.split('/').skip(3).any(|p| {
+                    let p = p.to_ascii_lowercase().replace("%2e", ".");
+                    p == "." || p == ".."
+                });
                 let mut prefix = u.path().trim_start_matches('/').to_string();
                 if !prefix.is_empty() && !prefix.ends_with('/') {
                     prefix.push('/');
                 }
-                if !prefix.is_empty() && !is_safe_relative_path(prefix.trim_end_matches('/')) {
+                if dotted || (!prefix.is_empty() && !is_safe_relative_path(prefix.trim_end_matches('/'))) {
                     return Err(format!("{uri:?}: the prefix must be a plain path (no '.', '..' or empty parts)"));
                 }
-                Ok(Self::S3 {
-                    bucket: bucket.to_string(),
-                    prefix,
+                let bucket = bucket.to_string();
+                Ok(if u.scheme() == "s3" {
+                    Self::S3 { bucket, prefix }
+                } else {
+                    Self::Gcs { bucket, prefix }
                 })
             }
             Ok(u) if u.scheme() == "az" => parse_azure(uri, &u),
-            Ok(u) if u.scheme() == "gs" => Err(format!(
-                "scheme {}:// is not supported yet for directory sources; supported: hf://org/repo@commit, s3://bucket/prefix/, az://account/container/prefix/, oci://registry/repo@sha256:… and file:///dir/",
-                u.scheme()
-            )),
             Ok(u) => Err(format!(
                 "scheme {}:// cannot list files; a directory source is hf://org/repo@commit or file:///dir/ (one file over http(s) goes in weights: instead)",
                 u.scheme()
@@ -419,9 +434,22 @@ mod tests {
         ] {
             assert!(DirectorySource::parse(bad).is_err(), "{bad}");
         }
-        assert!(DirectorySource::parse("gs://bucket/prefix/")
-            .unwrap_err()
-            .contains("not supported yet"));
+        assert_eq!(
+            DirectorySource::parse("gs://my_bucket/llm/8b").unwrap(),
+            DirectorySource::Gcs {
+                bucket: "my_bucket".into(),
+                prefix: "llm/8b/".into()
+            }
+        );
+        for bad in [
+            "gs://Bucket/x/",
+            "gs://b/x/",
+            "gs://bucket/x/../y/",
+            "gs://bucket/x/%2e%2e/y/",
+            "s3://my_bucket/x/",
+        ] {
+            assert!(DirectorySource::parse(bad).is_err(), "{bad}");
+        }
         assert!(DirectorySource::parse("https://h/x").unwrap_err().contains("weights:"));
         assert!(is_commit("0123456789abcdef0123456789abcdef01234567"));
         assert!(!is_commit("main"));

@@ -317,7 +317,12 @@ fn check_directory_source(errs: &mut ValidationErrors, at: &str, source: &Direct
                 );
             }
         }
-        Ok(DirectorySource::Directory { .. } | DirectorySource::S3 { .. } | DirectorySource::Azure { .. }) => {
+        Ok(
+            DirectorySource::Directory { .. }
+            | DirectorySource::S3 { .. }
+            | DirectorySource::Gcs { .. }
+            | DirectorySource::Azure { .. },
+        ) => {
             if pinning == Pinning::Required && source.sha256.is_empty() {
                 errs.push(
                     format!("{at}.sha256"),
@@ -458,7 +463,7 @@ mod tests {
         );
         let text = errs.join("\n");
         for needle in [
-            ".uri: scheme gs://",
+            ".uri: \"gs://b/p/\" does not name a Cloud Storage bucket",
             ".include[0]",
             "not a relative path",
             "is not a sha256",

@@ -760,6 +760,42 @@ impl FillEngine {
                         .await
                         .map_err(listing_error)?
                 }
+                DirectorySource::Gcs { bucket, prefix } => {
+                    let credentials = self.credentials(namespace, wrapper, &c.name, src).await?;
+                    let endpoint = source::gcs::endpoint(src.endpoint.as_deref()).map_err(unreachable)?;
+                    auth = source::gcs::authorization(&self.http, &endpoint, &bucket, credentials.as_ref())
+                        .await
+                        .map_err(unreachable)?;
+                    let objects =
+                        source::gcs::list(&self.http, &endpoint, &bucket, &prefix, auth.as_ref(), 4 * MAX_FILES)
+                            .await
+                            .map_err(unreachable)?;
+                    let mut out = Vec::new();
+                    for o in objects {
+                        // Folder placeholders (`a/`) hold no file.
+                        let Some(rel) = o
+                            .name
+                            .strip_prefix(&prefix)
+                            .filter(|r| !r.is_empty() && !r.ends_with('/'))
+                        else {
+                            continue;
+                        };
+                        out.push(Listed {
+                            path: rel.to_string(),
+                            size: Some(o.size),
+                            uri: source::gcs::media_url(&endpoint, &bucket, &o.name).map_err(unreachable)?,
+                            sha256: None,
+                            git_blob: None,
+                            object: None,
+                        });
+                    }
+                    if out.is_empty() {
+                        return Err(bad(format!(
+                            "no object below gs://{bucket}/{prefix}: check the bucket, the prefix and the endpoint"
+                        )));
+                    }
+                    out
+                }
                 DirectorySource::Azure {
                     account,
                     container,

@@ -3,6 +3,7 @@
 //! [`crate::FillError`] that names the component.
 
 pub mod file;
+pub mod gcs;
 pub mod hf;
 pub mod http;
 pub mod objects;

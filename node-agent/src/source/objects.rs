@@ -38,13 +38,13 @@ pub const DEFAULT_REGION: &str = "us-east-1";
 /// but an IP address in the URL (an endpoint of `http://169.254.169.254`)
 /// is never resolved, so it is checked here.
 #[derive(Debug, Clone)]
-struct PolicyConnector {
+pub(crate) struct PolicyConnector {
     client: reqwest::Client,
     policy: Arc<SourcePolicy>,
 }
 
 impl PolicyConnector {
-    fn of(http: &HttpSource) -> Self {
+    pub(crate) fn of(http: &HttpSource) -> Self {
         Self {
             client: http.client().clone(),
             policy: http.policy().clone(),
