@@ -75,6 +75,23 @@ pub enum ReplicaPhase {
     Failed,
 }
 
+/// One file of a fill in progress.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FileProgress {
+    /// Its path in the generation (`encoder.safetensors`, `llm/config.json`).
+    pub file: String,
+    /// Bytes written so far.
+    pub bytes_done: u64,
+    /// Its size, when the source told it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_total: Option<u64>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 /// Observed state on the node.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -85,6 +102,16 @@ pub struct ModelReplicaStatus {
     /// Bytes of the generation.
     #[serde(default)]
     pub bytes_total: u64,
+    /// While Filling: files the generation holds.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub files_total: u32,
+    /// While Filling: files completely written.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub files_done: u32,
+    /// While Filling: the files being written now (at most 16), each with
+    /// its bytes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filling: Vec<FileProgress>,
     /// Bytes filled so far.
     #[serde(default)]
     pub bytes_done: u64,

@@ -174,6 +174,10 @@ pub fn wanted_from(replica: &ModelReplica) -> Option<LoadedWrapper> {
     })
 }
 
+/// Most in-flight files a replica status lists (a fill runs a few at once;
+/// the rest are counted).
+const MAX_FILES_IN_STATUS: usize = 16;
+
 /// A replica's status from the node's state (pure but for the manifest read).
 pub fn replica_status(replica: &ModelReplica, shared: &Shared, root: &VolumeRoot) -> ModelReplicaStatus {
     let ns = replica.namespace().unwrap_or_default();
@@ -193,11 +197,22 @@ pub fn replica_status(replica: &ModelReplica, shared: &Shared, root: &VolumeRoot
     };
     match shared.catalog.state(&ns, name, &generation) {
         FillState::Pending => s.phase = ReplicaPhase::Pending,
-        FillState::Filling(files) => {
+        FillState::Filling(progress) => {
             s.phase = ReplicaPhase::Filling;
-            s.bytes_done = files.iter().map(|(_, done, _)| done).sum();
-            s.bytes_total = files.iter().filter_map(|(_, _, total)| *total).sum();
-            s.message = Some(describe_progress(&files));
+            s.bytes_done = progress.bytes_done();
+            s.bytes_total = progress.bytes_expected();
+            s.files_total = progress.files_total.max(progress.files.len()) as u32;
+            s.files_done = progress.files_done() as u32;
+            s.filling = progress
+                .in_flight()
+                .take(MAX_FILES_IN_STATUS)
+                .map(|f| zerocopy_api::replica::FileProgress {
+                    file: f.file.clone(),
+                    bytes_done: f.done,
+                    bytes_total: f.total,
+                })
+                .collect();
+            s.message = Some(describe_progress(&progress));
         }
         FillState::Ready => {
             s.phase = ReplicaPhase::Ready;
@@ -476,6 +491,54 @@ mod tests {
             ..Default::default()
         });
         Arc::new(r)
+    }
+
+    #[test]
+    fn a_filling_replica_reports_its_files() {
+        use crate::fill::ProgressFactory;
+        let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (ledger, _) = crate::csi::ledger::Ledger::load(state.path()).unwrap_or_else(|e| panic!("{e}"));
+        let shared = Shared {
+            catalog: Arc::new(crate::csi::catalog::Catalog::default()),
+            ledger: Arc::new(ledger),
+            metrics: crate::csi::metrics::Metrics::new().unwrap_or_else(|e| panic!("{e}")),
+            endpoint: None,
+        };
+        let r = replica("n", None, None);
+        let generation = generation_digest(&r.spec.wrapper_spec());
+        let progress = shared.catalog.progress("ns", "m", &generation);
+        progress.plan(20, Some(3000));
+        let config = progress.file("llm", "llm/config.json", Some(1000));
+        config.advance(1000);
+        let shards: Vec<_> = (1..=18)
+            .map(|i| progress.file("llm", &format!("llm/model-{i:05}.safetensors"), Some(100)))
+            .collect();
+        shards[0].advance(40);
+        let s = replica_status(&r, &shared, &VolumeRoot::new(state.path()));
+        assert_eq!(s.phase, ReplicaPhase::Filling);
+        assert_eq!((s.files_done, s.files_total), (1, 20));
+        assert_eq!((s.bytes_done, s.bytes_total), (1040, 3000));
+        assert_eq!(
+            s.filling.len(),
+            MAX_FILES_IN_STATUS,
+            "in-flight files are listed up to the cap"
+        );
+        assert_eq!(
+            s.filling[0],
+            zerocopy_api::replica::FileProgress {
+                file: "llm/model-00001.safetensors".into(),
+                bytes_done: 40,
+                bytes_total: Some(100)
+            }
+        );
+        assert!(
+            s.message
+                .as_deref()
+                .unwrap_or_default()
+                .starts_with("filling 1.0 KiB/2.9 KiB, 1/20 files done (llm/model-00001.safetensors"),
+            "{:?}",
+            s.message
+        );
     }
 
     #[test]

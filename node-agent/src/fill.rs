@@ -71,7 +71,10 @@ pub enum MountMode {
 
 /// Creates one progress reporter per file being filled.
 pub trait ProgressFactory: Send + Sync {
-    /// A reporter for `file` of `component`; `total` when the size is known.
+    /// The fill will stage `files` files, `bytes` in all when every size is known.
+    fn plan(&self, _files: usize, _bytes: Option<u64>) {}
+    /// A reporter for `file` (its path in the generation) of `component`;
+    /// `total` when the size is known.
     fn file(&self, component: &str, file: &str, total: Option<u64>) -> Arc<dyn Progress>;
 }
 
@@ -615,6 +618,7 @@ impl FillEngine {
             guard.mounted = true;
         }
 
+        progress.plan(plan.len(), plan.iter().map(|f| f.size).sum::<Option<u64>>());
         let staged: Vec<StagedFile> = stream::iter(
             plan.into_iter()
                 .map(|f| self.stage(&wrapper, &staging, f, limit, progress)),

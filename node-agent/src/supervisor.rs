@@ -320,7 +320,7 @@ impl Supervisor {
         };
         let (ns, name, generation) = key.clone();
         self.catalog
-            .set_state(&ns, &name, &generation, FillState::Filling(Vec::new()));
+            .set_state(&ns, &name, &generation, FillState::Filling(Default::default()));
         let engine = self.engine.clone();
         let progress = self.catalog.progress(&ns, &name, &generation);
         let deadline = self.policy.deadline;
@@ -440,7 +440,7 @@ impl Supervisor {
         let mut stalled = Vec::new();
         for (key, run) in &mut self.running {
             let done: u64 = match self.catalog.state(&key.0, &key.1, &key.2) {
-                FillState::Filling(files) => files.iter().map(|(_, d, _)| d).sum(),
+                FillState::Filling(progress) => progress.bytes_done(),
                 _ => continue,
             };
             if now.duration_since(run.window_start) < window {

@@ -345,7 +345,10 @@ async fn a_publish_during_a_fill_reports_progress_then_succeeds() {
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(
-        status.message().starts_with("test/slow: filling enc ") && status.message().contains(" MiB/5.7 MiB"),
+        status.message().starts_with("test/slow: filling ")
+            && status
+                .message()
+                .contains(" MiB/5.7 MiB, 0/1 files done (enc.safetensors)"),
         "{:?}",
         status.message()
     );

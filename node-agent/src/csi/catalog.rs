@@ -34,12 +34,64 @@ pub struct Wanted {
 pub enum FillState {
     /// Not started yet.
     Pending,
-    /// Streaming: per file, (component, bytes done, bytes total if known).
-    Filling(Vec<(String, u64, Option<u64>)>),
+    /// Streaming.
+    Filling(FillProgress),
     /// Published.
     Ready,
     /// Failed; tried again at `retry_at` unless the spec changes first.
     Failed(Failure),
+}
+
+/// How far a fill has come.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FillProgress {
+    /// Files the fill stages; 0 until it has planned them.
+    pub files_total: usize,
+    /// Bytes of all of them, when every size is known up front.
+    pub bytes_total: Option<u64>,
+    /// The files started so far, in the order they started.
+    pub files: Vec<FileProgress>,
+}
+
+/// One file of a fill.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileProgress {
+    /// Its path in the generation (`encoder.safetensors`, `llm/config.json`).
+    pub file: String,
+    /// Bytes written so far.
+    pub done: u64,
+    /// Its size, when known.
+    pub total: Option<u64>,
+}
+
+impl FileProgress {
+    /// Every byte of a known size written.
+    pub fn complete(&self) -> bool {
+        self.total.is_some_and(|t| self.done >= t)
+    }
+}
+
+impl FillProgress {
+    /// Bytes written so far, all files.
+    pub fn bytes_done(&self) -> u64 {
+        self.files.iter().map(|f| f.done).sum()
+    }
+
+    /// The planned total, else the sum of the sizes known so far.
+    pub fn bytes_expected(&self) -> u64 {
+        self.bytes_total
+            .unwrap_or_else(|| self.files.iter().filter_map(|f| f.total).sum())
+    }
+
+    /// Files whose every byte is written.
+    pub fn files_done(&self) -> usize {
+        self.files.iter().filter(|f| f.complete()).count()
+    }
+
+    /// The files being written now, in start order.
+    pub fn in_flight(&self) -> impl Iterator<Item = &FileProgress> {
+        self.files.iter().filter(|f| !f.complete())
+    }
 }
 
 /// The failure reason of a fill that waits for an upload or a peer.
@@ -156,18 +208,23 @@ impl Catalog {
 }
 
 /// "filling encoder 3.1 GiB/6.0 GiB, decoder 0 B/1.0 GiB"
-pub fn describe_progress(files: &[(String, u64, Option<u64>)]) -> String {
-    if files.is_empty() {
+pub fn describe_progress(p: &FillProgress) -> String {
+    if p.files.is_empty() {
         return "queued for filling".into();
     }
-    let parts: Vec<String> = files
-        .iter()
-        .map(|(c, done, total)| match total {
-            Some(t) => format!("{c} {}/{}", HumanBytes(*done), HumanBytes(*t)),
-            None => format!("{c} {}", HumanBytes(*done)),
-        })
-        .collect();
-    format!("filling {}", parts.join(", "))
+    let files = p.files_total.max(p.files.len());
+    let bytes = match p.bytes_expected() {
+        0 => HumanBytes(p.bytes_done()).to_string(),
+        total => format!("{}/{}", HumanBytes(p.bytes_done()), HumanBytes(total)),
+    };
+    let now: Vec<&str> = p.in_flight().take(3).map(|f| f.file.as_str()).collect();
+    let more = p.in_flight().count().saturating_sub(now.len());
+    let now = match (now.is_empty(), more) {
+        (true, _) => String::new(),
+        (false, 0) => format!(" ({})", now.join(", ")),
+        (false, n) => format!(" ({} and {n} more)", now.join(", ")),
+    };
+    format!("filling {bytes}, {}/{files} files done{now}", p.files_done())
 }
 
 /// Reports file progress into the catalog.
@@ -184,33 +241,51 @@ struct FileSlot {
 }
 
 impl FileSlot {
-    fn update(&self, f: impl FnOnce(&mut (String, u64, Option<u64>))) {
+    fn update(&self, f: impl FnOnce(&mut FileProgress)) {
         let mut inner = self.catalog.lock();
-        if let Some(FillState::Filling(files)) = inner.fills.get_mut(&self.key) {
-            if let Some(slot) = files.get_mut(self.index) {
+        if let Some(FillState::Filling(progress)) = inner.fills.get_mut(&self.key) {
+            if let Some(slot) = progress.files.get_mut(self.index) {
                 f(slot);
             }
         }
     }
 }
 
-impl ProgressFactory for CatalogProgress {
-    fn file(&self, component: &str, _file: &str, total: Option<u64>) -> Arc<dyn Progress> {
+impl CatalogProgress {
+    /// This fill's progress, made `Filling` if it was in another state.
+    fn with_progress<T>(&self, f: impl FnOnce(&mut FillProgress) -> T) -> T {
         let mut inner = self.catalog.lock();
         let entry = inner
             .fills
             .entry(self.key.clone())
-            .or_insert_with(|| FillState::Filling(Vec::new()));
+            .or_insert_with(|| FillState::Filling(FillProgress::default()));
         if !matches!(entry, FillState::Filling(_)) {
-            *entry = FillState::Filling(Vec::new());
+            *entry = FillState::Filling(FillProgress::default());
         }
-        let index = match entry {
-            FillState::Filling(files) => {
-                files.push((component.to_string(), 0, total));
-                files.len() - 1
-            }
-            _ => 0,
-        };
+        match entry {
+            FillState::Filling(progress) => f(progress),
+            _ => f(&mut FillProgress::default()),
+        }
+    }
+}
+
+impl ProgressFactory for CatalogProgress {
+    fn plan(&self, files: usize, bytes: Option<u64>) {
+        self.with_progress(|p| {
+            p.files_total = files;
+            p.bytes_total = bytes;
+        });
+    }
+
+    fn file(&self, _component: &str, file: &str, total: Option<u64>) -> Arc<dyn Progress> {
+        let index = self.with_progress(|p| {
+            p.files.push(FileProgress {
+                file: file.to_string(),
+                done: 0,
+                total,
+            });
+            p.files.len() - 1
+        });
         Arc::new(FileSlot {
             catalog: self.catalog.clone(),
             key: self.key.clone(),
@@ -221,10 +296,10 @@ impl ProgressFactory for CatalogProgress {
 
 impl Progress for FileSlot {
     fn set_total(&self, total: u64) {
-        self.update(|s| s.2 = Some(total));
+        self.update(|s| s.total = Some(total));
     }
     fn advance(&self, n: u64) {
-        self.update(|s| s.1 += n);
+        self.update(|s| s.done += n);
     }
 }
 
@@ -234,22 +309,55 @@ mod tests {
 
     #[test]
     fn progress_reads_like_a_sentence() {
-        let s = describe_progress(&[("encoder".into(), 3 << 29, Some(6 << 30)), ("decoder".into(), 0, None)]);
-        assert_eq!(s, "filling encoder 1.5 GiB/6.0 GiB, decoder 0 B");
-        assert_eq!(describe_progress(&[]), "queued for filling");
+        let file = |file: &str, done: u64, total: Option<u64>| FileProgress {
+            file: file.into(),
+            done,
+            total,
+        };
+        let p = FillProgress {
+            files_total: 6,
+            bytes_total: Some(6 << 30),
+            files: vec![
+                file("llm/config.json", 700, Some(700)),
+                file("llm/model-00001-of-00004.safetensors", 3 << 29, Some(2 << 30)),
+                file("llm/model-00002-of-00004.safetensors", 0, None),
+            ],
+        };
+        assert_eq!(
+            describe_progress(&p),
+            "filling 1.5 GiB/6.0 GiB, 1/6 files done (llm/model-00001-of-00004.safetensors, llm/model-00002-of-00004.safetensors)"
+        );
+        let many = FillProgress {
+            files: (0..5).map(|i| file(&format!("f{i}"), 1, Some(2))).collect(),
+            ..FillProgress::default()
+        };
+        assert_eq!(
+            describe_progress(&many),
+            "filling 5 B/10 B, 0/5 files done (f0, f1, f2 and 2 more)"
+        );
+        assert_eq!(describe_progress(&FillProgress::default()), "queued for filling");
     }
 
     #[test]
     fn file_progress_lands_in_the_state() {
         let c = Arc::new(Catalog::default());
-        c.set_state("ns", "m", "g", FillState::Filling(Vec::new()));
+        c.set_state("ns", "m", "g", FillState::Filling(FillProgress::default()));
         let p = c.progress("ns", "m", "g");
+        p.plan(2, None);
         let f = p.file("enc", "enc.safetensors", None);
         f.set_total(10);
         f.advance(4);
         assert_eq!(
             c.state("ns", "m", "g"),
-            FillState::Filling(vec![("enc".into(), 4, Some(10))])
+            FillState::Filling(FillProgress {
+                files_total: 2,
+                bytes_total: None,
+                files: vec![FileProgress {
+                    file: "enc.safetensors".into(),
+                    done: 4,
+                    total: Some(10)
+                }]
+            })
         );
     }
 }

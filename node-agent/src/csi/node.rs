@@ -261,7 +261,7 @@ impl NodeService {
             let now = Instant::now();
             if now >= deadline {
                 let progress = match &state {
-                    FillState::Filling(files) => describe_progress(files),
+                    FillState::Filling(progress) => describe_progress(progress),
                     FillState::Failed(failure) => failure.message.clone(),
                     _ => "waiting for its fill to start".to_string(),
                 };
