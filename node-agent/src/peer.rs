@@ -315,9 +315,15 @@ async fn upload(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    // A refused or failed upload ends the connection (its body is not read
+    // whole), and says so, so the client does not reuse it for its next
+    // request; a small body is read first so the client, still sending,
+    // gets the answer rather than a reset.
+    let closing = [(axum::http::header::CONNECTION, "close")];
     if let Err((code, msg)) = s.authorize_upload(&namespace, &name, &sha256, &headers) {
         tracing::warn!(%namespace, %name, sha256, code = code.as_u16(), error = %msg, "upload refused");
-        return (code, msg).into_response();
+        discard(body, REFUSED_BODY_READ).await;
+        return (code, closing, msg).into_response();
     }
     match receive(&s, &namespace, &sha256, body).await {
         Ok(bytes) => {
@@ -328,7 +334,23 @@ async fn upload(
         }
         Err((code, msg)) => {
             tracing::warn!(%namespace, %name, sha256, code = code.as_u16(), error = %msg, "upload failed");
-            (code, msg).into_response()
+            (code, closing, msg).into_response()
+        }
+    }
+}
+
+/// Most bytes of a refused upload's body read (and dropped) before the
+/// answer.
+const REFUSED_BODY_READ: u64 = 16 << 20;
+
+/// Reads and drops up to `limit` bytes of `body`.
+async fn discard(body: Body, limit: u64) {
+    let mut read = 0u64;
+    let mut stream = body.into_data_stream();
+    while read < limit {
+        match stream.next().await {
+            Some(Ok(chunk)) => read += chunk.len() as u64,
+            _ => return,
         }
     }
 }

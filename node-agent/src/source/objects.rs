@@ -22,7 +22,7 @@ use object_store::client::{
     HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse, HttpService,
 };
 use object_store::path::Path as StorePath;
-use object_store::{ClientOptions, ObjectStore};
+use object_store::{ClientOptions, GetOptions, GetRange, ObjectStore};
 
 use super::http::HttpSource;
 use super::policy::{check_url, SourcePolicy};
@@ -229,7 +229,14 @@ pub async fn read_small(store: &dyn ObjectStore, place: &str, key: &str, limit: 
     Ok(out)
 }
 
-/// Streams one object into `sink`.
+/// Reads of one object resumed after a cut before the fetch gives up (the
+/// fill is then retried whole, with backoff).
+const MAX_RESUMES: u32 = 3;
+
+/// Streams one object into `sink`. A stream cut short resumes from the
+/// first missing byte with a ranged read that must match the first
+/// answer's ETag (`If-Match`), so two versions of an object are never
+/// spliced: a changed object fails the fetch instead.
 pub async fn fetch(
     store: &dyn ObjectStore,
     place: &str,
@@ -240,29 +247,53 @@ pub async fn fetch(
     let location = StorePath::from(key);
     let got = store.get(&location).await.map_err(|e| describe(place, key, e))?;
     let expected = got.meta.size;
+    let etag = got.meta.e_tag.clone();
     progress.set_total(expected);
     let mut stream = got.into_stream();
-    while let Some(chunk) = stream.next().await {
-        let bytes = chunk.map_err(|e| describe(place, key, e))?;
-        let n = bytes.len() as u64;
-        tokio::task::block_in_place(|| sink.write(bytes))
-            .map_err(FetchError::Write)?
-            .map_err(|o| FetchError::TooLarge(o.limit))?;
-        progress.advance(n);
+    let mut resumes = 0u32;
+    loop {
+        let cut = loop {
+            match stream.next().await {
+                None => break None,
+                Some(Err(e)) => break Some(e),
+                Some(Ok(bytes)) => {
+                    let n = bytes.len() as u64;
+                    tokio::task::block_in_place(|| sink.write(bytes))
+                        .map_err(FetchError::Write)?
+                        .map_err(|o| FetchError::TooLarge(o.limit))?;
+                    progress.advance(n);
+                }
+            }
+        };
+        let written = sink.written();
+        let Some(error) = cut else { break };
+        let Some(etag) = etag.clone().filter(|_| resumes < MAX_RESUMES && written < expected) else {
+            return Err(describe(place, key, error));
+        };
+        resumes += 1;
+        tracing::info!(%place, %key, written, expected, resumes, error = %error, "object read cut short; resuming from the first missing byte");
+        let options = GetOptions {
+            range: Some(GetRange::Offset(written)),
+            if_match: Some(etag),
+            ..GetOptions::default()
+        };
+        let again = store.get_opts(&location, options).await.map_err(|e| match e {
+            object_store::Error::Precondition { .. } => FetchError::Unreachable(format!(
+                "{place}/{key} changed while it was read (its ETag differs); the fill starts over"
+            )),
+            e => describe(place, key, e),
+        })?;
+        stream = again.into_stream();
     }
     if sink.written() != expected {
         return Err(FetchError::Truncated {
             got: sink.written(),
             expected,
-            resumes: 0,
+            resumes,
         });
     }
     let (bytes, sha256) = tokio::task::block_in_place(|| sink.finish()).map_err(FetchError::Write)?;
-    Ok(Fetched {
-        bytes,
-        sha256,
-        resumes: 0,
-    })
+    Ok(Fetched { bytes, sha256, resumes })
 }
 
 /// `place` is the source's `scheme://bucket` (or account/container).
@@ -284,5 +315,181 @@ fn describe(place: &str, key: &str, e: object_store::Error) -> FetchError {
                 FetchError::Unreachable(format!("{place}/{key}: {text}"))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ops::Range;
+    use std::sync::Mutex;
+
+    use bytes::Bytes;
+    use futures_util::stream::BoxStream;
+    use object_store::memory::InMemory;
+    use object_store::{
+        GetResult, GetResultPayload, ListResult, MultipartUpload, ObjectMeta, PutMultipartOptions, PutOptions,
+        PutPayload, PutResult,
+    };
+
+    use super::*;
+    use crate::source::NoProgress;
+
+    /// An in-memory store whose first `cuts` reads end with an error after
+    /// `cut_at` bytes (a connection reset mid-object); `replace_on_cut`
+    /// overwrites the object at the first cut (a new version uploaded
+    /// meanwhile). Records the byte range each read asked for.
+    #[derive(Debug)]
+    struct CuttingStore {
+        inner: InMemory,
+        cut_at: usize,
+        cuts: Mutex<u32>,
+        replace_on_cut: Option<Bytes>,
+        asked: Mutex<Vec<Option<GetRange>>>,
+    }
+
+    impl std::fmt::Display for CuttingStore {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("CuttingStore")
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for CuttingStore {
+        async fn put_opts(&self, l: &StorePath, p: PutPayload, o: PutOptions) -> object_store::Result<PutResult> {
+            self.inner.put_opts(l, p, o).await
+        }
+        async fn put_multipart_opts(
+            &self,
+            l: &StorePath,
+            o: PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn MultipartUpload>> {
+            self.inner.put_multipart_opts(l, o).await
+        }
+        async fn get_opts(&self, l: &StorePath, o: GetOptions) -> object_store::Result<GetResult> {
+            self.asked.lock().unwrap().push(o.range.clone());
+            let got = self.inner.get_opts(l, o).await?;
+            let (meta, range, attributes) = (got.meta.clone(), got.range.clone(), got.attributes.clone());
+            let body = got.bytes().await?;
+            let cut = {
+                let mut cuts = self.cuts.lock().unwrap();
+                let cut = *cuts > 0 && body.len() > self.cut_at;
+                *cuts -= u32::from(cut);
+                cut
+            };
+            let chunks: Vec<object_store::Result<Bytes>> = if cut {
+                if let Some(new) = &self.replace_on_cut {
+                    self.inner.put(l, new.clone().into()).await?;
+                }
+                vec![
+                    Ok(body.slice(..self.cut_at)),
+                    Err(object_store::Error::Generic {
+                        store: "test",
+                        source: "connection reset by peer".into(),
+                    }),
+                ]
+            } else {
+                vec![Ok(body)]
+            };
+            Ok(GetResult {
+                payload: GetResultPayload::Stream(Box::pin(futures_util::stream::iter(chunks))),
+                meta,
+                range,
+                attributes,
+            })
+        }
+        async fn delete(&self, l: &StorePath) -> object_store::Result<()> {
+            self.inner.delete(l).await
+        }
+        fn list(&self, p: Option<&StorePath>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+            self.inner.list(p)
+        }
+        async fn list_with_delimiter(&self, p: Option<&StorePath>) -> object_store::Result<ListResult> {
+            self.inner.list_with_delimiter(p).await
+        }
+        async fn copy(&self, a: &StorePath, b: &StorePath) -> object_store::Result<()> {
+            self.inner.copy(a, b).await
+        }
+        async fn copy_if_not_exists(&self, a: &StorePath, b: &StorePath) -> object_store::Result<()> {
+            self.inner.copy_if_not_exists(a, b).await
+        }
+    }
+
+    async fn store(body: &Bytes, cut_at: usize, cuts: u32, replace_on_cut: Option<Bytes>) -> CuttingStore {
+        let inner = InMemory::new();
+        inner
+            .put(&StorePath::from("m/model.safetensors"), body.clone().into())
+            .await
+            .unwrap();
+        CuttingStore {
+            inner,
+            cut_at,
+            cuts: Mutex::new(cuts),
+            replace_on_cut,
+            asked: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn sink(dir: &tempfile::TempDir) -> HashingSink {
+        HashingSink::new(std::fs::File::create(dir.path().join("out")).unwrap(), u64::MAX)
+    }
+
+    fn body(seed: u8) -> Bytes {
+        (0..10u32 << 20)
+            .map(|i| (i % 251) as u8 ^ seed)
+            .collect::<Vec<u8>>()
+            .into()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cut_object_read_resumes_from_the_first_missing_byte() {
+        let body = body(0);
+        let store = store(&body, 3 << 20, 2, None).await;
+        let dir = tempfile::tempdir().unwrap();
+        let fetched = fetch(&store, "s3://b", "m/model.safetensors", sink(&dir), &NoProgress)
+            .await
+            .unwrap();
+        assert_eq!(fetched.resumes, 2);
+        assert_eq!(std::fs::read(dir.path().join("out")).unwrap(), body.as_ref());
+        assert_eq!(
+            fetched.sha256,
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&body))
+        );
+        let asked: Vec<Option<Range<u64>>> = store
+            .asked
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| match r {
+                None => None,
+                Some(GetRange::Offset(o)) => Some(*o..body.len() as u64),
+                Some(other) => panic!("unexpected range {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            asked,
+            vec![None, Some(3 << 20..10 << 20), Some(6 << 20..10 << 20)],
+            "each resume starts where the last read stopped, never at byte 0"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_object_replaced_mid_read_is_never_spliced() {
+        let store = store(&body(0), 3 << 20, 1, Some(body(7))).await;
+        let dir = tempfile::tempdir().unwrap();
+        let err = fetch(&store, "s3://b", "m/model.safetensors", sink(&dir), &NoProgress)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("changed while it was read"), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_cut_more_often_than_the_resume_budget_fails() {
+        let store = store(&body(0), 1 << 20, MAX_RESUMES + 1, None).await;
+        let dir = tempfile::tempdir().unwrap();
+        let err = fetch(&store, "s3://b", "m/model.safetensors", sink(&dir), &NoProgress)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("connection reset by peer"), "{err}");
+        assert_eq!(store.asked.lock().unwrap().len() as u32, MAX_RESUMES + 1);
     }
 }
