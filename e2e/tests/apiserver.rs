@@ -510,3 +510,58 @@ async fn watches_filtered_by_label_see_objects_leave_the_selection() {
     }
     let _ = Widget::api_resource();
 }
+
+#[tokio::test]
+async fn gc_needs_the_owners_group_kind_name_and_uid() {
+    let (_s, client) = server(ApiServerOptions::default()).await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    let parent = cms.create(&PostParams::default(), &cm("parent", &[])).await.unwrap();
+    let uid = parent.uid().unwrap();
+    let with_owner = |name: &str, api_version: &str, kind: &str, owner: &str| {
+        let mut c = cm(name, &[]);
+        c.metadata.owner_references = Some(vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+            api_version: api_version.into(),
+            kind: kind.into(),
+            name: owner.into(),
+            uid: uid.clone(),
+            ..Default::default()
+        }]);
+        c
+    };
+    // Only the first names its owner fully; each other one gets one thing wrong.
+    let cases = [
+        ("ok", "v1", "ConfigMap", "parent"),
+        ("wrong-name", "v1", "ConfigMap", "someone-else"),
+        ("wrong-kind", "v1", "Secret", "parent"),
+        ("wrong-group", "apps/v1", "Deployment", "parent"),
+        // A kind the server does not serve cannot be judged: kept.
+        ("unknown-kind", "example.com/v1", "Thing", "parent"),
+    ];
+    for (name, api_version, kind, owner) in cases {
+        cms.create(&PostParams::default(), &with_owner(name, api_version, kind, owner))
+            .await
+            .unwrap();
+    }
+    // A namespaced owner is looked up in the dependent's namespace only.
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let mut other = k8s_openapi::api::core::v1::Namespace::default();
+    other.metadata.name = Some("other".into());
+    namespaces.create(&PostParams::default(), &other).await.unwrap();
+    let elsewhere: Api<ConfigMap> = Api::namespaced(client, "other");
+    elsewhere
+        .create(
+            &PostParams::default(),
+            &with_owner("cross-ns", "v1", "ConfigMap", "parent"),
+        )
+        .await
+        .unwrap();
+    for name in ["wrong-name", "wrong-kind", "wrong-group"] {
+        wait_gone(&cms, name).await;
+    }
+    wait_gone(&elsewhere, "cross-ns").await;
+    assert!(
+        cms.get("ok").await.is_ok(),
+        "a fully matching owner keeps its dependent"
+    );
+    assert!(cms.get("unknown-kind").await.is_ok());
+}
