@@ -565,3 +565,104 @@ async fn gc_needs_the_owners_group_kind_name_and_uid() {
     );
     assert!(cms.get("unknown-kind").await.is_ok());
 }
+
+/// The 422 causes' field paths and messages.
+fn invalid_causes(err: &kube::Error) -> Vec<String> {
+    match err {
+        kube::Error::Api(e) if e.code == 422 => vec![e.message.clone()],
+        other => panic!("expected 422 Invalid, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn jobs_are_validated_like_batch_v1() {
+    use k8s_openapi::api::batch::v1::Job;
+    let (_s, client) = server(ApiServerOptions::default()).await;
+    let jobs: Api<Job> = Api::default_namespaced(client);
+    let job = |name: &str, pod_spec: serde_json::Value| -> Job {
+        serde_json::from_value(
+            json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
+            "spec": {"template": {"spec": pod_spec}}}),
+        )
+        .unwrap()
+    };
+    let c = json!([{"name": "c", "image": "busybox"}]);
+
+    // No restartPolicy: the PodSpec default (Always) is refused for a Job.
+    let err = jobs
+        .create(&PostParams::default(), &job("a", json!({"containers": c})))
+        .await
+        .unwrap_err();
+    assert!(
+        invalid_causes(&err)[0].contains(
+            r#"spec.template.spec.restartPolicy: Unsupported value: "Always": supported values: "OnFailure", "Never""#
+        ),
+        "{err}"
+    );
+    let err = jobs
+        .create(
+            &PostParams::default(),
+            &job(
+                "b",
+                json!({"restartPolicy": "Never", "containers": [{"image": "x"}, {"name": "d"}]}),
+            ),
+        )
+        .await
+        .unwrap_err();
+    let msg = &invalid_causes(&err)[0];
+    assert!(
+        msg.contains("spec.template.spec.containers[0].name: Required value")
+            && msg.contains("spec.template.spec.containers[1].image: Required value"),
+        "{msg}"
+    );
+
+    // Accepted: the selector is generated from the uid and stamped on the template.
+    let created = jobs
+        .create(
+            &PostParams::default(),
+            &job("ok", json!({"restartPolicy": "OnFailure", "containers": c})),
+        )
+        .await
+        .unwrap();
+    let uid = created.metadata.uid.clone().unwrap();
+    let spec = created.spec.clone().unwrap();
+    assert_eq!(
+        spec.selector.unwrap().match_labels.unwrap()["batch.kubernetes.io/controller-uid"],
+        uid
+    );
+    let labels = spec.template.metadata.unwrap().labels.unwrap();
+    assert_eq!(labels["batch.kubernetes.io/controller-uid"], uid);
+    assert_eq!(labels["job-name"], "ok");
+
+    // The template and the selector are immutable.
+    let err = jobs
+        .patch(
+            "ok",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"template": {"spec": {"containers": [{"name": "c", "image": "other"}]}}}})),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        invalid_causes(&err)[0].contains("spec.template: Invalid value")
+            && invalid_causes(&err)[0].contains("field is immutable"),
+        "{err}"
+    );
+    let err = jobs
+        .patch(
+            "ok",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"selector": {"matchLabels": {"a": "b"}}}})),
+        )
+        .await
+        .unwrap_err();
+    assert!(invalid_causes(&err)[0].contains("spec.selector"), "{err}");
+    // Other fields may change.
+    jobs.patch(
+        "ok",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"x": "y"}}, "spec": {"activeDeadlineSeconds": 60}})),
+    )
+    .await
+    .unwrap();
+}

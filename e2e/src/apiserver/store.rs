@@ -312,6 +312,8 @@ impl Store {
         }
         obj["apiVersion"] = json!(t.api_version());
         obj["kind"] = json!(t.kind);
+        // The uid exists before admission: a Job's generated selector names it.
+        obj["metadata"]["uid"] = json!(uuid::Uuid::new_v4().to_string());
         admit(t, &mut obj, None)?;
         inner.rv += 1;
         let rv = inner.rv;
@@ -724,8 +726,12 @@ fn lookup(inner: &Inner, t: &ResourceType, ns: &str, name: &str) -> Result<Value
         .ok_or_else(|| ApiError::not_found(&t.plural, name))
 }
 
+/// Identity and bookkeeping of a new object; a uid given by the store (not
+/// the client: `create` replaces any) is kept.
 fn stamp_new(obj: &mut Value, rv: u64, has_generation: bool) {
-    obj["metadata"]["uid"] = json!(uuid::Uuid::new_v4().to_string());
+    if meta_str(obj, "uid").is_empty() {
+        obj["metadata"]["uid"] = json!(uuid::Uuid::new_v4().to_string());
+    }
     obj["metadata"]["creationTimestamp"] = json!(now());
     obj["metadata"]["resourceVersion"] = json!(rv.to_string());
     if has_generation {
@@ -816,14 +822,9 @@ fn admit(t: &ResourceType, obj: &mut Value, old: Option<&Value>) -> Result<(), A
             }
         }
         "Job" => {
-            let spec = &mut obj["spec"];
-            for (k, v) in [("completions", 1), ("parallelism", 1), ("backoffLimit", 6)] {
-                if spec[k].is_null() {
-                    spec[k] = json!(v);
-                }
-            }
-            if obj["spec"]["template"]["spec"]["restartPolicy"].is_null() {
-                obj["spec"]["template"]["spec"]["restartPolicy"] = json!("Never");
+            let errors = admit_job(obj, old);
+            if !errors.is_empty() {
+                return Err(ApiError::invalid("Job", &name, &errors));
             }
         }
         "CustomResourceDefinition" => {
@@ -847,6 +848,108 @@ fn admit(t: &ResourceType, obj: &mut Value, old: Option<&Value>) -> Result<(), A
         }
     }
     Ok(())
+}
+
+/// batch/v1 Job defaulting and validation, as the real API server does them:
+/// the pod template is defaulted like any PodSpec (`restartPolicy: Always`),
+/// which a Job refuses; the selector is generated on create (unless
+/// `manualSelector`) and, with the template, immutable afterwards; every
+/// container needs a name and an image. Returns every problem at once.
+fn admit_job(obj: &mut Value, old: Option<&Value>) -> Vec<(String, String)> {
+    let mut errors = Vec::new();
+    // Indexing below writes into these: they must be objects (or absent).
+    for (path, v) in [
+        ("spec", &obj["spec"]),
+        ("spec.template", &obj["spec"]["template"]),
+        ("spec.template.metadata", &obj["spec"]["template"]["metadata"]),
+        (
+            "spec.template.metadata.labels",
+            &obj["spec"]["template"]["metadata"]["labels"],
+        ),
+        ("spec.template.spec", &obj["spec"]["template"]["spec"]),
+    ] {
+        if !(v.is_object() || v.is_null()) {
+            errors.push((path.to_string(), "Invalid value: must be an object".to_string()));
+        }
+    }
+    if obj["spec"]["template"]["spec"].is_null() {
+        errors.push(("spec.template.spec".into(), "Required value".into()));
+    }
+    if !errors.is_empty() {
+        return errors;
+    }
+    let spec = &mut obj["spec"];
+    for (k, v) in [("completions", 1), ("parallelism", 1), ("backoffLimit", 6)] {
+        if spec[k].is_null() {
+            spec[k] = json!(v);
+        }
+    }
+    if spec["template"]["spec"]["restartPolicy"].is_null() {
+        spec["template"]["spec"]["restartPolicy"] = json!("Always");
+    }
+    let policy = &spec["template"]["spec"]["restartPolicy"];
+    if !matches!(policy.as_str(), Some("OnFailure" | "Never")) {
+        errors.push((
+            "spec.template.spec.restartPolicy".into(),
+            format!("Unsupported value: {policy}: supported values: \"OnFailure\", \"Never\""),
+        ));
+    }
+    match spec["template"]["spec"]["containers"].as_array() {
+        Some(cs) if !cs.is_empty() => {
+            for (i, c) in cs.iter().enumerate() {
+                for field in ["name", "image"] {
+                    if c[field].as_str().is_none_or(str::is_empty) {
+                        errors.push((
+                            format!("spec.template.spec.containers[{i}].{field}"),
+                            "Required value".into(),
+                        ));
+                    }
+                }
+            }
+        }
+        _ => errors.push(("spec.template.spec.containers".into(), "Required value".into())),
+    }
+    match old {
+        None => {
+            let uid = meta_str(obj, "uid").to_string();
+            let name = meta_str(obj, "name").to_string();
+            let spec = &mut obj["spec"];
+            let manual = spec["manualSelector"].as_bool() == Some(true);
+            let generated = json!({"matchLabels": {"batch.kubernetes.io/controller-uid": uid}});
+            if manual {
+                if spec["selector"].is_null() {
+                    errors.push(("spec.selector".into(), "Required value".into()));
+                }
+            } else if spec["selector"].is_null() || spec["selector"] == generated {
+                spec["selector"] = generated;
+                let labels = &mut spec["template"]["metadata"]["labels"];
+                for (k, v) in [
+                    ("batch.kubernetes.io/controller-uid", &uid),
+                    ("batch.kubernetes.io/job-name", &name),
+                    ("controller-uid", &uid),
+                    ("job-name", &name),
+                ] {
+                    labels[k] = json!(v);
+                }
+            } else {
+                errors.push((
+                    "spec.selector".into(),
+                    format!("Invalid value: {}: `selector` will be auto-generated", spec["selector"]),
+                ));
+            }
+        }
+        Some(old) => {
+            for field in ["selector", "template"] {
+                if old["spec"][field] != obj["spec"][field] {
+                    errors.push((
+                        format!("spec.{field}"),
+                        format!("Invalid value: {}: field is immutable", obj["spec"][field]),
+                    ));
+                }
+            }
+        }
+    }
+    errors
 }
 
 #[cfg(test)]
