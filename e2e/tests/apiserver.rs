@@ -17,7 +17,7 @@ use kube::{CustomResource, CustomResourceExt, Resource, ResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use zerocopy_e2e::apiserver::{ApiServer, ApiServerOptions, FaultConfig};
+use zerocopy_e2e::apiserver::{ApiServer, ApiServerOptions, FaultConfig, FaultKind};
 
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, JsonSchema, PartialEq)]
 #[kube(
@@ -219,6 +219,7 @@ async fn watcher_survives_cut_streams_and_errors() {
     s.faults.set(FaultConfig {
         error_rate: 0.2,
         cut_watches_within: Some(Duration::from_millis(300)),
+        ..Default::default()
     });
     let names = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
     let seen = names.clone();
@@ -665,4 +666,89 @@ async fn jobs_are_validated_like_batch_v1() {
     )
     .await
     .unwrap();
+}
+
+#[tokio::test]
+async fn injected_faults_look_like_a_real_servers() {
+    let (s, client) = server(ApiServerOptions::default()).await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    cms.create(&PostParams::default(), &cm("f", &[])).await.unwrap();
+    // A client that does not retry, to see each answer.
+    let mut config = kube::Config::new(s.url().parse().unwrap());
+    config.default_retry = false;
+    let raw = kube::Client::try_from(config).unwrap();
+    let get = || {
+        let raw = raw.clone();
+        async move {
+            let req = axum::http::Request::get("/api/v1/namespaces/default/configmaps/f")
+                .body(Vec::new())
+                .unwrap();
+            let resp = raw.send(req.map(Into::into)).await.unwrap();
+            let (parts, body) = resp.into_parts();
+            let bytes = body.collect_bytes().await.unwrap();
+            (parts, serde_json::from_slice::<serde_json::Value>(&bytes).unwrap())
+        }
+    };
+    let only = |kind: FaultKind| FaultConfig {
+        error_rate: 1.0,
+        kinds: vec![kind],
+        timeout_after: Duration::from_millis(200),
+        ..Default::default()
+    };
+
+    s.faults.set(only(FaultKind::TooManyRequests));
+    let (parts, status) = get().await;
+    assert_eq!(parts.status, 429);
+    assert_eq!(parts.headers["retry-after"], "1");
+    assert_eq!(status["reason"], "TooManyRequests");
+    assert_eq!(status["details"]["retryAfterSeconds"], 1);
+
+    s.faults.set(only(FaultKind::InternalError));
+    let (parts, status) = get().await;
+    assert_eq!(parts.status, 500);
+    assert_eq!(status["reason"], "InternalError");
+
+    s.faults.set(only(FaultKind::Timeout));
+    let started = std::time::Instant::now();
+    let (parts, status) = get().await;
+    assert_eq!(parts.status, 504);
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    assert_eq!(status["reason"], "Timeout");
+    assert!(status["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("Timeout: request did not complete within requested timeout"));
+
+    // No fault is a 409: those come from real conflicts only.
+    s.faults.set(FaultConfig {
+        error_rate: 1.0,
+        timeout_after: Duration::from_millis(1),
+        ..Default::default()
+    });
+    let raw_cms: Api<ConfigMap> = Api::default_namespaced(raw);
+    for i in 0..60 {
+        let err = raw_cms
+            .patch(
+                "f",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"data": {"i": i.to_string()}})),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, kube::Error::Api(ref e) if [429, 500, 504].contains(&e.code)),
+            "{err}"
+        );
+    }
+    // The default client retries 429 and 504 (honouring Retry-After) but not 500.
+    s.faults.set(FaultConfig {
+        error_rate: 0.3,
+        kinds: vec![FaultKind::TooManyRequests, FaultKind::Timeout],
+        timeout_after: Duration::from_millis(50),
+        ..Default::default()
+    });
+    for _ in 0..5 {
+        cms.get("f").await.unwrap();
+    }
+    assert!(s.faults.injected() > 60);
 }

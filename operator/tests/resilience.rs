@@ -111,6 +111,7 @@ async fn converges_with_injected_errors_and_cut_watches() {
     env.cluster.api.faults.set(FaultConfig {
         error_rate: 0.1,
         cut_watches_within: Some(Duration::from_secs(2)),
+        ..Default::default()
     });
     let wrappers: Api<ModelWrapper> = Api::namespaced(env.client.clone(), NS);
     for (i, name) in ["a", "b"].iter().enumerate() {

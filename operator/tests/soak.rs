@@ -96,6 +96,7 @@ async fn twenty_wrappers_survive_agent_kills_api_errors_and_a_flaky_source() {
     env.cluster.api.faults.set(FaultConfig {
         error_rate: 0.1,
         cut_watches_within: Some(Duration::from_secs(3)),
+        ..Default::default()
     });
     let requests_before = source.requests.load(std::sync::atomic::Ordering::SeqCst);
     // Half the wrappers roll to new weights under the chaos, so fills run

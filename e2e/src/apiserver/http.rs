@@ -71,9 +71,6 @@ pub async fn handle(
     if let (&Method::GET, ["api", "v1", "namespaces", ns, "pods", name, "log"]) = (&method, segs.as_slice()) {
         return pod_log(&state, ns, name, query.get("container").map(String::as_str));
     }
-    if let Some(e) = state.faults.maybe_fail(&method, is_watch) {
-        return error_response(&e);
-    }
     let target = match parse_target(&state.store, &segs) {
         Ok(t) => t,
         Err(e) => return error_response(&e),
