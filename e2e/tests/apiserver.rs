@@ -752,3 +752,90 @@ async fn injected_faults_look_like_a_real_servers() {
     }
     assert!(s.faults.injected() > 60);
 }
+
+/// A CRD with one list of each kind server-side apply knows.
+fn gadget_crd() -> CustomResourceDefinition {
+    serde_json::from_value(json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "gadgets.test.zerocopy.dev"},
+        "spec": {"group": "test.zerocopy.dev", "scope": "Namespaced",
+            "names": {"plural": "gadgets", "singular": "gadget", "kind": "Gadget"},
+            "versions": [{"name": "v1", "served": true, "storage": true, "schema": {"openAPIV3Schema": {
+                "type": "object", "properties": {"spec": {"type": "object", "properties": {
+                    // No marker: atomic, even under a name built-in kinds merge by key.
+                    "containers": {"type": "array", "items": {"type": "object", "properties": {
+                        "name": {"type": "string"}, "image": {"type": "string"}}}},
+                    "targets": {"type": "array", "x-kubernetes-list-type": "map",
+                        "x-kubernetes-list-map-keys": ["name"],
+                        "items": {"type": "object", "required": ["name"], "properties": {
+                            "name": {"type": "string"}, "weight": {"type": "integer"}}}},
+                    "tags": {"type": "array", "x-kubernetes-list-type": "set", "items": {"type": "string"}}}}}}}}]}
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn server_side_apply_follows_the_crd_list_types() {
+    use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+    let (_s, client) = server(ApiServerOptions::default()).await;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.create(&PostParams::default(), &gadget_crd()).await.unwrap();
+    let ar = ApiResource::from_gvk(&GroupVersionKind::gvk("test.zerocopy.dev", "v1", "Gadget"));
+    let gadgets: Api<DynamicObject> = Api::namespaced_with(client, "default", &ar);
+    let apply = |mgr: &'static str, force: bool, spec: serde_json::Value| {
+        let gadgets = gadgets.clone();
+        async move {
+            let mut pp = PatchParams::apply(mgr);
+            pp.force = force;
+            let body = json!({"apiVersion": "test.zerocopy.dev/v1", "kind": "Gadget", "metadata": {"name": "g"}, "spec": spec});
+            gadgets.patch("g", &pp, &Patch::Apply(body)).await
+        }
+    };
+    apply(
+        "alice",
+        false,
+        json!({"containers": [{"name": "a", "image": "x"}], "targets": [{"name": "t1", "weight": 1}], "tags": ["red"]}),
+    )
+    .await
+    .unwrap();
+    // Map and set lists: bob's elements join alice's.
+    let g = apply(
+        "bob",
+        false,
+        json!({"targets": [{"name": "t2", "weight": 2}], "tags": ["blue"]}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        g.data["spec"]["targets"],
+        json!([{"name": "t1", "weight": 1}, {"name": "t2", "weight": 2}])
+    );
+    assert_eq!(g.data["spec"]["tags"], json!(["red", "blue"]));
+    // An atomic list is one field: another element is a conflict with its owner...
+    let err = apply("bob", false, json!({"containers": [{"name": "b", "image": "y"}]}))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, kube::Error::Api(ref e) if e.code == 409 && e.message.contains("alice") && e.message.contains(".spec.containers")),
+        "{err}"
+    );
+    // ...and forcing replaces the whole list.
+    let bobs = json!({"containers": [{"name": "b", "image": "y"}], "targets": [{"name": "t2", "weight": 2}], "tags": ["blue"]});
+    let g = apply("bob", true, bobs).await.unwrap();
+    assert_eq!(g.data["spec"]["containers"], json!([{"name": "b", "image": "y"}]));
+    // alice drops her target and tag: only hers go.
+    let g = apply("alice", false, json!({})).await.unwrap();
+    assert_eq!(g.data["spec"]["targets"], json!([{"name": "t2", "weight": 2}]));
+    assert_eq!(g.data["spec"]["tags"], json!(["blue"]));
+    let fields = serde_json::to_value(g.metadata.managed_fields.unwrap()).unwrap();
+    let bob = fields
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["manager"] == "bob")
+        .unwrap();
+    assert!(bob["fieldsV1"]["f:spec"]["f:tags"].get("v:\"blue\"").is_some(), "{bob}");
+    assert!(bob["fieldsV1"]["f:spec"]["f:targets"]
+        .get("k:{\"name\":\"t2\"}")
+        .is_some());
+}

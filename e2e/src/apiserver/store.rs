@@ -375,7 +375,7 @@ impl Store {
                     (Sub::Main, true) => Scope::NotStatus,
                     (Sub::Main, false) => Scope::All,
                 };
-                next = server_side_apply(&current, body, manager, force, scope, &now()).map_err(|conflicts| {
+                next = server_side_apply(&current, body, manager, force, scope, &now(), t.schema.as_ref()).map_err(|conflicts| {
                     let msgs: Vec<String> = conflicts.iter().map(|c| format!("conflict with {:?}: {}", c.manager, c.field)).collect();
                     ApiError::new(409, "Conflict", format!("Apply failed with {} conflict{}: {}", conflicts.len(), if conflicts.len() == 1 { "" } else { "s" }, msgs.join("; ")))
                         .with_details(json!({"name": name, "kind": t.plural, "causes": conflicts.iter().map(|c| json!({"reason": "FieldManagerConflict", "message": format!("conflict with {:?}", c.manager), "field": c.field})).collect::<Vec<_>>()}))
@@ -408,7 +408,7 @@ impl Store {
         } else {
             Scope::All
         };
-        let obj = server_side_apply(&base, body, manager, true, scope, &now())
+        let obj = server_side_apply(&base, body, manager, true, scope, &now(), t.schema.as_ref())
             .map_err(|_| ApiError::new(500, "InternalError", "apply to an empty object conflicted"))?;
         self.create(t, ns, obj)
     }
