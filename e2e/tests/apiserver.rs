@@ -839,3 +839,87 @@ async fn server_side_apply_follows_the_crd_list_types() {
         .get("k:{\"name\":\"t2\"}")
         .is_some());
 }
+
+#[tokio::test]
+async fn updates_own_fields_and_applies_conflict_with_them() {
+    let (s, client) = server(ApiServerOptions::default()).await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(client);
+    let post = PostParams {
+        field_manager: Some("creator".into()),
+        ..Default::default()
+    };
+    let created = cms.create(&post, &cm("u", &[])).await.unwrap();
+    let entry = &created.metadata.managed_fields.unwrap()[0];
+    assert_eq!(entry.manager.as_deref(), Some("creator"));
+    assert_eq!(entry.operation.as_deref(), Some("Update"));
+
+    let apply = |data: serde_json::Value| json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "u"}, "data": data});
+    // Applying the value the creator set is no conflict; another value is.
+    cms.patch("u", &PatchParams::apply("bob"), &Patch::Apply(apply(json!({"k": "v"}))))
+        .await
+        .unwrap();
+    let err = cms
+        .patch("u", &PatchParams::apply("bob"), &Patch::Apply(apply(json!({"k": "w"}))))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, kube::Error::Api(ref e) if e.code == 409 && e.message.contains(r#"conflict with "creator" using v1: .data.k"#)),
+        "{err}"
+    );
+
+    // A merge patch takes ownership of what it changes, from appliers too.
+    let patcher = PatchParams {
+        field_manager: Some("patcher".into()),
+        ..Default::default()
+    };
+    cms.patch("u", &patcher, &Patch::Merge(json!({"data": {"p": "1"}})))
+        .await
+        .unwrap();
+    let err = cms
+        .patch("u", &PatchParams::apply("bob"), &Patch::Apply(apply(json!({"p": "2"}))))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, kube::Error::Api(ref e) if e.code == 409 && e.message.contains("patcher")),
+        "{err}"
+    );
+    // Without fieldManager the manager is the User-Agent's first part.
+    let mut config = kube::Config::new(s.url().parse().unwrap());
+    config.headers = vec![(
+        axum::http::header::USER_AGENT,
+        "tester/1.0 (linux/amd64)".parse().unwrap(),
+    )];
+    let tester: Api<ConfigMap> = Api::default_namespaced(kube::Client::try_from(config).unwrap());
+    let mut plain = cms.get("u").await.unwrap();
+    plain.data.as_mut().unwrap().insert("q".into(), "1".into());
+    let replaced = tester.replace("u", &PostParams::default(), &plain).await.unwrap();
+    let managers: Vec<(String, String)> = replaced
+        .metadata
+        .managed_fields
+        .unwrap()
+        .iter()
+        .map(|m| (m.manager.clone().unwrap(), m.operation.clone().unwrap()))
+        .collect();
+    assert!(
+        managers.contains(&("tester".to_string(), "Update".to_string())),
+        "{managers:?}"
+    );
+    // Force takes the field; the updater left with nothing drops out.
+    let forced = cms
+        .patch(
+            "u",
+            &PatchParams::apply("bob").force(),
+            &Patch::Apply(apply(json!({"k": "v", "p": "2"}))),
+        )
+        .await
+        .unwrap();
+    assert_eq!(forced.data.as_ref().unwrap()["p"], "2");
+    let managers: Vec<String> = forced
+        .metadata
+        .managed_fields
+        .unwrap()
+        .iter()
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    assert!(!managers.contains(&"patcher".to_string()), "{managers:?}");
+}

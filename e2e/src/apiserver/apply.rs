@@ -1,7 +1,12 @@
 //! Server-side apply: field ownership per field manager, recorded in
-//! `metadata.managedFields` as FieldsV1, conflicts when another applier owns a
+//! `metadata.managedFields` as FieldsV1, conflicts when another manager owns a
 //! field with a different value (unless `force`), and removal of fields a
 //! manager applied before and no longer applies.
+//!
+//! Other writes (create, update, non-apply patches) record ownership too, as
+//! operation `Update` ([`record_update`]): the writer owns what it added or
+//! changed, taking it from others without conflict, so a later apply of such
+//! a field by another manager conflicts with the writer.
 //!
 //! Lists merge as the type says. A custom resource's lists follow its CRD
 //! schema: `x-kubernetes-list-type: map` merges elements by
@@ -360,7 +365,141 @@ fn path_string(path: &Path) -> String {
 #[derive(Debug, Clone)]
 pub struct Conflict {
     pub manager: String,
+    /// The owner's API version when it owns the field by an `Update`.
+    pub using: Option<String>,
     pub field: String,
+}
+
+impl Conflict {
+    /// `conflict with "m"` (an applier) or `conflict with "m" using v1` (an updater).
+    pub fn owner(&self) -> String {
+        match &self.using {
+            Some(v) => format!("conflict with {:?} using {v}", self.manager),
+            None => format!("conflict with {:?}", self.manager),
+        }
+    }
+}
+
+/// One managedFields entry, decoded.
+struct Owner {
+    manager: String,
+    operation: String,
+    subresource: String,
+    api_version: String,
+    set: FieldSet,
+}
+
+fn owners(entries: &[Value]) -> Vec<Owner> {
+    entries
+        .iter()
+        .map(|e| {
+            let mut set = FieldSet::new();
+            decode(&e["fieldsV1"], &mut Vec::new(), &mut set);
+            Owner {
+                manager: e["manager"].as_str().unwrap_or("").to_string(),
+                operation: e["operation"].as_str().unwrap_or("").to_string(),
+                subresource: e["subresource"].as_str().unwrap_or("").to_string(),
+                api_version: e["apiVersion"].as_str().unwrap_or("").to_string(),
+                set,
+            }
+        })
+        .collect()
+}
+
+fn subresource_of(scope: Scope) -> &'static str {
+    if scope == Scope::Status {
+        "status"
+    } else {
+        ""
+    }
+}
+
+/// Records a non-apply write (operation `Update`) by `manager` in
+/// `next.metadata.managedFields`: it owns the fields it added or changed
+/// (taken from any other owner), and fields it removed leave every owner. A
+/// write that changes no field leaves managedFields as they were. A client
+/// that sends managedFields different from the stored ones sets them.
+#[allow(clippy::too_many_arguments)]
+pub fn record_update(
+    current: &Value,
+    next: &mut Value,
+    manager: &str,
+    scope: Scope,
+    api_version: &str,
+    now: &str,
+    schema: Option<&Value>,
+) {
+    let lists = Lists::root(schema);
+    let stored = &current["metadata"]["managedFields"];
+    let sent = &next["metadata"]["managedFields"];
+    let base: Vec<Value> = if sent.is_array() && sent != stored {
+        sent
+    } else {
+        stored
+    }
+    .as_array()
+    .cloned()
+    .unwrap_or_default();
+    let before = field_set(current, scope, lists);
+    let after = field_set(next, scope, lists);
+    let changed: FieldSet = after
+        .iter()
+        .filter(|p| !before.contains(*p) || (!matches!(p.last(), Some(Seg::K(_))) && get(current, p) != get(next, p)))
+        .cloned()
+        .collect();
+    let removed: FieldSet = before.difference(&after).cloned().collect();
+    if changed.is_empty() && removed.is_empty() {
+        next["metadata"]["managedFields"] = if base.is_empty() {
+            Value::Null
+        } else {
+            Value::Array(base)
+        };
+        if next["metadata"]["managedFields"].is_null() {
+            if let Some(m) = next["metadata"].as_object_mut() {
+                m.remove("managedFields");
+            }
+        }
+        return;
+    }
+    let subresource = subresource_of(scope);
+    let mut entries: Vec<Value> = Vec::new();
+    let mut mine: Option<FieldSet> = None;
+    for (e, o) in base.iter().zip(owners(&base)) {
+        let is_mine = o.manager == manager && o.operation == "Update" && o.subresource == subresource;
+        let kept: FieldSet = o
+            .set
+            .difference(&changed)
+            .filter(|p| !removed.contains(*p))
+            .cloned()
+            .collect();
+        if is_mine {
+            mine = Some(kept);
+            continue;
+        }
+        if kept.is_empty() && o.operation == "Update" {
+            continue;
+        }
+        let mut e = e.clone();
+        e["fieldsV1"] = encode(&kept);
+        entries.push(e);
+    }
+    let mut set = mine.unwrap_or_default();
+    set.extend(changed);
+    if !set.is_empty() {
+        let mut entry = json!({
+            "manager": manager,
+            "operation": "Update",
+            "apiVersion": api_version,
+            "time": now,
+            "fieldsType": "FieldsV1",
+            "fieldsV1": encode(&set),
+        });
+        if !subresource.is_empty() {
+            entry["subresource"] = json!(subresource);
+        }
+        entries.push(entry);
+    }
+    next["metadata"]["managedFields"] = Value::Array(entries);
 }
 
 /// Applies `applied` to `live` for `manager`; on success returns the merged
@@ -377,33 +516,26 @@ pub fn server_side_apply(
     schema: Option<&Value>,
 ) -> Result<Value, Vec<Conflict>> {
     let lists = Lists::root(schema);
-    let subresource = if scope == Scope::Status { "status" } else { "" };
+    let subresource = subresource_of(scope);
     let mut entries: Vec<Value> = live["metadata"]["managedFields"]
         .as_array()
         .cloned()
         .unwrap_or_default();
-    let entry_sub = |e: &Value| e["subresource"].as_str().unwrap_or("").to_string();
-    let sets: Vec<(String, String, FieldSet)> = entries
-        .iter()
-        .filter(|e| e["operation"] == "Apply")
-        .map(|e| {
-            let mut set = FieldSet::new();
-            decode(&e["fieldsV1"], &mut Vec::new(), &mut set);
-            (e["manager"].as_str().unwrap_or("").to_string(), entry_sub(e), set)
-        })
-        .collect();
+    let all = owners(&entries);
+    let is_mine = |o: &Owner| o.manager == manager && o.operation == "Apply" && o.subresource == subresource;
     let new_set = field_set(applied, scope, lists);
 
     let mut conflicts = Vec::new();
-    for (other, _, owned) in sets.iter().filter(|(m, s, _)| !(m == manager && s == subresource)) {
-        for p in new_set.intersection(owned) {
+    for other in all.iter().filter(|o| !is_mine(o)) {
+        for p in new_set.intersection(&other.set) {
             let want = get(applied, p);
             if want.is_some_and(Value::is_object) {
                 continue;
             }
             if get(live, p) != want {
                 conflicts.push(Conflict {
-                    manager: other.clone(),
+                    manager: other.manager.clone(),
+                    using: (other.operation == "Update").then(|| other.api_version.clone()),
                     field: path_string(p),
                 });
             }
@@ -413,15 +545,15 @@ pub fn server_side_apply(
         return Err(conflicts);
     }
 
-    let mine_before: FieldSet = sets
+    let mine_before: FieldSet = all
         .iter()
-        .find(|(m, s, _)| m == manager && s == subresource)
-        .map(|(_, _, s)| s.clone())
+        .find(|o| is_mine(o))
+        .map(|o| o.set.clone())
         .unwrap_or_default();
-    let owned_by_others: FieldSet = sets
+    let owned_by_others: FieldSet = all
         .iter()
-        .filter(|(m, s, _)| !(m == manager && s == subresource))
-        .flat_map(|(_, _, s)| s.iter().cloned())
+        .filter(|o| !is_mine(o))
+        .flat_map(|o| o.set.iter().cloned())
         .collect();
 
     let mut out = live.clone();
@@ -455,15 +587,27 @@ pub fn server_side_apply(
     }
     merge(&mut out, &scoped, lists, true);
 
-    // Ownership: mine becomes the new set; with force, others lose what I took.
-    entries.retain(|e| !(e["manager"] == manager && e["operation"] == "Apply" && entry_sub(e) == subresource));
+    // Ownership: mine becomes the new set; with force, others lose what I
+    // took (an updater left with nothing leaves the list).
+    entries.retain(|e| {
+        !(e["manager"] == manager
+            && e["operation"] == "Apply"
+            && e["subresource"].as_str().unwrap_or("") == subresource)
+    });
     if force {
-        for e in entries.iter_mut().filter(|e| e["operation"] == "Apply") {
-            let mut set = FieldSet::new();
-            decode(&e["fieldsV1"], &mut Vec::new(), &mut set);
-            let kept: FieldSet = set.difference(&new_set).cloned().collect();
-            e["fieldsV1"] = encode(&kept);
-        }
+        entries = entries
+            .into_iter()
+            .filter_map(|mut e| {
+                let mut set = FieldSet::new();
+                decode(&e["fieldsV1"], &mut Vec::new(), &mut set);
+                let kept: FieldSet = set.difference(&new_set).cloned().collect();
+                if kept.is_empty() && e["operation"] == "Update" {
+                    return None;
+                }
+                e["fieldsV1"] = encode(&kept);
+                Some(e)
+            })
+            .collect();
     }
     let mut mine = json!({
         "manager": manager,
