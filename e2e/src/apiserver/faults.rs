@@ -32,6 +32,14 @@ pub enum FaultKind {
 
 impl FaultKind {
     pub const ALL: [FaultKind; 3] = [FaultKind::TooManyRequests, FaultKind::InternalError, FaultKind::Timeout];
+
+    fn index(self) -> usize {
+        match self {
+            FaultKind::TooManyRequests => 0,
+            FaultKind::InternalError => 1,
+            FaultKind::Timeout => 2,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -57,9 +65,9 @@ impl Default for FaultConfig {
     }
 }
 
-/// Shared fault settings and the count of faults injected so far.
+/// Shared fault settings and the count of faults injected so far, per kind.
 #[derive(Clone, Default)]
-pub struct Faults(Arc<Mutex<FaultConfig>>, Arc<AtomicU64>);
+pub struct Faults(Arc<Mutex<FaultConfig>>, Arc<[AtomicU64; 3]>);
 
 impl Faults {
     pub fn set(&self, config: FaultConfig) {
@@ -68,7 +76,12 @@ impl Faults {
 
     /// Requests answered with an injected error so far.
     pub fn injected(&self) -> u64 {
-        self.1.load(Ordering::Relaxed)
+        self.1.iter().map(|n| n.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Requests answered with an injected fault of this kind so far.
+    pub fn injected_of(&self, kind: FaultKind) -> u64 {
+        self.1[kind.index()].load(Ordering::Relaxed)
     }
 
     fn config(&self) -> FaultConfig {
@@ -84,8 +97,9 @@ impl Faults {
         if !rng.gen_bool(c.error_rate.min(1.0)) {
             return None;
         }
-        self.1.fetch_add(1, Ordering::Relaxed);
-        Some((c.kinds[rng.gen_range(0..c.kinds.len())], c.timeout_after))
+        let kind = c.kinds[rng.gen_range(0..c.kinds.len())];
+        self.1[kind.index()].fetch_add(1, Ordering::Relaxed);
+        Some((kind, c.timeout_after))
     }
 
     pub(super) fn watch_cut(&self) -> Option<Duration> {
