@@ -17,7 +17,7 @@ use kube::{CustomResource, CustomResourceExt, Resource, ResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use zerocopy_e2e::apiserver::{ApiServer, ApiServerOptions, FaultConfig};
+use zerocopy_e2e::apiserver::{ApiServer, ApiServerOptions, FaultConfig, FaultKind};
 
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, JsonSchema, PartialEq)]
 #[kube(
@@ -219,6 +219,7 @@ async fn watcher_survives_cut_streams_and_errors() {
     s.faults.set(FaultConfig {
         error_rate: 0.2,
         cut_watches_within: Some(Duration::from_millis(300)),
+        ..Default::default()
     });
     let names = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
     let seen = names.clone();
@@ -509,4 +510,416 @@ async fn watches_filtered_by_label_see_objects_leave_the_selection() {
         other => panic!("expected DELETED when the object leaves the selector, got {other:?}"),
     }
     let _ = Widget::api_resource();
+}
+
+#[tokio::test]
+async fn gc_needs_the_owners_group_kind_name_and_uid() {
+    let (_s, client) = server(ApiServerOptions::default()).await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    let parent = cms.create(&PostParams::default(), &cm("parent", &[])).await.unwrap();
+    let uid = parent.uid().unwrap();
+    let with_owner = |name: &str, api_version: &str, kind: &str, owner: &str| {
+        let mut c = cm(name, &[]);
+        c.metadata.owner_references = Some(vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+            api_version: api_version.into(),
+            kind: kind.into(),
+            name: owner.into(),
+            uid: uid.clone(),
+            ..Default::default()
+        }]);
+        c
+    };
+    // Only the first names its owner fully; each other one gets one thing wrong.
+    let cases = [
+        ("ok", "v1", "ConfigMap", "parent"),
+        ("wrong-name", "v1", "ConfigMap", "someone-else"),
+        ("wrong-kind", "v1", "Secret", "parent"),
+        ("wrong-group", "apps/v1", "Deployment", "parent"),
+        // A kind the server does not serve cannot be judged: kept.
+        ("unknown-kind", "example.com/v1", "Thing", "parent"),
+    ];
+    for (name, api_version, kind, owner) in cases {
+        cms.create(&PostParams::default(), &with_owner(name, api_version, kind, owner))
+            .await
+            .unwrap();
+    }
+    // A namespaced owner is looked up in the dependent's namespace only.
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let mut other = k8s_openapi::api::core::v1::Namespace::default();
+    other.metadata.name = Some("other".into());
+    namespaces.create(&PostParams::default(), &other).await.unwrap();
+    let elsewhere: Api<ConfigMap> = Api::namespaced(client, "other");
+    elsewhere
+        .create(
+            &PostParams::default(),
+            &with_owner("cross-ns", "v1", "ConfigMap", "parent"),
+        )
+        .await
+        .unwrap();
+    for name in ["wrong-name", "wrong-kind", "wrong-group"] {
+        wait_gone(&cms, name).await;
+    }
+    wait_gone(&elsewhere, "cross-ns").await;
+    assert!(
+        cms.get("ok").await.is_ok(),
+        "a fully matching owner keeps its dependent"
+    );
+    assert!(cms.get("unknown-kind").await.is_ok());
+}
+
+/// The 422 causes' field paths and messages.
+fn invalid_causes(err: &kube::Error) -> Vec<String> {
+    match err {
+        kube::Error::Api(e) if e.code == 422 => vec![e.message.clone()],
+        other => panic!("expected 422 Invalid, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn jobs_are_validated_like_batch_v1() {
+    use k8s_openapi::api::batch::v1::Job;
+    let (_s, client) = server(ApiServerOptions::default()).await;
+    let jobs: Api<Job> = Api::default_namespaced(client);
+    let job = |name: &str, pod_spec: serde_json::Value| -> Job {
+        serde_json::from_value(
+            json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
+            "spec": {"template": {"spec": pod_spec}}}),
+        )
+        .unwrap()
+    };
+    let c = json!([{"name": "c", "image": "busybox"}]);
+
+    // No restartPolicy: the PodSpec default (Always) is refused for a Job.
+    let err = jobs
+        .create(&PostParams::default(), &job("a", json!({"containers": c})))
+        .await
+        .unwrap_err();
+    assert!(
+        invalid_causes(&err)[0].contains(
+            r#"spec.template.spec.restartPolicy: Unsupported value: "Always": supported values: "OnFailure", "Never""#
+        ),
+        "{err}"
+    );
+    let err = jobs
+        .create(
+            &PostParams::default(),
+            &job(
+                "b",
+                json!({"restartPolicy": "Never", "containers": [{"image": "x"}, {"name": "d"}]}),
+            ),
+        )
+        .await
+        .unwrap_err();
+    let msg = &invalid_causes(&err)[0];
+    assert!(
+        msg.contains("spec.template.spec.containers[0].name: Required value")
+            && msg.contains("spec.template.spec.containers[1].image: Required value"),
+        "{msg}"
+    );
+
+    // Accepted: the selector is generated from the uid and stamped on the template.
+    let created = jobs
+        .create(
+            &PostParams::default(),
+            &job("ok", json!({"restartPolicy": "OnFailure", "containers": c})),
+        )
+        .await
+        .unwrap();
+    let uid = created.metadata.uid.clone().unwrap();
+    let spec = created.spec.clone().unwrap();
+    assert_eq!(
+        spec.selector.unwrap().match_labels.unwrap()["batch.kubernetes.io/controller-uid"],
+        uid
+    );
+    let labels = spec.template.metadata.unwrap().labels.unwrap();
+    assert_eq!(labels["batch.kubernetes.io/controller-uid"], uid);
+    assert_eq!(labels["job-name"], "ok");
+
+    // The template and the selector are immutable.
+    let err = jobs
+        .patch(
+            "ok",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"template": {"spec": {"containers": [{"name": "c", "image": "other"}]}}}})),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        invalid_causes(&err)[0].contains("spec.template: Invalid value")
+            && invalid_causes(&err)[0].contains("field is immutable"),
+        "{err}"
+    );
+    let err = jobs
+        .patch(
+            "ok",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"selector": {"matchLabels": {"a": "b"}}}})),
+        )
+        .await
+        .unwrap_err();
+    assert!(invalid_causes(&err)[0].contains("spec.selector"), "{err}");
+    // Other fields may change.
+    jobs.patch(
+        "ok",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"x": "y"}}, "spec": {"activeDeadlineSeconds": 60}})),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn injected_faults_look_like_a_real_servers() {
+    let (s, client) = server(ApiServerOptions::default()).await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    cms.create(&PostParams::default(), &cm("f", &[])).await.unwrap();
+    // A client that does not retry, to see each answer.
+    let mut config = kube::Config::new(s.url().parse().unwrap());
+    config.default_retry = false;
+    let raw = kube::Client::try_from(config).unwrap();
+    let get = || {
+        let raw = raw.clone();
+        async move {
+            let req = axum::http::Request::get("/api/v1/namespaces/default/configmaps/f")
+                .body(Vec::new())
+                .unwrap();
+            let resp = raw.send(req.map(Into::into)).await.unwrap();
+            let (parts, body) = resp.into_parts();
+            let bytes = body.collect_bytes().await.unwrap();
+            (parts, serde_json::from_slice::<serde_json::Value>(&bytes).unwrap())
+        }
+    };
+    let only = |kind: FaultKind| FaultConfig {
+        error_rate: 1.0,
+        kinds: vec![kind],
+        timeout_after: Duration::from_millis(200),
+        ..Default::default()
+    };
+
+    s.faults.set(only(FaultKind::TooManyRequests));
+    let (parts, status) = get().await;
+    assert_eq!(parts.status, 429);
+    assert_eq!(parts.headers["retry-after"], "1");
+    assert_eq!(status["reason"], "TooManyRequests");
+    assert_eq!(status["details"]["retryAfterSeconds"], 1);
+
+    s.faults.set(only(FaultKind::InternalError));
+    let (parts, status) = get().await;
+    assert_eq!(parts.status, 500);
+    assert_eq!(status["reason"], "InternalError");
+
+    s.faults.set(only(FaultKind::Timeout));
+    let started = std::time::Instant::now();
+    let (parts, status) = get().await;
+    assert_eq!(parts.status, 504);
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    assert_eq!(status["reason"], "Timeout");
+    assert!(status["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("Timeout: request did not complete within requested timeout"));
+
+    // No fault is a 409: those come from real conflicts only.
+    s.faults.set(FaultConfig {
+        error_rate: 1.0,
+        timeout_after: Duration::from_millis(1),
+        ..Default::default()
+    });
+    let raw_cms: Api<ConfigMap> = Api::default_namespaced(raw);
+    for i in 0..60 {
+        let err = raw_cms
+            .patch(
+                "f",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"data": {"i": i.to_string()}})),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, kube::Error::Api(ref e) if [429, 500, 504].contains(&e.code)),
+            "{err}"
+        );
+    }
+    // The default client retries 429 and 504 (honouring Retry-After) but not 500.
+    s.faults.set(FaultConfig {
+        error_rate: 0.3,
+        kinds: vec![FaultKind::TooManyRequests, FaultKind::Timeout],
+        timeout_after: Duration::from_millis(50),
+        ..Default::default()
+    });
+    for _ in 0..5 {
+        cms.get("f").await.unwrap();
+    }
+    assert!(s.faults.injected() > 60);
+}
+
+/// A CRD with one list of each kind server-side apply knows.
+fn gadget_crd() -> CustomResourceDefinition {
+    serde_json::from_value(json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "gadgets.test.zerocopy.dev"},
+        "spec": {"group": "test.zerocopy.dev", "scope": "Namespaced",
+            "names": {"plural": "gadgets", "singular": "gadget", "kind": "Gadget"},
+            "versions": [{"name": "v1", "served": true, "storage": true, "schema": {"openAPIV3Schema": {
+                "type": "object", "properties": {"spec": {"type": "object", "properties": {
+                    // No marker: atomic, even under a name built-in kinds merge by key.
+                    "containers": {"type": "array", "items": {"type": "object", "properties": {
+                        "name": {"type": "string"}, "image": {"type": "string"}}}},
+                    "targets": {"type": "array", "x-kubernetes-list-type": "map",
+                        "x-kubernetes-list-map-keys": ["name"],
+                        "items": {"type": "object", "required": ["name"], "properties": {
+                            "name": {"type": "string"}, "weight": {"type": "integer"}}}},
+                    "tags": {"type": "array", "x-kubernetes-list-type": "set", "items": {"type": "string"}}}}}}}}]}
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn server_side_apply_follows_the_crd_list_types() {
+    use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+    let (_s, client) = server(ApiServerOptions::default()).await;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.create(&PostParams::default(), &gadget_crd()).await.unwrap();
+    let ar = ApiResource::from_gvk(&GroupVersionKind::gvk("test.zerocopy.dev", "v1", "Gadget"));
+    let gadgets: Api<DynamicObject> = Api::namespaced_with(client, "default", &ar);
+    let apply = |mgr: &'static str, force: bool, spec: serde_json::Value| {
+        let gadgets = gadgets.clone();
+        async move {
+            let mut pp = PatchParams::apply(mgr);
+            pp.force = force;
+            let body = json!({"apiVersion": "test.zerocopy.dev/v1", "kind": "Gadget", "metadata": {"name": "g"}, "spec": spec});
+            gadgets.patch("g", &pp, &Patch::Apply(body)).await
+        }
+    };
+    apply(
+        "alice",
+        false,
+        json!({"containers": [{"name": "a", "image": "x"}], "targets": [{"name": "t1", "weight": 1}], "tags": ["red"]}),
+    )
+    .await
+    .unwrap();
+    // Map and set lists: bob's elements join alice's.
+    let g = apply(
+        "bob",
+        false,
+        json!({"targets": [{"name": "t2", "weight": 2}], "tags": ["blue"]}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        g.data["spec"]["targets"],
+        json!([{"name": "t1", "weight": 1}, {"name": "t2", "weight": 2}])
+    );
+    assert_eq!(g.data["spec"]["tags"], json!(["red", "blue"]));
+    // An atomic list is one field: another element is a conflict with its owner...
+    let err = apply("bob", false, json!({"containers": [{"name": "b", "image": "y"}]}))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, kube::Error::Api(ref e) if e.code == 409 && e.message.contains("alice") && e.message.contains(".spec.containers")),
+        "{err}"
+    );
+    // ...and forcing replaces the whole list.
+    let bobs = json!({"containers": [{"name": "b", "image": "y"}], "targets": [{"name": "t2", "weight": 2}], "tags": ["blue"]});
+    let g = apply("bob", true, bobs).await.unwrap();
+    assert_eq!(g.data["spec"]["containers"], json!([{"name": "b", "image": "y"}]));
+    // alice drops her target and tag: only hers go.
+    let g = apply("alice", false, json!({})).await.unwrap();
+    assert_eq!(g.data["spec"]["targets"], json!([{"name": "t2", "weight": 2}]));
+    assert_eq!(g.data["spec"]["tags"], json!(["blue"]));
+    let fields = serde_json::to_value(g.metadata.managed_fields.unwrap()).unwrap();
+    let bob = fields
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["manager"] == "bob")
+        .unwrap();
+    assert!(bob["fieldsV1"]["f:spec"]["f:tags"].get("v:\"blue\"").is_some(), "{bob}");
+    assert!(bob["fieldsV1"]["f:spec"]["f:targets"]
+        .get("k:{\"name\":\"t2\"}")
+        .is_some());
+}
+
+#[tokio::test]
+async fn updates_own_fields_and_applies_conflict_with_them() {
+    let (s, client) = server(ApiServerOptions::default()).await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(client);
+    let post = PostParams {
+        field_manager: Some("creator".into()),
+        ..Default::default()
+    };
+    let created = cms.create(&post, &cm("u", &[])).await.unwrap();
+    let entry = &created.metadata.managed_fields.unwrap()[0];
+    assert_eq!(entry.manager.as_deref(), Some("creator"));
+    assert_eq!(entry.operation.as_deref(), Some("Update"));
+
+    let apply = |data: serde_json::Value| json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "u"}, "data": data});
+    // Applying the value the creator set is no conflict; another value is.
+    cms.patch("u", &PatchParams::apply("bob"), &Patch::Apply(apply(json!({"k": "v"}))))
+        .await
+        .unwrap();
+    let err = cms
+        .patch("u", &PatchParams::apply("bob"), &Patch::Apply(apply(json!({"k": "w"}))))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, kube::Error::Api(ref e) if e.code == 409 && e.message.contains(r#"conflict with "creator" using v1: .data.k"#)),
+        "{err}"
+    );
+
+    // A merge patch takes ownership of what it changes, from appliers too.
+    let patcher = PatchParams {
+        field_manager: Some("patcher".into()),
+        ..Default::default()
+    };
+    cms.patch("u", &patcher, &Patch::Merge(json!({"data": {"p": "1"}})))
+        .await
+        .unwrap();
+    let err = cms
+        .patch("u", &PatchParams::apply("bob"), &Patch::Apply(apply(json!({"p": "2"}))))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, kube::Error::Api(ref e) if e.code == 409 && e.message.contains("patcher")),
+        "{err}"
+    );
+    // Without fieldManager the manager is the User-Agent's first part.
+    let mut config = kube::Config::new(s.url().parse().unwrap());
+    config.headers = vec![(
+        axum::http::header::USER_AGENT,
+        "tester/1.0 (linux/amd64)".parse().unwrap(),
+    )];
+    let tester: Api<ConfigMap> = Api::default_namespaced(kube::Client::try_from(config).unwrap());
+    let mut plain = cms.get("u").await.unwrap();
+    plain.data.as_mut().unwrap().insert("q".into(), "1".into());
+    let replaced = tester.replace("u", &PostParams::default(), &plain).await.unwrap();
+    let managers: Vec<(String, String)> = replaced
+        .metadata
+        .managed_fields
+        .unwrap()
+        .iter()
+        .map(|m| (m.manager.clone().unwrap(), m.operation.clone().unwrap()))
+        .collect();
+    assert!(
+        managers.contains(&("tester".to_string(), "Update".to_string())),
+        "{managers:?}"
+    );
+    // Force takes the field; the updater left with nothing drops out.
+    let forced = cms
+        .patch(
+            "u",
+            &PatchParams::apply("bob").force(),
+            &Patch::Apply(apply(json!({"k": "v", "p": "2"}))),
+        )
+        .await
+        .unwrap();
+    assert_eq!(forced.data.as_ref().unwrap()["p"], "2");
+    let managers: Vec<String> = forced
+        .metadata
+        .managed_fields
+        .unwrap()
+        .iter()
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    assert!(!managers.contains(&"patcher".to_string()), "{managers:?}");
 }

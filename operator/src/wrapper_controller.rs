@@ -66,6 +66,17 @@ pub async fn reconcile(w: Arc<Lenient<ModelWrapper>>, ctx: Arc<Context>) -> Resu
     result
 }
 
+/// Parameters of the operator's non-apply writes (node labels, the legacy
+/// finalizer): its own field manager, so managedFields name the operator as
+/// the owner (without one the server records the client's User-Agent prefix,
+/// empty for a kube-rs client that sets none).
+fn update_params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(OPERATOR_MANAGER.into()),
+        ..Default::default()
+    }
+}
+
 /// Removes [`LEGACY_FINALIZER`] with a JSON patch that tests its position,
 /// so a concurrent change to the list fails (409/422) instead of dropping
 /// another controller's finalizer.
@@ -79,7 +90,7 @@ async fn remove_legacy_finalizer(ctx: &Context, ns: &str, w: &Lenient<ModelWrapp
         {"op": "remove", "path": format!("/metadata/finalizers/{i}")}
     ]))?;
     match api
-        .patch(&w.name_any(), &PatchParams::default(), &Patch::Json::<()>(patch))
+        .patch(&w.name_any(), &update_params(), &Patch::Json::<()>(patch))
         .await
     {
         Ok(_) => Ok(()),
@@ -138,7 +149,7 @@ pub async fn sweep_labels(ctx: &Context) -> Result<usize, Error> {
         match api
             .patch(
                 &n.name_any(),
-                &PatchParams::default(),
+                &update_params(),
                 &Patch::Merge(json!({"metadata": {"labels": stale}})),
             )
             .await
@@ -318,7 +329,7 @@ async fn sync_labels(ctx: &Context, label: &str, ready_nodes: &[String]) -> Resu
         match nodes
             .patch(
                 &name,
-                &PatchParams::default(),
+                &update_params(),
                 &Patch::Merge(json!({"metadata": {"labels": {label: value}}})),
             )
             .await

@@ -90,6 +90,21 @@ async fn place_fill_label_load_roll_remove_and_delete() {
     })
     .await;
     assert_eq!(labelled, vec!["node-1", "node-2", "node-3"]);
+    // The ready label is the operator's, by its field manager, in managedFields.
+    let node = nodes_api.get("node-1").await.unwrap();
+    let owners: Vec<String> = node
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .iter()
+        .filter(|m| {
+            m.fields_v1
+                .as_ref()
+                .is_some_and(|f| f.0["f:metadata"]["f:labels"].get(format!("f:{label}")).is_some())
+        })
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    assert_eq!(owners, vec![zerocopy_api::labels::OPERATOR_MANAGER.to_string()]);
     let gen1 = status.digest.clone().unwrap();
     for n in ["node-1", "node-2", "node-3"] {
         assert_eq!(

@@ -12,7 +12,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use support::*;
 use zerocopy_api::{ModelReplica, ModelWrapper};
-use zerocopy_e2e::apiserver::FaultConfig;
+use zerocopy_e2e::apiserver::{FaultConfig, FaultKind};
 use zerocopy_e2e::NodeSpec;
 
 fn nodes(n: usize) -> Vec<NodeSpec> {
@@ -119,9 +119,13 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn converges_with_injected_errors_and_cut_watches() {
     let mut env = Env::start(nodes(3), 1).await;
+    // The mix a loaded or failing real server answers with: 429 with
+    // Retry-After, 500, and 504 timeouts (some after the write was done).
     env.cluster.api.faults.set(FaultConfig {
         error_rate: 0.1,
+        kinds: FaultKind::ALL.to_vec(),
         cut_watches_within: Some(Duration::from_secs(2)),
+        ..Default::default()
     });
     let wrappers: Api<ModelWrapper> = Api::namespaced(env.client.clone(), NS);
     for (i, name) in ["a", "b"].iter().enumerate() {
@@ -153,6 +157,12 @@ async fn converges_with_injected_errors_and_cut_watches() {
                 .then_some(())
         })
         .await;
+    }
+    for kind in FaultKind::ALL {
+        assert!(
+            env.cluster.api.faults.injected_of(kind) > 0,
+            "the operator converged through {kind:?} faults too"
+        );
     }
     env.cluster.api.faults.set(FaultConfig::default());
     env.stop().await;

@@ -15,7 +15,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use support::*;
 use zerocopy_api::ModelWrapper;
-use zerocopy_e2e::apiserver::FaultConfig;
+use zerocopy_e2e::apiserver::{FaultConfig, FaultKind};
 use zerocopy_e2e::NodeSpec;
 use zerocopy_integration_tests::http::{Fault, Server};
 use zerocopy_integration_tests::safetensors::{file, T};
@@ -93,9 +93,12 @@ async fn twenty_wrappers_survive_agent_kills_api_errors_and_a_flaky_source() {
     env.wait_alive("the watcher pod running", 180, running).await;
 
     // Chaos: API errors and cut watches, agents killed at random.
+    // API faults as a real server's: 429 with Retry-After, 500, 504 timeouts.
     env.cluster.api.faults.set(FaultConfig {
         error_rate: 0.1,
+        kinds: FaultKind::ALL.to_vec(),
         cut_watches_within: Some(Duration::from_secs(3)),
+        ..Default::default()
     });
     let requests_before = source.requests.load(std::sync::atomic::Ordering::SeqCst);
     // Half the wrappers roll to new weights under the chaos, so fills run
@@ -127,6 +130,10 @@ async fn twenty_wrappers_survive_agent_kills_api_errors_and_a_flaky_source() {
         tokio::time::sleep(Duration::from_millis(1500 + seed % 2000)).await;
     }
     let injected = env.cluster.api.faults.injected();
+    let by_kind: Vec<String> = FaultKind::ALL
+        .iter()
+        .map(|k| format!("{k:?} {}", env.cluster.api.faults.injected_of(*k)))
+        .collect();
     env.cluster.api.faults.set(FaultConfig::default());
 
     env.wait_alive("every wrapper Ready on every node after the chaos", 300, || {
@@ -153,9 +160,10 @@ async fn twenty_wrappers_survive_agent_kills_api_errors_and_a_flaky_source() {
     })
     .await;
     println!(
-        "soak: {WRAPPERS} wrappers x {NODES} nodes, {}s of chaos: {kills} agent SIGKILLs, {injected} API errors injected, \
+        "soak: {WRAPPERS} wrappers x {NODES} nodes, {}s of chaos: {kills} agent SIGKILLs, {injected} API errors injected ({}), \
          {} source requests (about half answered 503) for the {} wrappers rolled during the chaos, every wrapper Ready again, no mount dropped, memory returned",
         CHAOS.as_secs(),
+        by_kind.join(", "),
         source_requests - requests_before,
         WRAPPERS / 2
     );

@@ -71,9 +71,6 @@ pub async fn handle(
     if let (&Method::GET, ["api", "v1", "namespaces", ns, "pods", name, "log"]) = (&method, segs.as_slice()) {
         return pod_log(&state, ns, name, query.get("container").map(String::as_str));
     }
-    if let Some(e) = state.faults.maybe_fail(&method, is_watch) {
-        return error_response(&e);
-    }
     let target = match parse_target(&state.store, &segs) {
         Ok(t) => t,
         Err(e) => return error_response(&e),
@@ -108,10 +105,18 @@ pub async fn handle(
             .get(&target.t, ns, name)
             .map(|o| (200, maybe_table(&target.t, &headers, labelled(&target.t, o)))),
         (&Method::POST, None) => parse_body(&headers, &body)
-            .and_then(|o| state.store.create(&target.t, ns, o))
+            .and_then(|o| {
+                state
+                    .store
+                    .create_by(&target.t, ns, o, Some(&field_manager(&query, &agent)))
+            })
             .map(|o| (201, o)),
         (&Method::PUT, Some(name)) => parse_body(&headers, &body)
-            .and_then(|o| state.store.update(&target.t, ns, name, o, sub(&target)))
+            .and_then(|o| {
+                state
+                    .store
+                    .update(&target.t, ns, name, o, sub(&target), &field_manager(&query, &agent))
+            })
             .map(|o| (200, o)),
         (&Method::PATCH, Some(name)) => {
             patch(&state.store, &target, name, &headers, &body, &query, &agent).map(|o| (200, o))
@@ -261,11 +266,7 @@ fn patch(
             "PATCH with application/apply-patch+yaml requires the fieldManager parameter",
         ));
     }
-    let manager = if manager.is_empty() {
-        agent.split('/').next().unwrap_or("unknown").to_string()
-    } else {
-        manager
-    };
+    let manager = field_manager(query, agent);
     let force = query.get("force").is_some_and(|f| f == "true");
     let body = parse_body(headers, body)?;
     store.patch(
@@ -278,6 +279,15 @@ fn patch(
         &manager,
         force,
     )
+}
+
+/// The `fieldManager` parameter, or as the real server derives one: the
+/// User-Agent up to its first `/`.
+fn field_manager(query: &HashMap<String, String>, agent: &str) -> String {
+    match query.get("fieldManager").filter(|m| !m.is_empty()) {
+        Some(m) => m.clone(),
+        None => agent.split('/').next().unwrap_or("").to_string(),
+    }
 }
 
 fn delete_options(query: &HashMap<String, String>, body: &Bytes) -> (Option<Propagation>, bool, Option<String>) {

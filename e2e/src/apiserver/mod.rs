@@ -5,10 +5,12 @@
 //! - [`apply`], [`patch`], [`schema`], [`selector`], [`table`]: the pieces a
 //!   real server has, as far as the project's clients use them.
 //! - [`gc`]: ownerReference garbage collection and deletion propagation.
+//! - [`faults`]: injected 429s, 500s, timeouts and cut watches.
 
 pub mod apply;
 pub mod error;
 pub mod events;
+pub mod faults;
 pub mod gc;
 pub mod http;
 pub mod patch;
@@ -24,66 +26,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::http::Method;
-use rand::Rng;
 use tokio::sync::watch;
 
 pub use error::ApiError;
+pub use faults::{FaultConfig, FaultKind, Faults};
 pub use store::Store;
-
-/// Faults injected into requests, for resilience tests.
-#[derive(Clone, Default)]
-pub struct Faults(Arc<Mutex<FaultConfig>>, Arc<std::sync::atomic::AtomicU64>);
-
-#[derive(Clone, Debug, Default)]
-pub struct FaultConfig {
-    /// Fraction of non-watch requests answered 500 (reads) or 500/409 (writes)
-    /// before they reach the store.
-    pub error_rate: f64,
-    /// Watch streams end after a random time up to this long.
-    pub cut_watches_within: Option<Duration>,
-}
-
-impl Faults {
-    pub fn set(&self, config: FaultConfig) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = config;
-    }
-
-    /// Requests answered with an injected error so far.
-    pub fn injected(&self) -> u64 {
-        self.1.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    fn config(&self) -> FaultConfig {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    fn maybe_fail(&self, method: &Method, is_watch: bool) -> Option<ApiError> {
-        let c = self.config();
-        if is_watch || c.error_rate <= 0.0 {
-            return None;
-        }
-        let mut rng = rand::thread_rng();
-        if !rng.gen_bool(c.error_rate.min(1.0)) {
-            return None;
-        }
-        self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if method != Method::GET && rng.gen_bool(0.5) {
-            return Some(ApiError::new(
-                409,
-                "Conflict",
-                "injected fault: conflict, retry with the latest version",
-            ));
-        }
-        Some(ApiError::new(500, "InternalError", "injected fault: internal error"))
-    }
-
-    fn watch_cut(&self) -> Option<Duration> {
-        let within = self.config().cut_watches_within?;
-        let ms = rand::thread_rng().gen_range(1..=within.as_millis().max(2) as u64);
-        Some(Duration::from_millis(ms))
-    }
-}
 
 /// Requests counted per client (User-Agent) and per second, for benchmarks.
 #[derive(Clone, Default)]
@@ -208,7 +155,10 @@ impl ApiServer {
             bookmark_interval: opts.bookmark_interval,
             logs: logs.clone(),
         });
-        let app = axum::Router::new().fallback(http::handle).with_state(state);
+        let app = axum::Router::new()
+            .fallback(http::handle)
+            .layer(axum::middleware::from_fn_with_state(faults.clone(), faults::inject))
+            .with_state(state);
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", opts.port)).await?;
         let addr = listener.local_addr()?;
         let (shutdown, rx) = watch::channel(false);

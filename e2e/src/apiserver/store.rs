@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
-use super::apply::{server_side_apply, Scope};
+use super::apply::{record_update, server_side_apply, Scope};
 use super::error::ApiError;
 use super::patch;
 use super::schema;
@@ -259,7 +259,21 @@ impl Store {
         Ok((initial, inner.rv, rx))
     }
 
-    pub fn create(&self, t: &ResourceType, ns: &str, mut obj: Value) -> Result<Value, ApiError> {
+    /// Creates an object without recording a field manager (the simulator's
+    /// own controllers, and apply, which records its own).
+    pub fn create(&self, t: &ResourceType, ns: &str, obj: Value) -> Result<Value, ApiError> {
+        self.create_by(t, ns, obj, None)
+    }
+
+    /// POST: creates an object; `manager` (when given) owns its fields, as
+    /// operation `Update` in managedFields.
+    pub fn create_by(
+        &self,
+        t: &ResourceType,
+        ns: &str,
+        mut obj: Value,
+        manager: Option<&str>,
+    ) -> Result<Value, ApiError> {
         let mut inner = self.lock();
         if obj["metadata"]["name"].as_str().unwrap_or("").is_empty() {
             let prefix = obj["metadata"]["generateName"].as_str().unwrap_or("").to_string();
@@ -312,6 +326,20 @@ impl Store {
         }
         obj["apiVersion"] = json!(t.api_version());
         obj["kind"] = json!(t.kind);
+        // The uid exists before admission: a Job's generated selector names it.
+        obj["metadata"]["uid"] = json!(uuid::Uuid::new_v4().to_string());
+        if let Some(m) = manager {
+            let empty = json!({"metadata": {}});
+            record_update(
+                &empty,
+                &mut obj,
+                m,
+                main_scope(t),
+                &t.api_version(),
+                &now(),
+                t.schema.as_ref(),
+            );
+        }
         admit(t, &mut obj, None)?;
         inner.rv += 1;
         let rv = inner.rv;
@@ -324,7 +352,15 @@ impl Store {
 
     /// PUT: replaces the object (or only its status for `Sub::Status`);
     /// a stale `metadata.resourceVersion` is a 409.
-    pub fn update(&self, t: &ResourceType, ns: &str, name: &str, obj: Value, sub: Sub) -> Result<Value, ApiError> {
+    pub fn update(
+        &self,
+        t: &ResourceType,
+        ns: &str,
+        name: &str,
+        mut obj: Value,
+        sub: Sub,
+        manager: &str,
+    ) -> Result<Value, ApiError> {
         let mut inner = self.lock();
         let current = lookup(&inner, t, ns, name)?;
         let given_rv = meta_str(&obj, "resourceVersion");
@@ -337,6 +373,15 @@ impl Store {
                 meta_str(&obj, "name")
             )));
         }
+        record_update(
+            &current,
+            &mut obj,
+            manager,
+            scope_of(t, sub),
+            &t.api_version(),
+            &now(),
+            t.schema.as_ref(),
+        );
         self.commit_update(&mut inner, t, ns, name, current, obj, sub)
     }
 
@@ -368,15 +413,11 @@ impl Store {
             PatchKind::Json => patch::json_patch(&mut next, body).map_err(|m| ApiError::new(422, "Invalid", m))?,
             PatchKind::Apply => {
                 check_apply_body(t, name, body)?;
-                let scope = match (sub, t.status_subresource) {
-                    (Sub::Status, _) => Scope::Status,
-                    (Sub::Main, true) => Scope::NotStatus,
-                    (Sub::Main, false) => Scope::All,
-                };
-                next = server_side_apply(&current, body, manager, force, scope, &now()).map_err(|conflicts| {
-                    let msgs: Vec<String> = conflicts.iter().map(|c| format!("conflict with {:?}: {}", c.manager, c.field)).collect();
+                let scope = scope_of(t, sub);
+                next = server_side_apply(&current, body, manager, force, scope, &now(), t.schema.as_ref()).map_err(|conflicts| {
+                    let msgs: Vec<String> = conflicts.iter().map(|c| format!("{}: {}", c.owner(), c.field)).collect();
                     ApiError::new(409, "Conflict", format!("Apply failed with {} conflict{}: {}", conflicts.len(), if conflicts.len() == 1 { "" } else { "s" }, msgs.join("; ")))
-                        .with_details(json!({"name": name, "kind": t.plural, "causes": conflicts.iter().map(|c| json!({"reason": "FieldManagerConflict", "message": format!("conflict with {:?}", c.manager), "field": c.field})).collect::<Vec<_>>()}))
+                        .with_details(json!({"name": name, "kind": t.plural, "causes": conflicts.iter().map(|c| json!({"reason": "FieldManagerConflict", "message": c.owner(), "field": c.field})).collect::<Vec<_>>()}))
                 })?;
             }
         }
@@ -386,6 +427,15 @@ impl Store {
                     return Err(ApiError::conflict(&t.plural, name));
                 }
             }
+            record_update(
+                &current,
+                &mut next,
+                manager,
+                scope_of(t, sub),
+                &t.api_version(),
+                &now(),
+                t.schema.as_ref(),
+            );
         }
         next["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
         self.commit_update(&mut inner, t, ns, name, current, next, sub)
@@ -401,12 +451,8 @@ impl Store {
     ) -> Result<Value, ApiError> {
         check_apply_body(t, name, body)?;
         let base = json!({"apiVersion": t.api_version(), "kind": t.kind, "metadata": {"name": name}});
-        let scope = if t.status_subresource {
-            Scope::NotStatus
-        } else {
-            Scope::All
-        };
-        let obj = server_side_apply(&base, body, manager, true, scope, &now())
+        let scope = main_scope(t);
+        let obj = server_side_apply(&base, body, manager, true, scope, &now(), t.schema.as_ref())
             .map_err(|_| ApiError::new(500, "InternalError", "apply to an empty object conflicted"))?;
         self.create(t, ns, obj)
     }
@@ -691,6 +737,19 @@ impl Store {
     }
 }
 
+/// The part of an object a write through `sub` owns fields in.
+fn scope_of(t: &ResourceType, sub: Sub) -> Scope {
+    match (sub, t.status_subresource) {
+        (Sub::Status, _) => Scope::Status,
+        (Sub::Main, true) => Scope::NotStatus,
+        (Sub::Main, false) => Scope::All,
+    }
+}
+
+fn main_scope(t: &ResourceType) -> Scope {
+    scope_of(t, Sub::Main)
+}
+
 fn items_last_key(items: &[Value]) -> ObjKey {
     items
         .last()
@@ -724,8 +783,12 @@ fn lookup(inner: &Inner, t: &ResourceType, ns: &str, name: &str) -> Result<Value
         .ok_or_else(|| ApiError::not_found(&t.plural, name))
 }
 
+/// Identity and bookkeeping of a new object; a uid given by the store (not
+/// the client: `create` replaces any) is kept.
 fn stamp_new(obj: &mut Value, rv: u64, has_generation: bool) {
-    obj["metadata"]["uid"] = json!(uuid::Uuid::new_v4().to_string());
+    if meta_str(obj, "uid").is_empty() {
+        obj["metadata"]["uid"] = json!(uuid::Uuid::new_v4().to_string());
+    }
     obj["metadata"]["creationTimestamp"] = json!(now());
     obj["metadata"]["resourceVersion"] = json!(rv.to_string());
     if has_generation {
@@ -816,14 +879,9 @@ fn admit(t: &ResourceType, obj: &mut Value, old: Option<&Value>) -> Result<(), A
             }
         }
         "Job" => {
-            let spec = &mut obj["spec"];
-            for (k, v) in [("completions", 1), ("parallelism", 1), ("backoffLimit", 6)] {
-                if spec[k].is_null() {
-                    spec[k] = json!(v);
-                }
-            }
-            if obj["spec"]["template"]["spec"]["restartPolicy"].is_null() {
-                obj["spec"]["template"]["spec"]["restartPolicy"] = json!("Never");
+            let errors = admit_job(obj, old);
+            if !errors.is_empty() {
+                return Err(ApiError::invalid("Job", &name, &errors));
             }
         }
         "CustomResourceDefinition" => {
@@ -849,6 +907,108 @@ fn admit(t: &ResourceType, obj: &mut Value, old: Option<&Value>) -> Result<(), A
     Ok(())
 }
 
+/// batch/v1 Job defaulting and validation, as the real API server does them:
+/// the pod template is defaulted like any PodSpec (`restartPolicy: Always`),
+/// which a Job refuses; the selector is generated on create (unless
+/// `manualSelector`) and, with the template, immutable afterwards; every
+/// container needs a name and an image. Returns every problem at once.
+fn admit_job(obj: &mut Value, old: Option<&Value>) -> Vec<(String, String)> {
+    let mut errors = Vec::new();
+    // Indexing below writes into these: they must be objects (or absent).
+    for (path, v) in [
+        ("spec", &obj["spec"]),
+        ("spec.template", &obj["spec"]["template"]),
+        ("spec.template.metadata", &obj["spec"]["template"]["metadata"]),
+        (
+            "spec.template.metadata.labels",
+            &obj["spec"]["template"]["metadata"]["labels"],
+        ),
+        ("spec.template.spec", &obj["spec"]["template"]["spec"]),
+    ] {
+        if !(v.is_object() || v.is_null()) {
+            errors.push((path.to_string(), "Invalid value: must be an object".to_string()));
+        }
+    }
+    if obj["spec"]["template"]["spec"].is_null() {
+        errors.push(("spec.template.spec".into(), "Required value".into()));
+    }
+    if !errors.is_empty() {
+        return errors;
+    }
+    let spec = &mut obj["spec"];
+    for (k, v) in [("completions", 1), ("parallelism", 1), ("backoffLimit", 6)] {
+        if spec[k].is_null() {
+            spec[k] = json!(v);
+        }
+    }
+    if spec["template"]["spec"]["restartPolicy"].is_null() {
+        spec["template"]["spec"]["restartPolicy"] = json!("Always");
+    }
+    let policy = &spec["template"]["spec"]["restartPolicy"];
+    if !matches!(policy.as_str(), Some("OnFailure" | "Never")) {
+        errors.push((
+            "spec.template.spec.restartPolicy".into(),
+            format!("Unsupported value: {policy}: supported values: \"OnFailure\", \"Never\""),
+        ));
+    }
+    match spec["template"]["spec"]["containers"].as_array() {
+        Some(cs) if !cs.is_empty() => {
+            for (i, c) in cs.iter().enumerate() {
+                for field in ["name", "image"] {
+                    if c[field].as_str().is_none_or(str::is_empty) {
+                        errors.push((
+                            format!("spec.template.spec.containers[{i}].{field}"),
+                            "Required value".into(),
+                        ));
+                    }
+                }
+            }
+        }
+        _ => errors.push(("spec.template.spec.containers".into(), "Required value".into())),
+    }
+    match old {
+        None => {
+            let uid = meta_str(obj, "uid").to_string();
+            let name = meta_str(obj, "name").to_string();
+            let spec = &mut obj["spec"];
+            let manual = spec["manualSelector"].as_bool() == Some(true);
+            let generated = json!({"matchLabels": {"batch.kubernetes.io/controller-uid": uid}});
+            if manual {
+                if spec["selector"].is_null() {
+                    errors.push(("spec.selector".into(), "Required value".into()));
+                }
+            } else if spec["selector"].is_null() || spec["selector"] == generated {
+                spec["selector"] = generated;
+                let labels = &mut spec["template"]["metadata"]["labels"];
+                for (k, v) in [
+                    ("batch.kubernetes.io/controller-uid", &uid),
+                    ("batch.kubernetes.io/job-name", &name),
+                    ("controller-uid", &uid),
+                    ("job-name", &name),
+                ] {
+                    labels[k] = json!(v);
+                }
+            } else {
+                errors.push((
+                    "spec.selector".into(),
+                    format!("Invalid value: {}: `selector` will be auto-generated", spec["selector"]),
+                ));
+            }
+        }
+        Some(old) => {
+            for field in ["selector", "template"] {
+                if old["spec"][field] != obj["spec"][field] {
+                    errors.push((
+                        format!("spec.{field}"),
+                        format!("Invalid value: {}: field is immutable", obj["spec"][field]),
+                    ));
+                }
+            }
+        }
+    }
+    errors
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -864,13 +1024,16 @@ mod tests {
         let created = s.create(&t, "default", cm("x")).unwrap();
         let mut stale = created.clone();
         stale["data"]["a"] = json!("2");
-        let updated = s.update(&t, "default", "x", stale.clone(), Sub::Main).unwrap();
+        let updated = s.update(&t, "default", "x", stale.clone(), Sub::Main, "t").unwrap();
         assert!(
             updated["metadata"]["generation"].is_null(),
             "ConfigMaps have no generation"
         );
-        assert_eq!(s.update(&t, "default", "x", stale, Sub::Main).unwrap_err().code, 409);
-        let same = s.update(&t, "default", "x", updated.clone(), Sub::Main).unwrap();
+        assert_eq!(
+            s.update(&t, "default", "x", stale, Sub::Main, "t").unwrap_err().code,
+            409
+        );
+        let same = s.update(&t, "default", "x", updated.clone(), Sub::Main, "t").unwrap();
         assert_eq!(
             same["metadata"]["resourceVersion"],
             updated["metadata"]["resourceVersion"]

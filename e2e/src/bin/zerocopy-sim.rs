@@ -42,7 +42,7 @@ struct Cli {
     /// Port for the API server (default: a free one).
     #[arg(long, default_value_t = 0)]
     port: u16,
-    /// Fraction of requests answered with an injected 500/409.
+    /// Fraction of requests answered with an injected 429 (Retry-After), 500 or 504 timeout.
     #[arg(long, default_value_t = 0.0)]
     error_rate: f64,
     /// Cut every watch stream at a random time within this many milliseconds.
@@ -104,6 +104,7 @@ async fn main() -> anyhow::Result<()> {
     cluster.api.faults.set(FaultConfig {
         error_rate: cli.error_rate,
         cut_watches_within: cli.cut_watches_ms.map(Duration::from_millis),
+        ..Default::default()
     });
     cluster.api.write_kubeconfig(&cli.kubeconfig)?;
     eprintln!(
