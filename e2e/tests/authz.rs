@@ -30,12 +30,8 @@ where
 }
 
 #[tokio::test]
-async fn requests_without_a_known_token_are_401() {
+async fn requests_with_an_unknown_token_are_401() {
     let (s, _) = server().await;
-    let anonymous = kube::Client::try_from(kube::Config::new(s.url().parse().unwrap())).unwrap();
-    let cms: Api<ConfigMap> = Api::namespaced(anonymous, "default");
-    let e = api_error(cms.list(&Default::default()).await.unwrap_err());
-    assert_eq!((e.code, e.reason.as_str()), (401, "Unauthorized"));
     let forged = s.client_with_token("not-a-token").await.unwrap();
     let e = api_error(
         Api::<ConfigMap>::namespaced(forged, "default")
@@ -43,7 +39,13 @@ async fn requests_without_a_known_token_are_401() {
             .await
             .unwrap_err(),
     );
-    assert_eq!(e.code, 401);
+    assert_eq!((e.code, e.reason.as_str()), (401, "Unauthorized"));
+    // Without credentials (kubectl over plain HTTP): the admin.
+    let anonymous = kube::Client::try_from(kube::Config::new(s.url().parse().unwrap())).unwrap();
+    Api::<ConfigMap>::namespaced(anonymous, "default")
+        .list(&Default::default())
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -120,4 +122,76 @@ async fn service_accounts_get_what_their_roles_grant_and_403_otherwise() {
             .unwrap_err(),
     );
     assert_eq!(e.code, 403);
+}
+
+#[tokio::test]
+async fn validating_admission_policies_deny_over_http() {
+    let (_s, admin) = server().await;
+    let dynamic = |kind: &str, plural: &str| {
+        let ar = kube::api::ApiResource {
+            group: "admissionregistration.k8s.io".into(),
+            version: "v1".into(),
+            api_version: "admissionregistration.k8s.io/v1".into(),
+            kind: kind.into(),
+            plural: plural.into(),
+        };
+        Api::<kube::api::DynamicObject>::all_with(admin.clone(), &ar)
+    };
+    let create = |api: Api<kube::api::DynamicObject>, body: serde_json::Value| async move {
+        api.create(&PostParams::default(), &serde_json::from_value(body).unwrap())
+            .await
+            .unwrap();
+    };
+    create(
+        dynamic("ValidatingAdmissionPolicy", "validatingadmissionpolicies"),
+        json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+            "metadata": {"name": "cm-size"}, "spec": {"failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"], "resources": ["configmaps"]}]},
+            "validations": [
+                {"expression": "size(object.data) <= 2", "message": "at most two keys", "reason": "Invalid"},
+                {"expression": "object.data.mode == 'x' || object.data.missing == 'y'"}]}}),
+    )
+    .await;
+    create(
+        dynamic("ValidatingAdmissionPolicyBinding", "validatingadmissionpolicybindings"),
+        json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": {"name": "cm-size"}, "spec": {"policyName": "cm-size", "validationActions": ["Deny"]}}),
+    )
+    .await;
+    let cms: Api<ConfigMap> = Api::namespaced(admin, "default");
+    let cm = |data: serde_json::Value| {
+        serde_json::from_value::<ConfigMap>(json!({"metadata": {"name": "c"}, "data": data})).unwrap()
+    };
+    let e = api_error(
+        cms.create(&PostParams::default(), &cm(json!({"a": "1", "b": "2", "mode": "x"})))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((e.code, e.reason.as_str()), (422, "Invalid"));
+    assert_eq!(
+        e.message,
+        "ValidatingAdmissionPolicy 'cm-size' with binding 'cm-size' denied request: at most two keys"
+    );
+    // No `missing` key: the expression errors, and failurePolicy Fail denies.
+    let e = api_error(
+        cms.create(&PostParams::default(), &cm(json!({"mode": "z"})))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(e.code, 403);
+    assert!(e.message.contains("resulted in error"), "{}", e.message);
+    cms.create(&PostParams::default(), &cm(json!({"mode": "x"})))
+        .await
+        .unwrap();
+    // Patches are checked on the patched object.
+    let e = api_error(
+        cms.patch(
+            "c",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"a": "1", "b": "2"}})),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(e.code, 422);
 }

@@ -2,7 +2,8 @@
 //!
 //! The simulator's admin token (in the kubeconfig [`super::ApiServer::write_kubeconfig`]
 //! writes) is in `system:masters`, which bypasses authorization as on a real
-//! cluster. Service-account tokens carry the groups and, when bound to a node,
+//! cluster. A request without credentials is the admin too: kubectl does not
+//! send bearer tokens over plain HTTP, and the simulator serves no TLS. Service-account tokens carry the groups and, when bound to a node,
 //! the `authentication.kubernetes.io/node-name` extra that projected tokens of
 //! pods on that node carry on Kubernetes 1.30+.
 
@@ -86,7 +87,8 @@ impl Authenticator {
         token
     }
 
-    /// The user of the request's bearer token; 401 without a known one.
+    /// The user of the request's bearer token; 401 for an unknown token or
+    /// another scheme; a request without an Authorization header is the admin.
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<UserInfo, ApiError> {
         let token = headers
             .get(header::AUTHORIZATION)
@@ -94,6 +96,12 @@ impl Authenticator {
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim)
             .unwrap_or("");
+        // No credentials at all: the admin, like the kubeconfig the simulator
+        // writes. kubectl (client-go) does not send bearer tokens over plain
+        // HTTP, so this is how kubectl reaches the simulator.
+        if headers.get(header::AUTHORIZATION).is_none() {
+            return Ok(UserInfo::admin());
+        }
         if token.is_empty() {
             return Err(unauthorized());
         }
@@ -127,6 +135,8 @@ mod tests {
         assert!(u.groups.contains(&"system:serviceaccounts:zc".to_string()));
         h.insert(header::AUTHORIZATION, "Bearer nope".parse().unwrap());
         assert_eq!(a.authenticate(&h).unwrap_err().code, 401);
-        assert_eq!(a.authenticate(&HeaderMap::new()).unwrap_err().code, 401);
+        h.insert(header::AUTHORIZATION, "Basic eDp5".parse().unwrap());
+        assert_eq!(a.authenticate(&h).unwrap_err().code, 401);
+        assert!(a.authenticate(&HeaderMap::new()).unwrap().is_superuser());
     }
 }

@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 use tokio::sync::broadcast::error::RecvError;
 
+use super::admission::{self, RequestContext};
 use super::auth::UserInfo;
 use super::error::ApiError;
 use super::rbac::{Attributes, RbacSnapshot};
@@ -118,8 +119,18 @@ pub async fn handle(
             }
         }
     }
-    let result: Result<(u16, Value), ApiError> = match (&method, &target.name) {
-        (&Method::GET, None) if is_watch => return watch(&state, &target, &query),
+    if method == Method::GET && target.name.is_none() && is_watch {
+        return watch(&state, &target, &query);
+    }
+    let admission = if matches!(method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE) {
+        match RequestContext::from_store(&state.store, &user) {
+            Ok(ctx) => ctx.map(Arc::new),
+            Err(e) => return error_response(&e),
+        }
+    } else {
+        None
+    };
+    let result: Result<(u16, Value), ApiError> = admission::with_request(admission, || match (&method, &target.name) {
         (&Method::GET, None) => list(&state.store, &target, &query, &headers).map(|v| (200, v)),
         (&Method::GET, Some(name)) => state
             .store
@@ -141,7 +152,7 @@ pub async fn handle(
             "MethodNotAllowed",
             format!("{method} is not supported on {path}"),
         )),
-    };
+    });
     match result {
         Ok((code, v)) => json_response(code, &v),
         Err(e) => {

@@ -8,6 +8,7 @@
 //! - [`auth`], [`rbac`], [`admission`]: bearer-token authentication, RBAC
 //!   authorization and ValidatingAdmissionPolicies (CEL).
 
+pub mod admission;
 pub mod apply;
 pub mod auth;
 pub mod error;
