@@ -405,15 +405,36 @@ async fn task_creators_need_pod_create(cluster: &Cluster) {
     example["metadata"]["namespace"] = json!(ns);
     example["spec"]["nodeSelector"] = json!({"pool": "nowhere"});
     wrappers
-        .create(&PostParams::default(), &serde_json::from_value(example).unwrap())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(example.clone()).unwrap(),
+        )
         .await
         .unwrap();
+    // A task-mode one does (its template is what tasks run).
+    example["metadata"]["name"] = json!("task-runner");
+    example["spec"]["mode"] = json!("task");
+    example["spec"]["task"] = json!({"template": {"spec": {"restartPolicy": "Never",
+        "containers": [{"name": "main", "image": "python:3.12", "command": ["python3", "-c", "print(1)"]}]}}});
+    let msg = forbidden(
+        wrappers
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(example.clone()).unwrap(),
+            )
+            .await,
+    );
+    assert!(msg.contains("so it needs the right to create pods there"), "{msg}");
     grant(
         "pods",
         json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["create"]}]),
     )
     .await;
     tasks.create(&PostParams::default(), &task("t1")).await.unwrap();
+    wrappers
+        .create(&PostParams::default(), &serde_json::from_value(example).unwrap())
+        .await
+        .unwrap();
 }
 
 /// GET /metrics with a plain TCP request (no HTTP client dependency needed).
