@@ -87,6 +87,10 @@ pub struct ClusterOptions {
     pub csi_driver_object: bool,
     /// Working directory; a temporary one (removed on drop) when None.
     pub dir: Option<PathBuf>,
+    /// Agents authenticate as this service account (namespace, name) with a
+    /// token bound to their node, as a DaemonSet pod's projected token is;
+    /// None: the admin kubeconfig.
+    pub agent_service_account: Option<(String, String)>,
 }
 
 impl ClusterOptions {
@@ -100,6 +104,7 @@ impl ClusterOptions {
             api: ApiServerOptions::default(),
             csi_driver_object: true,
             dir: None,
+            agent_service_account: None,
         }
     }
 
@@ -288,8 +293,42 @@ impl Cluster {
         Ok(dirs)
     }
 
+    /// Agents from now on authenticate as this service account, each with a
+    /// token bound to its node.
+    pub fn set_agent_service_account(&mut self, namespace: &str, name: &str) {
+        self.opts.agent_service_account = Some((namespace.into(), name.into()));
+    }
+
+    /// A kubeconfig for the service account `namespace/name`, its token bound to `node` when given.
+    pub fn service_account_kubeconfig(
+        &self,
+        namespace: &str,
+        name: &str,
+        node: Option<&str>,
+    ) -> anyhow::Result<PathBuf> {
+        let file = format!("kubeconfig-{namespace}-{name}-{}", node.unwrap_or("unbound"));
+        Ok(self
+            .api
+            .service_account_kubeconfig(&self.dir.join("tokens").join(file), namespace, name, node)?)
+    }
+
+    /// A kubeconfig for a plain user (tenant tests).
+    pub fn user_kubeconfig(&self, username: &str, groups: &[&str]) -> anyhow::Result<PathBuf> {
+        let path = self.dir.join("tokens").join(format!("kubeconfig-user-{username}"));
+        Ok(self.api.user_kubeconfig(&path, username, groups)?)
+    }
+
+    /// The kubeconfig a node's agent uses.
+    fn agent_kubeconfig(&self, node: &str) -> anyhow::Result<PathBuf> {
+        match &self.opts.agent_service_account {
+            Some((ns, name)) => self.service_account_kubeconfig(ns, name, Some(node)),
+            None => Ok(self.kubeconfig.clone()),
+        }
+    }
+
     fn spawn_agent(&self, bin: &Path, spec: &NodeSpec, dirs: &NodeDirs) -> anyhow::Result<tokio::process::Child> {
         let mut cmd = tokio::process::Command::new(bin);
+        let kubeconfig = self.agent_kubeconfig(&spec.name)?;
         if let AgentMode::Args(template) = &self.opts.agent_mode {
             for a in template {
                 cmd.arg(
@@ -299,7 +338,7 @@ impl Cluster {
                         .replace("{kubelet}", &dirs.kubelet.display().to_string())
                         .replace("{metrics}", &dirs.metrics_addr)
                         .replace("{node}", &spec.name)
-                        .replace("{kubeconfig}", &self.kubeconfig.display().to_string()),
+                        .replace("{kubeconfig}", &kubeconfig.display().to_string()),
                 );
             }
             let log = std::fs::File::create(dirs.base.join("agent.log"))?;
@@ -332,7 +371,7 @@ impl Cluster {
             AgentMode::Cluster { namespace } => {
                 cmd.arg("run")
                     .arg("--kubeconfig")
-                    .arg(&self.kubeconfig)
+                    .arg(&kubeconfig)
                     .args(["--namespace", namespace]);
             }
             AgentMode::Args(_) => {}

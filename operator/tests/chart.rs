@@ -3,6 +3,11 @@
 //! chart gives them (the simulator has no Deployment or DaemonSet controller,
 //! so this test starts those processes from the rendered specs), and the
 //! operator reconciles the actor-mode example to Ready.
+//!
+//! The operator and each agent authenticate with their service accounts'
+//! tokens (each agent's bound to its node), and the simulator enforces the
+//! chart's RBAC and ValidatingAdmissionPolicies: a permission the chart lacks
+//! fails this test, and so does one the policies should refuse but do not.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -12,11 +17,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::api::storage::v1::CSIDriver;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::ResourceExt;
 use serde_json::json;
 use support::{kubectl, wait_for};
-use zerocopy_api::ModelWrapper;
+use zerocopy_api::labels::AGENT_MANAGER;
+use zerocopy_api::{ModelReplica, ModelTask, ModelWrapper};
+use zerocopy_e2e::apiserver::UserInfo;
 use zerocopy_e2e::{AgentMode, Cluster, ClusterOptions, NodeSpec};
 
 const RELEASE_NS: &str = "zerocopy-system";
@@ -153,6 +163,8 @@ async fn the_rendered_chart_runs_the_actor_mode_example_to_ready() {
         "{agent_args:?}"
     );
     cluster.set_agent(zerocopy_integration_tests::agent_bin(), AgentMode::Args(template));
+    // As a DaemonSet pod's projected token: the agent's service account, bound to its node.
+    cluster.set_agent_service_account(RELEASE_NS, "zerocopy-node-agent");
     for n in ["worker-1", "worker-2"] {
         cluster
             .add_node(NodeSpec::new(n).label("pool", "ray-workers"))
@@ -184,8 +196,11 @@ async fn the_rendered_chart_runs_the_actor_mode_example_to_ready() {
         })
         .collect();
     let log = std::fs::File::create(cluster.dir.join("operator.log")).unwrap();
+    let operator_kubeconfig = cluster
+        .service_account_kubeconfig(RELEASE_NS, "zerocopy-operator", None)
+        .unwrap();
     let mut operator = Command::new(support::OPERATOR)
-        .arg(format!("--kubeconfig={}", cluster.kubeconfig.display()))
+        .arg(format!("--kubeconfig={}", operator_kubeconfig.display()))
         .args(&args)
         .env("POD_NAME", "zerocopy-operator-0")
         .stdout(Stdio::from(log.try_clone().unwrap()))
@@ -211,9 +226,215 @@ async fn the_rendered_chart_runs_the_actor_mode_example_to_ready() {
     assert_eq!(status.total_bytes, std::fs::metadata(local_minilm()).unwrap().len());
     let metrics = reqwest_free_get(port);
     assert!(metrics.contains("zerocopy_operator_reconciles_total"), "{metrics}");
+
+    agents_write_only_their_own_node(&cluster).await;
+    task_creators_need_pod_create(&cluster).await;
     let _ = operator.kill();
     let _ = operator.wait();
     cluster.shutdown().await;
+}
+
+fn forbidden(r: Result<impl std::fmt::Debug, kube::Error>) -> String {
+    match r {
+        Err(kube::Error::Api(s)) if s.code == 403 => s.message,
+        other => panic!("expected 403 Forbidden, got {other:?}"),
+    }
+}
+
+async fn client_for(cluster: &Cluster, user: UserInfo) -> kube::Client {
+    cluster.api.client_for(user).await.unwrap()
+}
+
+/// A status patch as the agent sends it (server-side apply of status).
+fn replica_status(phase: &str) -> Patch<serde_json::Value> {
+    Patch::Apply(json!({"apiVersion": "zerocopy.dev/v1alpha1", "kind": "ModelReplica", "status": {"phase": phase}}))
+}
+
+/// The agent's Lease as it renews it.
+fn lease(name: &str) -> Patch<serde_json::Value> {
+    Patch::Apply(json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": name}, "spec": {"holderIdentity": name}}))
+}
+
+/// worker-1's agent token: its own Lease and replica status, nobody else's.
+async fn agents_write_only_their_own_node(cluster: &Cluster) {
+    let agent1 = client_for(
+        cluster,
+        UserInfo::service_account(RELEASE_NS, "zerocopy-node-agent", Some("worker-1")),
+    )
+    .await;
+    let leases: Api<Lease> = Api::namespaced(agent1.clone(), RELEASE_NS);
+    let pp = PatchParams::apply("zerocopy-node-agent").force();
+    leases.patch("worker-1", &pp, &lease("worker-1")).await.unwrap();
+    let msg = forbidden(leases.patch("worker-2", &pp, &lease("worker-2")).await);
+    assert!(
+        msg.contains(
+            "denied request: the node agent on node worker-1 may only write its own Lease worker-1, not worker-2"
+        ),
+        "{msg}"
+    );
+    // The operator's leader-election Lease (RBAC alone would allow the patch).
+    let msg = forbidden(
+        leases
+            .patch("zerocopy-operator", &pp, &lease("zerocopy-operator"))
+            .await,
+    );
+    assert!(msg.contains("may only write its own Lease"), "{msg}");
+    // A Lease for a node that does not exist yet (apply would create it).
+    forbidden(leases.patch("worker-9", &pp, &lease("worker-9")).await);
+
+    let admin: Api<ModelReplica> = Api::namespaced(cluster.client().await.unwrap(), "ml");
+    let replicas = admin.list(&Default::default()).await.unwrap().items;
+    let on = |node: &str| {
+        replicas
+            .iter()
+            .find(|r| r.spec.node == node)
+            .unwrap_or_else(|| panic!("a replica on {node}"))
+            .name_any()
+    };
+    let mine: Api<ModelReplica> = Api::namespaced(agent1.clone(), "ml");
+    let status_pp = PatchParams::apply("zerocopy-node-agent-test").force();
+    let msg = forbidden(
+        mine.patch_status(&on("worker-2"), &status_pp, &replica_status("Ready"))
+            .await,
+    );
+    assert!(
+        msg.contains("may only write the status of replicas on its node"),
+        "{msg}"
+    );
+    // A service-account token without the node claim (Kubernetes < 1.30).
+    let unbound = client_for(
+        cluster,
+        UserInfo::service_account(RELEASE_NS, "zerocopy-node-agent", None),
+    )
+    .await;
+    let leases: Api<Lease> = Api::namespaced(unbound.clone(), RELEASE_NS);
+    let msg = forbidden(leases.patch("worker-1", &pp, &lease("worker-1")).await);
+    assert!(
+        msg.contains("needs a node-bound service-account token (Kubernetes ≥ 1.30)"),
+        "{msg}"
+    );
+    let unbound: Api<ModelReplica> = Api::namespaced(unbound, "ml");
+    let msg = forbidden(
+        unbound
+            .patch_status(&on("worker-1"), &status_pp, &replica_status("Ready"))
+            .await,
+    );
+    assert!(msg.contains("needs a node-bound service-account token"), "{msg}");
+    // Its own replica's status: allowed. The status it wrote, applied again
+    // by its own field manager, so nothing changes for the operator.
+    let current = admin.get(&on("worker-1")).await.unwrap();
+    let same = Patch::Apply(json!({"apiVersion": "zerocopy.dev/v1alpha1", "kind": "ModelReplica",
+        "status": serde_json::to_value(current.status).unwrap()}));
+    mine.patch_status(&on("worker-1"), &PatchParams::apply(AGENT_MANAGER).force(), &same)
+        .await
+        .unwrap();
+    // And RBAC still refuses what the chart never granted.
+    forbidden(mine.delete(&on("worker-1"), &Default::default()).await);
+}
+
+/// A tenant with ModelTask create but no pod create is refused; pod create lets it through.
+async fn task_creators_need_pod_create(cluster: &Cluster) {
+    let admin = cluster.client().await.unwrap();
+    let ns = "team-a";
+    let nss: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(admin.clone());
+    nss.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+    )
+    .await
+    .unwrap();
+    let roles: Api<Role> = Api::namespaced(admin.clone(), ns);
+    let bindings: Api<RoleBinding> = Api::namespaced(admin.clone(), ns);
+    let grant = |name: &str, rules: serde_json::Value| {
+        let roles = roles.clone();
+        let bindings = bindings.clone();
+        let name = name.to_string();
+        async move {
+            roles
+                .create(
+                    &PostParams::default(),
+                    &serde_json::from_value(json!({"metadata": {"name": name}, "rules": rules})).unwrap(),
+                )
+                .await
+                .unwrap();
+            bindings
+                .create(
+                    &PostParams::default(),
+                    &serde_json::from_value(json!({"metadata": {"name": name},
+                        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+                        "subjects": [{"kind": "User", "name": "tenant", "apiGroup": "rbac.authorization.k8s.io"}]}))
+                    .unwrap(),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    // The chart's zerocopy-edit ClusterRole, bound in the namespace.
+    bindings
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "zerocopy-edit"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "zerocopy-edit"},
+                "subjects": [{"kind": "User", "name": "tenant", "apiGroup": "rbac.authorization.k8s.io"}]}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let tenant = client_for(cluster, UserInfo::user("tenant", &["tenants"])).await;
+    let tasks: Api<ModelTask> = Api::namespaced(tenant.clone(), ns);
+    let task = |name: &str| -> ModelTask {
+        serde_json::from_value(json!({"apiVersion": "zerocopy.dev/v1alpha1", "kind": "ModelTask",
+            "metadata": {"name": name}, "spec": {"wrapper": "minilm"}}))
+        .unwrap()
+    };
+    let msg = forbidden(tasks.create(&PostParams::default(), &task("t1")).await);
+    assert!(
+        msg.contains("creating tasks runs pods from the wrapper's template with any service account of namespace team-a, so it needs the right to create pods there"),
+        "{msg}"
+    );
+    // An actor-mode ModelWrapper runs no pods: no pod right needed.
+    let wrappers: Api<ModelWrapper> = Api::namespaced(tenant.clone(), ns);
+    let mut example: serde_json::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/actor-mode/modelwrapper.yaml"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    example["metadata"]["namespace"] = json!(ns);
+    example["spec"]["nodeSelector"] = json!({"pool": "nowhere"});
+    wrappers
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(example.clone()).unwrap(),
+        )
+        .await
+        .unwrap();
+    // A task-mode one does (its template is what tasks run).
+    example["metadata"]["name"] = json!("task-runner");
+    example["spec"]["mode"] = json!("task");
+    example["spec"]["task"] = json!({"template": {"spec": {"restartPolicy": "Never",
+        "containers": [{"name": "main", "image": "python:3.12", "command": ["python3", "-c", "print(1)"]}]}}});
+    let msg = forbidden(
+        wrappers
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(example.clone()).unwrap(),
+            )
+            .await,
+    );
+    assert!(msg.contains("so it needs the right to create pods there"), "{msg}");
+    grant(
+        "pods",
+        json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["create"]}]),
+    )
+    .await;
+    tasks.create(&PostParams::default(), &task("t1")).await.unwrap();
+    wrappers
+        .create(&PostParams::default(), &serde_json::from_value(example).unwrap())
+        .await
+        .unwrap();
 }
 
 /// GET /metrics with a plain TCP request (no HTTP client dependency needed).

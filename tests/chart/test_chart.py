@@ -356,3 +356,22 @@ def test_the_index_check_catches_a_pinned_modelwrapper():
     assert not modelwrapper_from_an_index("modelwrapper @ https://example.com/modelwrapper-0.1.0-py3-none-any.whl")
     assert modelwrapper_from_an_index("modelwrapper[ray]>=0.1")
     assert modelwrapper_from_an_index("modelwrapper")
+
+
+def test_admission_policies_bind_agents_to_their_node_and_tasks_to_pod_creators(tmp_path):
+    docs = render()
+    policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"}
+    bindings = {d["spec"]["policyName"] for d in docs if d["kind"] == "ValidatingAdmissionPolicyBinding"}
+    assert set(policies) == bindings == {"zc-zerocopy-agent-leases", "zc-zerocopy-agent-replicas", "zc-zerocopy-task-creators"}
+    for name in ("zc-zerocopy-agent-leases", "zc-zerocopy-agent-replicas"):
+        spec = policies[name]["spec"]
+        assert spec["failurePolicy"] == "Fail"
+        assert "system:serviceaccount:zerocopy-system:zerocopy-node-agent" in spec["matchConditions"][0]["expression"]
+        assert "authentication.kubernetes.io/node-name" in spec["variables"][0]["expression"]
+        assert "node-bound service-account token (Kubernetes ≥ 1.30)" in spec["validations"][0]["message"]
+    tasks = policies["zc-zerocopy-task-creators"]["spec"]
+    assert "check('create').allowed()" in tasks["validations"][0]["expression"]
+    assert "zerocopy-operator" in tasks["matchConditions"][0]["expression"], "the operator's own writes are exempt"
+    off = tmp_path / "off.yaml"
+    off.write_text("admission: {nodeBoundAgents: false, taskCreatorsNeedPodCreate: false}\n")
+    assert not [d for d in render(off) if d["kind"].startswith("ValidatingAdmissionPolicy")]

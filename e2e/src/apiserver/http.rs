@@ -11,7 +11,10 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 use tokio::sync::broadcast::error::RecvError;
 
+use super::admission::{self, RequestContext};
+use super::auth::UserInfo;
 use super::error::ApiError;
+use super::rbac::{Attributes, RbacSnapshot};
 use super::schema;
 use super::selector::{FieldSelector, LabelSelector};
 use super::store::{EventKind, ListOptions, PatchKind, Propagation, Store, Sub};
@@ -25,6 +28,7 @@ pub struct ServerState {
     pub stats: RequestStats,
     pub bookmark_interval: Duration,
     pub logs: super::PodLogs,
+    pub auth: super::auth::Authenticator,
 }
 
 fn json_response(code: u16, v: &Value) -> Response {
@@ -65,10 +69,22 @@ pub async fn handle(
     let is_watch = query.get("watch").is_some_and(|w| w == "true" || w == "1");
     state.stats.record(&agent, method.as_str(), is_watch);
 
+    if let ["healthz" | "readyz" | "livez"] = segs.as_slice() {
+        return (StatusCode::OK, "ok").into_response();
+    }
+    let user = match state.auth.authenticate(&headers) {
+        Ok(u) => u,
+        Err(e) => return error_response(&e),
+    };
+    // Discovery, /openapi and /version: every authenticated user.
     if let Some(resp) = discovery(&state.store, &segs) {
         return resp;
     }
     if let (&Method::GET, ["api", "v1", "namespaces", ns, "pods", name, "log"]) = (&method, segs.as_slice()) {
+        let attrs = Attributes::new("get", "", "pods", ns, name).subresource("log");
+        if let Err(e) = authorize(&state.store, &user, &attrs) {
+            return error_response(&e);
+        }
         return pod_log(&state, ns, name, query.get("container").map(String::as_str));
     }
     let target = match parse_target(&state.store, &segs) {
@@ -76,6 +92,9 @@ pub async fn handle(
         Err(e) => return error_response(&e),
     };
     let ns = target.namespace.as_deref().unwrap_or("");
+    if let Err(e) = authorize_request(&state.store, &user, &method, &target, &query, &headers, is_watch) {
+        return error_response(&e);
+    }
     if query.get("fieldValidation").is_some_and(|v| v == "Strict")
         && matches!(method, Method::POST | Method::PUT | Method::PATCH)
     {
@@ -97,8 +116,18 @@ pub async fn handle(
             }
         }
     }
-    let result: Result<(u16, Value), ApiError> = match (&method, &target.name) {
-        (&Method::GET, None) if is_watch => return watch(&state, &target, &query),
+    if method == Method::GET && target.name.is_none() && is_watch {
+        return watch(&state, &target, &query);
+    }
+    let admission = if matches!(method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE) {
+        match RequestContext::from_store(&state.store, &user) {
+            Ok(ctx) => ctx.map(Arc::new),
+            Err(e) => return error_response(&e),
+        }
+    } else {
+        None
+    };
+    let result: Result<(u16, Value), ApiError> = admission::with_request(admission, || match (&method, &target.name) {
         (&Method::GET, None) => list(&state.store, &target, &query, &headers).map(|v| (200, v)),
         (&Method::GET, Some(name)) => state
             .store
@@ -128,7 +157,7 @@ pub async fn handle(
             "MethodNotAllowed",
             format!("{method} is not supported on {path}"),
         )),
-    };
+    });
     match result {
         Ok((code, v)) => json_response(code, &v),
         Err(e) => {
@@ -136,6 +165,90 @@ pub async fn handle(
             error_response(&e)
         }
     }
+}
+
+/// RBAC for `user` doing `attrs`; `system:masters` is never asked.
+fn authorize(store: &Store, user: &UserInfo, attrs: &Attributes) -> Result<(), ApiError> {
+    if user.is_superuser() {
+        return Ok(());
+    }
+    let decision = RbacSnapshot::from_store(store)?.authorize(user, attrs);
+    if decision.allowed {
+        Ok(())
+    } else {
+        Err(attrs.forbidden(user, &decision.reason))
+    }
+}
+
+/// The verb a request maps to, as kube-apiserver's request info does.
+fn verb(method: &Method, target: &Target, is_watch: bool) -> &'static str {
+    match (method, target.name.is_some()) {
+        (&Method::GET, true) => "get",
+        (&Method::GET, false) if is_watch => "watch",
+        (&Method::GET, false) => "list",
+        (&Method::POST, _) => "create",
+        (&Method::PUT, _) => "update",
+        (&Method::PATCH, _) => "patch",
+        (&Method::DELETE, true) => "delete",
+        (&Method::DELETE, false) => "deletecollection",
+        _ => "unknown",
+    }
+}
+
+/// RBAC for a resource request. A list or watch with a `metadata.name=`
+/// field selector carries that name; a server-side apply that would create
+/// the object also needs `create` (kube-apiserver's patch handler checks it).
+fn authorize_request(
+    store: &Store,
+    user: &UserInfo,
+    method: &Method,
+    target: &Target,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+    is_watch: bool,
+) -> Result<(), ApiError> {
+    if user.is_superuser() {
+        return Ok(());
+    }
+    let verb = verb(method, target, is_watch);
+    let name = match &target.name {
+        Some(n) => n.clone(),
+        None if verb == "list" || verb == "watch" => query
+            .get("fieldSelector")
+            .and_then(|f| f.split(',').find_map(|p| p.strip_prefix("metadata.name=")))
+            .unwrap_or("")
+            .to_string(),
+        None => String::new(),
+    };
+    let namespace = target.namespace.as_deref().unwrap_or("");
+    let mut attrs = Attributes::new(verb, &target.t.group, &target.t.plural, namespace, &name);
+    if let Some(s) = &target.sub {
+        attrs = attrs.subresource(s);
+    }
+    let snapshot = RbacSnapshot::from_store(store)?;
+    let deny = |a: &Attributes| {
+        let d = snapshot.authorize(user, a);
+        (!d.allowed).then(|| a.forbidden(user, &d.reason))
+    };
+    if let Some(e) = deny(&attrs) {
+        return Err(e);
+    }
+    let applies = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("application/apply-patch"));
+    if *method == Method::PATCH && applies && target.sub.is_none() {
+        if let Some(n) = &target.name {
+            if store.get(&target.t, namespace, n).is_err_and(|e| e.code == 404) {
+                let mut create = attrs.clone();
+                create.verb = "create".into();
+                if let Some(e) = deny(&create) {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn sub(t: &Target) -> Sub {
@@ -515,7 +628,6 @@ fn discovery(store: &Store, segs: &[&str]) -> Option<Response> {
             json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-zerocopy-sim", "gitCommit": "", "gitTreeState": "clean",
             "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.24", "compiler": "gc", "platform": "linux/amd64"})
         }
-        ["healthz"] | ["readyz"] | ["livez"] => return Some((StatusCode::OK, "ok").into_response()),
         ["api"] => {
             json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]})
         }

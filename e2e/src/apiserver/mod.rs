@@ -6,14 +6,19 @@
 //!   real server has, as far as the project's clients use them.
 //! - [`gc`]: ownerReference garbage collection and deletion propagation.
 //! - [`faults`]: injected 429s, 500s, timeouts and cut watches.
+//! - [`auth`], [`rbac`], [`admission`]: bearer-token authentication, RBAC
+//!   authorization and ValidatingAdmissionPolicies (CEL).
 
+pub mod admission;
 pub mod apply;
+pub mod auth;
 pub mod error;
 pub mod events;
 pub mod faults;
 pub mod gc;
 pub mod http;
 pub mod patch;
+pub mod rbac;
 pub mod schema;
 pub mod selector;
 pub mod store;
@@ -28,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+pub use auth::{Authenticator, UserInfo};
 pub use error::ApiError;
 pub use faults::{FaultConfig, FaultKind, Faults};
 pub use store::Store;
@@ -116,6 +122,10 @@ pub struct ApiServer {
     pub stats: RequestStats,
     /// Where each node's kubelet writes container logs (for `kubectl logs`).
     pub logs: PodLogs,
+    /// Tokens and their users; mint more with [`ApiServer::token`].
+    pub auth: Authenticator,
+    /// The token of the kubeconfig [`ApiServer::write_kubeconfig`] writes (`system:masters`).
+    admin_token: String,
     shutdown: watch::Sender<bool>,
 }
 
@@ -148,12 +158,15 @@ impl ApiServer {
         let faults = Faults::default();
         let stats = RequestStats::default();
         let logs = PodLogs::default();
+        let auth = Authenticator::default();
+        let admin_token = auth.mint(UserInfo::admin());
         let state = Arc::new(http::ServerState {
             store: store.clone(),
             faults: faults.clone(),
             stats: stats.clone(),
             bookmark_interval: opts.bookmark_interval,
             logs: logs.clone(),
+            auth: auth.clone(),
         });
         let app = axum::Router::new()
             .fallback(http::handle)
@@ -178,6 +191,8 @@ impl ApiServer {
             faults,
             stats,
             logs,
+            auth,
+            admin_token,
             shutdown,
         })
     }
@@ -186,19 +201,51 @@ impl ApiServer {
         format!("http://{}", self.addr)
     }
 
-    /// Writes a kubeconfig (no credentials; plain HTTP) pointing at this server.
+    /// Writes the admin kubeconfig (a `system:masters` token; plain HTTP).
     pub fn write_kubeconfig(&self, path: &Path) -> std::io::Result<PathBuf> {
-        let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: zerocopy-sim\n  cluster:\n    server: {}\n\
-             contexts:\n- name: zerocopy-sim\n  context:\n    cluster: zerocopy-sim\n    user: zerocopy-sim\n    namespace: default\n\
-             current-context: zerocopy-sim\nusers:\n- name: zerocopy-sim\n  user: {{}}\n",
-            self.url()
-        );
+        self.write_kubeconfig_with_token(path, &self.admin_token)
+    }
+
+    /// Writes a kubeconfig that authenticates with `token`.
+    pub fn write_kubeconfig_with_token(&self, path: &Path, token: &str) -> std::io::Result<PathBuf> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        std::fs::write(path, text)?;
+        std::fs::write(path, self.kubeconfig_text(token))?;
         Ok(path.to_path_buf())
+    }
+
+    fn kubeconfig_text(&self, token: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: zerocopy-sim\n  cluster:\n    server: {}\n\
+             contexts:\n- name: zerocopy-sim\n  context:\n    cluster: zerocopy-sim\n    user: zerocopy-sim\n    namespace: default\n\
+             current-context: zerocopy-sim\nusers:\n- name: zerocopy-sim\n  user:\n    token: {token}\n",
+            self.url()
+        )
+    }
+
+    /// A new token for `user`.
+    pub fn token(&self, user: UserInfo) -> String {
+        self.auth.mint(user)
+    }
+
+    /// A kubeconfig for the service account `namespace/name`, its token bound to
+    /// `node` (the `authentication.kubernetes.io/node-name` extra) when given.
+    pub fn service_account_kubeconfig(
+        &self,
+        path: &Path,
+        namespace: &str,
+        name: &str,
+        node: Option<&str>,
+    ) -> std::io::Result<PathBuf> {
+        let token = self.token(UserInfo::service_account(namespace, name, node));
+        self.write_kubeconfig_with_token(path, &token)
+    }
+
+    /// A kubeconfig for a plain user in `groups` (and `system:authenticated`).
+    pub fn user_kubeconfig(&self, path: &Path, username: &str, groups: &[&str]) -> std::io::Result<PathBuf> {
+        let token = self.token(UserInfo::user(username, groups));
+        self.write_kubeconfig_with_token(path, &token)
     }
 
     pub fn stop(&self) {
@@ -213,14 +260,24 @@ impl Drop for ApiServer {
 }
 
 impl ApiServer {
-    /// A `kube::Client` for this server, configured as a kubeconfig user's would be.
+    /// An admin `kube::Client` for this server, configured as a kubeconfig user's would be.
     pub async fn client(&self) -> Result<kube::Client, kube::Error> {
-        let mut config = kube::Config::new(
-            self.url()
-                .parse()
-                .map_err(|e: axum::http::uri::InvalidUri| kube::Error::Service(e.to_string().into()))?,
-        );
-        config.default_namespace = "default".into();
+        self.client_with_token(&self.admin_token).await
+    }
+
+    /// A `kube::Client` that authenticates with `token`.
+    pub async fn client_with_token(&self, token: &str) -> Result<kube::Client, kube::Error> {
+        let kubeconfig = kube::config::Kubeconfig::from_yaml(&self.kubeconfig_text(token))
+            .map_err(|e| kube::Error::Service(e.to_string().into()))?;
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .map_err(|e| kube::Error::Service(e.to_string().into()))?;
         kube::Client::try_from(config)
+    }
+
+    /// A `kube::Client` for `user`, with a fresh token.
+    pub async fn client_for(&self, user: UserInfo) -> Result<kube::Client, kube::Error> {
+        let token = self.token(user);
+        self.client_with_token(&token).await
     }
 }

@@ -4,6 +4,7 @@
 //! optimistic concurrency, generation, status subresource, finalizers and
 //! graceful deletion of pods bound to a node.
 
+use super::admission::{self, AdmissionRequest, Operation};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -341,6 +342,13 @@ impl Store {
             );
         }
         admit(t, &mut obj, None)?;
+        admission::validate(&AdmissionRequest {
+            operation: Operation::Create,
+            t,
+            subresource: "",
+            object: Some(&obj),
+            old_object: None,
+        })?;
         inner.rv += 1;
         let rv = inner.rv;
         stamp_new(&mut obj, rv, t.status_subresource);
@@ -539,6 +547,13 @@ impl Store {
             }
         }
         admit(t, &mut next, Some(&current))?;
+        admission::validate(&AdmissionRequest {
+            operation: Operation::Update,
+            t,
+            subresource: if sub == Sub::Status { "status" } else { "" },
+            object: Some(&next),
+            old_object: Some(&current),
+        })?;
         let unchanged = {
             let mut a = current.clone();
             let mut b = next.clone();
@@ -592,6 +607,13 @@ impl Store {
         if precondition_uid.is_some_and(|u| u != meta_str(&current, "uid")) {
             return Err(ApiError::conflict(&t.plural, name));
         }
+        admission::validate(&AdmissionRequest {
+            operation: Operation::Delete,
+            t,
+            subresource: "",
+            object: None,
+            old_object: Some(&current),
+        })?;
         let propagation = propagation.unwrap_or(if t.group == "batch" {
             Propagation::Orphan
         } else {

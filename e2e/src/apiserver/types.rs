@@ -198,6 +198,22 @@ pub fn builtin_types() -> Vec<ResourceType> {
         ),
         R::builtin("storage.k8s.io", "v1", "csidrivers", "CSIDriver", false, false),
         R::builtin(
+            "admissionregistration.k8s.io",
+            "v1",
+            "validatingadmissionpolicies",
+            "ValidatingAdmissionPolicy",
+            false,
+            true,
+        ),
+        R::builtin(
+            "admissionregistration.k8s.io",
+            "v1",
+            "validatingadmissionpolicybindings",
+            "ValidatingAdmissionPolicyBinding",
+            false,
+            false,
+        ),
+        R::builtin(
             "apiextensions.k8s.io",
             "v1",
             "customresourcedefinitions",
