@@ -1,12 +1,17 @@
 //! Operator at scale in the simulator: N nodes × W wrappers (default 1,000 ×
-//! 10). The node agents here are **simulated status writers** (in-process,
-//! writing straight into the simulator's store: a Lease per node renewed
-//! every 5 s, and a Ready status for every replica), so every HTTP request the
-//! API server counts is the operator's. The operator is the real release binary, in its own
-//! process, so its peak RSS is its own.
+//! 10), then, when asked, T queued ModelTasks. The node agents here are
+//! **simulated status writers** (in-process, writing straight into the
+//! simulator's store: a Lease per node, and a Ready status for every
+//! replica), and so is the Job controller (a task's Job runs until the
+//! benchmark marks every Job Complete at once), so every HTTP request the API
+//! server counts is the operator's. The operator is the real release binary,
+//! in its own process, so its peak RSS is its own.
 //!
-//! Prints a table and writes docs/benchmarks-operator-scale.json.
+//! Prints a table and writes docs/benchmarks-operator-scale.json (or `SCALE_OUT`).
 //!     cargo bench -p zerocopy-operator --bench scale [-- NODES WRAPPERS]
+//!     SCALE_NODES=1000 SCALE_WRAPPERS=100 SCALE_TASKS=1000 \
+//!         SCALE_OUT=docs/benchmarks-operator-scale-1000x100.json cargo bench -p zerocopy-operator --bench scale
+//! `OPERATOR_BIN` runs another operator binary (an older build, for a before/after).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -76,17 +81,65 @@ fn peak_rss_kib(pid: u32) -> u64 {
 fn all_ready(store: &Store, wrappers: usize, nodes: usize) -> bool {
     let t = store.resource_type("zerocopy.dev", "modelwrappers").unwrap();
     let (ws, _, _) = store.list(&t, Some(NS), &Default::default()).unwrap();
-    ws.len() == wrappers
-        && ws
-            .iter()
-            .all(|w| w["status"]["phase"] == "Ready" && w["status"]["readyNodes"].as_u64() == Some(nodes as u64))
+    ws.iter()
+        .filter(|w| w["metadata"]["name"].as_str().is_some_and(|n| n.starts_with("model-")))
+        .filter(|w| w["status"]["phase"] == "Ready" && w["status"]["readyNodes"].as_u64() == Some(nodes as u64))
+        .count()
+        == wrappers
+}
+
+/// Tasks whose status satisfies `done`.
+fn tasks_where(store: &Store, done: impl Fn(&Value) -> bool) -> usize {
+    let t = store.resource_type("zerocopy.dev", "modeltasks").unwrap();
+    let (ts, _, _) = store.list(&t, Some(NS), &Default::default()).unwrap();
+    ts.iter().filter(|t| done(&t["status"])).count()
+}
+
+/// The simulated Job controller's verdict: every Job Complete.
+fn complete_all_jobs(store: &Store) -> usize {
+    let t = store.resource_type("batch", "jobs").unwrap();
+    let (jobs, _, _) = store.list(&t, Some(NS), &Default::default()).unwrap();
+    for j in &jobs {
+        let name = j["metadata"]["name"].as_str().unwrap_or("");
+        let _ = store.modify(&t, NS, name, Sub::Status, |o| {
+            o["status"] = json!({"startTime": now(), "completionTime": now(), "succeeded": 1,
+                "conditions": [{"type": "Complete", "status": "True", "reason": "Completed"}]});
+        });
+    }
+    jobs.len()
+}
+
+fn env_usize(name: &str) -> Option<usize> {
+    std::env::var(name).ok()?.parse().ok()
+}
+
+/// Waits until `done` (checked every 100 ms) or `limit`; returns whether it happened.
+async fn until(limit: Duration, done: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    true
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-    let nodes: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(1000);
-    let wrappers: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(10);
+    let nodes: usize = args
+        .first()
+        .and_then(|a| a.parse().ok())
+        .or(env_usize("SCALE_NODES"))
+        .unwrap_or(1000);
+    let wrappers: usize = args
+        .get(1)
+        .and_then(|a| a.parse().ok())
+        .or(env_usize("SCALE_WRAPPERS"))
+        .unwrap_or(10);
+    let tasks = env_usize("SCALE_TASKS").unwrap_or(0);
+    let limit = Duration::from_secs(env_usize("SCALE_DEADLINE_SECONDS").unwrap_or(600) as u64);
     let api = ApiServer::start(ApiServerOptions {
         history: 500_000,
         ..Default::default()
@@ -134,8 +187,8 @@ async fn main() {
     let s = store.clone();
     std::thread::spawn(move || agents(s));
 
-    let bin = env!("CARGO_BIN_EXE_zerocopy-operator");
-    let mut op = std::process::Command::new(bin)
+    let bin = std::env::var("OPERATOR_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_zerocopy-operator").into());
+    let mut op = std::process::Command::new(&bin)
         .arg("--kubeconfig")
         .arg(&kubeconfig)
         .args([
@@ -173,16 +226,18 @@ async fn main() {
             "spec": {"pipeline": {"components": [{"name": "m", "weights": {"uri": format!("https://models.example/{w}.safetensors"), "sha256": format!("{w:064x}")}}]}}}),
         );
     }
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while !all_ready(&store, wrappers, nodes) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let converged = all_ready(&store, wrappers, nodes);
+    let converged = until(limit, || all_ready(&store, wrappers, nodes)).await;
     let elapsed = started.elapsed().as_secs_f64();
     let during = api.stats.for_agent("");
     // Steady state: 10 s with nothing changing.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let after = api.stats.for_agent("");
+    let rss_wrappers_mib = peak_rss_kib(pid) as f64 / 1024.0;
+    let task_result = if tasks > 0 {
+        Some(run_tasks(&api, &store, tasks, limit).await)
+    } else {
+        None
+    };
     let rss_mib = peak_rss_kib(pid) as f64 / 1024.0;
     let _ = op.kill();
     let _ = op.wait();
@@ -203,6 +258,8 @@ async fn main() {
         "seconds_to_all_ready": elapsed, "operator_requests": requests, "operator_writes": writes,
         "mean_qps_during_rollout": requests as f64 / elapsed, "peak_qps": peak_qps,
         "steady_state_qps": steady_qps, "operator_peak_rss_mib": rss_mib,
+        "operator_peak_rss_mib_after_wrappers": rss_wrappers_mib, "tasks": task_result,
+        "operator": if std::env::var("OPERATOR_BIN").is_ok() { bin.clone() } else { "this tree".into() },
         "agents": "simulated status writers (in-process, not counted as API requests)",
         "qps_per_second": during.per_second.iter().filter(|(s, _)| **s > first_second).map(|(s, n)| json!([s - first_second, n])).collect::<Vec<_>>(),
     });
@@ -217,8 +274,95 @@ async fn main() {
     println!("| mean QPS during rollout | {:.0} | |", requests as f64 / elapsed);
     println!("| peak QPS (1 s buckets) | {peak_qps} | |");
     println!("| steady-state QPS (10 s after Ready) | {steady_qps:.1} | <= 20 |");
-    println!("| operator peak RSS | {rss_mib:.0} MiB | <= 150 MB |");
-    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks-operator-scale.json");
+    println!("| operator peak RSS (wrappers) | {rss_wrappers_mib:.0} MiB | <= 150 MB |");
+    if let Some(t) = &task_result {
+        println!(
+            "| {tasks} tasks: all started (Job created) | {:.1} s{} | |",
+            t["seconds_to_all_started"].as_f64().unwrap_or(0.0),
+            if t["started"] == true { "" } else { " (NOT all)" }
+        );
+        println!(
+            "| {tasks} tasks: requests until all started | {} (mean {:.0} QPS) | |",
+            t["requests_until_started"],
+            t["mean_qps_until_started"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "| {tasks} tasks running: steady-state QPS (10 s) | {:.1} | <= 20 |",
+            t["steady_state_qps_running"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "| {tasks} tasks: all Succeeded after their Jobs completed | {:.1} s{} | |",
+            t["seconds_to_all_succeeded"].as_f64().unwrap_or(0.0),
+            if t["succeeded"] == true { "" } else { " (NOT all)" }
+        );
+        println!("| {tasks} tasks: requests, start to Succeeded | {} | |", t["requests"]);
+        println!("| operator peak RSS (end) | {rss_mib:.0} MiB | <= 150 MB |");
+    }
+    let out = std::env::var_os("SCALE_OUT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks-operator-scale.json")
+        });
     std::fs::write(&out, serde_json::to_string_pretty(&result).unwrap()).unwrap();
     println!("wrote {}", out.display());
+}
+
+/// T ModelTasks queued at once on a task-mode wrapper Ready on one node:
+/// time until every one has its Job, the operator's requests meanwhile and
+/// while the Jobs run (steady state), then time until all are Succeeded
+/// once every Job completes.
+async fn run_tasks(api: &ApiServer, store: &Store, tasks: usize, limit: Duration) -> Value {
+    create(
+        store,
+        "zerocopy.dev",
+        "modelwrappers",
+        NS,
+        json!({"apiVersion": "zerocopy.dev/v1alpha1", "kind": "ModelWrapper",
+        "metadata": {"name": "task-model"},
+        "spec": {"mode": "task", "nodeSelector": {"kubernetes.io/hostname": "node-0000"},
+            "pipeline": {"components": [{"name": "m", "weights": {"uri": "https://models.example/task.safetensors", "sha256": format!("{:064x}", 7)}}]},
+            "task": {"template": {"spec": {"containers": [{"name": "run", "image": "python:3.12", "command": ["python3", "task.py"]}]}}}}}),
+    );
+    let t = store.resource_type("zerocopy.dev", "modelwrappers").unwrap();
+    let ready = until(limit, || {
+        store
+            .get(&t, NS, "task-model")
+            .is_ok_and(|w| w["status"]["readyNodes"].as_u64() == Some(1))
+    })
+    .await;
+    assert!(ready, "the task-mode wrapper never became Ready");
+    let before = api.stats.for_agent("");
+    let started = Instant::now();
+    for i in 0..tasks {
+        create(
+            store,
+            "zerocopy.dev",
+            "modeltasks",
+            NS,
+            json!({"apiVersion": "zerocopy.dev/v1alpha1", "kind": "ModelTask",
+            "metadata": {"name": format!("task-{i:05}")}, "spec": {"wrapper": "task-model", "args": ["--n", i.to_string()]}}),
+        );
+    }
+    let all_started = until(limit, || tasks_where(store, |s| s["jobName"].is_string()) == tasks).await;
+    let started_s = started.elapsed().as_secs_f64();
+    let at_started = api.stats.for_agent("");
+    // The Jobs run: nothing changes for 10 s.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let running = api.stats.for_agent("");
+    let completed = complete_all_jobs(store);
+    let released = Instant::now();
+    let all_succeeded = until(limit, || tasks_where(store, |s| s["phase"] == "Succeeded") == tasks).await;
+    let succeeded_s = released.elapsed().as_secs_f64();
+    let end = api.stats.for_agent("");
+    let first_second = before.per_second.keys().max().copied().unwrap_or(0);
+    json!({
+        "tasks": tasks, "started": all_started, "succeeded": all_succeeded, "jobs_completed": completed,
+        "seconds_to_all_started": started_s,
+        "requests_until_started": at_started.total - before.total,
+        "mean_qps_until_started": (at_started.total - before.total) as f64 / started_s,
+        "steady_state_qps_running": (running.total - at_started.total) as f64 / 10.0,
+        "seconds_to_all_succeeded": succeeded_s,
+        "requests": end.total - before.total, "writes": end.writes - before.writes,
+        "qps_per_second": end.per_second.iter().filter(|(s, _)| **s > first_second).map(|(s, n)| json!([s - first_second, n])).collect::<Vec<_>>(),
+    })
 }

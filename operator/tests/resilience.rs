@@ -361,7 +361,10 @@ async fn a_wrapper_leaves_a_node_too_small_for_it() {
         .as_ref()
         .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Degraded").cloned())
         .unwrap();
-    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("False", "MovedForCapacity"));
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("False", "MovedForCapacity")
+    );
     assert!(degraded.message.contains("node-1"), "{}", degraded.message);
 
     // Nowhere else to go: pinned stays on node-1, retrying, Degraded with the agent's numbers.
@@ -369,7 +372,8 @@ async fn a_wrapper_leaves_a_node_too_small_for_it() {
         .wait_alive("pinned Degraded for capacity on node-1", 180, || async {
             let s = wrappers.get("pinned").await.ok()?.status?;
             let d = s.conditions.iter().find(|c| c.type_ == "Degraded")?;
-            (s.desired_nodes == 1 && d.status == "True" && d.reason == "InsufficientCapacity").then(|| d.message.clone())
+            (s.desired_nodes == 1 && d.status == "True" && d.reason == "InsufficientCapacity")
+                .then(|| d.message.clone())
         })
         .await;
     assert!(message.starts_with("node-1: "), "{message}");
