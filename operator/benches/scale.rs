@@ -343,7 +343,14 @@ async fn run_tasks(api: &ApiServer, store: &Store, tasks: usize, limit: Duration
             "metadata": {"name": format!("task-{i:05}")}, "spec": {"wrapper": "task-model", "args": ["--n", i.to_string()]}}),
         );
     }
-    let all_started = until(limit, || tasks_where(store, |s| s["jobName"].is_string()) == tasks).await;
+    // Started: the Job exists and the task says so (Ready=True, JobCreated).
+    let started_ok = |s: &Value| {
+        s["jobName"].is_string()
+            && s["conditions"]
+                .as_array()
+                .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+    };
+    let all_started = until(limit, || tasks_where(store, started_ok) == tasks).await;
     let started_s = started.elapsed().as_secs_f64();
     let at_started = api.stats.for_agent("");
     // The Jobs run: nothing changes for 10 s.
