@@ -78,12 +78,17 @@ fn peak_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn all_ready(store: &Store, wrappers: usize, nodes: usize) -> bool {
+/// Every `model-W` Ready on all the nodes of its pool (`pools` 1: every node).
+fn all_ready(store: &Store, wrappers: usize, nodes: usize, pools: usize) -> bool {
     let t = store.resource_type("zerocopy.dev", "modelwrappers").unwrap();
     let (ws, _, _) = store.list(&t, Some(NS), &Default::default()).unwrap();
+    let in_pool = |p: usize| (0..nodes).filter(|i| i % pools == p).count() as u64;
     ws.iter()
-        .filter(|w| w["metadata"]["name"].as_str().is_some_and(|n| n.starts_with("model-")))
-        .filter(|w| w["status"]["phase"] == "Ready" && w["status"]["readyNodes"].as_u64() == Some(nodes as u64))
+        .filter_map(|w| {
+            let i: usize = w["metadata"]["name"].as_str()?.strip_prefix("model-")?.parse().ok()?;
+            (w["status"]["phase"] == "Ready" && w["status"]["readyNodes"].as_u64() == Some(in_pool(i % pools)))
+                .then_some(())
+        })
         .count()
         == wrappers
 }
@@ -109,15 +114,53 @@ fn complete_all_jobs(store: &Store) -> usize {
     jobs.len()
 }
 
+/// The simulator holds every object and its watch history in this process:
+/// stop the run (and the operator) before it takes the shared machine's
+/// memory (`SCALE_MAX_RSS_GIB`, default 8).
+fn guard_memory(operator: u32) {
+    let limit_kib = env_usize("SCALE_MAX_RSS_GIB").unwrap_or(8) as u64 * 1024 * 1024;
+    std::thread::spawn(move || loop {
+        let rss = std::fs::read_to_string("/proc/self/status")
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .unwrap_or(0);
+        if rss > limit_kib {
+            eprintln!(
+                "the simulator uses {} MiB, over SCALE_MAX_RSS_GIB: stopping",
+                rss / 1024
+            );
+            let _ = std::process::Command::new("kill").arg(operator.to_string()).status();
+            std::process::exit(3);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    });
+}
+
 fn env_usize(name: &str) -> Option<usize> {
     std::env::var(name).ok()?.parse().ok()
 }
 
 /// Waits until `done` (checked every 100 ms) or `limit`; returns whether it happened.
+/// The operator's pid, for [`until`] to notice that it exited.
+static OPERATOR: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+fn operator_alive() -> bool {
+    let pid = OPERATOR.load(std::sync::atomic::Ordering::Relaxed);
+    pid == 0
+        || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+}
+
 async fn until(limit: Duration, done: impl Fn() -> bool) -> bool {
     let deadline = Instant::now() + limit;
     while !done() {
         if Instant::now() > deadline {
+            return false;
+        }
+        if !operator_alive() {
+            eprintln!("the operator exited; its log is in SCALE_OPERATOR_LOG (default: the run's temp dir)");
             return false;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -138,10 +181,21 @@ async fn main() {
         .and_then(|a| a.parse().ok())
         .or(env_usize("SCALE_WRAPPERS"))
         .unwrap_or(10);
-    let tasks = env_usize("SCALE_TASKS").unwrap_or(0);
+    let mut tasks = env_usize("SCALE_TASKS").unwrap_or(0);
+    // Node pools (label `pool`), wrapper W selecting pool W % POOLS; 1: every
+    // wrapper on every node.
+    let pools = env_usize("SCALE_POOLS").unwrap_or(1).max(1);
     let limit = Duration::from_secs(env_usize("SCALE_DEADLINE_SECONDS").unwrap_or(600) as u64);
+    // Watch history the simulator keeps (events, each a whole object): at
+    // 1,000 x 100 a node carries 100 ready labels, and 500,000 events of
+    // that size no longer fit in this machine's memory.
+    let history = env_usize("SCALE_HISTORY").unwrap_or(if nodes * wrappers / pools > 20_000 {
+        50_000
+    } else {
+        500_000
+    });
     let api = ApiServer::start(ApiServerOptions {
-        history: 500_000,
+        history,
         ..Default::default()
     })
     .await
@@ -171,7 +225,7 @@ async fn main() {
             "nodes",
             "",
             json!({"apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "pool": format!("p{}", i % pools)}},
             "status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
         );
         create(
@@ -187,6 +241,9 @@ async fn main() {
     let s = store.clone();
     std::thread::spawn(move || agents(s));
 
+    let log = std::env::var_os("SCALE_OPERATOR_LOG")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| dir.path().join("operator.log"));
     let bin = std::env::var("OPERATOR_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_zerocopy-operator").into());
     let mut op = std::process::Command::new(&bin)
         .arg("--kubeconfig")
@@ -202,10 +259,14 @@ async fn main() {
             "bench",
         ])
         .env("RUST_LOG", "warn")
-        .stderr(std::process::Stdio::null())
+        .arg("--log-format")
+        .arg("text")
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let pid = op.id();
+    OPERATOR.store(pid, std::sync::atomic::Ordering::Relaxed);
+    guard_memory(pid);
     // Let it take the lease and sync its caches before the clock starts.
     let lease_t = store.resource_type("coordination.k8s.io", "leases").unwrap();
     while store.get(&lease_t, SYSTEM, "zerocopy-operator").is_err() {
@@ -223,15 +284,20 @@ async fn main() {
             NS,
             json!({"apiVersion": "zerocopy.dev/v1alpha1", "kind": "ModelWrapper",
             "metadata": {"name": format!("model-{w}")},
-            "spec": {"pipeline": {"components": [{"name": "m", "weights": {"uri": format!("https://models.example/{w}.safetensors"), "sha256": format!("{w:064x}")}}]}}}),
+            "spec": {"nodeSelector": if pools > 1 { json!({"pool": format!("p{}", w % pools)}) } else { json!({}) },
+                "pipeline": {"components": [{"name": "m", "weights": {"uri": format!("https://models.example/{w}.safetensors"), "sha256": format!("{w:064x}")}}]}}}),
         );
     }
-    let converged = until(limit, || all_ready(&store, wrappers, nodes)).await;
+    let converged = until(limit, || all_ready(&store, wrappers, nodes, pools)).await;
     let elapsed = started.elapsed().as_secs_f64();
     let during = api.stats.for_agent("");
     // Steady state: 10 s with nothing changing.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let after = api.stats.for_agent("");
+    if !converged {
+        // Not converged: the task phase would measure a busy operator.
+        tasks = 0;
+    }
     let rss_wrappers_mib = peak_rss_kib(pid) as f64 / 1024.0;
     let task_result = if tasks > 0 {
         Some(run_tasks(&api, &store, tasks, limit).await)
@@ -239,6 +305,15 @@ async fn main() {
         None
     };
     let rss_mib = peak_rss_kib(pid) as f64 / 1024.0;
+    let operator_exited = !operator_alive();
+    if operator_exited {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        eprintln!(
+            "the operator exited during the run; last lines of its log:\n{}",
+            lines[lines.len().saturating_sub(10)..].join("\n")
+        );
+    }
     let _ = op.kill();
     let _ = op.wait();
 
@@ -254,7 +329,8 @@ async fn main() {
         .unwrap_or(0);
     let steady_qps = (after.total - during.total) as f64 / 10.0;
     let result = json!({
-        "nodes": nodes, "wrappers": wrappers, "converged": converged,
+        "nodes": nodes, "wrappers": wrappers, "pools": pools, "replicas": wrappers * nodes / pools,
+        "converged": converged, "watch_history": history, "operator_exited": operator_exited,
         "seconds_to_all_ready": elapsed, "operator_requests": requests, "operator_writes": writes,
         "mean_qps_during_rollout": requests as f64 / elapsed, "peak_qps": peak_qps,
         "steady_state_qps": steady_qps, "operator_peak_rss_mib": rss_mib,
@@ -263,7 +339,10 @@ async fn main() {
         "agents": "simulated status writers (in-process, not counted as API requests)",
         "qps_per_second": during.per_second.iter().filter(|(s, _)| **s > first_second).map(|(s, n)| json!([s - first_second, n])).collect::<Vec<_>>(),
     });
-    println!("operator scale benchmark ({nodes} nodes x {wrappers} wrappers; agents simulated)");
+    println!(
+        "operator scale benchmark ({nodes} nodes x {wrappers} wrappers, {pools} pool(s): {} replicas; agents simulated)",
+        wrappers * nodes / pools
+    );
     println!("| metric | value | target |");
     println!("| --- | --- | --- |");
     println!(
@@ -330,7 +409,10 @@ async fn run_tasks(api: &ApiServer, store: &Store, tasks: usize, limit: Duration
             .is_ok_and(|w| w["status"]["readyNodes"].as_u64() == Some(1))
     })
     .await;
-    assert!(ready, "the task-mode wrapper never became Ready");
+    if !ready {
+        eprintln!("the task-mode wrapper never became Ready: no task phase");
+        return json!({"tasks": tasks, "error": "the task-mode wrapper never became Ready", "operator_exited": !operator_alive()});
+    }
     let before = api.stats.for_agent("");
     let started = Instant::now();
     for i in 0..tasks {
@@ -352,8 +434,11 @@ async fn run_tasks(api: &ApiServer, store: &Store, tasks: usize, limit: Duration
     };
     let all_started = until(limit, || tasks_where(store, started_ok) == tasks).await;
     let started_s = started.elapsed().as_secs_f64();
+    // The Jobs run: nothing changes. The last status writes and Events of
+    // the burst settle for 5 s, then 10 s are counted.
     let at_started = api.stats.for_agent("");
-    // The Jobs run: nothing changes for 10 s.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let settled = api.stats.for_agent("");
     tokio::time::sleep(Duration::from_secs(10)).await;
     let running = api.stats.for_agent("");
     let completed = complete_all_jobs(store);
@@ -367,7 +452,7 @@ async fn run_tasks(api: &ApiServer, store: &Store, tasks: usize, limit: Duration
         "seconds_to_all_started": started_s,
         "requests_until_started": at_started.total - before.total,
         "mean_qps_until_started": (at_started.total - before.total) as f64 / started_s,
-        "steady_state_qps_running": (running.total - at_started.total) as f64 / 10.0,
+        "steady_state_qps_running": (running.total - settled.total) as f64 / 10.0,
         "seconds_to_all_succeeded": succeeded_s,
         "requests": end.total - before.total, "writes": end.writes - before.writes,
         "qps_per_second": end.per_second.iter().filter(|(s, _)| **s > first_second).map(|(s, n)| json!([s - first_second, n])).collect::<Vec<_>>(),
