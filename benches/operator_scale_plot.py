@@ -34,7 +34,7 @@ if tasks:
     ax.bar(xs, ys, width=0.9, color="tab:orange")
     ax.axvline(tasks["seconds_to_all_started"], color="k", linestyle="--",
                label=f"all started ({tasks['seconds_to_all_started']:.1f} s)")
-    ax.set_xlabel("seconds after the tasks were created (Jobs complete 10 s after all started)")
+    ax.set_xlabel("seconds after the tasks were created (Jobs complete 15 s after all started)")
     ax.set_title(f"{tasks['tasks']} ModelTasks: {tasks['requests']} requests; "
                  f"{tasks['steady_state_qps_running']:.1f} QPS while running", fontsize=10)
     ax.legend()
