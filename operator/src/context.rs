@@ -57,6 +57,8 @@ pub struct Caches {
     pub jobs: Store<Job>,
     /// Pods of ModelTasks' Jobs (label `zerocopy.dev/task`).
     pub pods: Store<Pod>,
+    /// The wrappers as the task controller's own watch saw them.
+    pub task_wrappers: Store<Lenient<ModelWrapper>>,
 }
 
 pub struct Context {
@@ -69,6 +71,7 @@ pub struct Context {
     pub wrappers: Store<Lenient<ModelWrapper>>,
     pub jobs: Store<Job>,
     pub pods: Store<Pod>,
+    pub task_wrappers: Store<Lenient<ModelWrapper>>,
     pub recorder: Recorder,
     pub metrics: Metrics,
 }
@@ -83,6 +86,7 @@ impl Context {
             wrappers,
             jobs,
             pods,
+            task_wrappers,
         } = caches;
         let recorder = Recorder::new(
             client.clone(),
@@ -101,6 +105,7 @@ impl Context {
             wrappers,
             jobs,
             pods,
+            task_wrappers,
             recorder,
             metrics,
         })

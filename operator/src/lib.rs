@@ -48,6 +48,9 @@ pub struct RunOptions {
     pub node_grace: Duration,
 }
 
+/// Wrapper reconciles running at once.
+const WRAPPER_CONCURRENCY: u16 = 16;
+
 /// A change in an agent's presence or capacity (renewals alone are not).
 fn lease_signature(l: &Lease) -> String {
     format!(
@@ -226,6 +229,20 @@ pub async fn run(
     )
     .default_backoff()
     .touched_objects();
+    // The task controller's own cache of the wrappers, filled by the stream
+    // that wakes it: a task woken by its wrapper reads that same version (the
+    // wrapper controller's cache may not have it yet).
+    let (task_wrappers, task_wrappers_w) = reflector::store::<Lenient<ModelWrapper>>();
+    let task_wrapper_stream = reflector::reflector(
+        task_wrappers_w,
+        watcher(
+            Api::<Lenient<ModelWrapper>>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .modify(|o| o.managed_fields_mut().clear()),
+    )
+    .default_backoff()
+    .touched_objects();
     let pod_stream = reflector::reflector(
         pods_w,
         watcher(Api::<Pod>::all(client.clone()), task_objects).modify(|o| o.managed_fields_mut().clear()),
@@ -235,7 +252,11 @@ pub async fn run(
 
     // Lenient: one malformed ModelWrapper cannot break the watch of the others.
     let wrapper_api: Api<Lenient<ModelWrapper>> = Api::all(client.clone());
-    let wrapper_ctl = Controller::new(wrapper_api.clone(), watcher::Config::default().any_semantic());
+    // At most WRAPPER_CONCURRENCY reconciles at once: each holds a snapshot of
+    // every node and an HTTP connection, and more in flight does not write
+    // faster on a couple of cores.
+    let wrapper_ctl = Controller::new(wrapper_api.clone(), watcher::Config::default().any_semantic())
+        .with_config(kube::runtime::controller::Config::default().concurrency(WRAPPER_CONCURRENCY));
     let wrapper_store = wrapper_ctl.store();
     let ctx = Context::new(
         client.clone(),
@@ -252,6 +273,7 @@ pub async fn run(
             wrappers: wrapper_store.clone(),
             jobs: jobs.clone(),
             pods: pods.clone(),
+            task_wrappers,
         },
         metrics.clone(),
     );
@@ -299,19 +321,15 @@ pub async fn run(
             let task = p.labels().get(task::TASK_LABEL)?;
             Some(ObjectRef::new(task).within(&p.namespace()?))
         })
-        .watches(
-            Api::<ModelWrapper>::all(client.clone()),
-            watcher::Config::default(),
-            move |w| {
-                let ns = w.namespace().unwrap_or_default();
-                task_store
-                    .state()
-                    .into_iter()
-                    .filter(|t| t.namespace().as_deref() == Some(ns.as_str()) && t.spec.wrapper == w.name_any())
-                    .map(|t| ObjectRef::from_obj(t.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_stream(task_wrapper_stream, move |w: Lenient<ModelWrapper>| {
+            let ns = w.namespace().unwrap_or_default();
+            task_store
+                .state()
+                .into_iter()
+                .filter(|t| t.namespace().as_deref() == Some(ns.as_str()) && t.spec.wrapper == w.name_any())
+                .map(|t| ObjectRef::from_obj(t.as_ref()))
+                .collect::<Vec<_>>()
+        })
         .graceful_shutdown_on(stopped(stop_rx.clone()))
         .run(task_controller::reconcile, task_controller::error_policy, ctx.clone())
         .for_each(|r| async move {

@@ -28,9 +28,14 @@ pub const RESYNC: Duration = Duration::from_secs(300);
 
 pub async fn reconcile(t: Arc<ModelTask>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
-    let (a, b) = tokio::join!(ctx.jobs.wait_until_ready(), ctx.pods.wait_until_ready());
+    let (a, b, c) = tokio::join!(
+        ctx.jobs.wait_until_ready(),
+        ctx.pods.wait_until_ready(),
+        ctx.task_wrappers.wait_until_ready()
+    );
     a.map_err(|_| Error::CacheStopped("Job"))?;
     b.map_err(|_| Error::CacheStopped("Pod"))?;
+    c.map_err(|_| Error::CacheStopped("ModelWrapper"))?;
     let result = reconcile_inner(&t, &ctx).await;
     ctx.metrics
         .reconcile_seconds
@@ -90,7 +95,7 @@ async fn reconcile_inner(t: &ModelTask, ctx: &Context) -> Result<Action, Error> 
         }
         None => {
             let wrapper = ctx
-                .wrappers
+                .task_wrappers
                 .get(&ObjectRef::new(&t.spec.wrapper).within(&ns))
                 .and_then(|w| w.get().cloned());
             match build_job(t, wrapper.as_ref()) {
