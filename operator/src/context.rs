@@ -1,21 +1,22 @@
 //! Shared state of the controllers: the client, caches of the objects they
 //! read (so a reconcile makes no read requests), the event recorder and metrics.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, Patch, PatchParams};
 use kube::core::NamespaceResourceScope;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use zerocopy_api::labels::{LEASE_CAPACITY, LEASE_CONSUMERS, LEASE_USED, OPERATOR_MANAGER};
 use zerocopy_api::{ModelReplica, ModelWrapper};
 
+use crate::index::ReplicaIndex;
 use crate::lenient::Lenient;
 use crate::metrics::Metrics;
 use crate::placement::{AgentInfo, NodeInfo};
@@ -29,6 +30,8 @@ pub enum Error {
     Patch(#[from] serde_json::Error),
     #[error("object has no namespace")]
     NoNamespace,
+    #[error("the {0} cache stopped before it synced")]
+    CacheStopped(&'static str),
 }
 
 #[derive(Clone, Debug)]
@@ -41,27 +44,50 @@ pub struct Options {
     pub node_grace: std::time::Duration,
 }
 
+/// The caches the controllers read (reflector stores, filled by watches).
+#[derive(Clone)]
+pub struct Caches {
+    pub nodes: Store<Node>,
+    pub leases: Store<Lease>,
+    pub replicas: Store<ModelReplica>,
+    /// ModelReplicas by wrapper and by node, kept beside `replicas`.
+    pub replica_index: Arc<ReplicaIndex>,
+    pub wrappers: Store<Lenient<ModelWrapper>>,
+    /// Jobs of ModelTasks (label `zerocopy.dev/task`).
+    pub jobs: Store<Job>,
+    /// Pods of ModelTasks' Jobs (label `zerocopy.dev/task`).
+    pub pods: Store<Pod>,
+    /// The wrappers as the task controller's own watch saw them.
+    pub task_wrappers: Store<Lenient<ModelWrapper>>,
+}
+
 pub struct Context {
     pub client: kube::Client,
     pub opts: Options,
     pub nodes: Store<Node>,
     pub leases: Store<Lease>,
     pub replicas: Store<ModelReplica>,
+    pub replica_index: Arc<ReplicaIndex>,
     pub wrappers: Store<Lenient<ModelWrapper>>,
+    pub jobs: Store<Job>,
+    pub pods: Store<Pod>,
+    pub task_wrappers: Store<Lenient<ModelWrapper>>,
     pub recorder: Recorder,
     pub metrics: Metrics,
 }
 
 impl Context {
-    pub fn new(
-        client: kube::Client,
-        opts: Options,
-        nodes: Store<Node>,
-        leases: Store<Lease>,
-        replicas: Store<ModelReplica>,
-        wrappers: Store<Lenient<ModelWrapper>>,
-        metrics: Metrics,
-    ) -> Arc<Self> {
+    pub fn new(client: kube::Client, opts: Options, caches: Caches, metrics: Metrics) -> Arc<Self> {
+        let Caches {
+            nodes,
+            leases,
+            replicas,
+            replica_index,
+            wrappers,
+            jobs,
+            pods,
+            task_wrappers,
+        } = caches;
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -75,7 +101,11 @@ impl Context {
             nodes,
             leases,
             replicas,
+            replica_index,
             wrappers,
+            jobs,
+            pods,
+            task_wrappers,
             recorder,
             metrics,
         })
@@ -100,25 +130,39 @@ impl Context {
         Ok(())
     }
 
-    /// Nodes with their agents, from the caches.
-    pub fn node_infos(&self, now: Timestamp) -> Vec<NodeInfo> {
-        let leases: BTreeMap<String, Arc<Lease>> = self
-            .leases
-            .state()
-            .into_iter()
-            .filter(|l| l.namespace().as_deref() == Some(self.opts.agent_namespace.as_str()))
-            .map(|l| (l.name_any(), l))
-            .collect();
+    /// Nodes with their agents, from the caches: O(nodes), each Lease found
+    /// by name. Only the labels in `selector_keys` are copied (placement
+    /// reads no other; a node carries a ready label per wrapper).
+    pub fn node_infos(&self, now: Timestamp, selector_keys: &[&String]) -> Vec<NodeInfo> {
         self.nodes
             .state()
             .iter()
-            .map(|n| node_info(n, leases.get(&n.name_any()).map(|l| l.as_ref()), now))
+            .map(|n| {
+                let lease = self
+                    .leases
+                    .get(&ObjectRef::new(&n.name_any()).within(&self.opts.agent_namespace));
+                node_info_with(n, lease.as_deref(), now, Some(selector_keys))
+            })
+            .collect()
+    }
+
+    /// The replicas of one wrapper, from the index and the cache.
+    pub fn replicas_of(&self, namespace: &str, name: &str) -> Vec<Arc<ModelReplica>> {
+        self.replica_index
+            .of_wrapper(namespace, name)
+            .iter()
+            .filter_map(|r| self.replicas.get(r))
             .collect()
     }
 }
 
 /// A node as placement sees it.
 pub fn node_info(node: &Node, lease: Option<&Lease>, now: Timestamp) -> NodeInfo {
+    node_info_with(node, lease, now, None)
+}
+
+/// [`node_info`], copying only the labels in `keys` when given.
+fn node_info_with(node: &Node, lease: Option<&Lease>, now: Timestamp, keys: Option<&[&String]>) -> NodeInfo {
     let ready = node
         .status
         .as_ref()
@@ -138,7 +182,13 @@ pub fn node_info(node: &Node, lease: Option<&Lease>, now: Timestamp) -> NodeInfo
     let agent_gone_for = (!live).then(|| lease.and_then(lease_expiry).map_or(std::time::Duration::MAX, since));
     NodeInfo {
         name: node.name_any(),
-        labels: node.labels().clone(),
+        labels: match keys {
+            None => node.labels().clone(),
+            Some(keys) => keys
+                .iter()
+                .filter_map(|k| Some(((*k).clone(), node.labels().get(*k)?.clone())))
+                .collect(),
+        },
         ready,
         schedulable,
         down_for: not_ready_for.max(agent_gone_for),

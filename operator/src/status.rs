@@ -45,16 +45,21 @@ pub struct Tally {
     pub ready: Vec<String>,
     pub filling: Vec<String>,
     pub failed: Vec<(String, String)>,
+    /// Nodes among `failed` whose reason is lack of capacity.
+    pub capacity_failed: Vec<String>,
     pub total_bytes: u64,
 }
 
-/// Counts replicas of the wanted `generation` on the `desired` nodes.
+/// Counts replicas of the wanted `generation` on the `desired` nodes: one
+/// pass over the replicas, then one lookup per node.
 pub fn tally(desired: &[String], generation: &str, replicas: &[ModelReplica]) -> Tally {
     let mut t = Tally::default();
+    let mut by_node: std::collections::HashMap<&str, &ModelReplica> = std::collections::HashMap::new();
+    for r in replicas.iter().filter(|r| r.spec.generation == generation) {
+        by_node.entry(r.spec.node.as_str()).or_insert(r);
+    }
     for node in desired {
-        let r = replicas
-            .iter()
-            .find(|r| &r.spec.node == node && r.spec.generation == generation);
+        let r = by_node.get(node.as_str());
         let status = r.and_then(|r| r.status.clone()).unwrap_or_default();
         let current = status.generation.as_deref() == Some(generation);
         match status.phase {
@@ -63,6 +68,9 @@ pub fn tally(desired: &[String], generation: &str, replicas: &[ModelReplica]) ->
                 t.total_bytes = t.total_bytes.max(status.bytes_total);
             }
             ReplicaPhase::Failed if current => {
+                if status.reason.as_deref() == Some(crate::placement::CAPACITY_REASON) {
+                    t.capacity_failed.push(node.clone());
+                }
                 t.failed.push((
                     node.clone(),
                     status.message.clone().unwrap_or_else(|| "fill failed".into()),
@@ -170,10 +178,22 @@ pub fn aggregate(
         // Nodes that keep their copy while down or cordoned are degraded
         // capacity, not failures: say so, with stable text.
         let degraded = !t.failed.is_empty() || !placement.kept.is_empty();
-        let reason = if !t.failed.is_empty() {
+        // Left for lack of capacity and placed elsewhere: healthy, but say where it is not.
+        let moved: Vec<&str> = placement
+            .excluded
+            .iter()
+            .filter(|(_, why)| *why == crate::placement::Excluded::CapacityFailed)
+            .map(|(n, _)| n.as_str())
+            .collect();
+        let reason = if !t.failed.is_empty() && t.capacity_failed.len() == t.failed.len() {
+            // Failing for room where nothing else can hold it (else it would have moved).
+            "InsufficientCapacity"
+        } else if !t.failed.is_empty() {
             "FillFailed"
         } else if !placement.kept.is_empty() {
             "NodesUnavailable"
+        } else if !moved.is_empty() {
+            "MovedForCapacity"
         } else {
             "Healthy"
         };
@@ -187,6 +207,18 @@ pub fn aggregate(
                     .iter()
                     .map(|(n, why)| format!("{n} keeps its copy: {why}")),
             )
+            .chain((!moved.is_empty()).then(|| {
+                let more = if moved.len() > 5 {
+                    format!(" and {} more", moved.len() - 5)
+                } else {
+                    String::new()
+                };
+                format!(
+                    "left {}{more} after {} fills failed there for lack of capacity",
+                    moved[..moved.len().min(5)].join(", "),
+                    crate::placement::CAPACITY_FAILURES_TO_MOVE
+                )
+            }))
             .collect::<Vec<_>>()
             .join("; ");
         set_condition(
@@ -302,6 +334,32 @@ mod tests {
         assert_eq!((d.status.as_str(), d.message.as_str()), ("True", "b: sha256 mismatch"));
         let s = aggregate(None, Some(1), "g", "l", &placement(&["b"]), &reps[1..], &now());
         assert_eq!(s.phase.as_deref(), Some("Failed"));
+    }
+
+    #[test]
+    fn capacity_failures_say_so() {
+        let mut full = replica("b", "g", ReplicaPhase::Failed, "g");
+        if let Some(s) = full.status.as_mut() {
+            s.reason = Some("InsufficientCapacity".into());
+            s.message = Some("ml/w: needs 1.0 MiB but only 64.0 KiB of the 64.0 KiB capacity is free".into());
+        }
+        // Nowhere else to go: kept, and Degraded says why with the agent's numbers.
+        let s = aggregate(None, Some(1), "g", "l", &placement(&["b"]), &[full], &now());
+        let d = s.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+        assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", "InsufficientCapacity"));
+        assert!(d.message.starts_with("b: ml/w: needs 1.0 MiB"), "{}", d.message);
+        // Moved: Ready elsewhere, and the condition names the node it left.
+        let p = Placement {
+            nodes: vec!["a".into()],
+            excluded: vec![("b".into(), crate::placement::Excluded::CapacityFailed)],
+            ..Default::default()
+        };
+        let reps = vec![replica("a", "g", ReplicaPhase::Ready, "g")];
+        let s = aggregate(None, Some(1), "g", "l", &p, &reps, &now());
+        assert_eq!(s.phase.as_deref(), Some("Ready"));
+        let d = s.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+        assert_eq!((d.status.as_str(), d.reason.as_str()), ("False", "MovedForCapacity"));
+        assert_eq!(d.message, "left b after 3 fills failed there for lack of capacity");
     }
 
     #[test]

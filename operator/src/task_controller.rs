@@ -1,5 +1,8 @@
 //! The ModelTask controller: one Job per task (server-side apply, owner = the
 //! task) once its wrapper is Ready somewhere; status mirrors the Job and its pod.
+//! Reads come from the caches (Jobs and pods labelled with the task, wrappers);
+//! a change of the task, its Job, its pods or its wrapper wakes it, and
+//! [`RESYNC`] is only a fallback.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,7 +11,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType};
 use kube::runtime::reflector::ObjectRef;
@@ -19,8 +22,20 @@ use zerocopy_api::{ModelTask, ModelTaskStatus};
 use crate::context::{Context, Error};
 use crate::task::{build_job, job_name, task_status, TASK_LABEL};
 
+/// Re-check of a task that is still running without any event: a fallback,
+/// since its Job, pods and wrapper wake it.
+pub const RESYNC: Duration = Duration::from_secs(300);
+
 pub async fn reconcile(t: Arc<ModelTask>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
+    let (a, b, c) = tokio::join!(
+        ctx.jobs.wait_until_ready(),
+        ctx.pods.wait_until_ready(),
+        ctx.task_wrappers.wait_until_ready()
+    );
+    a.map_err(|_| Error::CacheStopped("Job"))?;
+    b.map_err(|_| Error::CacheStopped("Pod"))?;
+    c.map_err(|_| Error::CacheStopped("ModelWrapper"))?;
     let result = reconcile_inner(&t, &ctx).await;
     ctx.metrics
         .reconcile_seconds
@@ -52,17 +67,23 @@ async fn reconcile_inner(t: &ModelTask, ctx: &Context) -> Result<Action, Error> 
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
     let jname = job_name(&name);
     let uid = t.uid().unwrap_or_default();
-    let job = jobs
-        .get_opt(&jname)
-        .await?
+    let job = ctx
+        .jobs
+        .get(&ObjectRef::new(&jname).within(&ns))
         .filter(|j| j.owner_references().iter().any(|o| o.uid == uid));
     let status = match job {
         Some(job) => {
-            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-            let list = pods
-                .list(&ListParams::default().labels(&format!("{TASK_LABEL}={name}")))
-                .await?;
-            let pod = crate::task::outcome_pod(list.items, job.uid().as_deref().unwrap_or_default());
+            let pods: Vec<Pod> = ctx
+                .pods
+                .state()
+                .iter()
+                .filter(|p| {
+                    p.namespace().as_deref() == Some(ns.as_str())
+                        && p.labels().get(TASK_LABEL).map(String::as_str) == Some(name.as_str())
+                })
+                .map(|p| (**p).clone())
+                .collect();
+            let pod = crate::task::outcome_pod(pods, job.uid().as_deref().unwrap_or_default());
             task_status(
                 previous.as_ref(),
                 None,
@@ -74,7 +95,7 @@ async fn reconcile_inner(t: &ModelTask, ctx: &Context) -> Result<Action, Error> 
         }
         None => {
             let wrapper = ctx
-                .wrappers
+                .task_wrappers
                 .get(&ObjectRef::new(&t.spec.wrapper).within(&ns))
                 .and_then(|w| w.get().cloned());
             match build_job(t, wrapper.as_ref()) {
@@ -86,7 +107,11 @@ async fn reconcile_inner(t: &ModelTask, ctx: &Context) -> Result<Action, Error> 
                     )
                     .await?;
                     ctx.metrics.write("Job", "apply");
-                    publish(ctx, t, EventType::Normal, "JobCreated", format!("created Job {jname}")).await;
+                    // The cache may not show the Job yet when the task's own
+                    // status write wakes it again: one Event per Job.
+                    if previous.as_ref().and_then(|s| s.job_name.as_deref()) != Some(jname.as_str()) {
+                        publish(ctx, t, EventType::Normal, "JobCreated", format!("created Job {jname}")).await;
+                    }
                     let mut s = previous.clone().unwrap_or_default();
                     s.phase = Some("Pending".into());
                     s.job_name = Some(jname.clone());
@@ -110,7 +135,7 @@ async fn reconcile_inner(t: &ModelTask, ctx: &Context) -> Result<Action, Error> 
         }
     };
     write_status(ctx, &ns, t, previous.as_ref(), status).await?;
-    Ok(Action::requeue(Duration::from_secs(5)))
+    Ok(Action::requeue(RESYNC))
 }
 
 async fn write_status(

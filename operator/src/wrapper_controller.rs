@@ -3,7 +3,7 @@
 //! the replicas, Events on phase changes. Reads come from the caches; a
 //! reconcile writes only what differs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,11 +19,13 @@ use zerocopy_api::format::generation_digest;
 use zerocopy_api::labels::{
     ready_label, replica_name, NODE_LABEL, OPERATOR_MANAGER, UPLOAD_TOKEN_ANNOTATION, WRAPPER_LABEL,
 };
-use zerocopy_api::{validate_wrapper, ModelReplica, ModelReplicaSpec, ModelWrapper, ModelWrapperStatus};
+use zerocopy_api::{validate_wrapper, ModelReplica, ModelReplicaSpec, ModelWrapper, ModelWrapperStatus, ReplicaPhase};
 
 use crate::context::{Context, Error};
 use crate::lenient::Lenient;
-use crate::placement::place;
+use crate::placement::{
+    capacity_avoid, place, remember, CapacityFailure, CapacityMemory, CAPACITY_ANNOTATION, CAPACITY_REASON,
+};
 use crate::status::{aggregate, condition, set_condition};
 
 /// The finalizer earlier versions put on every ModelWrapper to remove its
@@ -39,6 +41,12 @@ pub const RESYNC: Duration = Duration::from_secs(10);
 pub async fn reconcile(w: Arc<Lenient<ModelWrapper>>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let ns = w.namespace().ok_or(Error::NoNamespace)?;
+    // The replica cache fills beside the controller: a wrapper must never
+    // see "no replicas" because it is still filling.
+    ctx.replicas
+        .wait_until_ready()
+        .await
+        .map_err(|_| Error::CacheStopped("ModelReplica"))?;
     let result = async {
         if w.finalizers().iter().any(|f| f == LEGACY_FINALIZER) {
             if w.meta().deletion_timestamp.is_some() {
@@ -226,13 +234,13 @@ async fn apply(w: &ModelWrapper, ctx: &Context) -> Result<Action, Error> {
     let digest = generation_digest(&w.spec);
     let label = ready_label(&ns, &name);
     let uid = w.uid().unwrap_or_default();
+    // This wrapper's replicas only, from the index: O(its nodes), not O(all replicas).
     let mine: Vec<Arc<ModelReplica>> = ctx
-        .replicas
-        .state()
+        .replicas_of(&ns, &name)
         .into_iter()
-        .filter(|r| r.namespace().as_deref() == Some(ns.as_str()) && r.spec.wrapper == name)
         .filter(|r| r.owner_references().iter().any(|o| o.uid == uid))
         .collect();
+    let by_node: HashMap<&str, &Arc<ModelReplica>> = mine.iter().map(|r| (r.spec.node.as_str(), r)).collect();
     let current_nodes: Vec<String> = mine.iter().map(|r| r.spec.node.clone()).collect();
     let bytes = mine
         .iter()
@@ -240,10 +248,15 @@ async fn apply(w: &ModelWrapper, ctx: &Context) -> Result<Action, Error> {
         .map(|s| s.bytes_total)
         .max()
         .unwrap_or(0);
+    let selector_keys: Vec<&String> = w.spec.node_selector.keys().collect();
+    let nodes = ctx.node_infos(Timestamp::now(), &selector_keys);
+    // Re-placement: nodes where this generation failed for lack of capacity.
+    let remembered = CapacityMemory::parse(w.annotations().get(CAPACITY_ANNOTATION).map(String::as_str));
+    let avoid = capacity_avoid(&remembered, &digest, &capacity_failures(&mine, &digest), &nodes);
     let placement = place(
         &w.spec.node_selector,
         bytes,
-        &ctx.node_infos(Timestamp::now()),
+        &nodes,
         &current_nodes,
         ctx.opts.node_grace,
         (w.spec.placement == zerocopy_api::Placement::Consumers)
@@ -252,20 +265,40 @@ async fn apply(w: &ModelWrapper, ctx: &Context) -> Result<Action, Error> {
                 name: name.clone(),
             })
             .as_ref(),
+        &avoid,
     );
+    // Remember the nodes left before removing their replicas, so that a
+    // restart in between cannot place the wrapper there again.
+    let memory = remember(&digest, &avoid, &placement);
+    let memory = (!memory.nodes.is_empty()).then_some(memory);
+    let had = w.annotations().contains_key(CAPACITY_ANNOTATION);
+    if memory.as_ref() != (had.then_some(&remembered)) {
+        for (node, _) in memory.iter().flat_map(|m| &m.nodes) {
+            if !remembered.nodes.contains_key(node) || remembered.generation != digest {
+                tracing::info!(wrapper = %format!("{ns}/{name}"), %node, "leaving the node after repeated InsufficientCapacity failures");
+            }
+        }
+        write_capacity_memory(ctx, &ns, &name, memory.as_ref()).await?;
+    }
 
     // Replicas: apply what differs, delete what is no longer placed.
     let replicas: Api<ModelReplica> = Api::namespaced(ctx.client.clone(), &ns);
+    // Compared field by field: building and serializing the desired object
+    // for each of 1,000 nodes on every reconcile would cost more than the rest.
+    let token = w.annotations().get(UPLOAD_TOKEN_ANNOTATION);
     for node in &placement.nodes {
-        let desired = desired_replica(w, &ns, node, &digest);
-        let existing = mine.iter().find(|r| &r.spec.node == node);
-        let same = existing.is_some_and(|r| {
-            serde_json::to_value(&r.spec).ok().as_ref() == Some(&desired["spec"])
-                && r.labels().get(NODE_LABEL).map(String::as_str) == Some(node.as_str())
-                && r.annotations().get(UPLOAD_TOKEN_ANNOTATION).map(|t| json!(t))
-                    == desired["metadata"]["annotations"].get(UPLOAD_TOKEN_ANNOTATION).cloned()
+        let same = by_node.get(node.as_str()).is_some_and(|r| {
+            r.spec.node == *node
+                && r.spec.wrapper == name
+                && r.spec.generation == digest
+                && r.spec.mode == w.spec.mode
+                && r.spec.pipeline == w.spec.pipeline
+                && r.spec.memory == w.spec.memory
+                && r.labels().get(NODE_LABEL) == Some(node)
+                && r.annotations().get(UPLOAD_TOKEN_ANNOTATION) == token
         });
         if !same {
+            let desired = desired_replica(w, &ns, node, &digest);
             let rname = replica_name(&name, node);
             replicas
                 .patch(
@@ -277,7 +310,8 @@ async fn apply(w: &ModelWrapper, ctx: &Context) -> Result<Action, Error> {
             ctx.metrics.write("ModelReplica", "apply");
         }
     }
-    for r in mine.iter().filter(|r| !placement.nodes.contains(&r.spec.node)) {
+    let placed: HashSet<&str> = placement.nodes.iter().map(String::as_str).collect();
+    for r in mine.iter().filter(|r| !placed.contains(r.spec.node.as_str())) {
         if r.metadata.deletion_timestamp.is_none() {
             match replicas.delete(&r.name_any(), &DeleteParams::background()).await {
                 Ok(_) => ctx.metrics.write("ModelReplica", "delete"),
@@ -315,13 +349,58 @@ async fn apply(w: &ModelWrapper, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::requeue(RESYNC))
 }
 
+/// This generation's replicas that failed for lack of capacity, with their attempts.
+fn capacity_failures(mine: &[Arc<ModelReplica>], digest: &str) -> Vec<CapacityFailure> {
+    mine.iter()
+        .filter(|r| r.spec.generation == digest)
+        .filter_map(|r| {
+            let s = r.status.as_ref()?;
+            (s.phase == ReplicaPhase::Failed
+                && s.generation.as_deref() == Some(digest)
+                && s.reason.as_deref() == Some(CAPACITY_REASON))
+            .then(|| CapacityFailure {
+                node: r.spec.node.clone(),
+                attempts: s.attempts.unwrap_or(1),
+            })
+        })
+        .collect()
+}
+
+/// Writes (or removes, with `None`) the [`CAPACITY_ANNOTATION`] memory.
+async fn write_capacity_memory(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    memory: Option<&CapacityMemory>,
+) -> Result<(), Error> {
+    let value = match memory {
+        Some(m) => json!(serde_json::to_string(m)?),
+        None => serde_json::Value::Null,
+    };
+    let api: Api<Lenient<ModelWrapper>> = Api::namespaced(ctx.client.clone(), ns);
+    match api
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {CAPACITY_ANNOTATION: value}}})),
+        )
+        .await
+    {
+        Ok(_) => ctx.metrics.write("ModelWrapper", "patch"),
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}
+
 /// Ready label on exactly `ready_nodes`; JSON merge patches touch only this label.
 async fn sync_labels(ctx: &Context, label: &str, ready_nodes: &[String]) -> Result<(), Error> {
     let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let ready_nodes: HashSet<&str> = ready_nodes.iter().map(String::as_str).collect();
     for n in ctx.nodes.state() {
         let name = n.name_any();
         let has = n.labels().contains_key(label);
-        let want = ready_nodes.contains(&name);
+        let want = ready_nodes.contains(name.as_str());
         if has == want {
             continue;
         }

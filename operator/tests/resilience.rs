@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::ResourceExt;
 use serde_json::json;
 use support::*;
 use zerocopy_api::{ModelReplica, ModelWrapper};
@@ -338,5 +339,90 @@ async fn short_outages_and_cordons_keep_the_node_copy() {
         (items.len() == 1 && items[0].spec.node == "node-1").then_some(())
     })
     .await;
+    env.stop().await;
+}
+
+/// Item 8b: node-1's agent is too small for the model. Its fills fail with
+/// `InsufficientCapacity`; after a few attempts the operator leaves node-1
+/// and the wrapper is Ready on node-2 alone, remembered so that it does not
+/// come back. A wrapper that may only go to node-1 stays there and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrapper_leaves_a_node_too_small_for_it() {
+    let nodes = vec![NodeSpec::new("node-1").capacity("64Ki"), NodeSpec::new("node-2")];
+    // Quick agent retries, so that the failures add up in seconds.
+    let mut env = Env::start_with(nodes, 1, &[], &["--retry-base", "0.2", "--retry-max", "1"]).await;
+    let wrappers = env.create_wrapper("w", 256 * 1024, 1).await; // 1 MiB
+    let (src, sha, _) = model(&env.cluster.dir, "pinned.safetensors", 256 * 1024, 2);
+    let pinned: ModelWrapper = serde_json::from_value(wrapper(
+        "pinned",
+        &src,
+        &sha,
+        json!({"kubernetes.io/hostname": "node-1"}),
+        None,
+    ))
+    .unwrap();
+    wrappers.create(&PostParams::default(), &pinned).await.unwrap();
+    let replicas: Api<ModelReplica> = Api::namespaced(env.client.clone(), NS);
+
+    env.wait_alive("w Ready on node-2 alone, its node-1 replica gone", 180, || async {
+        ready(&wrappers, "w", 1, None).await?;
+        let on: Vec<String> = replicas
+            .list(&ListParams::default().labels("zerocopy.dev/wrapper=w"))
+            .await
+            .ok()?
+            .items
+            .iter()
+            .map(|r| r.spec.node.clone())
+            .collect();
+        (on == ["node-2"]).then_some(())
+    })
+    .await;
+    let w = wrappers.get("w").await.unwrap();
+    let memory = w.annotations().get("zerocopy.dev/capacity-failed-nodes").cloned();
+    assert!(
+        memory.as_deref().is_some_and(|m| m.contains("node-1")),
+        "node-1 remembered: {memory:?}"
+    );
+    let degraded = w
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Degraded").cloned())
+        .unwrap();
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("False", "MovedForCapacity")
+    );
+    assert!(degraded.message.contains("node-1"), "{}", degraded.message);
+
+    // Nowhere else to go: pinned stays on node-1, retrying, Degraded with the agent's numbers.
+    let message = env
+        .wait_alive("pinned Degraded for capacity on node-1", 180, || async {
+            let s = wrappers.get("pinned").await.ok()?.status?;
+            let d = s.conditions.iter().find(|c| c.type_ == "Degraded")?;
+            (s.desired_nodes == 1 && d.status == "True" && d.reason == "InsufficientCapacity")
+                .then(|| d.message.clone())
+        })
+        .await;
+    assert!(message.starts_with("node-1: "), "{message}");
+    assert!(message.contains("64.0 KiB"), "the agent's numbers: {message}");
+    let on: Vec<String> = replicas
+        .list(&ListParams::default().labels("zerocopy.dev/wrapper=pinned"))
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|r| r.spec.node.clone())
+        .collect();
+    assert_eq!(on, ["node-1"]);
+    // And w did not come back to node-1 meanwhile.
+    assert_eq!(
+        replicas
+            .list(&ListParams::default().labels("zerocopy.dev/wrapper=w"))
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
     env.stop().await;
 }
