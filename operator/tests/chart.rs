@@ -250,10 +250,12 @@ fn replica_status(phase: &str) -> Patch<serde_json::Value> {
     Patch::Apply(json!({"apiVersion": "zerocopy.dev/v1alpha1", "kind": "ModelReplica", "status": {"phase": phase}}))
 }
 
-/// The agent's Lease as it renews it.
+/// A write to a Lease that leaves the real agent's fields alone (its own
+/// field manager, one annotation): the agent's renewals and the operator's
+/// view of the node are undisturbed, whatever the test's timing.
 fn lease(name: &str) -> Patch<serde_json::Value> {
     Patch::Apply(json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-        "metadata": {"name": name}, "spec": {"holderIdentity": name}}))
+        "metadata": {"name": name, "annotations": {"test.zerocopy.dev/touched": "yes"}}}))
 }
 
 /// worker-1's agent token: its own Lease and replica status, nobody else's.
@@ -264,7 +266,7 @@ async fn agents_write_only_their_own_node(cluster: &Cluster) {
     )
     .await;
     let leases: Api<Lease> = Api::namespaced(agent1.clone(), RELEASE_NS);
-    let pp = PatchParams::apply("zerocopy-node-agent").force();
+    let pp = PatchParams::apply("zerocopy-node-agent-test");
     leases.patch("worker-1", &pp, &lease("worker-1")).await.unwrap();
     let msg = forbidden(leases.patch("worker-2", &pp, &lease("worker-2")).await);
     assert!(
