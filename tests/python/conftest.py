@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -53,6 +54,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_server(argv: list[str], port: int, name: str, timeout: float = 120):
+    """Runs a server process until the block ends, once it accepts
+    connections on 127.0.0.1:`port` (a generous bound: a loaded 2-core
+    machine starts Java- and Node-based emulators slowly)."""
+    import socket
+    import time
+
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"{name} did not start on 127.0.0.1:{port}")
+            time.sleep(0.2)
+    try:
+        yield
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def filled_volume(yaml_path: Path, root: Path) -> Path:

@@ -11,15 +11,12 @@ import datetime
 import hashlib
 import json
 import shutil
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import fill, free_port, generations
+from conftest import fill, free_port, generations, local_server
 from hub_server import minilm_dir
 
 blob = pytest.importorskip("azure.storage.blob")
@@ -38,26 +35,10 @@ def azurite(tmp_path_factory):
     """`azurite-blob` on a free port; yields the account's blob endpoint."""
     port = free_port()
     data = tmp_path_factory.mktemp("azurite")
-    server = subprocess.Popen(
-        [AZURITE, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(data), "--silent",
-         "--skipApiVersionCheck", "--loose"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                pytest.fail("azurite did not start")
-            time.sleep(0.2)
-    try:
+    argv = [AZURITE, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(data), "--silent",
+            "--skipApiVersionCheck", "--loose"]
+    with local_server(argv, port, "azurite"):
         yield f"http://127.0.0.1:{port}/{ACCOUNT}"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

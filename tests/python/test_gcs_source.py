@@ -11,16 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import fill, free_port, generations
+from conftest import fill, free_port, generations, local_server
 from hub_server import minilm_dir
 
 storage = pytest.importorskip("google.cloud.storage")
@@ -40,27 +37,9 @@ stringData: {{GOOGLE_OAUTH_ACCESS_TOKEN: ya29.test-token, endpoint: "{endpoint}"
 @pytest.fixture(scope="module")
 def gcs_endpoint():
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                pytest.fail(f"the Cloud Storage emulator did not start on {endpoint}")
-            time.sleep(0.2)
-    try:
-        yield endpoint
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    argv = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"]
+    with local_server(argv, port, "the Cloud Storage emulator"):
+        yield f"http://127.0.0.1:{port}"
 
 
 def client(endpoint: str):

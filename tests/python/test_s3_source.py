@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import fill, free_port, generations
+from conftest import fill, free_port, generations, local_server
 from hub_server import minilm_dir
 
 boto3 = pytest.importorskip("boto3")
@@ -37,27 +34,8 @@ stringData: {{AWS_ACCESS_KEY_ID: testing, AWS_SECRET_ACCESS_KEY: testing-secret,
 @pytest.fixture(scope="module")
 def s3_endpoint():
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                pytest.fail(f"moto server did not start on {endpoint}")
-            time.sleep(0.2)
-    try:
-        yield endpoint
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with local_server([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port, "moto server"):
+        yield f"http://127.0.0.1:{port}"
 
 
 def client(endpoint: str):
