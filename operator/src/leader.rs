@@ -93,7 +93,7 @@ async fn attempt(api: &Api<Lease>, cfg: &LeaderConfig) -> Result<Attempt, kube::
                 },
                 spec: Some(fresh_spec(0, None)),
             };
-            match api.create(&PostParams::default(), &lease).await {
+            match api.create(&post_params(), &lease).await {
                 Ok(_) => Ok(Attempt::Leading),
                 Err(kube::Error::Api(e)) if e.code == 409 => Ok(Attempt::Conflict),
                 Err(e) => Err(e),
@@ -108,7 +108,7 @@ async fn attempt(api: &Api<Lease>, cfg: &LeaderConfig) -> Result<Attempt, kube::
             let ours = spec.holder_identity.as_deref() == Some(cfg.identity.as_str());
             let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!ours);
             lease.spec = Some(fresh_spec(transitions, if ours { spec.acquire_time } else { None }));
-            match api.replace(&cfg.lease_name, &PostParams::default(), &lease).await {
+            match api.replace(&cfg.lease_name, &post_params(), &lease).await {
                 Ok(_) => Ok(Attempt::Leading),
                 Err(kube::Error::Api(e)) if e.code == 409 => Ok(Attempt::Conflict),
                 Err(e) => Err(e),
@@ -200,6 +200,15 @@ pub async fn run(client: kube::Client, cfg: LeaderConfig, leading: watch::Sender
             }
         };
         tokio::time::sleep(pause).await;
+    }
+}
+
+/// Writes of the leader Lease name their field manager, so managedFields
+/// show who holds it (the operator's, not an anonymous writer).
+fn post_params() -> PostParams {
+    PostParams {
+        field_manager: Some(zerocopy_api::labels::OPERATOR_MANAGER.into()),
+        ..PostParams::default()
     }
 }
 

@@ -428,6 +428,24 @@ async fn a_directory_component_fills_on_every_node_pinned_and_copied_between_age
     }
     let allow = format!("--allow-file-dir={}", models.display());
     let mut env = start_env(&tmp, 2, &[allow.as_str()]).await;
+    // Both agents live before the wrapper exists, so one placement holds both
+    // nodes. (Two nodes placed by separate reconciles while the first still
+    // fills may both read the origin: the second only waits for nodes
+    // ordered before it; docs/csi.md "Uploads and peer copies".)
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(env.client.clone(), support::SYSTEM_NS);
+    env.wait_alive("both agents' Leases", 120, || async {
+        let names: Vec<String> = leases
+            .list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .filter_map(|l| l.metadata.name)
+            .collect();
+        (names.iter().any(|n| n == "node-1") && names.iter().any(|n| n == "node-2")).then_some(())
+    })
+    .await;
     let wrappers: Api<ModelWrapper> = Api::namespaced(env.client.clone(), NS);
     let w: ModelWrapper = serde_json::from_value(json!({
         "apiVersion": "zerocopy.dev/v1alpha1", "kind": "ModelWrapper",
@@ -468,7 +486,13 @@ async fn a_directory_component_fills_on_every_node_pinned_and_copied_between_age
         .iter()
         .map(|n| agent_log(&env, n).matches("copied from a peer").count())
         .sum();
-    assert_eq!(copied, files.len(), "every file of the second node came from the first");
+    assert_eq!(
+        copied,
+        files.len(),
+        "every file of the second node came from the first\nnode-1:\n{}\nnode-2:\n{}",
+        agent_log(&env, "node-1"),
+        agent_log(&env, "node-2")
+    );
     env.stop().await;
 }
 
