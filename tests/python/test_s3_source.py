@@ -12,10 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import fill, free_port, generations, local_server
-from hub_server import minilm_dir
+from hub_server import assert_embeds_like_minilm, minilm_dir
 
 boto3 = pytest.importorskip("boto3")
 transformers = pytest.importorskip("transformers")
@@ -123,14 +122,7 @@ def test_a_sharded_checkpoint_fills_from_an_s3_prefix(tmp_path: Path, shm: Path,
         assert (generation / entry["file"]).read_bytes() == body, rel
         assert entry["sha256"] == hashlib.sha256(body).hexdigest()
 
-    import modelwrapper
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(generation / "encoder"))
-    batch = tokenizer(["one copy per node"], return_tensors="pt")
-    original = transformers.AutoModel.from_pretrained(str(minilm_dir())).eval()
-    model = modelwrapper.load(generation)
-    with torch.no_grad():
-        assert torch.equal(model(**batch).last_hidden_state, original(**batch).last_hidden_state)
+    assert_embeds_like_minilm(generation)
 
 
 @pytest.mark.parametrize(
