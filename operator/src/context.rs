@@ -64,30 +64,13 @@ pub struct Caches {
 pub struct Context {
     pub client: kube::Client,
     pub opts: Options,
-    pub nodes: Store<Node>,
-    pub leases: Store<Lease>,
-    pub replicas: Store<ModelReplica>,
-    pub replica_index: Arc<ReplicaIndex>,
-    pub wrappers: Store<Lenient<ModelWrapper>>,
-    pub jobs: Store<Job>,
-    pub pods: Store<Pod>,
-    pub task_wrappers: Store<Lenient<ModelWrapper>>,
+    pub caches: Caches,
     pub recorder: Recorder,
     pub metrics: Metrics,
 }
 
 impl Context {
     pub fn new(client: kube::Client, opts: Options, caches: Caches, metrics: Metrics) -> Arc<Self> {
-        let Caches {
-            nodes,
-            leases,
-            replicas,
-            replica_index,
-            wrappers,
-            jobs,
-            pods,
-            task_wrappers,
-        } = caches;
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -98,14 +81,7 @@ impl Context {
         Arc::new(Context {
             client,
             opts,
-            nodes,
-            leases,
-            replicas,
-            replica_index,
-            wrappers,
-            jobs,
-            pods,
-            task_wrappers,
+            caches,
             recorder,
             metrics,
         })
@@ -134,11 +110,13 @@ impl Context {
     /// by name. Only the labels in `selector_keys` are copied (placement
     /// reads no other; a node carries a ready label per wrapper).
     pub fn node_infos(&self, now: Timestamp, selector_keys: &[&String]) -> Vec<NodeInfo> {
-        self.nodes
+        self.caches
+            .nodes
             .state()
             .iter()
             .map(|n| {
                 let lease = self
+                    .caches
                     .leases
                     .get(&ObjectRef::new(&n.name_any()).within(&self.opts.agent_namespace));
                 node_info_with(n, lease.as_deref(), now, Some(selector_keys))
@@ -148,10 +126,11 @@ impl Context {
 
     /// The replicas of one wrapper, from the index and the cache.
     pub fn replicas_of(&self, namespace: &str, name: &str) -> Vec<Arc<ModelReplica>> {
-        self.replica_index
+        self.caches
+            .replica_index
             .of_wrapper(namespace, name)
             .iter()
-            .filter_map(|r| self.replicas.get(r))
+            .filter_map(|r| self.caches.replicas.get(r))
             .collect()
     }
 }

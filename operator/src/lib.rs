@@ -90,7 +90,8 @@ async fn route_node_changes(
     while let Some(ev) = events.next().await {
         // Selectors of the wrappers, from the cache (malformed ones have none to match).
         let selectors = || -> Vec<(index::WrapperKey, std::collections::BTreeMap<String, String>)> {
-            ctx.wrappers
+            ctx.caches
+                .wrappers
                 .state()
                 .iter()
                 .filter_map(|w| {
@@ -109,7 +110,7 @@ async fn route_node_changes(
                 changes
                     .iter()
                     .flat_map(|c| {
-                        let holding = ctx.replica_index.wrappers_on(&c.0);
+                        let holding = ctx.caches.replica_index.wrappers_on(&c.0);
                         index::affected_by_node(c, sel.iter().map(|(k, s)| (k, s)), &holding)
                     })
                     .collect()
@@ -141,7 +142,7 @@ async fn route_node_changes(
                 changed
                     .iter()
                     .flat_map(|node| {
-                        let holding = ctx.replica_index.wrappers_on(node);
+                        let holding = ctx.caches.replica_index.wrappers_on(node);
                         index::affected_by_agent(views.get(node), sel.iter().map(|(k, s)| (k, s)), &holding)
                     })
                     .collect()

@@ -29,9 +29,9 @@ pub const RESYNC: Duration = Duration::from_secs(300);
 pub async fn reconcile(t: Arc<ModelTask>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let (a, b, c) = tokio::join!(
-        ctx.jobs.wait_until_ready(),
-        ctx.pods.wait_until_ready(),
-        ctx.task_wrappers.wait_until_ready()
+        ctx.caches.jobs.wait_until_ready(),
+        ctx.caches.pods.wait_until_ready(),
+        ctx.caches.task_wrappers.wait_until_ready()
     );
     a.map_err(|_| Error::CacheStopped("Job"))?;
     b.map_err(|_| Error::CacheStopped("Pod"))?;
@@ -68,12 +68,14 @@ async fn reconcile_inner(t: &ModelTask, ctx: &Context) -> Result<Action, Error> 
     let jname = job_name(&name);
     let uid = t.uid().unwrap_or_default();
     let job = ctx
+        .caches
         .jobs
         .get(&ObjectRef::new(&jname).within(&ns))
         .filter(|j| j.owner_references().iter().any(|o| o.uid == uid));
     let status = match job {
         Some(job) => {
             let pods: Vec<Pod> = ctx
+                .caches
                 .pods
                 .state()
                 .iter()
@@ -95,6 +97,7 @@ async fn reconcile_inner(t: &ModelTask, ctx: &Context) -> Result<Action, Error> 
         }
         None => {
             let wrapper = ctx
+                .caches
                 .task_wrappers
                 .get(&ObjectRef::new(&t.spec.wrapper).within(&ns))
                 .and_then(|w| w.get().cloned());

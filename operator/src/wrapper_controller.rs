@@ -43,7 +43,8 @@ pub async fn reconcile(w: Arc<Lenient<ModelWrapper>>, ctx: Arc<Context>) -> Resu
     let ns = w.namespace().ok_or(Error::NoNamespace)?;
     // The replica cache fills beside the controller: a wrapper must never
     // see "no replicas" because it is still filling.
-    ctx.replicas
+    ctx.caches
+        .replicas
         .wait_until_ready()
         .await
         .map_err(|_| Error::CacheStopped("ModelReplica"))?;
@@ -124,13 +125,14 @@ pub async fn sweep_labels(ctx: &Context) -> Result<usize, Error> {
             .collect()
     };
     let cached = expected(
-        ctx.wrappers
+        ctx.caches
+            .wrappers
             .state()
             .iter()
             .filter_map(|w| Some((w.namespace()?, w.name_any())))
             .collect(),
     );
-    let nodes = ctx.nodes.state();
+    let nodes = ctx.caches.nodes.state();
     if nodes.iter().all(|n| stale_on(n, &cached).is_empty()) {
         return Ok(0);
     }
@@ -397,7 +399,7 @@ async fn write_capacity_memory(
 async fn sync_labels(ctx: &Context, label: &str, ready_nodes: &[String]) -> Result<(), Error> {
     let nodes: Api<Node> = Api::all(ctx.client.clone());
     let ready_nodes: HashSet<&str> = ready_nodes.iter().map(String::as_str).collect();
-    for n in ctx.nodes.state() {
+    for n in ctx.caches.nodes.state() {
         let name = n.name_any();
         let has = n.labels().contains_key(label);
         let want = ready_nodes.contains(name.as_str());
