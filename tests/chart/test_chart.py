@@ -375,3 +375,14 @@ def test_admission_policies_bind_agents_to_their_node_and_tasks_to_pod_creators(
     off = tmp_path / "off.yaml"
     off.write_text("admission: {nodeBoundAgents: false, taskCreatorsNeedPodCreate: false}\n")
     assert not [d for d in render(off) if d["kind"].startswith("ValidatingAdmissionPolicy")]
+
+
+def test_admission_policies_on_a_cluster_without_them_fail_the_install_with_the_way_out(tmp_path):
+    base = ["template", "zc", str(CHART), "--namespace", "zerocopy-system", "--kube-version", "1.29.3"]
+    refused = helm(*base, check=False)
+    assert refused.returncode != 0
+    assert "Kubernetes v1.29.3 has no ValidatingAdmissionPolicy v1 (1.30+)" in refused.stderr, refused.stderr
+    assert "set both to false" in refused.stderr
+    off = tmp_path / "off.yaml"
+    off.write_text("admission: {nodeBoundAgents: false, taskCreatorsNeedPodCreate: false}\n")
+    helm(*base, "-f", str(off))
