@@ -77,11 +77,26 @@ def main() -> int:
         shutil.rmtree(dst)
         return seconds
 
-    def fill(agent: str = args.agent) -> float:
-        root = shm / "root"
+    def cp_huge() -> float:
+        # The kind of tmpfs the agent mounts at its root on a fresh node.
+        dst = shm / "cp-huge"
+        dst.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4g,huge=within_size", "bench", str(dst)], check=True)
         t0 = time.perf_counter()
-        subprocess.run([agent, "--root", str(root), "standalone", "-q", "-f", str(spec)], check=True, capture_output=True)
+        subprocess.run(["cp", *map(str, paths), str(dst)], check=True)
         seconds = time.perf_counter() - t0
+        subprocess.run(["umount", "-l", str(dst)], check=True)
+        dst.rmdir()
+        return seconds
+
+    def fill(agent: str = args.agent, own_root: bool = False) -> float:
+        root = shm / ("root-own" if own_root else "root")
+        extra = ["--root-tmpfs", "auto", "--root-tmpfs-size", "4g"] if own_root else []
+        t0 = time.perf_counter()
+        subprocess.run([agent, "--root", str(root), "standalone", "-q", "-f", str(spec), *extra], check=True, capture_output=True)
+        seconds = time.perf_counter() - t0
+        if own_root:
+            subprocess.run(["umount", "-l", str(root)], check=True)
         shutil.rmtree(root)
         return seconds
 
@@ -98,7 +113,13 @@ def main() -> int:
         assert n > 0
         return seconds
 
-    contenders = {"cp into tmpfs": cp, "zerocopy-node-agent fill (sha256, checks, publish)": fill, "runai-model-streamer 0.16.1 (to host memory)": runai}
+    contenders = {
+        "cp into tmpfs": cp,
+        "cp into a huge=within_size tmpfs": cp_huge,
+        "zerocopy-node-agent fill (sha256, checks, publish)": fill,
+        "agent fill into its own root tmpfs (--root-tmpfs auto)": lambda: fill(own_root=True),
+        "runai-model-streamer 0.16.1 (to host memory)": runai,
+    }
     if args.baseline_agent:
         contenders["baseline agent fill"] = lambda: fill(args.baseline_agent)
     runs: dict[str, list[float]] = {k: [] for k in contenders}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import socket
 import statistics
@@ -88,11 +89,18 @@ def tmpfs(path: Path, size: str) -> Path:
     return path
 
 
+def huge_tmpfs(path: Path) -> Path:
+    """The kind of tmpfs the agent mounts at its root on a fresh node."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4g,huge=within_size", "zerocopy-bench", str(path)], check=True)
+    return path
+
+
 def umount(path: Path) -> None:
     subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-def agent_fill(agent: str, dest: Path, uri: str, endpoint: str, extra: str = "") -> float:
+def agent_fill(agent: str, dest: Path, uri: str, endpoint: str, extra: str = "", own_root: bool = False) -> float:
     spec = dest.parent / f"{dest.name}.yaml"
     spec.write_text(
         f"""apiVersion: zerocopy.dev/v1alpha1
@@ -110,9 +118,12 @@ metadata: {{name: s3}}
 stringData: {{AWS_ACCESS_KEY_ID: bench, AWS_SECRET_ACCESS_KEY: bench-secret, endpoint: "{endpoint}"}}
 """
     )
+    # own_root: the agent mounts its own huge=within_size tmpfs at the root,
+    # as `run` does on a fresh node (unmounted with `dest`, lazily).
+    root_tmpfs = ["--root-tmpfs", "auto", "--root-tmpfs-size", "4g"] if own_root else []
     started = time.perf_counter()
-    subprocess.run([agent, "--root", str(dest / "root"), "standalone", "-q", "-f", str(spec)], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run([agent, "--root", str(dest / "root"), "standalone", "-q", "-f", str(spec), *root_tmpfs],
+                   check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - started
 
 
@@ -175,7 +186,10 @@ def main() -> None:
             hub.add_repo("bench/llm", src)
             contenders = {
                 "cp (floor)": lambda d: run_cp(files, d),
+                "cp into a huge=within_size tmpfs": lambda d: run_cp(files, huge_tmpfs(d / "huge")),
                 "agent hf:// (HTTP)": lambda d: agent_fill(args.agent, d, "hf://bench/llm", hub.endpoint),
+                "agent hf://, own root tmpfs": lambda d: agent_fill(args.agent, d, "hf://bench/llm", hub.endpoint,
+                                                                    own_root=True),
                 "huggingface_hub.snapshot_download": lambda d: timed(
                     lambda: huggingface_hub.snapshot_download("bench/llm", local_dir=str(d / "out"), endpoint=hub.endpoint)),
                 "agent s3://": lambda d: agent_fill(args.agent, d, f"s3://{BUCKET}/llm/", s3_endpoint,
@@ -184,7 +198,11 @@ def main() -> None:
                     s3.download_file(BUCKET, f"llm/{p.name}", str(d / p.name)) for p in files]),
                 "boto3 get_object (one stream each)": lambda d: timed(lambda: [
                     stream_to(s3.get_object(Bucket=BUCKET, Key=f"llm/{p.name}")["Body"], d / p.name) for p in files]),
+                "agent s3://, own root tmpfs": lambda d: agent_fill(args.agent, d, f"s3://{BUCKET}/llm/", s3_endpoint,
+                                                                    ", secretRef: {name: s3}", own_root=True),
                 "agent oci://": lambda d: agent_fill(args.agent, d, f"oci://{reg}/models/bench:v1", f"http://{reg}"),
+                "agent oci://, own root tmpfs": lambda d: agent_fill(args.agent, d, f"oci://{reg}/models/bench:v1",
+                                                                     f"http://{reg}", own_root=True),
             }
             for run in range(args.runs):
                 for name, fn in contenders.items():
@@ -192,6 +210,9 @@ def main() -> None:
                     try:
                         seconds = fn(dest)
                     finally:
+                        for below in (dest / "huge", dest / "root"):
+                            if os.path.ismount(below):
+                                umount(below)
                         umount(dest)
                         shutil.rmtree(dest, ignore_errors=True)
                     results.setdefault(name, []).append(seconds)

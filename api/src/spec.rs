@@ -232,7 +232,9 @@ pub struct SkeletonSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MemorySpec {
-    /// Back the generation's tmpfs with transparent huge pages (`huge=within_size`).
+    /// Insist on transparent huge pages: where the node's volume root does
+    /// not give them (the agent's own root tmpfs does, by default), the
+    /// generation gets a tmpfs of its own, `huge=within_size`.
     #[serde(default)]
     pub huge_pages: bool,
     /// Ask loaders to populate page tables up front.

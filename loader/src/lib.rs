@@ -18,6 +18,8 @@ use zerocopy_api::manifest::{Manifest, ManifestError};
 use zerocopy_api::safetensors::{check_header_len, header_len, validate_header, Header, HeaderError, TensorInfo};
 
 #[cfg(feature = "tch")]
+mod device;
+#[cfg(feature = "tch")]
 mod torch;
 #[cfg(feature = "tch")]
 pub use torch::{BindError, Binding};
@@ -319,6 +321,12 @@ impl Shard {
             data: &self.map[start..end],
             map: &self.map,
         }
+    }
+
+    /// The mapping (for the tch tensors that keep it alive).
+    #[cfg(feature = "tch")]
+    pub(crate) fn map(&self) -> &Arc<Mmap> {
+        &self.map
     }
 
     /// The address range of the mapping.

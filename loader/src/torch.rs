@@ -155,7 +155,6 @@ fn scalar_type(kind: Kind) -> c_int {
 }
 
 fn tensor_over(view: TensorView<'_>) -> Result<Tensor, BindError> {
-    let map = view.map;
     let shape: Vec<i64> = view.info.shape.iter().map(|&d| d as i64).collect();
     let kind = kind_of(view.info.dtype).ok_or_else(|| BindError::UnsupportedDtype {
         name: view.info.name.clone(),
@@ -164,17 +163,32 @@ fn tensor_over(view: TensorView<'_>) -> Result<Tensor, BindError> {
     if view.data.is_empty() {
         return Ok(Tensor::zeros(shape.as_slice(), (kind, Device::Cpu)));
     }
+    // validate_header: `data` holds exactly shape x element-size bytes,
+    // aligned to the element size.
+    shaped_over(&view.info.name, view.map, view.data, &shape, kind)
+}
+
+/// `data`, a non-empty slice of `map`, as a flat uint8 tensor (zero-copy;
+/// it keeps the mapping alive).
+pub(crate) fn tensor_over_bytes(name: &str, map: &Arc<Mmap>, data: &[u8]) -> Result<Tensor, BindError> {
+    shaped_over(name, map, data, &[data.len() as i64], Kind::Uint8)
+}
+
+/// A tensor of `shape` and `kind` over `data`, which must be a slice of
+/// `map` holding exactly shape x element-size bytes, aligned to the
+/// element size (the callers' invariants).
+fn shaped_over(name: &str, map: &Arc<Mmap>, data: &[u8], shape: &[i64], kind: Kind) -> Result<Tensor, BindError> {
     let owner = Arc::into_raw(map.clone()).cast_mut().cast::<c_void>();
     let mut error: *mut c_char = std::ptr::null_mut();
-    // SAFETY: `view.data` is a slice of `map` holding exactly shape ×
-    // element-size bytes (validate_header), aligned to the element size
-    // (checked too). The tensor's storage owns `owner`, one strong count of
+    // SAFETY: `data` is a slice of `map` holding exactly shape ×
+    // element-size bytes, aligned to the element size (the callers check:
+    // validate_header for tensors, a byte tensor for whole regions). The tensor's storage owns `owner`, one strong count of
     // `map`, released by `zerocopy_loader_release` when libtorch frees the
     // storage, so the bytes stay mapped while any tensor can reach them. The
     // mapping is read-only: an in-place op faults instead of writing.
     let raw = unsafe {
         zerocopy_loader_tensor_over(
-            view.data.as_ptr().cast_mut().cast(),
+            data.as_ptr().cast_mut().cast(),
             shape.as_ptr(),
             shape.len(),
             scalar_type(kind),
@@ -196,7 +210,7 @@ fn tensor_over(view: TensorView<'_>) -> Result<Tensor, BindError> {
             }
         };
         return Err(BindError::Torch {
-            name: view.info.name.clone(),
+            name: name.to_string(),
             message,
         });
     }

@@ -282,4 +282,46 @@ mod tch_tests {
         drop((view, slice, clone, y, linear, binding));
         assert!(!mapped(&file), "the mapping outlived its last tensor");
     }
+
+    /// Every tensor of every component on `device` equals the mapped one,
+    /// byte for byte, and lives on `device`, outside the mapping.
+    fn assert_copies_on(device: Device) {
+        let dir = tempfile::tempdir().unwrap();
+        directory_volume(dir.path(), false);
+        let p = zerocopy_loader::load(dir.path()).unwrap();
+        for c in p.components() {
+            let mapped: Vec<(String, Tensor)> = c.tch_tensors().unwrap();
+            let moved = c.tch_tensors_on(device).unwrap();
+            assert_eq!(mapped.len(), moved.len());
+            assert!(!moved.is_empty());
+            let ranges = c.mapped_ranges();
+            for ((name, a), (moved_name, b)) in mapped.iter().zip(&moved) {
+                assert_eq!(name, moved_name);
+                assert_eq!(b.device(), device, "{name}");
+                assert_eq!((a.kind(), a.size()), (b.kind(), b.size()), "{name}");
+                assert!(
+                    !ranges.iter().any(|r| r.contains(&(b.data_ptr() as usize))),
+                    "{name} still maps the file"
+                );
+                let bytes = |t: &Tensor| {
+                    Vec::<u8>::try_from(t.to_device(Device::Cpu).view_dtype(Kind::Uint8).flatten(0, -1)).unwrap()
+                };
+                assert_eq!(bytes(a), bytes(b), "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn tensors_copied_to_the_cpu_equal_the_mapped_ones() {
+        assert_copies_on(Device::Cpu);
+    }
+
+    #[test]
+    fn tensors_copied_to_a_gpu_equal_the_mapped_ones() {
+        if !tch::Cuda::is_available() {
+            eprintln!("no CUDA device: skipped (the GPU path ran on the device machine only)");
+            return;
+        }
+        assert_copies_on(Device::Cuda(0));
+    }
 }

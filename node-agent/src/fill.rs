@@ -264,6 +264,9 @@ pub struct FillEngine {
     mode: MountMode,
     can_mount: bool,
     root_on_tmpfs: bool,
+    /// The root's tmpfs is mounted to allocate huge pages (the agent's own
+    /// root tmpfs, `crate::root_tmpfs`).
+    root_huge: bool,
     /// What the huge-page probe found (None: mounts are not used); probed
     /// on first need, not at every start of a one-shot `standalone` run.
     huge_pages: std::sync::OnceLock<Option<crate::hugepages::HugePages>>,
@@ -317,6 +320,7 @@ impl FillEngine {
         fs::create_dir_all(root.staging_dir())?;
         let can_mount = mode != MountMode::Directory && can_mount(&root.staging_dir());
         let root_on_tmpfs = mount::is_on_tmpfs(root.path()).unwrap_or(false);
+        let root_huge = root_on_tmpfs && crate::root_tmpfs::gives_huge_pages(root.path());
         let use_tmpfs = match mode {
             MountMode::Directory => false,
             MountMode::Tmpfs => true,
@@ -334,6 +338,7 @@ impl FillEngine {
             can_mount,
             huge_pages: std::sync::OnceLock::new(),
             root_on_tmpfs,
+            root_huge,
             policy,
             http,
             peers: Arc::new(NoPeers),
@@ -458,7 +463,13 @@ impl FillEngine {
     /// True when generations (not asking for huge pages) get their own
     /// tmpfs mount.
     pub fn uses_tmpfs(&self) -> bool {
-        self.own_tmpfs(false)
+        self.backing(false, None).own_tmpfs
+    }
+
+    /// True when generations filled into the root get huge pages from its
+    /// mount (the agent's own `huge=within_size` root tmpfs).
+    pub fn root_gives_huge_pages(&self) -> bool {
+        self.root_huge
     }
 
     /// Whether a tmpfs this agent mounts gets huge pages (None: it mounts
@@ -480,12 +491,15 @@ impl FillEngine {
             .as_ref()
     }
 
-    fn own_tmpfs(&self, huge_pages: bool) -> bool {
-        match self.mode {
-            MountMode::Directory => false,
-            MountMode::Tmpfs => true,
-            MountMode::Auto => self.can_mount && (!self.root_on_tmpfs || huge_pages),
-        }
+    fn backing(&self, huge_pages_requested: bool, bytes: Option<u64>) -> Backing {
+        choose_backing(
+            self.mode,
+            self.can_mount,
+            self.root_on_tmpfs,
+            self.root_huge,
+            huge_pages_requested,
+            bytes,
+        )
     }
 
     /// Ensures the generation for `spec` is complete, filling it if needed.
@@ -592,18 +606,20 @@ impl FillEngine {
 
         let staging = self.root.staging_dir().join(format!("{namespace}.{name}.{generation}"));
         let mut guard = StagingGuard::create(&staging).map_err(io_err("creating staging", &staging))?;
-        let own_tmpfs = self.own_tmpfs(spec.memory.huge_pages);
+        let known_bytes = plan.iter().map(|f| f.size).sum::<Option<u64>>();
+        let backing = self.backing(spec.memory.huge_pages, known_bytes);
+        let own_tmpfs = backing.own_tmpfs;
         if spec.memory.huge_pages {
-            match self.huge_pages() {
-                Some(h) if !h.granted => tracing::warn!(
+            match (backing.huge_pages, self.huge_pages()) {
+                (true, Some(h)) if !h.granted => tracing::warn!(
                     wrapper = %wrapper,
                     detail = %h.detail,
                     "memory.hugePages is set, but this node's kernel grants tmpfs no huge pages: filling with 4 KiB pages (first touch and prefault cost ~10x more per GiB)"
                 ),
-                None => {
-                    tracing::warn!(wrapper = %wrapper, "memory.hugePages is set, but this agent does not mount tmpfs (--mount-mode directory, or not root): 4 KiB pages")
+                (false, _) | (true, None) => {
+                    tracing::warn!(wrapper = %wrapper, "memory.hugePages is set, but this agent neither mounts tmpfs (--mount-mode directory, or not root) nor has a huge-page root tmpfs: 4 KiB pages")
                 }
-                Some(_) => {}
+                (true, Some(_)) => {}
             }
         }
         if own_tmpfs {
@@ -613,8 +629,7 @@ impl FillEngine {
                 .saturating_add(TMPFS_SLACK)
                 .div_ceil(TMPFS_ROUND)
                 .saturating_mul(TMPFS_ROUND);
-            mount::mount_tmpfs(&staging, size, spec.memory.huge_pages)
-                .map_err(io_err("mounting tmpfs at", &staging))?;
+            mount::mount_tmpfs(&staging, size, backing.huge_pages).map_err(io_err("mounting tmpfs at", &staging))?;
             guard.mounted = true;
         }
 
@@ -638,7 +653,7 @@ impl FillEngine {
         }
 
         let weights = weights_of_directories(&wrapper, spec, &staging, &staged)?;
-        let manifest = build_manifest(
+        let mut manifest = build_manifest(
             namespace,
             name,
             &generation,
@@ -648,6 +663,7 @@ impl FillEngine {
             &revisions,
             weights,
         );
+        manifest.huge_pages = backing.huge_pages;
         let manifest_json = serde_json::to_vec_pretty(&manifest)
             .map_err(|e| io_err("encoding manifest", &staging)(io::Error::other(e)))?;
         let manifest_path = staging.join(MANIFEST_FILE);
@@ -1775,6 +1791,49 @@ fn failpoint(name: &str) {
     }
 }
 
+/// Generations of this many bytes or more get huge pages by default where
+/// they get a tmpfs of their own (a root on disk); in the agent's root
+/// tmpfs every file gets them (`crate::root_tmpfs`).
+pub const HUGE_PAGES_FROM_BYTES: u64 = 1 << 30;
+
+/// How one generation is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Backing {
+    /// A tmpfs mounted for this generation alone (else a directory of the root).
+    own_tmpfs: bool,
+    /// Its files get transparent huge pages (where the kernel grants them).
+    huge_pages: bool,
+}
+
+/// Where a generation goes. A directory of the root whenever the root is a
+/// tmpfs, so running catalog pods see it (docs/csi.md); it then has the
+/// root's page size. Its own tmpfs when the root is on disk, or when it asks
+/// for huge pages the root does not give; own tmpfs mounts get huge pages
+/// when asked for or when the generation is large.
+fn choose_backing(
+    mode: MountMode,
+    can_mount: bool,
+    root_on_tmpfs: bool,
+    root_huge: bool,
+    huge_pages_requested: bool,
+    bytes: Option<u64>,
+) -> Backing {
+    let own_tmpfs = match mode {
+        MountMode::Directory => false,
+        MountMode::Tmpfs => true,
+        MountMode::Auto => can_mount && (!root_on_tmpfs || (huge_pages_requested && !root_huge)),
+    };
+    let large = bytes.is_some_and(|b| b >= HUGE_PAGES_FROM_BYTES);
+    Backing {
+        own_tmpfs,
+        huge_pages: if own_tmpfs {
+            huge_pages_requested || large
+        } else {
+            root_huge
+        },
+    }
+}
+
 /// True when this process may mount (tries a tiny tmpfs and removes it).
 fn can_mount(dir: &Path) -> bool {
     if !nix::unistd::geteuid().is_root() {
@@ -1799,6 +1858,38 @@ fn host_memory() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn generations_live_in_the_root_tmpfs_and_take_its_page_size() {
+        use MountMode::*;
+        let gib = Some(HUGE_PAGES_FROM_BYTES);
+        let small = Some(1 << 20);
+        let dir = |huge_pages| Backing {
+            own_tmpfs: false,
+            huge_pages,
+        };
+        let own = |huge_pages| Backing {
+            own_tmpfs: true,
+            huge_pages,
+        };
+        // The agent's huge root: every generation is a directory with huge pages.
+        for requested in [false, true] {
+            for bytes in [small, gib, None] {
+                assert_eq!(choose_backing(Auto, true, true, true, requested, bytes), dir(true));
+            }
+        }
+        // A plain /dev/shm root: directories with 4 KiB pages, unless asked.
+        assert_eq!(choose_backing(Auto, true, true, false, false, gib), dir(false));
+        assert_eq!(choose_backing(Auto, true, true, false, true, small), own(true));
+        assert_eq!(choose_backing(Auto, false, true, false, true, small), dir(false));
+        // A root on disk: an own tmpfs, huge pages from 1 GiB or when asked.
+        assert_eq!(choose_backing(Auto, true, false, false, false, small), own(false));
+        assert_eq!(choose_backing(Auto, true, false, false, false, None), own(false));
+        assert_eq!(choose_backing(Auto, true, false, false, false, gib), own(true));
+        assert_eq!(choose_backing(Auto, true, false, false, true, small), own(true));
+        assert_eq!(choose_backing(Tmpfs, true, true, true, false, gib), own(true));
+        assert_eq!(choose_backing(Directory, true, true, true, true, gib), dir(true));
+    }
 
     #[test]
     fn sums_files_parse_as_sha256sum_writes_them() {

@@ -11,6 +11,7 @@ pub mod manifests;
 pub mod mount;
 pub mod peer;
 pub mod progress;
+pub mod root_tmpfs;
 pub mod secrets;
 pub mod serve;
 pub mod source;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use zerocopy_api::quantity::parse_size;
+use zerocopy_node_agent::root_tmpfs::{self, RootTmpfs, RootTmpfsMode, RootTmpfsOptions};
 use zerocopy_node_agent::source::policy::SourcePolicy;
 use zerocopy_node_agent::supervisor::FillPolicy;
 use zerocopy_node_agent::{manifests, standalone, status, FillEngine, MountMode, VolumeRoot};
@@ -82,6 +83,40 @@ impl FillFlags {
             retry_max: std::time::Duration::from_secs_f64(self.retry_max.max(self.retry_base).max(0.01)),
             prune,
         })
+    }
+}
+
+/// The agent's own root tmpfs (`--root-tmpfs auto`).
+#[derive(clap::Args, Clone, Debug)]
+struct RootTmpfsFlags {
+    /// Its size: bytes with a k/m/g suffix, or a share of RAM (e.g. 50%).
+    #[arg(long, default_value = "50%")]
+    root_tmpfs_size: String,
+    /// Mount it `huge=within_size` (true) or `huge=never` (false).
+    #[arg(long, action = clap::ArgAction::Set, default_value_t = true)]
+    root_tmpfs_huge_pages: bool,
+}
+
+impl RootTmpfsFlags {
+    /// Mounts the root tmpfs when `mode` asks for it and says what happened.
+    fn apply(&self, root: &std::path::Path, mode: RootTmpfsMode) -> anyhow::Result<()> {
+        let options = RootTmpfsOptions {
+            size: self.root_tmpfs_size.clone(),
+            huge_pages: self.root_tmpfs_huge_pages,
+        };
+        match root_tmpfs::ensure(root, mode, &options)? {
+            RootTmpfs::Mounted { options } => {
+                tracing::info!(root = %root.display(), %options, "mounted the agent's tmpfs at the volume root")
+            }
+            RootTmpfs::Existing { fs_type, super_options } => {
+                tracing::info!(root = %root.display(), %fs_type, %super_options, "the volume root is a mount already: using it")
+            }
+            RootTmpfs::Skipped(why) if mode == RootTmpfsMode::Auto => {
+                tracing::info!(root = %root.display(), %why, "no tmpfs of the agent's own at the volume root: generations take the page size of the filesystem the root is on")
+            }
+            RootTmpfs::Skipped(_) => {}
+        }
+        Ok(())
     }
 }
 
@@ -164,6 +199,12 @@ enum Command {
         /// How generations are backed.
         #[arg(long, value_enum, default_value_t = MountMode::Auto)]
         mount_mode: MountMode,
+        /// Mount a tmpfs of the agent's own at the root when it is empty
+        /// (off by default here: the root usually is /dev/shm's).
+        #[arg(long, value_enum, default_value_t = RootTmpfsMode::Off)]
+        root_tmpfs: RootTmpfsMode,
+        #[command(flatten)]
+        root_tmpfs_options: RootTmpfsFlags,
         /// Also remove generations of wrappers that are not in the files.
         #[arg(long)]
         prune: bool,
@@ -204,6 +245,12 @@ enum Command {
         /// How generations are backed.
         #[arg(long, value_enum, default_value_t = MountMode::Auto)]
         mount_mode: MountMode,
+        /// Mount a tmpfs of the agent's own at the root when it is empty, so
+        /// every generation gets huge pages (docs/csi.md).
+        #[arg(long, value_enum, default_value_t = RootTmpfsMode::Auto)]
+        root_tmpfs: RootTmpfsMode,
+        #[command(flatten)]
+        root_tmpfs_options: RootTmpfsFlags,
         /// CSI target paths must lie inside this directory.
         #[arg(long, default_value = "/var/lib/kubelet")]
         kubelet_dir: PathBuf,
@@ -269,6 +316,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             namespace,
             capacity,
             mount_mode,
+            root_tmpfs,
+            root_tmpfs_options,
             kubelet_dir,
             publish_wait,
             metrics_addr,
@@ -286,6 +335,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ..SourcePolicy::cluster(allow_file_dirs, allow_networks)
             };
             let capacity = capacity.as_deref().map(parse_size).transpose()?;
+            root_tmpfs_options.apply(&cli.root, root_tmpfs)?;
             let node = cli.node_id.clone().unwrap_or_else(zerocopy_node_agent::serve::hostname);
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(async {
@@ -349,6 +399,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             files,
             capacity,
             mount_mode,
+            root_tmpfs,
+            root_tmpfs_options,
             prune,
             quiet,
             serve,
@@ -380,6 +432,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(EXIT_INVALID));
                 }
             };
+            root_tmpfs_options.apply(&cli.root, root_tmpfs)?;
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             if serve {
                 let opts = zerocopy_node_agent::serve::ServeOptions {

@@ -6,18 +6,22 @@ use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
-/// Mounts a fresh tmpfs of `size_bytes` at `target` (mode 0755, nosuid, nodev).
+/// Mounts a fresh tmpfs of `size_bytes` at `target` (mode 0755, nosuid,
+/// nodev), `huge=within_size` or `huge=never`: said explicitly, so a
+/// generation's page size does not depend on the kernel's default.
 pub fn mount_tmpfs(target: &Path, size_bytes: u64, huge_pages: bool) -> io::Result<()> {
-    let mut options = format!("size={size_bytes},mode=0755");
-    if huge_pages {
-        options.push_str(",huge=within_size");
-    }
+    let huge = if huge_pages { "within_size" } else { "never" };
+    mount_tmpfs_with(target, &format!("size={size_bytes},mode=0755,huge={huge}"))
+}
+
+/// Mounts a fresh tmpfs at `target` (nosuid, nodev) with these superblock options.
+pub fn mount_tmpfs_with(target: &Path, options: &str) -> io::Result<()> {
     mount(
         Some("zerocopy"),
         target,
         Some("tmpfs"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some(options.as_str()),
+        Some(options),
     )
     .map_err(io::Error::from)
 }
@@ -115,6 +119,17 @@ pub fn mounts() -> io::Result<Vec<MountEntry>> {
 /// as the kernel shows stacked mounts in order).
 pub fn mount_at(path: &Path) -> io::Result<Option<MountEntry>> {
     Ok(mounts()?.into_iter().rev().find(|m| m.mount_point == path))
+}
+
+/// The mount `path` lies on: the deepest mount point that is `path` or one
+/// of its ancestors, the last listed of those (stacked mounts are listed
+/// bottom first); `path` made absolute, symlinks resolved.
+pub fn mount_containing(path: &Path) -> io::Result<Option<MountEntry>> {
+    let path = std::fs::canonicalize(path)?;
+    Ok(mounts()?
+        .into_iter()
+        .filter(|m| path.starts_with(&m.mount_point))
+        .max_by_key(|m| m.mount_point.components().count()))
 }
 
 /// Mount points strictly below `dir`, deepest first (the order to unmount in).

@@ -356,3 +356,106 @@ fn a_sigkill_in_the_publish_step_leaves_nothing_partial_and_a_rerun_completes() 
         );
     }
 }
+
+/// `ShmemPmdMapped` of this process's mapping that starts at `addr`, in KiB.
+fn shmem_pmd_mapped_kib(addr: usize) -> u64 {
+    let smaps = fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut in_block = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ') {
+            if let Some((start, _)) = range.split_once('-') {
+                if let Ok(start) = usize::from_str_radix(start, 16) {
+                    in_block = start == addr;
+                    continue;
+                }
+            }
+        }
+        if in_block {
+            if let Some(v) = line.strip_prefix("ShmemPmdMapped:") {
+                return v.trim().trim_end_matches("kB").trim().parse().unwrap();
+            }
+        }
+    }
+    panic!("no smaps block at {addr:#x}");
+}
+
+#[test]
+fn an_empty_root_gets_the_agents_huge_page_tmpfs_which_later_runs_reuse() {
+    let tmp = TmpfsDir::new();
+    let root = tmp.path().join("root");
+    // 16 MiB of weights: whole 2 MiB pages.
+    let body = file(&[T::f32("w", 4 << 20, 7)]);
+    let src = tmp.path().join("w.safetensors");
+    fs::write(&src, &body).unwrap();
+    let yaml = tmp.path().join("mw.yaml");
+    let uri = format!("file://{}", src.display());
+    fs::write(&yaml, wrapper_yaml("big", &[("enc", &uri, Some(&sha256_hex(&body)))])).unwrap();
+    let fill = |extra: &[&str]| {
+        let mut args = vec!["standalone", "-f", yaml.to_str().unwrap(), "--root-tmpfs", "auto"];
+        args.extend_from_slice(extra);
+        let out = agent(&root, &args);
+        assert!(out.status.success(), "{}", text(&out));
+        out
+    };
+    let mounts_at_root = || {
+        zerocopy_node_agent::mount::mounts()
+            .unwrap()
+            .into_iter()
+            .filter(|m| m.mount_point == root)
+            .collect::<Vec<_>>()
+    };
+
+    let first = fill(&[]);
+    assert!(
+        text(&first).contains("mounted the agent's tmpfs at the volume root"),
+        "{}",
+        text(&first)
+    );
+    let at_root = mounts_at_root();
+    assert_eq!(at_root.len(), 1, "{at_root:?}");
+    assert_eq!(at_root[0].fs_type, "tmpfs");
+    assert!(at_root[0].super_options.contains("huge=within_size"), "{at_root:?}");
+    let gens = generations(&root);
+    assert_eq!(
+        gens[0]["backing"], "directory",
+        "generations stay directories of the root"
+    );
+    let dir = PathBuf::from(gens[0]["path"].as_str().unwrap());
+    let manifest: serde_json::Value = serde_json::from_slice(&fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["hugePages"], true, "{manifest}");
+
+    // Where this kernel grants tmpfs huge pages at all, the weights got them.
+    let staged = fs::File::open(dir.join("enc.safetensors")).unwrap();
+    // SAFETY: a read-only mapping of a file nothing writes while the test runs.
+    #[allow(unsafe_code)]
+    let map = unsafe { memmap2::Mmap::map(&staged) }.unwrap();
+    let checksum: u64 = map.iter().step_by(4096).map(|&b| u64::from(b)).sum();
+    assert!(checksum > 0);
+    let pmd_kib = shmem_pmd_mapped_kib(map.as_ptr() as usize);
+    let probe_dir = tempfile::tempdir_in(tmp.path()).unwrap();
+    if zerocopy_node_agent::hugepages::probe(probe_dir.path()).granted {
+        assert!(
+            pmd_kib >= 2048,
+            "the weights were staged with 4 KiB pages (ShmemPmdMapped {pmd_kib} kB)"
+        );
+    }
+    drop(map);
+
+    // A second run finds the mount and uses it; nothing is stacked on it.
+    let second = fill(&[]);
+    assert!(text(&second).contains("up to date"), "{}", text(&second));
+    assert_eq!(mounts_at_root().len(), 1);
+
+    // A root that already holds generations is never hidden under a mount.
+    let old_root = tmp.path().join("old-root");
+    let out = agent(&old_root, &["standalone", "-f", yaml.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = agent(
+        &old_root,
+        &["standalone", "-f", yaml.to_str().unwrap(), "--root-tmpfs", "auto"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("the root already holds"), "{}", text(&out));
+    assert!(text(&out).contains("up to date"), "{}", text(&out));
+    assert!(zerocopy_node_agent::mount::mount_at(&old_root).unwrap().is_none());
+}
