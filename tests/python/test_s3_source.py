@@ -2,12 +2,17 @@
 server mode on 127.0.0.1): a sharded checkpoint uploaded with the official
 client (boto3), filled by prefix by the node agent (through object_store),
 verified against a pinned SHA256SUMS, and loaded in place; bad inputs fail
-cleanly with nothing published."""
+cleanly with nothing published. Objects uploaded with
+`ChecksumAlgorithm=SHA256` need no pins standalone: S3's own full-object
+checksum verifies them; a multipart upload's composite checksum is never
+taken for a digest."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -188,3 +193,120 @@ spec:
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "refused" in output and "link-local" in output, output
     assert generations(root) == []
+
+
+def plain(proc) -> str:
+    """The agent's output without terminal colours (log fields are styled)."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout + proc.stderr)
+
+
+def b64_sha256(data: bytes) -> str:
+    return base64.b64encode(hashlib.sha256(data).digest()).decode()
+
+
+def upload_with_checksums(
+    endpoint: str, prefix: str, directory: Path, *, wrong: str | None = None, multipart: str | None = None
+) -> dict[str, bytes]:
+    """Uploads every file with `ChecksumAlgorithm=SHA256`: `wrong` with a
+    stored checksum of other bytes (moto keeps what the client sends; real S3
+    would refuse the upload, so this stands for a bucket that lies),
+    `multipart` as a one-part multipart upload (a composite checksum)."""
+    s3 = client(endpoint)
+    try:
+        s3.create_bucket(Bucket=BUCKET)
+    except s3.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    bodies = {}
+    for p in sorted(directory.rglob("*")):
+        if not p.is_file():
+            continue
+        rel = p.relative_to(directory).as_posix()
+        key, body = f"{prefix}{rel}", p.read_bytes()
+        bodies[rel] = body
+        if rel == multipart:
+            up = s3.create_multipart_upload(Bucket=BUCKET, Key=key, ChecksumAlgorithm="SHA256")
+            part = s3.upload_part(
+                Bucket=BUCKET, Key=key, UploadId=up["UploadId"], PartNumber=1, Body=body, ChecksumAlgorithm="SHA256"
+            )
+            s3.complete_multipart_upload(
+                Bucket=BUCKET,
+                Key=key,
+                UploadId=up["UploadId"],
+                MultipartUpload={
+                    "Parts": [{"PartNumber": 1, "ETag": part["ETag"], "ChecksumSHA256": part["ChecksumSHA256"]}]
+                },
+            )
+        elif rel == wrong:
+            s3.put_object(
+                Bucket=BUCKET, Key=key, Body=body, ChecksumAlgorithm="SHA256", ChecksumSHA256=b64_sha256(b"other bytes")
+            )
+        else:
+            s3.put_object(Bucket=BUCKET, Key=key, Body=body, ChecksumAlgorithm="SHA256")
+    return bodies
+
+
+def stored_checksum(endpoint: str, key: str) -> str | None:
+    return client(endpoint).head_object(Bucket=BUCKET, Key=key, ChecksumMode="ENABLED").get("ChecksumSHA256")
+
+
+def test_s3_checksums_verify_an_unpinned_prefix(tmp_path: Path, shm: Path, s3_endpoint: str, sharded: Path) -> None:
+    bodies = upload_with_checksums(s3_endpoint, "checksummed/", sharded)
+    for rel, body in bodies.items():
+        assert stored_checksum(s3_endpoint, f"checksummed/{rel}") == b64_sha256(body), rel
+    root = shm / "root"
+    proc = fill(wrapper_yaml(tmp_path / "mw.yaml", s3_endpoint, "checksummed/", sums_pin=None), root)
+    output = plain(proc)
+    assert proc.returncode == 0, output
+    assert f"verified={len(bodies)} composite=0 without_checksum=0" in output, output
+    [gen] = generations(root)
+    generation = Path(gen["path"])
+    manifest = json.loads((generation / "manifest.json").read_text())
+    files = manifest["components"][0]["directory"]["files"]
+    assert sorted(f["file"] for f in files) == sorted(f"encoder/{rel}" for rel in bodies)
+    for entry in files:
+        body = bodies[entry["file"].removeprefix("encoder/")]
+        assert entry["sha256"] == hashlib.sha256(body).hexdigest()
+        assert (generation / entry["file"]).read_bytes() == body
+    assert_embeds_like_minilm(generation)
+
+
+def test_an_object_whose_s3_checksum_is_not_its_bytes_fails_and_publishes_nothing(
+    tmp_path: Path, shm: Path, s3_endpoint: str, sharded: Path
+) -> None:
+    shards = sorted(p.name for p in sharded.glob("*.safetensors"))
+    bodies = upload_with_checksums(s3_endpoint, "lying/", sharded, wrong=shards[1])
+    # The server does answer the stored checksum, and boto3 too finds it wrong.
+    assert stored_checksum(s3_endpoint, f"lying/{shards[1]}") == b64_sha256(b"other bytes")
+    assert hashlib.sha256(bodies[shards[1]]).hexdigest() != hashlib.sha256(b"other bytes").hexdigest()
+    root = shm / "root"
+    proc = fill(wrapper_yaml(tmp_path / "mw.yaml", s3_endpoint, "lying/", sums_pin=None), root)
+    output = plain(proc)
+    assert proc.returncode != 0, output
+    assert "component encoder" in output, output
+    assert f"sha256 (the object's S3 ChecksumSHA256) mismatch for s3://{BUCKET}/lying/{shards[1]}" in output, output
+    assert f"expected {hashlib.sha256(b'other bytes').hexdigest()}, got {hashlib.sha256(bodies[shards[1]]).hexdigest()}" in output
+    assert generations(root) == []
+    assert not any((root / ".staging").iterdir()), "a failed fill left staging behind"
+
+
+def test_a_multipart_composite_checksum_is_not_taken_for_a_digest(
+    tmp_path: Path, shm: Path, s3_endpoint: str, sharded: Path
+) -> None:
+    shards = sorted(p.name for p in sharded.glob("*.safetensors"))
+    bodies = upload_with_checksums(s3_endpoint, "multipart/", sharded, multipart=shards[0])
+    # The object has a SHA256 checksum, but not of its bytes: used as a pin
+    # it would fail the fill.
+    composite = stored_checksum(s3_endpoint, f"multipart/{shards[0]}")
+    assert composite and composite.split("-")[0] != b64_sha256(bodies[shards[0]])
+    root = shm / "root"
+    proc = fill(wrapper_yaml(tmp_path / "mw.yaml", s3_endpoint, "multipart/", sums_pin=None), root)
+    output = plain(proc)
+    assert proc.returncode == 0, output
+    assert "composite checksum" in output and shards[0] in output, output
+    assert f"verified={len(bodies) - 1} composite=1 without_checksum=0" in output, output
+    [gen] = generations(root)
+    generation = Path(gen["path"])
+    manifest = json.loads((generation / "manifest.json").read_text())
+    for entry in manifest["components"][0]["directory"]["files"]:
+        body = bodies[entry["file"].removeprefix("encoder/")]
+        assert entry["sha256"] == hashlib.sha256(body).hexdigest()
