@@ -13,7 +13,10 @@ import base64
 import hashlib
 import json
 import re
+import struct
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -310,3 +313,106 @@ def test_a_multipart_composite_checksum_is_not_taken_for_a_digest(
     for entry in manifest["components"][0]["directory"]["files"]:
         body = bodies[entry["file"].removeprefix("encoder/")]
         assert entry["sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_the_checksum_request_is_signed_as_s3_checks_it(tmp_path: Path, shm: Path) -> None:
+    """moto does not check signatures: a fake S3 here checks every request's
+    SigV4 signature with botocore's signer, as S3 would, including the
+    HeadObject that carries `x-amz-checksum-mode` (which must be signed) for a
+    key that needs percent-encoding."""
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    key_id, secret, token = "AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", "session-token"
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    header += b" " * (-len(header) % 8)
+    body = struct.pack("<Q", len(header)) + header + b"\0" * 8
+    seen: list[tuple[str, str, bool, list[str], str | None]] = []
+
+    class FakeS3(BaseHTTPRequestHandler):
+        def signed(self) -> bool:
+            auth = self.headers.get("Authorization", "")
+            names = auth.partition("SignedHeaders=")[2].partition(",")[0].split(";")
+            request = AWSRequest(
+                method=self.command,
+                url=f"http://{self.headers['Host']}{self.path}",
+                headers={k: v for k, v in self.headers.items() if k.lower() in names},
+            )
+            request.context["timestamp"] = self.headers.get("X-Amz-Date", "")
+            signer = S3SigV4Auth(Credentials(key_id, secret, token), "s3", "us-east-1")
+            signature = signer.signature(signer.string_to_sign(request, signer.canonical_request(request)), request)
+            ok = bool(auth) and auth.endswith(f"Signature={signature}")
+            seen.append((self.command, self.path, ok, names, self.headers.get("If-Match")))
+            if not ok:
+                self.send_response(403)
+                self.send_header("content-length", "0")
+                self.end_headers()
+            return ok
+
+        def answer(self, payload: bytes, **headers: str) -> None:
+            self.send_response(200)
+            self.send_header("content-length", str(len(payload)))
+            self.send_header("etag", '"v1"')
+            self.send_header("last-modified", "Mon, 01 Jan 2024 00:00:00 GMT")
+            for k, v in headers.items():
+                self.send_header(k.replace("_", "-"), v)
+            self.end_headers()
+
+        def do_HEAD(self) -> None:
+            if self.signed():
+                self.answer(body, x_amz_checksum_sha256=b64_sha256(body))
+
+        def do_GET(self) -> None:
+            if not self.signed():
+                return
+            if "list-type=2" in self.path:
+                payload = (
+                    '<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>models</Name><KeyCount>1</KeyCount>'
+                    "<IsTruncated>false</IsTruncated><Contents><Key>m/a b+c.safetensors</Key>"
+                    f"<Size>{len(body)}</Size><LastModified>2024-01-01T00:00:00.000Z</LastModified>"
+                    '<ETag>"v1"</ETag></Contents></ListBucketResult>'
+                ).encode()
+            else:
+                payload = body
+            self.answer(payload)
+            self.wfile.write(payload)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeS3)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yaml = tmp_path / "mw.yaml"
+        yaml.write_text(
+            f"""apiVersion: zerocopy.dev/v1alpha1
+kind: ModelWrapper
+metadata: {{name: signed}}
+spec:
+  pipeline:
+    components:
+      - name: encoder
+        source: {{uri: "s3://models/m/", endpoint: "{endpoint}", secretRef: {{name: keys}}}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: keys}}
+stringData: {{AWS_ACCESS_KEY_ID: {key_id}, AWS_SECRET_ACCESS_KEY: "{secret}", AWS_SESSION_TOKEN: {token}, endpoint: "{endpoint}"}}
+"""
+        )
+        proc = fill(yaml, shm / "root")
+    finally:
+        server.shutdown()
+    output = plain(proc)
+    assert proc.returncode == 0, output + repr(seen)
+    assert "verified=1 composite=0 without_checksum=0" in output, output
+    # The object is read only as the version whose checksum was read.
+    assert [(m, p, ok, if_match) for m, p, ok, _, if_match in seen] == [
+        ("GET", "/models?list-type=2&prefix=m%2F", True, None),
+        ("HEAD", "/models/m/a%20b%2Bc.safetensors", True, None),
+        ("GET", "/models/m/a%20b%2Bc.safetensors", True, '"v1"'),
+    ], seen
+    head_signed = seen[1][3]
+    assert "x-amz-checksum-mode" in head_signed and "x-amz-security-token" in head_signed, head_signed
