@@ -270,6 +270,15 @@ impl S3Checksums {
                     },
                 ))
             }
+            // A server that does not take the request as sent: no checksum
+            // from it (the GET still reads the object).
+            status @ (400 | 405 | 501) => {
+                tracing::warn!(%place, %key, status, "HeadObject with x-amz-checksum-mode was refused; the object's ChecksumSHA256 is not read");
+                return Ok(ObjectHead {
+                    checksum: StoreChecksum::Absent,
+                    etag: None,
+                });
+            }
             status => {
                 return Err(FetchError::Unreachable(format!(
                     "{place}/{key}: HeadObject (reading its ChecksumSHA256) answered HTTP {status}"
@@ -814,6 +823,30 @@ mod tests {
             .unwrap_or_else(|| panic!("no SigV4 authorization in {request}"));
         assert!(signed.split(';').any(|h| h == "x-amz-checksum-mode"), "{signed}");
         assert!(signed.split(';').any(|h| h == "x-amz-security-token"), "{signed}");
+    }
+
+    #[tokio::test]
+    async fn a_server_that_refuses_checksum_mode_gives_no_checksum() {
+        let (endpoint, served) = one_answer("HTTP/1.1 501 Not Implemented\r\ncontent-length: 0\r\n\r\n").await;
+        let head = s3(&endpoint, None)
+            .checksums
+            .head("s3://models", "m/a.safetensors")
+            .await
+            .unwrap();
+        assert_eq!(head.checksum, StoreChecksum::Absent);
+        served.await.unwrap();
+        let (endpoint, served) = one_answer("HTTP/1.1 503 Slow Down\r\ncontent-length: 0\r\n\r\n").await;
+        let err = s3(&endpoint, None)
+            .checksums
+            .head("s3://models", "m/a.safetensors")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("s3://models/m/a.safetensors: HeadObject (reading its ChecksumSHA256) answered HTTP 503"),
+            "{err}"
+        );
+        served.await.unwrap();
     }
 
     #[tokio::test]
