@@ -318,15 +318,21 @@ fn check_directory_source(errs: &mut ValidationErrors, at: &str, source: &Direct
             }
         }
         Ok(
-            DirectorySource::Directory { .. }
+            parsed @ (DirectorySource::Directory { .. }
             | DirectorySource::S3 { .. }
             | DirectorySource::Gcs { .. }
-            | DirectorySource::Azure { .. },
+            | DirectorySource::Azure { .. }),
         ) => {
             if pinning == Pinning::Required && source.sha256.is_empty() {
+                // The bucket could serve other bytes, with their own
+                // checksum, to the next node: only the spec pins content.
+                let s3_note = match parsed {
+                    DirectorySource::S3 { .. } => "; S3's own ChecksumSHA256 is not a pin: it comes from the bucket, which may serve other bytes to the next node",
+                    _ => "",
+                };
                 errs.push(
                     format!("{at}.sha256"),
-                    "this source in a cluster needs pins: the sha256 of every file it takes (path: sha256), or of a SHA256SUMS file in it that lists them",
+                    format!("this source in a cluster needs pins: the sha256 of every file it takes (path: sha256), or of a SHA256SUMS file in it that lists them{s3_note}"),
                 );
             }
         }
@@ -443,6 +449,7 @@ mod tests {
             ("{uri: 'hf://org/repo'}", "40-hex commit"),
             ("{uri: 'oci://ghcr.io/org/model:v1'}", "manifest digest"),
             ("{uri: 's3://bucket/prefix/'}", "SHA256SUMS"),
+            ("{uri: 's3://bucket/prefix/'}", "ChecksumSHA256 is not a pin"),
             ("{uri: 'file:///models/m/'}", "sha256 of every file"),
         ] {
             assert_eq!(

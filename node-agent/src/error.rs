@@ -190,6 +190,9 @@ pub enum DigestKind {
     Sha256,
     /// A Hub file kept in git: sha1 of `blob <len>\0<content>`.
     GitBlob,
+    /// sha256 of the content, from the object store's own full-object
+    /// checksum (S3 `ChecksumSHA256`).
+    StoreSha256,
 }
 
 impl std::fmt::Display for DigestKind {
@@ -197,6 +200,7 @@ impl std::fmt::Display for DigestKind {
         f.write_str(match self {
             DigestKind::Sha256 => "sha256",
             DigestKind::GitBlob => "git blob id",
+            DigestKind::StoreSha256 => "sha256 (the object's S3 ChecksumSHA256)",
         })
     }
 }

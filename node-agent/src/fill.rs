@@ -36,6 +36,7 @@ use crate::peer::{self, NoPeers, PeerDirectory, PeerView};
 use crate::secrets::{NoSecrets, SecretStore};
 use crate::source::hf::RepoDigest;
 use crate::source::http::HttpSource;
+use crate::source::objects::StoreChecksum;
 use crate::source::policy::SourcePolicy;
 use crate::source::sink::HashingSink;
 use crate::source::{self, FetchError, Progress};
@@ -146,6 +147,13 @@ struct StoreObject {
     /// `s3://bucket` or `az://account/container`, for messages.
     place: String,
     key: String,
+    /// An `s3://` bucket's reader of `ChecksumSHA256`.
+    checksums: Option<source::objects::S3Checksums>,
+    /// The object's own full-object sha256 (S3 `ChecksumSHA256`), lowercase
+    /// hex: the staged bytes must hash to it.
+    store_sha256: Option<String>,
+    /// The ETag of the version `store_sha256` belongs to (`If-Match`).
+    etag: Option<String>,
 }
 
 /// Why listing a store prefix gave nothing to fill.
@@ -159,6 +167,7 @@ enum StoreListing {
 /// Every object below `prefix` of `store`, as listed files.
 async fn list_store(
     store: Arc<dyn object_store::ObjectStore>,
+    checksums: Option<source::objects::S3Checksums>,
     place: &str,
     prefix: &str,
 ) -> Result<Vec<Listed>, StoreListing> {
@@ -185,6 +194,9 @@ async fn list_store(
                 store: store.clone(),
                 place: place.to_string(),
                 key,
+                checksums: checksums.clone(),
+                store_sha256: None,
+                etag: None,
             }),
         });
     }
@@ -768,7 +780,7 @@ impl FillEngine {
                 }
                 DirectorySource::S3 { bucket, prefix } => {
                     let credentials = self.credentials(namespace, wrapper, &c.name, src).await?;
-                    let store = source::objects::bucket(
+                    let s3 = source::objects::bucket(
                         &self.http,
                         &bucket,
                         src.endpoint.as_deref(),
@@ -776,7 +788,7 @@ impl FillEngine {
                         credentials.as_ref(),
                     )
                     .map_err(unreachable)?;
-                    list_store(store, &format!("s3://{bucket}"), &prefix)
+                    list_store(s3.store, Some(s3.checksums), &format!("s3://{bucket}"), &prefix)
                         .await
                         .map_err(listing_error)?
                 }
@@ -830,7 +842,7 @@ impl FillEngine {
                         credentials.as_ref(),
                     )
                     .map_err(unreachable)?;
-                    list_store(store, &format!("az://{account}/{container}"), &prefix)
+                    list_store(store, None, &format!("az://{account}/{container}"), &prefix)
                         .await
                         .map_err(listing_error)?
                 }
@@ -952,6 +964,11 @@ impl FillEngine {
                     }
                 }
             }
+            if !self.policy.require_sha256 {
+                store_checksums(wrapper, &c.name, &mut listed)
+                    .await
+                    .map_err(unreachable)?;
+            }
             let names = || {
                 let mut shown: Vec<&str> = listed.iter().take(8).map(|l| l.path.as_str()).collect();
                 if listed.len() > 8 {
@@ -991,8 +1008,13 @@ impl FillEngine {
                     )));
                 }
                 if self.policy.require_sha256 && l.sha256.is_none() && l.git_blob.is_none() {
+                    let store_note = if l.object.as_ref().is_some_and(|o| o.checksums.is_some()) {
+                        "; S3's own ChecksumSHA256 does not count: it comes from the bucket, which may change between nodes"
+                    } else {
+                        ""
+                    };
                     return Err(bad(format!(
-                        "{} has no digest from the source: pin it in source.sha256 (every file is verified in a cluster)",
+                        "{} has no digest from the source: pin it in source.sha256 or a pinned {SUMS_FILE} (every file is verified in a cluster){store_note}",
                         l.path
                     )));
                 }
@@ -1225,7 +1247,18 @@ impl FillEngine {
                 .and_then(|r| r)
             }
             (None, _) if plan.object.is_some() => match &plan.object {
-                Some(o) => source::objects::fetch(o.store.as_ref(), &o.place, &o.key, sink, bar.as_ref()).await,
+                // The version whose checksum was read, if one was.
+                Some(o) => {
+                    source::objects::fetch(
+                        o.store.as_ref(),
+                        &o.place,
+                        &o.key,
+                        o.etag.as_deref(),
+                        sink,
+                        bar.as_ref(),
+                    )
+                    .await
+                }
                 None => Err(FetchError::Refused("no store".into())),
             },
             (None, "file") => {
@@ -1270,6 +1303,18 @@ impl FillEngine {
                     component: plan.component.clone(),
                     uri: plan.uri.to_string(),
                     expected: expected.to_ascii_lowercase(),
+                    actual: fetched.sha256,
+                });
+            }
+        }
+        if let Some(expected) = plan.object.as_ref().and_then(|o| o.store_sha256.as_ref()) {
+            if !expected.eq_ignore_ascii_case(&fetched.sha256) {
+                return Err(FillError::DigestMismatch {
+                    wrapper: wrapper.into(),
+                    what: DigestKind::StoreSha256,
+                    component: plan.component.clone(),
+                    uri: plan.uri.to_string(),
+                    expected: expected.clone(),
                     actual: fetched.sha256,
                 });
             }
@@ -1432,6 +1477,62 @@ fn plan_files(spec: &ModelWrapperSpec) -> Vec<PlannedFile> {
         }
     }
     plan
+}
+
+/// HeadObject requests in flight at once when reading S3 checksums.
+const PARALLEL_HEADS: usize = 16;
+
+/// Reads S3's own `ChecksumSHA256` of every listed `s3://` object that has
+/// no digest yet (no pin, not in a `SHA256SUMS`): a full-object checksum
+/// becomes the digest its bytes are verified against; a multipart upload's
+/// composite checksum is no digest of the object and is not used.
+async fn store_checksums(wrapper: &str, component: &str, listed: &mut [Listed]) -> Result<(), FetchError> {
+    let asks: Vec<(usize, source::objects::S3Checksums, String, String)> = listed
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.sha256.is_none() && l.git_blob.is_none())
+        .filter_map(|(i, l)| {
+            let o = l.object.as_ref()?;
+            Some((i, o.checksums.clone()?, o.place.clone(), o.key.clone()))
+        })
+        .collect();
+    if asks.is_empty() {
+        return Ok(());
+    }
+    let heads: Vec<(usize, source::objects::ObjectHead)> = stream::iter(
+        asks.into_iter()
+            .map(|(i, checksums, place, key)| async move { checksums.head(&place, &key).await.map(|h| (i, h)) }),
+    )
+    .buffer_unordered(PARALLEL_HEADS)
+    .try_collect()
+    .await?;
+    let (mut verified, mut composite, mut absent) = (0usize, Vec::new(), 0usize);
+    for (i, head) in heads {
+        let l = &mut listed[i];
+        let Some(o) = l.object.as_mut() else { continue };
+        match head.checksum {
+            StoreChecksum::FullObject(sha) => {
+                o.store_sha256 = Some(sha);
+                o.etag = head.etag;
+                verified += 1;
+            }
+            StoreChecksum::Composite => composite.push(l.path.clone()),
+            StoreChecksum::Absent => absent += 1,
+        }
+    }
+    composite.sort();
+    for path in &composite {
+        tracing::warn!(wrapper, component, file = %path, "S3's ChecksumSHA256 of this object is a multipart upload's composite checksum, not a digest of its bytes: it is not verified; pin it in source.sha256 or a SHA256SUMS");
+    }
+    tracing::info!(
+        wrapper,
+        component,
+        verified,
+        composite = composite.len(),
+        without_checksum = absent,
+        "S3 ChecksumSHA256 read for the files without a pin"
+    );
+    Ok(())
 }
 
 /// Lists the regular files below `dir`, as `(path relative to dir, size)`. Symlinks are skipped (never followed), and in a

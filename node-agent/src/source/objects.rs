@@ -15,11 +15,12 @@
 
 use std::sync::Arc;
 
+use base64::Engine as _;
 use futures_util::StreamExt;
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, AwsAuthorizer, AwsCredential};
 use object_store::azure::MicrosoftAzureBuilder;
 use object_store::client::{
-    HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse, HttpService,
+    HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpRequestBody, HttpResponse, HttpService,
 };
 use object_store::path::Path as StorePath;
 use object_store::{ClientOptions, GetOptions, GetRange, ObjectStore};
@@ -87,6 +88,16 @@ pub fn is_region(region: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
+/// A bucket: the `object_store` client that lists and reads it, and the
+/// reader of its objects' own checksums.
+#[derive(Debug, Clone)]
+pub struct S3Bucket {
+    /// Lists and reads objects.
+    pub store: Arc<dyn ObjectStore>,
+    /// Reads an object's `ChecksumSHA256`.
+    pub checksums: S3Checksums,
+}
+
 /// A bucket client. `endpoint`: an S3-compatible server (path-style
 /// requests), else AWS; `credentials`: a shared Secret's keys.
 pub fn bucket(
@@ -95,7 +106,7 @@ pub fn bucket(
     endpoint: Option<&str>,
     region: Option<&str>,
     credentials: Option<&SecretData>,
-) -> Result<Arc<dyn ObjectStore>, FetchError> {
+) -> Result<S3Bucket, FetchError> {
     let region = region.unwrap_or(DEFAULT_REGION);
     if !is_region(region) {
         return Err(FetchError::Refused(format!("{region:?} is not an S3 region name")));
@@ -104,25 +115,26 @@ pub fn bucket(
         .with_bucket_name(bucket)
         .with_region(region)
         .with_http_connector(PolicyConnector::of(http));
-    if let Some(endpoint) = endpoint {
-        checked_endpoint(http, endpoint)?;
-        builder = builder
-            .with_endpoint(endpoint)
-            .with_allow_http(endpoint.starts_with("http://"))
-            .with_virtual_hosted_style_request(false);
-    }
-    match credentials {
-        Some(keys) => {
-            let get = |k: &str| {
-                keys.get(k)
-                    .map(|v| v.trim().to_string())
-                    .ok_or_else(|| FetchError::Unreachable(format!("the credentials Secret has no key {k}")))
-            };
+    // The URL object_store puts keys below (path-style, as configured here).
+    let bucket_url = match endpoint {
+        Some(endpoint) => {
+            checked_endpoint(http, endpoint)?;
             builder = builder
-                .with_access_key_id(get("AWS_ACCESS_KEY_ID")?)
-                .with_secret_access_key(get("AWS_SECRET_ACCESS_KEY")?);
-            if let Some(token) = keys.get("AWS_SESSION_TOKEN") {
-                builder = builder.with_token(token.trim());
+                .with_endpoint(endpoint)
+                .with_allow_http(endpoint.starts_with("http://"))
+                .with_virtual_hosted_style_request(false);
+            format!("{}/{bucket}", endpoint.trim_end_matches('/'))
+        }
+        None => format!("https://s3.{region}.amazonaws.com/{bucket}"),
+    };
+    let credential = credentials.map(aws_credential).transpose()?;
+    match &credential {
+        Some(c) => {
+            builder = builder
+                .with_access_key_id(&c.key_id)
+                .with_secret_access_key(&c.secret_key);
+            if let Some(token) = &c.token {
+                builder = builder.with_token(token);
             }
         }
         None => builder = builder.with_skip_signature(true),
@@ -130,7 +142,215 @@ pub fn bucket(
     let store = builder
         .build()
         .map_err(|e| FetchError::Unreachable(format!("s3://{bucket}: {e}")))?;
-    Ok(Arc::new(store))
+    Ok(S3Bucket {
+        store: Arc::new(store),
+        checksums: S3Checksums {
+            http: PolicyConnector::of(http),
+            bucket_url,
+            region: region.to_string(),
+            credential: credential.map(Arc::new),
+        },
+    })
+}
+
+/// The keys of a credentials Secret. Each must be a valid header value
+/// (the signer puts them in headers and would panic on a newline).
+fn aws_credential(keys: &SecretData) -> Result<AwsCredential, FetchError> {
+    let get = |k: &str| -> Result<Option<String>, FetchError> {
+        let Some(v) = keys.get(k) else { return Ok(None) };
+        let v = v.trim().to_string();
+        if v.is_empty() || reqwest::header::HeaderValue::from_str(&v).is_err() {
+            return Err(FetchError::Unreachable(format!(
+                "the credentials Secret's {k} is empty or holds characters a request header cannot carry"
+            )));
+        }
+        Ok(Some(v))
+    };
+    let required =
+        |k: &str| get(k)?.ok_or_else(|| FetchError::Unreachable(format!("the credentials Secret has no key {k}")));
+    Ok(AwsCredential {
+        key_id: required("AWS_ACCESS_KEY_ID")?,
+        secret_key: required("AWS_SECRET_ACCESS_KEY")?,
+        token: get("AWS_SESSION_TOKEN")?,
+    })
+}
+
+/// What an S3 object says about its own sha256.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreChecksum {
+    /// The sha256 of the whole object (lowercase hex): uploaded in one part
+    /// with `ChecksumAlgorithm=SHA256`, or with a `FULL_OBJECT` checksum.
+    FullObject(String),
+    /// A multipart upload's checksum of its parts' checksums (`<b64>-<parts>`,
+    /// type `COMPOSITE`): no digest of the object's bytes.
+    Composite,
+    /// No SHA256 checksum (uploaded without one, or a server that keeps none).
+    Absent,
+}
+
+/// An object's checksum and the ETag of the version it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectHead {
+    /// Its `ChecksumSHA256`.
+    pub checksum: StoreChecksum,
+    /// Its ETag as the server wrote it (quotes included), for `If-Match`.
+    pub etag: Option<String>,
+}
+
+/// Reads `x-amz-checksum-sha256` (`x-amz-checksum-type`) of an object with
+/// `HeadObject` and `x-amz-checksum-mode: ENABLED`, which `object_store`
+/// neither sends nor exposes. The request goes through the agent's checked
+/// client and is signed (object_store's own SigV4 signer) with the source's
+/// keys when it has any, so the extra header is signed too.
+#[derive(Clone)]
+pub struct S3Checksums {
+    http: PolicyConnector,
+    /// `<endpoint>/<bucket>` or `https://s3.<region>.amazonaws.com/<bucket>`.
+    bucket_url: String,
+    region: String,
+    credential: Option<Arc<AwsCredential>>,
+}
+
+impl std::fmt::Debug for S3Checksums {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Checksums")
+            .field("bucket_url", &self.bucket_url)
+            .field("region", &self.region)
+            .field("signed", &self.credential.is_some())
+            .finish()
+    }
+}
+
+impl S3Checksums {
+    /// `HeadObject` of `key` with checksum mode on. `place` is
+    /// `s3://bucket`, for messages.
+    pub async fn head(&self, place: &str, key: &str) -> Result<ObjectHead, FetchError> {
+        let url = format!("{}/{}", self.bucket_url, encode_key(key));
+        let mut request = HttpRequest::new(HttpRequestBody::empty());
+        *request.method_mut() = reqwest::Method::HEAD;
+        *request.uri_mut() = url
+            .parse()
+            .map_err(|e| FetchError::Unreachable(format!("{place}/{key}: {e}")))?;
+        request.headers_mut().insert(
+            "x-amz-checksum-mode",
+            reqwest::header::HeaderValue::from_static("ENABLED"),
+        );
+        if let Some(credential) = &self.credential {
+            AwsAuthorizer::new(credential, "s3", &self.region).authorize(&mut request, None);
+        }
+        let response = self.http.call(request).await.map_err(|e| {
+            describe(
+                place,
+                key,
+                object_store::Error::Generic {
+                    store: "S3",
+                    source: Box::new(e),
+                },
+            )
+        })?;
+        match response.status().as_u16() {
+            200..=299 => {}
+            404 => {
+                return Err(describe(
+                    place,
+                    key,
+                    object_store::Error::NotFound {
+                        path: key.to_string(),
+                        source: "HeadObject answered 404".into(),
+                    },
+                ))
+            }
+            401 | 403 => {
+                return Err(describe(
+                    place,
+                    key,
+                    object_store::Error::PermissionDenied {
+                        path: key.to_string(),
+                        source: "HeadObject answered 403".into(),
+                    },
+                ))
+            }
+            // A server that does not take the request as sent: no checksum
+            // from it (the GET still reads the object).
+            status @ (400 | 405 | 501) => {
+                tracing::warn!(%place, %key, status, "HeadObject with x-amz-checksum-mode was refused; the object's ChecksumSHA256 is not read");
+                return Ok(ObjectHead {
+                    checksum: StoreChecksum::Absent,
+                    etag: None,
+                });
+            }
+            status => {
+                return Err(FetchError::Unreachable(format!(
+                    "{place}/{key}: HeadObject (reading its ChecksumSHA256) answered HTTP {status}"
+                )))
+            }
+        }
+        let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok());
+        let checksum = parse_sha256_checksum(
+            header("x-amz-checksum-sha256"),
+            header("x-amz-checksum-type"),
+            header("etag"),
+        )
+        .map_err(|reason| FetchError::Unreachable(format!("{place}/{key}: {reason}")))?;
+        Ok(ObjectHead {
+            checksum,
+            etag: header("etag").map(str::to_string),
+        })
+    }
+}
+
+/// A key as object_store puts it in a URL: every byte but unreserved ones
+/// and `/` percent-encoded, as SigV4's canonical URI expects.
+fn encode_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Reads S3's answer: `value` from `x-amz-checksum-sha256` (base64 of the
+/// 32-byte digest, `-<parts>` appended for a multipart upload's composite
+/// checksum), `kind` from `x-amz-checksum-type`. Without a type (older
+/// servers, HeadObject on some), an ETag ending in `-<parts>` marks a
+/// multipart upload, whose SHA256 checksum is composite (S3 keeps SHA256
+/// full-object checksums only for single-part uploads).
+pub fn parse_sha256_checksum(
+    value: Option<&str>,
+    kind: Option<&str>,
+    etag: Option<&str>,
+) -> Result<StoreChecksum, String> {
+    let Some(value) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(StoreChecksum::Absent);
+    };
+    let has_parts = |v: &str| {
+        v.rsplit_once('-')
+            .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    match kind.map(str::trim) {
+        Some(k) if k.eq_ignore_ascii_case("COMPOSITE") => return Ok(StoreChecksum::Composite),
+        Some(k) if k.eq_ignore_ascii_case("FULL_OBJECT") => {}
+        Some(k) => {
+            return Err(format!(
+                "S3 answered checksum type {k:?}, neither FULL_OBJECT nor COMPOSITE"
+            ))
+        }
+        None if has_parts(etag.unwrap_or_default().trim_matches('"')) => return Ok(StoreChecksum::Composite),
+        None => {}
+    }
+    if has_parts(value) {
+        return Ok(StoreChecksum::Composite);
+    }
+    match base64::engine::general_purpose::STANDARD.decode(value) {
+        Ok(digest) if digest.len() == 32 => Ok(StoreChecksum::FullObject(hex::encode(digest))),
+        _ => Err(format!(
+            "S3 answered x-amz-checksum-sha256 {value:?}, which is not the base64 of a 32-byte sha256"
+        )),
+    }
 }
 
 /// Refuses an endpoint the source policy does not allow, before any request.
@@ -237,15 +457,26 @@ const MAX_RESUMES: u32 = 3;
 /// first missing byte with a ranged read that must match the first
 /// answer's ETag (`If-Match`), so two versions of an object are never
 /// spliced: a changed object fails the fetch instead.
+///
+/// `if_match`: the ETag of the version whose checksum was read, so the
+/// bytes read are of that version (else the fetch fails: the fill starts over).
 pub async fn fetch(
     store: &dyn ObjectStore,
     place: &str,
     key: &str,
+    if_match: Option<&str>,
     mut sink: HashingSink,
     progress: &dyn Progress,
 ) -> Result<Fetched, FetchError> {
     let location = StorePath::from(key);
-    let got = store.get(&location).await.map_err(|e| describe(place, key, e))?;
+    let first = GetOptions {
+        if_match: if_match.map(str::to_string),
+        ..GetOptions::default()
+    };
+    let got = store
+        .get_opts(&location, first)
+        .await
+        .map_err(|e| changed(place, key, e))?;
     let expected = got.meta.size;
     let etag = got.meta.e_tag.clone();
     progress.set_total(expected);
@@ -277,12 +508,10 @@ pub async fn fetch(
             if_match: Some(etag),
             ..GetOptions::default()
         };
-        let again = store.get_opts(&location, options).await.map_err(|e| match e {
-            object_store::Error::Precondition { .. } => FetchError::Unreachable(format!(
-                "{place}/{key} changed while it was read (its ETag differs); the fill starts over"
-            )),
-            e => describe(place, key, e),
-        })?;
+        let again = store
+            .get_opts(&location, options)
+            .await
+            .map_err(|e| changed(place, key, e))?;
         stream = again.into_stream();
     }
     if sink.written() != expected {
@@ -294,6 +523,16 @@ pub async fn fetch(
     }
     let (bytes, sha256) = tokio::task::block_in_place(|| sink.finish()).map_err(FetchError::Write)?;
     Ok(Fetched { bytes, sha256, resumes })
+}
+
+/// A failed `If-Match` read: the object is not the version first seen.
+fn changed(place: &str, key: &str, e: object_store::Error) -> FetchError {
+    match e {
+        object_store::Error::Precondition { .. } => FetchError::Unreachable(format!(
+            "{place}/{key} changed while it was read (its ETag differs); the fill starts over"
+        )),
+        e => describe(place, key, e),
+    }
 }
 
 /// `place` is the source's `scheme://bucket` (or account/container).
@@ -440,12 +679,230 @@ mod tests {
             .into()
     }
 
+    /// base64 of sha256("hello world"), as S3 writes it.
+    const HELLO_B64: &str = "uU0nuZNNPgilLlLX2n2r+sSE7+N6U4DukIj3rOLvzek=";
+    const HELLO_HEX: &str = "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9";
+
+    #[test]
+    fn a_full_object_checksum_becomes_the_hex_sha256() {
+        let full = StoreChecksum::FullObject(HELLO_HEX.into());
+        assert_eq!(
+            parse_sha256_checksum(Some(HELLO_B64), None, Some("\"5eb63bbbe01eeed093cb22bb8f5acdc3\"")),
+            Ok(full.clone())
+        );
+        assert_eq!(
+            parse_sha256_checksum(Some(HELLO_B64), Some("FULL_OBJECT"), None),
+            Ok(full.clone())
+        );
+        // A FULL_OBJECT type says so even for a multipart upload.
+        assert_eq!(
+            parse_sha256_checksum(Some(HELLO_B64), Some("FULL_OBJECT"), Some("\"abc-3\"")),
+            Ok(full)
+        );
+    }
+
+    #[test]
+    fn a_composite_checksum_is_never_a_digest() {
+        let composite = Ok(StoreChecksum::Composite);
+        assert_eq!(
+            parse_sha256_checksum(Some(&format!("{HELLO_B64}-3")), None, None),
+            composite
+        );
+        assert_eq!(
+            parse_sha256_checksum(Some(&format!("{HELLO_B64}-3")), Some("COMPOSITE"), None),
+            composite
+        );
+        assert_eq!(
+            parse_sha256_checksum(Some(HELLO_B64), Some("COMPOSITE"), None),
+            composite
+        );
+        // No type, no suffix, but a multipart upload's ETag: composite.
+        assert_eq!(
+            parse_sha256_checksum(Some(HELLO_B64), None, Some("\"0f343b0931126a20f133d67c2b018a3b-1\"")),
+            composite
+        );
+    }
+
+    #[test]
+    fn no_checksum_and_malformed_checksums() {
+        assert_eq!(
+            parse_sha256_checksum(None, None, Some("\"abc\"")),
+            Ok(StoreChecksum::Absent)
+        );
+        assert_eq!(parse_sha256_checksum(Some(" "), None, None), Ok(StoreChecksum::Absent));
+        for bad in ["not base64!", "AAAA", &HELLO_HEX[..44]] {
+            let err = parse_sha256_checksum(Some(bad), None, None).unwrap_err();
+            assert!(err.contains("not the base64 of a 32-byte sha256"), "{err}");
+        }
+        let err = parse_sha256_checksum(Some(HELLO_B64), Some("SOMETHING"), None).unwrap_err();
+        assert!(err.contains("neither FULL_OBJECT nor COMPOSITE"), "{err}");
+    }
+
+    #[test]
+    fn keys_are_encoded_as_object_store_encodes_them() {
+        assert_eq!(
+            encode_key("m/model-00001-of-00002.safetensors"),
+            "m/model-00001-of-00002.safetensors"
+        );
+        assert_eq!(encode_key("a b/c+d=é~"), "a%20b/c%2Bd%3D%C3%A9~");
+    }
+
+    #[test]
+    fn a_credential_a_header_cannot_carry_is_refused() {
+        let keys = |id: &str| {
+            SecretData::from([
+                ("AWS_ACCESS_KEY_ID".to_string(), id.to_string()),
+                ("AWS_SECRET_ACCESS_KEY".to_string(), "s".to_string()),
+            ])
+        };
+        assert!(
+            aws_credential(&keys(" AKIA\n")).is_ok(),
+            "surrounding whitespace is trimmed"
+        );
+        let err = aws_credential(&keys("AK\nIA")).unwrap_err().to_string();
+        assert!(err.contains("AWS_ACCESS_KEY_ID"), "{err}");
+        let err = aws_credential(&SecretData::new()).unwrap_err().to_string();
+        assert!(err.contains("no key AWS_ACCESS_KEY_ID"), "{err}");
+    }
+
+    /// Serves one HTTP answer on 127.0.0.1 and hands back the request's head.
+    async fn one_answer(answer: &'static str) -> (String, tokio::task::JoinHandle<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let served = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = conn.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the client closed before the request ended");
+                head.extend_from_slice(&buf[..n]);
+            }
+            conn.write_all(answer.as_bytes()).await.unwrap();
+            conn.shutdown().await.unwrap();
+            String::from_utf8(head).unwrap()
+        });
+        (endpoint, served)
+    }
+
+    fn s3(endpoint: &str, credentials: Option<&SecretData>) -> S3Bucket {
+        let http = HttpSource::new(Arc::new(SourcePolicy::standalone())).unwrap();
+        bucket(&http, "models", Some(endpoint), None, credentials).unwrap()
+    }
+
+    #[tokio::test]
+    async fn head_asks_for_the_checksum_with_a_signed_header() {
+        let (endpoint, served) = one_answer(
+            "HTTP/1.1 200 OK\r\ncontent-length: 11\r\netag: \"5eb63bbbe01eeed093cb22bb8f5acdc3\"\r\nx-amz-checksum-sha256: uU0nuZNNPgilLlLX2n2r+sSE7+N6U4DukIj3rOLvzek=\r\nx-amz-checksum-type: FULL_OBJECT\r\n\r\n",
+        )
+        .await;
+        let keys = SecretData::from([
+            ("AWS_ACCESS_KEY_ID".to_string(), "AKIDEXAMPLE".to_string()),
+            ("AWS_SECRET_ACCESS_KEY".to_string(), "secret".to_string()),
+            ("AWS_SESSION_TOKEN".to_string(), "token".to_string()),
+        ]);
+        let head = s3(&endpoint, Some(&keys))
+            .checksums
+            .head("s3://models", "m/a b.safetensors")
+            .await
+            .unwrap();
+        assert_eq!(head.checksum, StoreChecksum::FullObject(HELLO_HEX.into()));
+        assert_eq!(head.etag.as_deref(), Some("\"5eb63bbbe01eeed093cb22bb8f5acdc3\""));
+        let request = served.await.unwrap().to_ascii_lowercase();
+        assert!(
+            request.starts_with("head /models/m/a%20b.safetensors http/1.1\r\n"),
+            "{request}"
+        );
+        assert!(request.contains("\r\nx-amz-checksum-mode: enabled\r\n"), "{request}");
+        let signed = request
+            .lines()
+            .find_map(|l| l.strip_prefix("authorization: aws4-hmac-sha256 credential=akidexample/"))
+            .and_then(|l| l.split("signedheaders=").nth(1))
+            .and_then(|l| l.split(',').next())
+            .unwrap_or_else(|| panic!("no SigV4 authorization in {request}"));
+        assert!(signed.split(';').any(|h| h == "x-amz-checksum-mode"), "{signed}");
+        assert!(signed.split(';').any(|h| h == "x-amz-security-token"), "{signed}");
+    }
+
+    #[tokio::test]
+    async fn a_server_that_refuses_checksum_mode_gives_no_checksum() {
+        let (endpoint, served) = one_answer("HTTP/1.1 501 Not Implemented\r\ncontent-length: 0\r\n\r\n").await;
+        let head = s3(&endpoint, None)
+            .checksums
+            .head("s3://models", "m/a.safetensors")
+            .await
+            .unwrap();
+        assert_eq!(head.checksum, StoreChecksum::Absent);
+        served.await.unwrap();
+        let (endpoint, served) = one_answer("HTTP/1.1 503 Slow Down\r\ncontent-length: 0\r\n\r\n").await;
+        let err = s3(&endpoint, None)
+            .checksums
+            .head("s3://models", "m/a.safetensors")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("s3://models/m/a.safetensors: HeadObject (reading its ChecksumSHA256) answered HTTP 503"),
+            "{err}"
+        );
+        served.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn head_without_credentials_is_unsigned_and_a_missing_object_is_named() {
+        let (endpoint, served) = one_answer("HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n").await;
+        let err = s3(&endpoint, None)
+            .checksums
+            .head("s3://models", "m/gone.safetensors")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("s3://models/m/gone.safetensors does not exist"), "{err}");
+        let request = served.await.unwrap().to_ascii_lowercase();
+        assert!(!request.contains("authorization:"), "{request}");
+        assert!(request.contains("x-amz-checksum-mode: enabled"), "{request}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_object_replaced_after_its_checksum_was_read_is_not_read() {
+        let store = store(&body(0), 0, 0, None).await;
+        let dir = tempfile::tempdir().unwrap();
+        let err = fetch(
+            &store,
+            "s3://b",
+            "m/model.safetensors",
+            Some("\"an-older-version\""),
+            sink(&dir),
+            &NoProgress,
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("changed while it was read"), "{err}");
+        let etag = store
+            .inner
+            .head(&StorePath::from("m/model.safetensors"))
+            .await
+            .unwrap()
+            .e_tag;
+        fetch(
+            &store,
+            "s3://b",
+            "m/model.safetensors",
+            etag.as_deref(),
+            sink(&dir),
+            &NoProgress,
+        )
+        .await
+        .unwrap();
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_cut_object_read_resumes_from_the_first_missing_byte() {
         let body = body(0);
         let store = store(&body, 3 << 20, 2, None).await;
         let dir = tempfile::tempdir().unwrap();
-        let fetched = fetch(&store, "s3://b", "m/model.safetensors", sink(&dir), &NoProgress)
+        let fetched = fetch(&store, "s3://b", "m/model.safetensors", None, sink(&dir), &NoProgress)
             .await
             .unwrap();
         assert_eq!(fetched.resumes, 2);
@@ -476,7 +933,7 @@ mod tests {
     async fn an_object_replaced_mid_read_is_never_spliced() {
         let store = store(&body(0), 3 << 20, 1, Some(body(7))).await;
         let dir = tempfile::tempdir().unwrap();
-        let err = fetch(&store, "s3://b", "m/model.safetensors", sink(&dir), &NoProgress)
+        let err = fetch(&store, "s3://b", "m/model.safetensors", None, sink(&dir), &NoProgress)
             .await
             .unwrap_err();
         assert!(err.to_string().contains("changed while it was read"), "{err}");
@@ -486,7 +943,7 @@ mod tests {
     async fn a_read_cut_more_often_than_the_resume_budget_fails() {
         let store = store(&body(0), 1 << 20, MAX_RESUMES + 1, None).await;
         let dir = tempfile::tempdir().unwrap();
-        let err = fetch(&store, "s3://b", "m/model.safetensors", sink(&dir), &NoProgress)
+        let err = fetch(&store, "s3://b", "m/model.safetensors", None, sink(&dir), &NoProgress)
             .await
             .unwrap_err();
         assert!(err.to_string().contains("connection reset by peer"), "{err}");
