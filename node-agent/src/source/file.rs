@@ -10,17 +10,14 @@ use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
-use bytes::BytesMut;
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
 
 use super::policy::SourcePolicy;
 use super::sink::HashingSink;
 use super::{FetchError, Fetched, Progress};
 
-/// Read size: large enough to amortise syscalls, small enough to stay in cache.
-const CHUNK: usize = 4 << 20;
-/// Kernel copy size: one hasher message per chunk, hashed while the next
-/// chunk is copied.
+/// Copy size (kernel copy or read + write): one hasher message per chunk,
+/// hashed from the staging file while the next chunk is copied.
 const COPY_CHUNK: usize = 16 << 20;
 
 /// Errors with which `copy_file_range` says "not for these two files" (old
@@ -90,6 +87,8 @@ pub fn fetch(
     cancelled: &std::sync::atomic::AtomicBool,
 ) -> Result<Fetched, FetchError> {
     let mut kernel_copy = true;
+    // The fallback's one buffer (allocated when needed, then reused).
+    let mut buf = Vec::new();
     loop {
         if cancelled.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(FetchError::Write(std::io::Error::other("the fill was stopped")));
@@ -112,15 +111,16 @@ pub fn fetch(
                 Err(e) => return Err(FetchError::Unreachable(format!("reading {what}: {e}"))),
             }
         }
-        let mut buf = BytesMut::zeroed(CHUNK);
+        if buf.is_empty() {
+            buf = vec![0u8; COPY_CHUNK];
+        }
         let n = src
             .read(&mut buf)
             .map_err(|e| FetchError::Unreachable(format!("reading {what}: {e}")))?;
         if n == 0 {
             break;
         }
-        buf.truncate(n);
-        sink.write(buf.freeze())
+        sink.write_staged(&buf[..n])
             .map_err(FetchError::Write)?
             .map_err(|o| FetchError::TooLarge(o.limit))?;
         progress.advance(n as u64);

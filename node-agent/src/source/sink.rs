@@ -104,16 +104,40 @@ impl HashingSink {
         }
         let offset = self.written;
         self.written += n as u64;
+        self.hash_staged(offset, n)?;
+        Ok(Ok(n))
+    }
+
+    /// Appends `data` and queues the range it now occupies in the staging
+    /// file for hashing, so the caller can reuse its buffer at once (no
+    /// allocation, zeroing and page faults per chunk, as handing the
+    /// hasher an owned chunk would need).
+    pub fn write_staged(&mut self, data: &[u8]) -> io::Result<Result<(), OverLimit>> {
+        if self.written + data.len() as u64 > self.limit {
+            return Ok(Err(OverLimit { limit: self.limit }));
+        }
+        if data.is_empty() {
+            return Ok(Ok(()));
+        }
+        self.file.write_all(data)?;
+        let offset = self.written;
+        self.written += data.len() as u64;
+        self.hash_staged(offset, data.len())?;
+        Ok(Ok(()))
+    }
+
+    /// Queues `len` staged bytes at `offset` for the hasher.
+    fn hash_staged(&mut self, offset: u64, len: usize) -> io::Result<()> {
         let file = match &self.reader {
             Some(f) => f.clone(),
             None => self.reader.insert(Arc::new(self.file.try_clone()?)).clone(),
         };
         if let Some(tx) = &self.to_hasher {
-            if tx.send(ToHash::Staged { file, offset, len: n }).is_err() {
+            if tx.send(ToHash::Staged { file, offset, len }).is_err() {
                 return Err(self.hasher_failure());
             }
         }
-        Ok(Ok(n))
+        Ok(())
     }
 
     /// The staging file, for writers that place ranges at their offsets
@@ -137,16 +161,7 @@ impl HashingSink {
             return Ok(());
         }
         self.written += len as u64;
-        let file = match &self.reader {
-            Some(f) => f.clone(),
-            None => self.reader.insert(Arc::new(self.file.try_clone()?)).clone(),
-        };
-        if let Some(tx) = &self.to_hasher {
-            if tx.send(ToHash::Staged { file, offset, len }).is_err() {
-                return Err(self.hasher_failure());
-            }
-        }
-        Ok(())
+        self.hash_staged(offset, len)
     }
 
     /// The most bytes this sink takes.
@@ -225,7 +240,7 @@ mod tests {
     }
 
     #[test]
-    fn a_kernel_copy_stages_and_hashes_the_same_bytes_as_a_write() {
+    fn kernel_copies_writes_and_staged_writes_hash_the_bytes_staged() {
         let dir = tempfile::tempdir().unwrap();
         let bytes = content(5 * 1024 * 1024 + 123);
         let src = source(dir.path(), &bytes);
@@ -237,7 +252,11 @@ mod tests {
         src.seek(SeekFrom::Start(first as u64)).unwrap();
         let middle = Bytes::copy_from_slice(&bytes[first..first + 4096]);
         sink.write(middle).unwrap().unwrap();
-        src.seek(SeekFrom::Start((first + 4096) as u64)).unwrap();
+        // A reused buffer, hashed from the staging file.
+        let mut reused = bytes[first + 4096..first + 8192].to_vec();
+        sink.write_staged(&reused).unwrap().unwrap();
+        reused.fill(0);
+        src.seek(SeekFrom::Start((first + 8192) as u64)).unwrap();
         while sink.copy_from(&src, 3 << 20).unwrap().unwrap() > 0 {}
         let (n, sha) = sink.finish().unwrap();
         assert_eq!(n, bytes.len() as u64);
