@@ -19,7 +19,7 @@ import torch
 import yaml
 
 import modelwrapper
-from conftest import REPO, filled_volume, local_volume
+from conftest import REPO, filled_volume, local_volume, with_pythonpath
 from mw_models import TransposedTie, BigPipeline, CountsEval, CustomLoading, Encoder, KeepsDropoutOn, Pipeline, Renamed
 
 
@@ -275,7 +275,7 @@ WRITER = textwrap.dedent(
 
 
 def run_writer(volume: Path, action: str, opt_in: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "PYTHONPATH": with_pythonpath(Path(__file__).parent)}
     env.pop("MODELWRAPPER_COPY_ON_WRITE", None)
     if opt_in == "environment":
         env["MODELWRAPPER_COPY_ON_WRITE"] = "1"
@@ -409,7 +409,7 @@ def test_four_processes_share_one_copy_of_a_512mb_pipeline(shm: Path) -> None:
     del pipe
     model_bytes = sum(f.stat().st_size for f in volume.glob("*.safetensors"))
     assert model_bytes >= 512 << 20
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "PYTHONPATH": with_pythonpath(Path(__file__).parent)}
     procs = [
         subprocess.Popen([sys.executable, "-c", SHARER, str(volume)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         for _ in range(4)
