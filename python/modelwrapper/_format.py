@@ -22,11 +22,15 @@ MANIFEST_FILE = "manifest.json"
 PIPELINE_SKELETON_FILE = "pipeline.skeleton.pkl"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 ATTRIBUTE_KEY = "zerocopy.attribute"
-# A skeleton written by export(): a plain pickle of {SKELETON_KEY: 2,
-# "module": <module, weights set to None>, "state": [{names, shape, dtype,
-# parameter}]}. torch.save archives of a meta-device module load too.
+# A skeleton written by export(): a plain pickle of {SKELETON_KEY: 3,
+# "module": <root>, "modules": [(module, its state less empty bookkeeping)],
+# "state": [(names, shape, dtype, parameter, owners)]} (docs/FORMAT.md
+# "Skeleton files"); version 2 ({SKELETON_KEY: 2, "module": <module, weights
+# set to None>, "state": [{names, shape, dtype, parameter}]}) and torch.save
+# archives of a meta-device module load too.
 SKELETON_KEY = "zerocopy.skeleton"
-SKELETON_VERSION = 2
+SKELETON_VERSION = 3
+SKELETON_VERSIONS = (2, 3)
 
 DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,

@@ -29,7 +29,7 @@ from ._shard import Shard, shard_of
 if TYPE_CHECKING:  # the GPU path's modules load when a device load runs
     from ._device import CopyReport, FileSource, Transfer
 from ._root import LOCAL_NAMESPACE, local_generation, open_root, opened, root_lock
-from ._skeleton import assign_state, assign_stripped, build_from_factory, read_skeleton
+from ._skeleton import assign_skeleton, assign_state, build_from_factory, read_skeleton
 
 log = logging.getLogger("modelwrapper")
 
@@ -287,11 +287,7 @@ def _build(
     if not skeleton or as_dict:
         return attribute, tensors
     if skeleton.get("file"):
-        module, state = read_skeleton(inside(path, skeleton["file"]["file"], "skeleton file"))
-        if state is not None:
-            module = assign_stripped(c["name"], module, state, tensors)
-        else:
-            module = assign_state(c["name"], module, tensors)
+        module = assign_skeleton(c["name"], read_skeleton(inside(path, skeleton["file"]["file"], "skeleton file")), tensors)
     elif skeleton.get("factory"):
         module = assign_state(c["name"], build_from_factory(skeleton["factory"], skeleton.get("kwargs")), tensors)
     else:
