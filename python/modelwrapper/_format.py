@@ -11,7 +11,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -55,8 +55,10 @@ class VolumeError(ValueError):
     """A volume or file that cannot be loaded; the message says what to do."""
 
 
-@dataclass(frozen=True)
-class TensorEntry:
+class TensorEntry(NamedTuple):
+    """One tensor of a checked header (a named tuple: built once per tensor
+    on every load, three times cheaper than a frozen dataclass)."""
+
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]

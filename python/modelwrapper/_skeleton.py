@@ -218,15 +218,15 @@ def assign_compact(component: str, skeleton: Skeleton, tensors: dict[str, torch.
     says which module owns each tensor, so binding walks nothing."""
     module, modules, entries = skeleton.module, skeleton.modules, skeleton.entries
     assert modules is not None and entries is not None
-    try:
-        state = [
-            {"names": list(names), "shape": list(shape), "dtype": dtype, "parameter": parameter}
-            for names, shape, dtype, parameter, _ in entries
-        ]
-    except (TypeError, ValueError) as e:
-        raise VolumeError(f"component {component}: skeleton's weight description is malformed ({e})") from None
     if not _plain_modules(modules):
         # Custom loading (or a hook): the general path, from placeholders.
+        try:
+            state = [
+                {"names": list(names), "shape": list(shape), "dtype": dtype, "parameter": parameter}
+                for names, shape, dtype, parameter, _ in entries
+            ]
+        except (TypeError, ValueError) as e:
+            raise VolumeError(f"component {component}: skeleton's weight description is malformed ({e})") from None
         return assign_stripped(component, module, state, tensors)
     _check_compact(component, entries, tensors)
     # Only non-persistent buffers have values yet: they are not in the weights.
@@ -283,7 +283,7 @@ def _check_compact(component: str, entries: list[CompactEntry], tensors: dict[st
             known += 1
             if t.shape != shape:
                 problems.append(f"{name}: weights have shape {list(t.shape)}, module expects {list(shape)}")
-            elif t.dtype != _dtype(dtype):
+            elif t.dtype != (_dtypes.get(dtype) or _dtype(dtype)):
                 problems.append(f"{name}: weights have dtype {t.dtype}, module expects {_dtype(dtype)}")
         if not found:
             missing.append(names[0])

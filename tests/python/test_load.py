@@ -145,6 +145,24 @@ def test_a_module_that_pickles_its_own_way_gets_a_version_2_skeleton(tmp_path: P
     assert torch.equal(loaded(x), module(x))
 
 
+def test_load_leaves_the_garbage_collector_as_it_found_it(tmp_path: Path) -> None:
+    import gc
+
+    volume = local_volume(Encoder(), tmp_path)
+    assert gc.isenabled()
+    modelwrapper.load(volume)
+    assert gc.isenabled(), "on again after a load"
+    with pytest.raises(modelwrapper.VolumeError):
+        modelwrapper.load(tmp_path)
+    assert gc.isenabled(), "on again after a failed load"
+    gc.disable()
+    try:
+        modelwrapper.load(volume)
+        assert not gc.isenabled(), "a collector the caller turned off stays off"
+    finally:
+        gc.enable()
+
+
 def test_an_unknown_skeleton_version_is_refused(tmp_path: Path) -> None:
     import pickle
 
