@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import pickle
-import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +20,20 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ._format import ATTRIBUTE_KEY, PIPELINE_SKELETON_FILE, SKELETON_KEY, SKELETON_VERSION, skeleton_file, weights_file
+from ._format import (
+    ATTRIBUTE_FILE,
+    ATTRIBUTE_KEY,
+    PIPELINE_SKELETON_FILE,
+    SKELETON_KEY,
+    SKELETON_VERSION,
+    component_name,
+    default_attribute,
+    skeleton_file,
+    weights_file,
+)
 from ._skeleton import module_internals, standard_pickling
 
 log = logging.getLogger("modelwrapper")
-
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-
 
 def detect_components(obj: Any) -> tuple[bool, dict[str, nn.Module]]:
     """Like the seed: an ``nn.Module`` is a standalone model; any other object is
@@ -52,14 +58,6 @@ def model_info(modules: dict[str, nn.Module]) -> dict[str, dict[str, Any]]:
         }
         for attr, m in modules.items()
     }
-
-
-def component_name(attribute: str) -> str:
-    """Attribute name → DNS-1123 component name (``text_encoder`` → ``text-encoder``)."""
-    name = re.sub(r"[^a-z0-9-]+", "-", attribute.lower()).strip("-")[:63].strip("-")
-    if not _DNS_LABEL.match(name or ""):
-        raise ValueError(f"attribute {attribute!r} cannot be turned into a component name")
-    return name
 
 
 def _cloudpickle() -> Any | None:
@@ -317,6 +315,10 @@ def _is_pretrained(module: nn.Module) -> bool:
 def _export_pretrained(module: nn.Module, cname: str, attribute: str, out: Path) -> ExportedComponent:
     directory = out / cname
     module.save_pretrained(directory, safe_serialization=True)
+    if default_attribute(cname) != attribute:
+        # save_pretrained writes the shards' metadata, so the attribute the
+        # name does not give back is recorded beside them.
+        (directory / ATTRIBUTE_FILE).write_text(json.dumps({"attribute": attribute}))
     files = sorted(p for p in directory.rglob("*") if p.is_file())
     sums = {p.relative_to(directory).as_posix(): sha256_file(p) for p in files}
     return ExportedComponent(

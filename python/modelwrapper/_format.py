@@ -8,6 +8,7 @@ come from ``export()`` or a hand-made directory.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,10 @@ MANIFEST_FILE = "manifest.json"
 PIPELINE_SKELETON_FILE = "pipeline.skeleton.pkl"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 ATTRIBUTE_KEY = "zerocopy.attribute"
+# The same for a directory component (a Hugging Face model directory, whose
+# shards save_pretrained writes): {"attribute": "textEncoder"}, written by
+# export() only where the component name does not give the attribute back.
+ATTRIBUTE_FILE = "zerocopy-attribute.json"
 # A skeleton written by export(): a plain pickle of {SKELETON_KEY: 3,
 # "module": <root>, "modules": [(module, its state less empty bookkeeping)],
 # "state": [(names, shape, dtype, parameter, owners)]} (docs/FORMAT.md
@@ -71,6 +76,23 @@ class SafetensorsHeader:
     data_offset: int
     tensors: list[TensorEntry]
     metadata: dict[str, str]
+
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def component_name(attribute: str) -> str:
+    """Attribute name → DNS-1123 component name (``text_encoder`` → ``text-encoder``)."""
+    name = re.sub(r"[^a-z0-9-]+", "-", attribute.lower()).strip("-")[:63].strip("-")
+    if not _DNS_LABEL.match(name or ""):
+        raise ValueError(f"attribute {attribute!r} cannot be turned into a component name")
+    return name
+
+
+def default_attribute(component: str) -> str:
+    """The attribute a component name stands for when nothing records one
+    (``text-encoder`` → ``text_encoder``)."""
+    return component.replace("-", "_")
 
 
 def weights_file(component: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
 import math
 import mmap
@@ -19,10 +20,13 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from ._format import (
+    ATTRIBUTE_FILE,
     ATTRIBUTE_KEY,
     SafetensorsHeader,
     TensorEntry,
     VolumeError,
+    component_name,
+    default_attribute,
     parse_header,
     read_manifest,
 )
@@ -287,7 +291,7 @@ def _build(
     device: torch.device,
     as_dict: bool = False,
 ) -> tuple[str, Any]:
-    attribute = (files[0].header.metadata.get(ATTRIBUTE_KEY) if files else None) or c["name"].replace("-", "_")
+    attribute = recorded_attribute(path, c, files) or default_attribute(c["name"])
     skeleton = c.get("skeleton")
     directory = c.get("directory")
     if not skeleton and directory and not as_dict:
@@ -315,6 +319,46 @@ def _build(
         # the host; parameters already on the device stay where they are.
         module.to(landed)
     return attribute, module
+
+
+def recorded_attribute(path: Path, c: dict[str, Any], files: list[MappedFile]) -> str | None:
+    """The pipeline attribute export() recorded for a component: in its
+    weights' metadata, or for a directory component in its attribute file
+    (docs/FORMAT.md); None when neither records one."""
+    recorded = files[0].header.metadata.get(ATTRIBUTE_KEY) if files else None
+    directory = c.get("directory")
+    if recorded is None and directory:
+        rel = f"{directory.get('path')}/{ATTRIBUTE_FILE}"
+        if rel not in {e.get("file") for e in directory.get("files") or [] if isinstance(e, dict)}:
+            return None
+        where = inside(path, rel, "attribute file")
+        try:
+            recorded = json.loads(where.read_bytes()).get("attribute")
+        except (OSError, ValueError, AttributeError) as e:
+            raise VolumeError(f"component {c['name']}: {where} is not a JSON object with an attribute ({e})") from None
+    if recorded is not None and not (isinstance(recorded, str) and recorded.isidentifier()):
+        raise VolumeError(f"component {c['name']}: recorded attribute {recorded!r} is not a Python attribute name")
+    return recorded
+
+
+def _pipeline_attribute(pipeline: Any, component: str, attribute: str) -> str:
+    """Where a component goes in an unpickled pipeline: the attribute the
+    volume names when the pipeline has it, else the one attribute export()
+    emptied (None) whose component name this is (volumes exported before
+    attributes were recorded for directory components)."""
+    if attribute in getattr(pipeline, "__dict__", {}):
+        return attribute
+    emptied = [
+        k for k, v in getattr(pipeline, "__dict__", {}).items() if v is None and _component_name_or_none(k) == component
+    ]
+    return emptied[0] if len(emptied) == 1 else attribute
+
+
+def _component_name_or_none(attribute: str) -> str | None:
+    try:
+        return component_name(attribute)
+    except ValueError:
+        return None
 
 
 def _refuse_pickles(root: Path, manifest: dict[str, Any]) -> None:
@@ -545,8 +589,8 @@ def load(
         if pipeline_file:
             with open(inside(root, pipeline_file["file"], "pipeline skeleton"), "rb") as f:
                 pipeline = pickle.load(f)
-            for attribute, value in components:
-                setattr(pipeline, attribute, value)
+            for c, (attribute, value) in zip(manifest["components"], components):
+                setattr(pipeline, _pipeline_attribute(pipeline, c["name"], attribute), value)
             return pipeline
     if len(components) == 1:
         return components[0][1]
