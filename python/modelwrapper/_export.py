@@ -282,7 +282,7 @@ def _weights_stripped(module: nn.Module) -> Iterator[dict[str, Any]]:
                 # so that restoring the weights below leaves the payload as is.
                 for k in ("_parameters", "_buffers"):
                     if k in kept:
-                        kept[k] = dict(kept[k])
+                        kept[k] = copy.copy(kept[k])
                 rows.append((m, kept))
             yield {
                 SKELETON_KEY: SKELETON_VERSION,
