@@ -8,6 +8,7 @@ come from ``export()`` or a hand-made directory.
 from __future__ import annotations
 
 import json
+import operator
 import re
 import struct
 from dataclasses import dataclass
@@ -56,6 +57,9 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
+_DTYPE_SIZES = {name: (dtype, dtype.itemsize) for name, dtype in DTYPES.items()}
+
+
 class VolumeError(ValueError):
     """A volume or file that cannot be loaded; the message says what to do."""
 
@@ -69,6 +73,9 @@ class TensorEntry(NamedTuple):
     shape: tuple[int, ...]
     begin: int
     end: int
+
+
+_SPAN = operator.itemgetter(3, 4)  # (begin, end) of a TensorEntry
 
 
 @dataclass(frozen=True)
@@ -226,15 +233,32 @@ def _parse_fast(text: bytes, data_offset: int, available: int) -> tuple[list[Ten
         metadata = dict(pairs)
         if len(metadata) != len(pairs) or not all(type(v) is str for v in metadata.values()):
             return None
+    # _tensor_fast's checks, inline: this loop runs once per tensor per load.
     tensors = []
+    sizes = _DTYPE_SIZES
+    new = tuple.__new__
     for name, info in top.items():
         if type(info) is not _Pairs or len(info) != 3:
             return None
         fields = dict(info)
-        entry = _tensor_fast(name, fields, data_offset, available) if len(fields) == 3 else None
-        if entry is None:
+        dtype_name, shape, offsets = fields.get("dtype"), fields.get("shape"), fields.get("data_offsets")
+        if len(fields) != 3 or type(dtype_name) is not str or type(shape) is not list or type(offsets) is not list:
             return None
-        tensors.append(entry)
+        found = sizes.get(dtype_name)
+        if found is None or len(offsets) != 2:
+            return None
+        begin, end = offsets
+        if type(begin) is not int or type(end) is not int or not 0 <= begin <= end <= available:
+            return None
+        dtype, size = found
+        nbytes = size
+        for d in shape:
+            if type(d) is not int or not 0 <= d <= _U64_MAX:
+                return None
+            nbytes *= d
+        if nbytes != end - begin or (data_offset + begin) % size:
+            return None
+        tensors.append(new(TensorEntry, (name, dtype, tuple(shape), begin, end)))
     return tensors, metadata
 
 
@@ -243,7 +267,7 @@ def _covered(header: SafetensorsHeader, where: str, available: int) -> Safetenso
     once (no overlap, no gap); its tensors end up ordered by span."""
     tensors = header.tensors
     # Empty tensors occupy no bytes and may sit anywhere; order by span.
-    tensors.sort(key=lambda t: (t.begin, t.end))
+    tensors.sort(key=_SPAN)
     covered = 0
     last: TensorEntry | None = None
     for t in tensors:
