@@ -176,10 +176,13 @@ def read_skeleton(path: Path) -> Skeleton:
     try:
         table = obj["modules"]
         keys, types = module_internals()
+        # Every module's empty tables, made in one loop in C; each module
+        # takes the next len(keys) of them (zip stops at the keys first).
+        made = iter(list(map(type.__call__, types * len(table))))
         modules = []
         for m, stored in table:
             d = m.__dict__
-            d.update(zip(keys, map(type.__call__, types)))
+            d.update(zip(keys, made))
             d.update(stored)
             modules.append(m)
         entries = obj["state"]
