@@ -109,18 +109,21 @@ class Skeleton:
     entries: list[CompactEntry] | None = None
 
 
+_MODULE_SETSTATE = nn.Module.__setstate__
+
+
 def standard_pickling(cls: type) -> bool:
     """Whether instances of ``cls`` pickle as nn.Module's default does (an
-    empty ``__new__``, then ``__setstate__`` of its ``__getstate__``), so
-    that a version 3 skeleton may store their state and rebuild it in one
-    loop instead (export() checks this; load() trusts the file's author for
-    everything in it anyway)."""
+    empty ``__new__``, then ``__setstate__`` of nn.Module's ``__getstate__``,
+    the class's own ``__setstate__`` included), so that a version 3 skeleton
+    may store their state and rebuild them in one loop instead (export()
+    checks this; load() trusts the file's author for everything in it
+    anyway)."""
     return (
         cls.__new__ is object.__new__
         and cls.__reduce_ex__ is object.__reduce_ex__
         and cls.__reduce__ is object.__reduce__
         and cls.__getstate__ is nn.Module.__getstate__
-        and cls.__setstate__ is nn.Module.__setstate__
         and not hasattr(cls, "__getnewargs_ex__")
         and not hasattr(cls, "__getnewargs__")
         and cls not in copyreg.dispatch_table
@@ -179,12 +182,18 @@ def read_skeleton(path: Path) -> Skeleton:
         # Every module's empty tables, made in one loop in C; each module
         # takes the next len(keys) of them (zip stops at the keys first).
         made = iter(list(map(type.__call__, types * len(table))))
-        modules = []
-        for m, stored in table:
-            d = m.__dict__
-            d.update(zip(keys, made))
-            d.update(stored)
-            modules.append(m)
+        modules = [m for m, _ in table]
+        # Children before parents, as pickle builds them.
+        for m, stored in reversed(table):
+            setstate = type(m).__setstate__
+            if setstate is _MODULE_SETSTATE:
+                d = m.__dict__
+                d.update(zip(keys, made))
+                d.update(stored)
+            else:  # its own __setstate__ (Conv's fills in old checkpoints' fields): the state pickle would give it
+                state = dict(zip(keys, made))
+                state.update(stored)
+                setstate(m, state)
         entries = obj["state"]
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise VolumeError(f"{path}: skeleton's module table is malformed ({e})") from None

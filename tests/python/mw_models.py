@@ -188,3 +188,17 @@ class PicklesItsOwnWay(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lin(x)
+
+
+class SmallCNN(nn.Module):
+    """Conv (whose class has its own __setstate__) and BatchNorm (running
+    statistics are buffers; num_batches_tracked an integer one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bn(self.conv(x)).mean((2, 3)))

@@ -30,6 +30,7 @@ from mw_models import (
     PicklesItsOwnWay,
     Renamed,
     SharesModules,
+    SmallCNN,
     TransposedTie,
 )
 
@@ -116,6 +117,23 @@ def test_a_version_3_skeleton_keeps_shared_modules_tied_weights_and_attributes(t
     assert loaded.block.weight.untyped_storage().nbytes() > loaded.block.weight.nbytes
     assert torch.equal(copy.deepcopy(loaded)(x), module(x))
     assert set(loaded.state_dict()) == set(module.state_dict())
+
+
+def test_modules_with_their_own_setstate_get_it_called_from_a_version_3_skeleton(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    module = SmallCNN()
+    module.train()(torch.randn(4, 3, 8, 8))  # running statistics that are not the defaults
+    module.eval()
+    volume = local_volume(module, tmp_path)
+    assert skeleton_version(volume) == 3
+    calls = []
+    original = torch.nn.Conv2d.__setstate__
+    monkeypatch.setattr(torch.nn.Conv2d, "__setstate__", lambda self, state: (calls.append(sorted(state)), original(self, state))[1])
+    loaded = modelwrapper.load(volume)
+    assert len(calls) == 1 and "_forward_hooks" in calls[0] and "padding_mode" in calls[0]
+    assert torch.equal(loaded.bn.running_var, module.bn.running_var) and loaded.bn.num_batches_tracked == 1
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(loaded(x), module(x)) and not loaded.bn.training
 
 
 def test_a_version_2_skeleton_still_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
