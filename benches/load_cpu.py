@@ -12,6 +12,12 @@ after prefault="background" (once it finished), against a second forward,
 and the import times. Prints a table, writes --json (docs/benchmarks-cpu.json).
 
     python3 benches/load_cpu.py --json docs/benchmarks-cpu.json
+
+``--loaders floor,modelwrapper.load() --no-forward`` measures only those rows
+(seconds, and no 3.55 GB copies per process); ``--baseline DIR`` adds a row
+for another modelwrapper's load() (DIR holds its package, e.g. from
+``git archive <commit> python | tar -x -C /tmp/base``, then DIR is
+/tmp/base/python) of a volume its own export() wrote, side by side.
 """
 
 from __future__ import annotations
@@ -99,13 +105,40 @@ FORWARD = """
 """
 
 
-def child(body: str, path: Path, *args: str) -> dict[str, float]:
+def child(body: str, path: Path, *args: str, pythonpath: Path | None = None) -> dict[str, float]:
     code = PRELUDE.format(benches=str(BENCHES)) + textwrap.dedent(body)
     code += "\nprint(json.dumps({k: v for k, v in globals().items() if k.startswith('t') and isinstance(v, float)}))\n"
-    out = subprocess.run([sys.executable, "-c", code, str(path), *args], capture_output=True, text=True)
+    env = None
+    if pythonpath is not None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pythonpath), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    out = subprocess.run([sys.executable, "-c", code, str(path), *args], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+BASELINE_EXPORT = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {benches!r})
+import llama_shaped, modelwrapper
+from modelwrapper._local import _manifest
+out = Path(sys.argv[1])
+exported = modelwrapper.export(llama_shaped.uninitialised(), out, name="baseline")
+(out / "manifest.json").write_text(json.dumps(_manifest(exported, name="baseline", generation="0123456789abcdef", mode="actor")))
+"""
+
+
+def baseline_volume(package: Path) -> Path:
+    """The model exported by the modelwrapper in ``package`` (its own
+    skeleton encoding), as a volume in /dev/shm without the agent."""
+    import shutil
+
+    out = Path("/dev/shm/zerocopy-bench-baseline")
+    shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(package), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    subprocess.run([sys.executable, "-c", BASELINE_EXPORT.format(benches=str(BENCHES)), str(out)], check=True, env=env)
+    return out
 
 
 def huge_page_volume(model: Any, agent: str) -> tuple[Path, int, Path] | None:
@@ -161,7 +194,14 @@ def main() -> None:
         default=os.environ.get("ZEROCOPY_AGENT_BIN", "/var/tmp/zerocopy-ci-target/debug/zerocopy-node-agent"),
         help="zerocopy-node-agent, for the huge-page rows ('' to skip them)",
     )
+    ap.add_argument("--loaders", default=",".join(LOADERS), help=f"comma-separated rows to measure (of: {', '.join(LOADERS)})")
+    ap.add_argument("--no-forward", action="store_true", help="skip the first-forward rows (and the huge-page volume)")
+    ap.add_argument("--baseline", type=Path, help="a directory holding another modelwrapper package: adds its load() as a row")
     args = ap.parse_args()
+    loaders = [x for x in args.loaders.split(",") if x]
+    unknown = [x for x in loaders if x not in LOADERS]
+    if unknown:
+        ap.error(f"unknown loaders {unknown}; choose from {list(LOADERS)}")
 
     sys.path.insert(0, str(BENCHES))
     import llama_shaped
@@ -169,18 +209,33 @@ def main() -> None:
 
     model = llama_shaped.uninitialised()
     wrapper = modelwrapper.ModelWrapper.from_model(model)
-    huge = huge_page_volume(model, args.agent) if args.agent else None
+    huge = huge_page_volume(model, args.agent) if args.agent and not args.no_forward else None
     del model
     path = wrapper.path
     print(f"volume: {path} ({(path / 'model.safetensors').stat().st_size / 1e9:.2f} GB)", flush=True)
     results: dict[str, dict] = {}
-
-    for name, body in LOADERS.items():
-        try:
-            runs = [child(body, path) for _ in range(args.reps)]
-        except RuntimeError as e:
-            results[name] = {"error": str(e)[-300:]}
-            print(f"{name:24s} failed: {str(e)[-200:]}", flush=True)
+    # (row, body, volume, package): the rows alternate within each repetition,
+    # so a busy moment of the machine falls on all of them alike.
+    rows = [(name, LOADERS[name], path, None) for name in loaders]
+    baseline = None
+    if args.baseline is not None:
+        baseline = baseline_volume(args.baseline.resolve())
+        rows.append(("modelwrapper.load() baseline", LOADERS["modelwrapper.load()"], baseline, args.baseline.resolve()))
+    measured: dict[str, list[dict[str, float]]] = {name: [] for name, *_ in rows}
+    failed: dict[str, str] = {}
+    for _ in range(args.reps):
+        for name, body, volume, package in rows:
+            if name in failed:
+                continue
+            try:
+                measured[name].append(child(body, volume, pythonpath=package))
+            except RuntimeError as e:
+                failed[name] = str(e)
+    for name, *_ in rows:
+        runs = measured[name]
+        if name in failed:
+            results[name] = {"error": failed[name][-300:]}
+            print(f"{name:24s} failed: {failed[name][-200:]}", flush=True)
             continue
         ms = [(r["t1"] - r["t0"]) * 1e3 for r in runs]
         results[name] = {"ms": ms, "median_ms": statistics.median(ms)}
@@ -193,7 +248,7 @@ def main() -> None:
             results["imports"] = imports
             print("imports:", {k: round(v, 1) for k, v in imports.items()}, flush=True)
 
-    volumes = [("", path, m) for m in ("lazy", "prefault", "background")]
+    volumes = [] if args.no_forward else [("", path, m) for m in ("lazy", "prefault", "background")]
     if huge is not None:
         volumes += [("huge pages, ", huge[0], m) for m in ("lazy", "background")]
     for pages, volume, mode in volumes:
@@ -213,13 +268,17 @@ def main() -> None:
 
     floor = results.get("floor", {}).get("median_ms")
     print("\n| loader | median ms | x floor |\n|---|---:|---:|")
-    for name in LOADERS:
+    for name, *_ in rows:
         r = results.get(name, {})
         if "median_ms" in r:
-            print(f"| {name} | {r['median_ms']:.2f} | {r['median_ms'] / floor:.1f}x |" if floor else f"| {name} | {r['median_ms']:.2f} | |")
+            print(f"| {name} | {r['median_ms']:.2f} | {r['median_ms'] / floor:.2f}x |" if floor else f"| {name} | {r['median_ms']:.2f} | |")
     if args.json:
         args.json.write_text(json.dumps({"cpus": os.cpu_count(), "results": results}, indent=1))
     wrapper.release()
+    if baseline is not None:
+        import shutil
+
+        shutil.rmtree(baseline, ignore_errors=True)
 
 
 if __name__ == "__main__":

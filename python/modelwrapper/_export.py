@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import copyreg
 import hashlib
+import io
 import json
 import logging
 import os
 import pickle
-import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +20,20 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ._format import ATTRIBUTE_KEY, PIPELINE_SKELETON_FILE, SKELETON_KEY, SKELETON_VERSION, skeleton_file, weights_file
+from ._format import (
+    ATTRIBUTE_FILE,
+    ATTRIBUTE_KEY,
+    PIPELINE_SKELETON_FILE,
+    SKELETON_KEY,
+    SKELETON_VERSION,
+    component_name,
+    default_attribute,
+    skeleton_file,
+    weights_file,
+)
+from ._skeleton import module_internals, standard_pickling
 
 log = logging.getLogger("modelwrapper")
-
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-
 
 def detect_components(obj: Any) -> tuple[bool, dict[str, nn.Module]]:
     """Like the seed: an ``nn.Module`` is a standalone model; any other object is
@@ -51,14 +60,6 @@ def model_info(modules: dict[str, nn.Module]) -> dict[str, dict[str, Any]]:
     }
 
 
-def component_name(attribute: str) -> str:
-    """Attribute name → DNS-1123 component name (``text_encoder`` → ``text-encoder``)."""
-    name = re.sub(r"[^a-z0-9-]+", "-", attribute.lower()).strip("-")[:63].strip("-")
-    if not _DNS_LABEL.match(name or ""):
-        raise ValueError(f"attribute {attribute!r} cannot be turned into a component name")
-    return name
-
-
 def _cloudpickle() -> Any | None:
     try:
         import cloudpickle
@@ -73,6 +74,25 @@ def _defined_in_main(classes: Iterator[type]) -> bool:
     return any(c.__module__ == "__main__" for c in classes)
 
 
+def _dumps(payload: dict[str, Any], by_value: Any | None) -> bytes:
+    """Pickles a skeleton payload (by value: through cloudpickle's pickler).
+    The modules of a version 3 payload's table are pickled as bare objects
+    (``cls.__new__(cls)``, no state): the table carries their state."""
+    table = {id(m) for m, _ in payload.get("modules", ())}
+    base = by_value.Pickler if by_value is not None else pickle.Pickler
+
+    class _Pickler(base):  # type: ignore[misc, valid-type]
+        def reducer_override(self, obj: Any) -> Any:
+            if id(obj) in table:
+                return copyreg.__newobj__, (type(obj),)  # type: ignore[attr-defined]
+            inherited = getattr(super(), "reducer_override", None)
+            return inherited(obj) if inherited is not None else NotImplemented
+
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=4).dump(payload)
+    return buf.getvalue()
+
+
 def _save_skeleton(payload: dict[str, Any], path: Path) -> None:
     """The skeleton payload pickled by reference, except classes that no
     other process can import (defined in a function, or in the driver
@@ -82,15 +102,15 @@ def _save_skeleton(payload: dict[str, Any], path: Path) -> None:
     module = payload["module"]
     by_value = _cloudpickle()
     if by_value is not None and _defined_in_main(type(m) for m in module.modules()):
-        path.write_bytes(by_value.dumps(payload, protocol=4))
+        path.write_bytes(_dumps(payload, by_value))
         return
     try:
-        data = pickle.dumps(payload, protocol=4)
+        data = _dumps(payload, None)
     except (AttributeError, pickle.PicklingError, TypeError) as e:
         if by_value is None:
             raise
         log.info("%s pickles only by value (%s): saving its skeleton with cloudpickle", type(module).__name__, e)
-        data = by_value.dumps(payload, protocol=4)
+        data = _dumps(payload, by_value)
     path.write_bytes(data)
 
 
@@ -202,25 +222,38 @@ def _weights_stripped(module: nn.Module) -> Iterator[dict[str, Any]]:
     (tied ones share an entry), shape, dtype and kind. Nothing of the model
     is copied; non-persistent buffers keep their values (they are not in the
     weights). Loading it rebuilds no placeholder tensors (SKELETON_KEY in
-    docs/FORMAT.md)."""
-    found: list[tuple[dict[str, Any], str, torch.Tensor, str]] = []
+    docs/FORMAT.md).
+
+    Where every module pickles the default way (almost always), the payload
+    is version 3: a table of the modules, each with its state less the
+    bookkeeping nn.Module creates empty, and for every tensor the table
+    index and attribute of each module that holds it, so load() neither
+    unpickles a dozen empty hook tables per module nor walks the tree to
+    bind. Otherwise version 2, which load() reads as before."""
+    found: list[tuple[dict[str, Any], str, torch.Tensor, str, int]] = []
     # Non-persistent buffers pickle with their values; one on a GPU would
     # unpickle only where that GPU exists, so it is saved from a CPU copy.
     moved: list[tuple[dict[str, Any], str, torch.Tensor]] = []
+    table: dict[int, int] = {}
+    modules: list[nn.Module] = []
     for prefix, sub in module.named_modules(remove_duplicate=False):
+        index = table.get(id(sub))
+        if index is None:
+            index = table[id(sub)] = len(modules)
+            modules.append(sub)
         dot = f"{prefix}." if prefix else ""
         for name, p in sub._parameters.items():
             if p is not None:
-                found.append((sub._parameters, name, p, dot + name))
+                found.append((sub._parameters, name, p, dot + name, index))
         for name, b in sub._buffers.items():
             if b is None:
                 continue
             if name not in sub._non_persistent_buffers_set:
-                found.append((sub._buffers, name, b, dot + name))
+                found.append((sub._buffers, name, b, dot + name, index))
             elif b.device.type not in ("cpu", "meta"):
                 moved.append((sub._buffers, name, b))
     state: dict[int, dict[str, Any]] = {}
-    for _, _, value, full in found:
+    for _, leaf, value, full, index in found:
         entry = state.get(id(value))
         if entry is None:
             entry = state[id(value)] = {
@@ -228,20 +261,47 @@ def _weights_stripped(module: nn.Module) -> Iterator[dict[str, Any]]:
                 "shape": list(value.shape),
                 "dtype": str(value.dtype).removeprefix("torch."),
                 "parameter": isinstance(value, nn.Parameter),
+                "owners": [],
             }
         if full not in entry["names"]:
             entry["names"].append(full)
+            entry["owners"].append((index, leaf))
+    compact = all(standard_pickling(type(m)) for m in modules)
     try:
-        for table, name, _, _ in found:
-            table[name] = None
-        for table, name, value in moved:
-            table[name] = value.cpu()
-        yield {SKELETON_KEY: SKELETON_VERSION, "module": module, "state": list(state.values())}
+        for table_, name, _, _, _ in found:
+            table_[name] = None
+        for table_, name, value in moved:
+            table_[name] = value.cpu()
+        if compact:
+            keys, _ = module_internals()
+            fresh = set(keys)
+            rows = []
+            for m in modules:
+                kept = {k: v for k, v in m.__getstate__().items() if not (k in fresh and not v)}
+                # Its own copies of the tables the weights were stripped from,
+                # so that restoring the weights below leaves the payload as is.
+                for k in ("_parameters", "_buffers"):
+                    if k in kept:
+                        kept[k] = copy.copy(kept[k])
+                rows.append((m, kept))
+            yield {
+                SKELETON_KEY: SKELETON_VERSION,
+                "module": module,
+                "modules": rows,
+                "state": [
+                    (tuple(e["names"]), tuple(e["shape"]), e["dtype"], e["parameter"], tuple(e["owners"]))
+                    for e in state.values()
+                ],
+            }
+        else:
+            for e in state.values():
+                del e["owners"]
+            yield {SKELETON_KEY: 2, "module": module, "state": list(state.values())}
     finally:
-        for table, name, value, _ in found:
-            table[name] = value
-        for table, name, value in moved:
-            table[name] = value
+        for table_, name, value, _, _ in found:
+            table_[name] = value
+        for table_, name, value in moved:
+            table_[name] = value
 
 
 def _is_pretrained(module: nn.Module) -> bool:
@@ -255,6 +315,10 @@ def _is_pretrained(module: nn.Module) -> bool:
 def _export_pretrained(module: nn.Module, cname: str, attribute: str, out: Path) -> ExportedComponent:
     directory = out / cname
     module.save_pretrained(directory, safe_serialization=True)
+    if default_attribute(cname) != attribute:
+        # save_pretrained writes the shards' metadata, so the attribute the
+        # name does not give back is recorded beside them.
+        (directory / ATTRIBUTE_FILE).write_text(json.dumps({"attribute": attribute}))
     files = sorted(p for p in directory.rglob("*") if p.is_file())
     sums = {p.relative_to(directory).as_posix(): sha256_file(p) for p in files}
     return ExportedComponent(

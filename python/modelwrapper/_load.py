@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import gc
+import json
 import logging
 import math
 import mmap
 import os
 import pickle
+import threading
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -17,10 +20,13 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from ._format import (
+    ATTRIBUTE_FILE,
     ATTRIBUTE_KEY,
     SafetensorsHeader,
     TensorEntry,
     VolumeError,
+    component_name,
+    default_attribute,
     parse_header,
     read_manifest,
 )
@@ -29,7 +35,7 @@ from ._shard import Shard, shard_of
 if TYPE_CHECKING:  # the GPU path's modules load when a device load runs
     from ._device import CopyReport, FileSource, Transfer
 from ._root import LOCAL_NAMESPACE, local_generation, open_root, opened, root_lock
-from ._skeleton import assign_state, assign_stripped, build_from_factory, read_skeleton
+from ._skeleton import assign_skeleton, assign_state, build_from_factory, read_skeleton
 
 log = logging.getLogger("modelwrapper")
 
@@ -120,6 +126,11 @@ def map_file(path: Path, *, copy_on_write: bool = False) -> MappedFile:
 def cpu_views(m: MappedFile, shard: Shard | None = None) -> dict[str, torch.Tensor]:
     """Every tensor as a view of the mapping (a shard: a narrowed view)."""
     tensors: dict[str, torch.Tensor] = {}
+    if shard is None:  # every load(): one as_strided per tensor, nothing else
+        view = m.view
+        for t in m.header.tensors:
+            tensors[t.name] = torch.empty(t.shape, dtype=t.dtype) if t.end == t.begin else view(t)
+        return tensors
     for t in m.header.tensors:
         tensor = torch.empty(t.shape, dtype=t.dtype) if t.end == t.begin else m.view(t)
         cut = shard_of(shard, t, m.path)
@@ -127,10 +138,19 @@ def cpu_views(m: MappedFile, shard: Shard | None = None) -> dict[str, torch.Tens
     return tensors
 
 
+# Strides by shape: models repeat a few shapes many times (once per layer).
+_strides: dict[tuple[int, ...], tuple[int, ...]] = {}
+
+
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    found = _strides.get(shape)
+    if found is not None:
+        return found
     strides = [1] * len(shape)
     for i in range(len(shape) - 2, -1, -1):
         strides[i] = strides[i + 1] * max(shape[i + 1], 1)
+    if len(_strides) < 4096:
+        _strides[shape] = tuple(strides)
     return tuple(strides)
 
 
@@ -271,7 +291,7 @@ def _build(
     device: torch.device,
     as_dict: bool = False,
 ) -> tuple[str, Any]:
-    attribute = (files[0].header.metadata.get(ATTRIBUTE_KEY) if files else None) or c["name"].replace("-", "_")
+    attribute = recorded_attribute(path, c, files) or default_attribute(c["name"])
     skeleton = c.get("skeleton")
     directory = c.get("directory")
     if not skeleton and directory and not as_dict:
@@ -287,11 +307,7 @@ def _build(
     if not skeleton or as_dict:
         return attribute, tensors
     if skeleton.get("file"):
-        module, state = read_skeleton(inside(path, skeleton["file"]["file"], "skeleton file"))
-        if state is not None:
-            module = assign_stripped(c["name"], module, state, tensors)
-        else:
-            module = assign_state(c["name"], module, tensors)
+        module = assign_skeleton(c["name"], read_skeleton(inside(path, skeleton["file"]["file"], "skeleton file")), tensors)
     elif skeleton.get("factory"):
         module = assign_state(c["name"], build_from_factory(skeleton["factory"], skeleton.get("kwargs")), tensors)
     else:
@@ -303,6 +319,46 @@ def _build(
         # the host; parameters already on the device stay where they are.
         module.to(landed)
     return attribute, module
+
+
+def recorded_attribute(path: Path, c: dict[str, Any], files: list[MappedFile]) -> str | None:
+    """The pipeline attribute export() recorded for a component: in its
+    weights' metadata, or for a directory component in its attribute file
+    (docs/FORMAT.md); None when neither records one."""
+    recorded = files[0].header.metadata.get(ATTRIBUTE_KEY) if files else None
+    directory = c.get("directory")
+    if recorded is None and directory:
+        rel = f"{directory.get('path')}/{ATTRIBUTE_FILE}"
+        if rel not in {e.get("file") for e in directory.get("files") or [] if isinstance(e, dict)}:
+            return None
+        where = inside(path, rel, "attribute file")
+        try:
+            recorded = json.loads(where.read_bytes()).get("attribute")
+        except (OSError, ValueError, AttributeError) as e:
+            raise VolumeError(f"component {c['name']}: {where} is not a JSON object with an attribute ({e})") from None
+    if recorded is not None and not (isinstance(recorded, str) and recorded.isidentifier()):
+        raise VolumeError(f"component {c['name']}: recorded attribute {recorded!r} is not a Python attribute name")
+    return recorded
+
+
+def _pipeline_attribute(pipeline: Any, component: str, attribute: str) -> str:
+    """Where a component goes in an unpickled pipeline: the attribute the
+    volume names when the pipeline has it, else the one attribute export()
+    emptied (None) whose component name this is (volumes exported before
+    attributes were recorded for directory components)."""
+    if attribute in getattr(pipeline, "__dict__", {}):
+        return attribute
+    emptied = [
+        k for k, v in getattr(pipeline, "__dict__", {}).items() if v is None and _component_name_or_none(k) == component
+    ]
+    return emptied[0] if len(emptied) == 1 else attribute
+
+
+def _component_name_or_none(attribute: str) -> str | None:
+    try:
+        return component_name(attribute)
+    except ValueError:
+        return None
 
 
 def _refuse_pickles(root: Path, manifest: dict[str, Any]) -> None:
@@ -321,6 +377,34 @@ def _refuse_pickles(root: Path, manifest: dict[str, Any]) -> None:
             "kwargs: {...}}) and no pipeline skeleton, or set "
             f"{ALLOW_PICKLE_ENV}=1 if you trust whoever can write this volume's ModelWrapper spec"
         )
+
+
+_pause_lock = threading.Lock()
+_pauses = 0
+_resume = False
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while a load builds its
+    objects (thousands of modules' tables, views, parameters), on again
+    after: otherwise its young-generation passes run a dozen times in one
+    load, over objects that all survive (0.75 ms of a 291-tensor model's
+    load). Only a collector that was on is turned on again; overlapping
+    loads in several threads keep it off until the last one ends."""
+    global _pauses, _resume
+    with _pause_lock:
+        if _pauses == 0:
+            _resume = gc.isenabled()
+            gc.disable()
+        _pauses += 1
+    try:
+        yield
+    finally:
+        with _pause_lock:
+            _pauses -= 1
+            if _pauses == 0 and _resume:
+                gc.enable()
 
 
 @contextlib.contextmanager
@@ -488,25 +572,26 @@ def load(
     dev = _device(device)
     allow_pickle = pickle_allowed()
     cow = _copy_on_write(copy_on_write)
-    with _held_against_collection(root):
-        manifest = read_manifest(root)
-        if not allow_pickle:
-            _refuse_pickles(root, manifest)
-        mode = _prefault_mode(prefault, manifest)
-        per_component = _mapped(root, manifest, cow and dev.type == "cpu")
-        flat = _tensor_sets([m for files in per_component for m in files], dev, mode)
-        components = []
-        for c, files in zip(manifest["components"], per_component):
-            tensors = _merged(c["name"], files, flat[: len(files)])
-            flat = flat[len(files) :]
-            components.append(_build(root, c, files, tensors, dev, as_dict))
-    pipeline_file = manifest.get("pipelineSkeleton")
-    if pipeline_file:
-        with open(inside(root, pipeline_file["file"], "pipeline skeleton"), "rb") as f:
-            pipeline = pickle.load(f)
-        for attribute, value in components:
-            setattr(pipeline, attribute, value)
-        return pipeline
+    with _collector_paused():
+        with _held_against_collection(root):
+            manifest = read_manifest(root)
+            if not allow_pickle:
+                _refuse_pickles(root, manifest)
+            mode = _prefault_mode(prefault, manifest)
+            per_component = _mapped(root, manifest, cow and dev.type == "cpu")
+            flat = _tensor_sets([m for files in per_component for m in files], dev, mode)
+            components = []
+            for c, files in zip(manifest["components"], per_component):
+                tensors = _merged(c["name"], files, flat[: len(files)])
+                flat = flat[len(files) :]
+                components.append(_build(root, c, files, tensors, dev, as_dict))
+        pipeline_file = manifest.get("pipelineSkeleton")
+        if pipeline_file:
+            with open(inside(root, pipeline_file["file"], "pipeline skeleton"), "rb") as f:
+                pipeline = pickle.load(f)
+            for c, (attribute, value) in zip(manifest["components"], components):
+                setattr(pipeline, _pipeline_attribute(pipeline, c["name"], attribute), value)
+            return pipeline
     if len(components) == 1:
         return components[0][1]
     return LoadedPipeline(**dict(components))

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import copyreg
 import importlib
 import logging
 import pickle
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
-from ._format import SKELETON_KEY, SKELETON_VERSION, VolumeError
+from ._format import SKELETON_KEY, SKELETON_VERSIONS, VolumeError
 
 log = logging.getLogger("modelwrapper")
 
@@ -89,7 +91,63 @@ def build_from_factory(ref: str, kwargs: dict[str, Any] | None) -> nn.Module:
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
-def read_skeleton(path: Path) -> tuple[nn.Module, list[dict[str, Any]] | None]:
+# One tensor of a version 3 skeleton: its state-dict names (tied ones share
+# an entry), shape, dtype name, whether it is a parameter, and where it is
+# bound: (index in the module table, attribute) per name.
+CompactEntry = tuple[tuple[str, ...], tuple[int, ...], str, bool, tuple[tuple[int, str], ...]]
+
+
+@dataclass
+class Skeleton:
+    """A skeleton file's module and what it says about the weights: nothing
+    (a torch.save archive), a version 2 description (``state``), or a
+    version 3 module table (``modules``, ``entries``)."""
+
+    module: nn.Module
+    state: list[dict[str, Any]] | None = None
+    modules: list[nn.Module] | None = None
+    entries: list[CompactEntry] | None = None
+
+
+_MODULE_SETSTATE = nn.Module.__setstate__
+
+
+def standard_pickling(cls: type) -> bool:
+    """Whether instances of ``cls`` pickle as nn.Module's default does (an
+    empty ``__new__``, then ``__setstate__`` of nn.Module's ``__getstate__``,
+    the class's own ``__setstate__`` included), so that a version 3 skeleton
+    may store their state and rebuild them in one loop instead (export()
+    checks this; load() trusts the file's author for everything in it
+    anyway)."""
+    return (
+        cls.__new__ is object.__new__
+        and cls.__reduce_ex__ is object.__reduce_ex__
+        and cls.__reduce__ is object.__reduce__
+        and cls.__getstate__ is nn.Module.__getstate__
+        and not hasattr(cls, "__getnewargs_ex__")
+        and not hasattr(cls, "__getnewargs__")
+        and cls not in copyreg.dispatch_table
+        and not any("__slots__" in vars(k) for k in cls.__mro__)
+    )
+
+
+_internals: tuple[tuple[str, ...], tuple[type, ...]] | None = None
+
+
+def module_internals() -> tuple[tuple[str, ...], tuple[type, ...]]:
+    """nn.Module's own bookkeeping (hook tables, parameter and buffer
+    tables, ...) as this torch creates it, empty: names and the types that
+    make each afresh. A version 3 skeleton leaves out what is empty; load()
+    creates this torch's set for every module, as ``__setstate__`` does for
+    attributes an older torch did not have."""
+    global _internals
+    if _internals is None:
+        empty = [(k, type(v)) for k, v in nn.Module().__dict__.items() if k != "training" and not v]
+        _internals = (tuple(k for k, _ in empty), tuple(t for _, t in empty))
+    return _internals
+
+
+def read_skeleton(path: Path) -> Skeleton:
     """The module of a skeleton file, and its weights' description when the
     file is export()'s payload (weights stripped, see SKELETON_KEY) rather
     than a torch.save archive of a meta-device module."""
@@ -103,16 +161,152 @@ def read_skeleton(path: Path) -> tuple[nn.Module, list[dict[str, Any]] | None]:
             if isinstance(obj, int):  # torch.save's legacy format starts with a magic number
                 f.seek(0)
                 obj = torch.load(f, map_location="cpu", weights_only=False)
-    state = None
-    if isinstance(obj, dict) and SKELETON_KEY in obj:
-        if obj[SKELETON_KEY] != SKELETON_VERSION:
-            raise VolumeError(
-                f"{path}: skeleton version {obj[SKELETON_KEY]!r}; this modelwrapper reads {SKELETON_VERSION}: upgrade it"
-            )
-        obj, state = obj.get("module"), obj.get("state")
-    if not isinstance(obj, nn.Module):
-        raise VolumeError(f"{path}: skeleton is a {type(obj).__name__}, not an nn.Module")
-    return obj, state
+    if not (isinstance(obj, dict) and SKELETON_KEY in obj):
+        if not isinstance(obj, nn.Module):
+            raise VolumeError(f"{path}: skeleton is a {type(obj).__name__}, not an nn.Module")
+        return Skeleton(obj)
+    version = obj[SKELETON_KEY]
+    if version not in SKELETON_VERSIONS:
+        raise VolumeError(
+            f"{path}: skeleton version {version!r}; this modelwrapper reads "
+            f"{', '.join(map(str, SKELETON_VERSIONS))}: upgrade it"
+        )
+    module = obj.get("module")
+    if not isinstance(module, nn.Module):
+        raise VolumeError(f"{path}: skeleton is a {type(module).__name__}, not an nn.Module")
+    if version == 2:
+        return Skeleton(module, state=obj.get("state"))
+    try:
+        table = obj["modules"]
+        keys, types = module_internals()
+        # Every module's empty tables, made in one loop in C; each module
+        # takes the next len(keys) of them (zip stops at the keys first).
+        made = iter(list(map(type.__call__, types * len(table))))
+        modules = [m for m, _ in table]
+        # Children before parents, as pickle builds them.
+        for m, stored in reversed(table):
+            setstate = type(m).__setstate__
+            if setstate is _MODULE_SETSTATE:
+                d = m.__dict__
+                d.update(zip(keys, made))
+                d.update(stored)
+            else:  # its own __setstate__ (Conv's fills in old checkpoints' fields): the state pickle would give it
+                state = dict(zip(keys, made))
+                state.update(stored)
+                setstate(m, state)
+        entries = obj["state"]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise VolumeError(f"{path}: skeleton's module table is malformed ({e})") from None
+    if not modules or modules[0] is not module:
+        raise VolumeError(f"{path}: skeleton's module table does not start at its module")
+    return Skeleton(module, modules=modules, entries=entries)
+
+
+def assign_skeleton(component: str, skeleton: Skeleton, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """Binds ``tensors`` into the module of ``skeleton`` (whichever kind),
+    as :func:`assign_state` does."""
+    if skeleton.entries is not None:
+        return assign_compact(component, skeleton, tensors)
+    if skeleton.state is not None:
+        return assign_stripped(component, skeleton.module, skeleton.state, tensors)
+    return assign_state(component, skeleton.module, tensors)
+
+
+_dtypes: dict[str, torch.dtype] = {}
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = _dtypes.get(name)
+    if dtype is None:
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise VolumeError(f"skeleton names dtype {name!r}, which this torch does not have")
+        _dtypes[name] = dtype
+    return dtype
+
+
+def assign_compact(component: str, skeleton: Skeleton, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """:func:`assign_stripped` for a version 3 skeleton: its module table
+    says which module owns each tensor, so binding walks nothing."""
+    module, modules, entries = skeleton.module, skeleton.modules, skeleton.entries
+    assert modules is not None and entries is not None
+    if not _plain_modules(modules):
+        # Custom loading (or a hook): the general path, from placeholders.
+        try:
+            state = [
+                {"names": list(names), "shape": list(shape), "dtype": dtype, "parameter": parameter}
+                for names, shape, dtype, parameter, _ in entries
+            ]
+        except (TypeError, ValueError) as e:
+            raise VolumeError(f"component {component}: skeleton's weight description is malformed ({e})") from None
+        return assign_stripped(component, module, state, tensors)
+    _check_compact(component, entries, tensors)
+    # Only non-persistent buffers have values yet: they are not in the weights.
+    if any(value is not None and value.device.type == "meta" for m in modules for value in m._buffers.values()):
+        left = [n for n, b in module.named_buffers(remove_duplicate=False) if b is not None and b.device.type == "meta"]
+        raise VolumeError(f"component {component}: still on the meta device after loading: {', '.join(left)}")
+    count = len(modules)
+    make = torch.Tensor._make_subclass
+    for names, _, _, parameter, owners in entries:
+        source = None
+        for n in names:
+            source = tensors.get(n)
+            if source is not None:
+                break
+        if parameter:
+            bound = make(nn.Parameter, source, False) if type(source) is torch.Tensor else nn.Parameter(source, requires_grad=False)
+        else:
+            bound = source
+        for index, leaf in owners:
+            if not 0 <= index < count:
+                raise VolumeError(f"component {component}: skeleton binds {names[0]!r} to a module it does not have")
+            owner = modules[index]
+            (owner._parameters if parameter else owner._buffers)[leaf] = bound
+    _eval_modules(module, modules)
+    return module
+
+
+def _plain_modules(modules: list[nn.Module]) -> bool:
+    """No module customises how its state is saved or loaded."""
+    for cls in {type(m) for m in modules}:
+        standard = _standard_classes.get(cls)
+        if standard is None:
+            standard = _standard_classes[cls] = all(getattr(cls, a) in ok for a, ok in _STANDARD.items())
+        if not standard:
+            return False
+    return not any(
+        m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks or m._state_dict_hooks or m._state_dict_pre_hooks
+        for m in modules
+    )
+
+
+def _check_compact(component: str, entries: list[CompactEntry], tensors: dict[str, torch.Tensor]) -> None:
+    """:func:`_check` over a version 3 description."""
+    problems = []
+    missing = []
+    known = 0
+    for names, shape, dtype, _, _ in entries:
+        found = False
+        for name in names:
+            t = tensors.get(name)
+            if t is None:
+                continue
+            found = True
+            known += 1
+            if t.shape != shape:
+                problems.append(f"{name}: weights have shape {list(t.shape)}, module expects {list(shape)}")
+            elif t.dtype != (_dtypes.get(dtype) or _dtype(dtype)):
+                problems.append(f"{name}: weights have dtype {t.dtype}, module expects {_dtype(dtype)}")
+        if not found:
+            missing.append(names[0])
+    if known != len(tensors):
+        expected = {n for e in entries for n in e[0]}
+        unexpected = [k for k in tensors if k not in expected]
+        log.warning("component %s: weights have keys the module does not: %s (skipped)", component, ", ".join(sorted(unexpected)))
+    if missing:
+        problems.append("missing from the weights: " + ", ".join(sorted(missing)))
+    if problems:
+        raise VolumeError(f"component {component}: weights do not match the module: " + "; ".join(problems))
 
 
 class _Expected:
@@ -177,15 +371,18 @@ def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def _eval(modules: list[tuple[str, nn.Module]]) -> None:
+    _eval_modules(modules[0][1], [m for _, m in modules])
+
+
+def _eval_modules(root: nn.Module, modules: list[nn.Module]) -> None:
     """``root.eval()``, without its recursive walk where nothing overrides
     ``train``/``eval`` (a parent's ``train`` may keep a child in training
     mode on purpose, e.g. MC dropout: then the real call runs)."""
-    root = modules[0][1]
-    if type(root).eval is not _EVAL or any(type(m).train is not _TRAIN for _, m in modules):
+    if type(root).eval is not _EVAL or any(cls.train is not _TRAIN for cls in {type(m) for m in modules}):
         root.eval()
         return
-    for _, m in modules:
-        object.__setattr__(m, "training", False)  # what train(False) sets, without nn.Module's lookups
+    for m in modules:
+        m.__dict__["training"] = False  # what train(False) sets, without nn.Module's lookups
 
 
 def assign_state(component: str, module: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:

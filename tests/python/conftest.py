@@ -47,6 +47,13 @@ def generations(root: Path) -> list[dict]:
     return json.loads(out.stdout)
 
 
+def with_pythonpath(*dirs: Path) -> str:
+    """PYTHONPATH for a child process: ``dirs``, then this process's own
+    PYTHONPATH (a checkout run without installing the package keeps it)."""
+    inherited = os.environ.get("PYTHONPATH")
+    return os.pathsep.join([*map(str, dirs), *([inherited] if inherited else [])])
+
+
 def free_port() -> int:
     """A port on 127.0.0.1 nothing listens on now, for a test server."""
     import socket

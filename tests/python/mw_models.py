@@ -148,3 +148,57 @@ class TransposedTie(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dec(self.enc(x))
+
+
+class SharesModules(nn.Module):
+    """One block registered under two names, a tied weight, a module held
+    outside ``_modules`` and a plain attribute: a skeleton keeps them all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Linear(8, 8)
+        self.again = self.block
+        self.emb = nn.Embedding(10, 8)
+        self.head = nn.Linear(8, 10, bias=False)
+        self.head.weight = self.emb.weight
+        self.__dict__["outside"] = self.head  # not a submodule: no state-dict names
+        self.scale = 0.5
+        self.register_buffer("mask", torch.tensor([1.0, 0.0] * 4), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.outside(self.again(self.block(x)) * self.mask * self.scale)
+
+
+class PicklesItsOwnWay(nn.Module):
+    """Leaves an attribute out of its pickled state (as some caches do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.cache = {"computed": True}
+
+    def __getstate__(self):  # type: ignore[no-untyped-def]
+        state = super().__getstate__()
+        state.pop("cache", None)
+        return state
+
+    def __setstate__(self, state):  # type: ignore[no-untyped-def]
+        super().__setstate__(state)
+        self.cache = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+class SmallCNN(nn.Module):
+    """Conv (whose class has its own __setstate__) and BatchNorm (running
+    statistics are buffers; num_batches_tracked an integer one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bn(self.conv(x)).mean((2, 3)))

@@ -17,6 +17,7 @@ import torch
 
 import modelwrapper
 from modelwrapper import ModelWrapper
+from conftest import with_pythonpath
 from mw_models import Big, Encoder
 
 HERE = Path(__file__).resolve().parent
@@ -30,7 +31,7 @@ def used(mount: Path) -> int:
 
 
 def env_for(root: Path) -> dict[str, str]:
-    return {**os.environ, "MODELWRAPPER_ROOT": str(root), "PYTHONPATH": str(HERE)}
+    return {**os.environ, "MODELWRAPPER_ROOT": str(root), "PYTHONPATH": with_pythonpath(HERE)}
 
 
 def run_gc(root: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -95,3 +95,52 @@ def test_a_well_formed_header_loads(tmp_path: Path) -> None:
     assert set(loaded) == {"a", "b", "e"}
     assert loaded["a"].dtype == torch.float32 and loaded["b"].shape == (2,) and loaded["e"].numel() == 0
 
+
+
+def test_the_fast_header_parse_accepts_only_what_the_strict_parse_accepts() -> None:
+    """parse_header() tries a fast parse first and falls back to the strict
+    one; mutations of a valid header (bytes changed, dropped, doubled) must
+    never be accepted by the fast parse unless the strict parse accepts them
+    with the same result."""
+    import random
+
+    from modelwrapper import _format
+
+    header = "{" + ",".join(
+        [
+            '"__metadata__":{"format":"pt"}',
+            t("a", "F32", (2, 2), (0, 16)),
+            t("b", "BF16", (4,), (16, 24)),
+            t("c", "I8", (0, 3), (24, 24)),
+            t("d", "U8", (8,), (24, 32)),
+        ]
+    ) + "}"
+    rng = random.Random(7)
+    alphabet = b'{}[],:" 0123456789-eE.atrufnlsdxAF'
+    accepted = 0
+    for _ in range(3000):
+        raw = bytearray(header.encode())
+        for _ in range(rng.randint(1, 3)):
+            pos = rng.randrange(len(raw))
+            kind = rng.randrange(3)
+            if kind == 0:
+                raw[pos] = rng.choice(alphabet)
+            elif kind == 1:
+                del raw[pos]
+            else:
+                raw[pos:pos] = raw[pos : pos + rng.randint(1, 12)]
+        text = bytes(raw)
+        n = 8 + len(text)
+        fast = _format._parse_fast(text, n, 32)
+        if fast is None:
+            continue
+        accepted += 1
+        try:
+            strict_json = json.loads(text, object_pairs_hook=_format._no_duplicates, parse_constant=_format._reject_constant)
+        except ValueError as e:
+            raise AssertionError(f"fast parse accepted {text!r}, which strict JSON refuses: {e}") from None
+        metadata = strict_json.pop("__metadata__", {})
+        assert metadata == fast[1], text
+        entries = [_format._tensor(k, v, "bad", "x", n, 32) for k, v in strict_json.items()]
+        assert entries == fast[0], text
+    assert accepted > 10, "the mutations left some valid headers"

@@ -381,3 +381,75 @@ def test_concurrent_loads_leave_other_threads_modules_alone(tmp_path: Path) -> N
     assert not errors, errors
     assert not on_meta, on_meta[0]
     assert torch.nn.Linear(4, 4).weight.device.type == "cpu"
+
+
+class TwoModels:
+    """A pipeline whose attributes do not all come back from their
+    component names (textEncoder -> textencoder, Text_Decoder ->
+    text-decoder, encoder2 -> encoder2)."""
+
+    def __init__(self, model: torch.nn.Module, other: torch.nn.Module, third: torch.nn.Module) -> None:
+        self.textEncoder = model
+        self.Text_Decoder = other
+        self.encoder2 = third
+        self.prompt = "hello"
+
+
+def test_pipeline_attributes_come_back_under_their_own_names(tmp_path: Path, shm: Path) -> None:
+    """export() records an attribute its component name does not give back:
+    in the weights' metadata, or (a directory component, whose shards
+    save_pretrained writes) in a file beside them; names that round-trip
+    get no file."""
+    import modelwrapper
+    from modelwrapper._format import ATTRIBUTE_FILE
+    from mw_models import Encoder
+
+    llama = tiny_llama(tmp_path / "llama")
+    model = transformers.LlamaForCausalLM.from_pretrained(str(llama)).eval()
+    torch.manual_seed(0)
+    pipeline = TwoModels(model, Encoder(), transformers.LlamaForCausalLM.from_pretrained(str(llama)).eval())
+    exported = modelwrapper.export(pipeline, tmp_path / "export", name="two")
+    assert [c.name for c in exported.components] == ["textencoder", "text-decoder", "encoder2"]
+    assert json.loads((tmp_path / "export" / "textencoder" / ATTRIBUTE_FILE).read_text()) == {"attribute": "textEncoder"}
+    assert not (tmp_path / "export" / "encoder2" / ATTRIBUTE_FILE).exists(), "a name that round-trips records nothing"
+    proc = fill(exported.yaml_path, shm / "root")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [gen] = generations(shm / "root")
+    generation = Path(gen["path"])
+    loaded = modelwrapper.load(generation)
+    assert type(loaded) is TwoModels and loaded.prompt == "hello"
+    assert type(loaded.textEncoder).__name__ == "LlamaForCausalLM"
+    assert type(loaded.Text_Decoder).__name__ == "Encoder" and type(loaded.encoder2).__name__ == "LlamaForCausalLM"
+    assert not {"textencoder", "text_decoder"} & set(vars(loaded))
+    ids = torch.tensor([[1, 5, 9, 42]])
+    with torch.no_grad():
+        assert torch.equal(loaded.textEncoder(ids).logits, model(ids).logits)
+    # Without the pipeline object: the same names on the namespace load() builds.
+    (tmp_path / "hollow").mkdir()
+    manifest = json.loads((generation / "manifest.json").read_text())
+    del manifest["pipelineSkeleton"]
+    copy = tmp_path / "hollow" / generation.name
+    shutil.copytree(generation, copy, symlinks=True)
+    (copy / "manifest.json").chmod(0o644)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    names = set(vars(modelwrapper.load(copy)))
+    assert names == {"textEncoder", "Text_Decoder", "encoder2"}, names
+
+
+def test_a_volume_exported_before_attributes_were_recorded_fills_the_pipeline_by_component_name(tmp_path: Path) -> None:
+    """No attribute file (an older export): the pipeline object's emptied
+    attribute whose component name matches takes the component."""
+    import pickle
+
+    import modelwrapper
+
+    llama = tiny_llama(tmp_path / "llama")
+    gen = volume_of(llama, tmp_path / "vol", component="textencoder")
+
+    hollow = TwoModels(None, None, None)  # type: ignore[arg-type]
+    (gen / "pipeline.skeleton.pkl").write_bytes(pickle.dumps(hollow))
+    manifest = json.loads((gen / "manifest.json").read_text())
+    manifest["pipelineSkeleton"] = {"file": "pipeline.skeleton.pkl", "bytes": 0, "sha256": "", "source": ""}
+    (gen / "manifest.json").write_text(json.dumps(manifest))
+    loaded = modelwrapper.load(gen)
+    assert type(loaded.textEncoder).__name__ == "LlamaForCausalLM" and "textencoder" not in vars(loaded)

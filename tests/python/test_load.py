@@ -19,8 +19,20 @@ import torch
 import yaml
 
 import modelwrapper
-from conftest import REPO, filled_volume, local_volume
-from mw_models import TransposedTie, BigPipeline, CountsEval, CustomLoading, Encoder, KeepsDropoutOn, Pipeline, Renamed
+from conftest import REPO, filled_volume, local_volume, with_pythonpath
+from mw_models import (
+    BigPipeline,
+    CountsEval,
+    CustomLoading,
+    Encoder,
+    KeepsDropoutOn,
+    Pipeline,
+    PicklesItsOwnWay,
+    Renamed,
+    SharesModules,
+    SmallCNN,
+    TransposedTie,
+)
 
 
 def mapped_ranges(path_part: str) -> list[tuple[int, int]]:
@@ -71,6 +83,111 @@ def test_export_skeletons_hold_no_weights_and_custom_loading_still_runs(tmp_path
     x = torch.randn(2, 16)
     assert torch.equal(loaded(x), module(x)) and not loaded.training
     assert torch.equal(module.lin.weight, modelwrapper.load(volume).lin.weight), "export left the model intact"
+
+
+def skeleton_version(volume: Path) -> int:
+    import pickle
+
+    with open(volume / "model.skeleton.pt", "rb") as f:
+        return pickle.load(f)["zerocopy.skeleton"]
+
+
+def test_a_version_3_skeleton_keeps_shared_modules_tied_weights_and_attributes(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = SharesModules()
+    volume = local_volume(module, tmp_path)
+    assert skeleton_version(volume) == 3
+    loaded = modelwrapper.load(volume)
+    assert loaded.again is loaded.block and loaded.outside is loaded.head
+    assert loaded.head.weight is loaded.emb.weight and isinstance(loaded.head.weight, torch.nn.Parameter)
+    assert loaded.scale == 0.5 and torch.equal(loaded.mask, module.mask)
+    assert [n for n, _ in loaded.named_parameters()] == [n for n, _ in module.named_parameters()]
+    assert not any(p.requires_grad for p in loaded.parameters())
+    assert not any(m.training for m in loaded.modules())
+    x = torch.randn(3, 8)
+    assert torch.equal(loaded(x), module(x))
+    # Every module has its own hook tables: a hook on one is on that one only.
+    calls = []
+    loaded.block.register_forward_hook(lambda *a: calls.append(1))
+    loaded.head(torch.randn(1, 8))
+    assert calls == [] and not loaded.head._forward_hooks
+    loaded.block(torch.randn(1, 8))
+    assert calls == [1]
+    # The weights are views of the mapping, and the model works like any other.
+    assert loaded.block.weight.untyped_storage().nbytes() > loaded.block.weight.nbytes
+    assert torch.equal(copy.deepcopy(loaded)(x), module(x))
+    assert set(loaded.state_dict()) == set(module.state_dict())
+
+
+def test_modules_with_their_own_setstate_get_it_called_from_a_version_3_skeleton(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    module = SmallCNN()
+    module.train()(torch.randn(4, 3, 8, 8))  # running statistics that are not the defaults
+    module.eval()
+    volume = local_volume(module, tmp_path)
+    assert skeleton_version(volume) == 3
+    calls = []
+    original = torch.nn.Conv2d.__setstate__
+    monkeypatch.setattr(torch.nn.Conv2d, "__setstate__", lambda self, state: (calls.append(sorted(state)), original(self, state))[1])
+    loaded = modelwrapper.load(volume)
+    assert len(calls) == 1 and "_forward_hooks" in calls[0] and "padding_mode" in calls[0]
+    assert torch.equal(loaded.bn.running_var, module.bn.running_var) and loaded.bn.num_batches_tracked == 1
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(loaded(x), module(x)) and not loaded.bn.training
+
+
+def test_a_version_2_skeleton_still_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Volumes exported before version 3 keep loading (FORMAT.md)."""
+    import modelwrapper._export as export_module
+
+    torch.manual_seed(0)
+    module = SharesModules()
+    with monkeypatch.context() as m:
+        m.setattr(export_module, "standard_pickling", lambda cls: False)
+        volume = local_volume(module, tmp_path)
+    assert skeleton_version(volume) == 2
+    loaded = modelwrapper.load(volume)
+    assert loaded.again is loaded.block and loaded.head.weight is loaded.emb.weight
+    x = torch.randn(3, 8)
+    assert torch.equal(loaded(x), module(x)) and not loaded.training
+
+
+def test_a_module_that_pickles_its_own_way_gets_a_version_2_skeleton(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = PicklesItsOwnWay()
+    volume = local_volume(module, tmp_path)
+    assert skeleton_version(volume) == 2
+    loaded = modelwrapper.load(volume)
+    assert loaded.cache == {}, "its own __setstate__ ran"
+    x = torch.randn(2, 4)
+    assert torch.equal(loaded(x), module(x))
+
+
+def test_load_leaves_the_garbage_collector_as_it_found_it(tmp_path: Path) -> None:
+    import gc
+
+    volume = local_volume(Encoder(), tmp_path)
+    assert gc.isenabled()
+    modelwrapper.load(volume)
+    assert gc.isenabled(), "on again after a load"
+    with pytest.raises(modelwrapper.VolumeError):
+        modelwrapper.load(tmp_path)
+    assert gc.isenabled(), "on again after a failed load"
+    gc.disable()
+    try:
+        modelwrapper.load(volume)
+        assert not gc.isenabled(), "a collector the caller turned off stays off"
+    finally:
+        gc.enable()
+
+
+def test_an_unknown_skeleton_version_is_refused(tmp_path: Path) -> None:
+    import pickle
+
+    volume = local_volume(Encoder(), tmp_path)
+    (volume / "model.skeleton.pt").write_bytes(pickle.dumps({"zerocopy.skeleton": 9, "module": None}))
+    with pytest.raises(modelwrapper.VolumeError, match="skeleton version 9; this modelwrapper reads 2, 3: upgrade it"):
+        modelwrapper.load(volume)
 
 
 def test_eval_mode_is_what_the_modules_own_train_and_eval_make_it(tmp_path: Path) -> None:
@@ -275,7 +392,7 @@ WRITER = textwrap.dedent(
 
 
 def run_writer(volume: Path, action: str, opt_in: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "PYTHONPATH": with_pythonpath(Path(__file__).parent)}
     env.pop("MODELWRAPPER_COPY_ON_WRITE", None)
     if opt_in == "environment":
         env["MODELWRAPPER_COPY_ON_WRITE"] = "1"
@@ -409,7 +526,7 @@ def test_four_processes_share_one_copy_of_a_512mb_pipeline(shm: Path) -> None:
     del pipe
     model_bytes = sum(f.stat().st_size for f in volume.glob("*.safetensors"))
     assert model_bytes >= 512 << 20
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "PYTHONPATH": with_pythonpath(Path(__file__).parent)}
     procs = [
         subprocess.Popen([sys.executable, "-c", SHARER, str(volume)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         for _ in range(4)

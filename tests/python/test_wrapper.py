@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import modelwrapper
-from conftest import filled_volume
+from conftest import filled_volume, with_pythonpath
 from modelwrapper import ModelWrapper
 from mw_models import Encoder, Pipeline
 
@@ -54,7 +54,7 @@ def test_a_wrapper_pickles_to_a_path_not_weights(local_root: Path) -> None:
         """
     )
     torch.save(x, local_root.parent / "x.pt")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "PYTHONPATH": with_pythonpath(Path(__file__).parent)}
     subprocess.run([sys.executable, "-c", script, str(local_root.parent / "x.pt"), str(local_root.parent / "y.pt")], input=data, env=env, check=True)
     assert torch.equal(torch.load(local_root.parent / "y.pt"), pipe(x))
     again = ModelWrapper.deserialize(wrapper.serialize())
@@ -101,7 +101,7 @@ def test_for_tasks_runs_in_process_without_ray(local_root: Path) -> None:
 
 def test_for_tasks_runs_each_call_as_a_ray_task(local_root: Path) -> None:
     ray = pytest.importorskip("ray", reason="ray is in requirements-dev.txt; CI installs it")
-    ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
+    ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env={"env_vars": {"PYTHONPATH": with_pythonpath(Path(__file__).parent)}})
     try:
         torch.manual_seed(5)
         pipe = Pipeline()
