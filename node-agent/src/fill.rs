@@ -1226,6 +1226,14 @@ impl FillEngine {
             FileKind::Skeleton | FileKind::PipelineSkeleton => limit.min(MAX_SKELETON_BYTES),
         };
         let sink = HashingSink::new(file, limit);
+        if let Some(size) = plan.size {
+            sink.expect_len(size).map_err(|source| FillError::Io {
+                wrapper: wrapper.into(),
+                action: "sizing",
+                path: path.clone(),
+                source,
+            })?;
+        }
         let bar = progress.file(&plan.component, &plan.file_name, plan.size);
         let fetched = match (&from, plan.uri.scheme()) {
             (Some(Fetch::Peer(url)), _) => match &self.peer_http {

@@ -16,9 +16,13 @@ use super::policy::SourcePolicy;
 use super::sink::HashingSink;
 use super::{FetchError, Fetched, Progress};
 
-/// Copy size (kernel copy or read + write): one hasher message per chunk,
-/// hashed from the staging file while the next chunk is copied.
+/// Kernel copy size: one hasher message per chunk, hashed from the staging
+/// file while the next chunk is copied.
 const COPY_CHUNK: usize = 16 << 20;
+/// Read size where the kernel cannot copy: small enough that the reused
+/// buffers stay in the CPU's cache while they are written and hashed
+/// (128 KiB writes into tmpfs measured 1.5x faster than 1 MiB here).
+const READ_CHUNK: usize = 128 << 10;
 
 /// Errors with which `copy_file_range` says "not for these two files" (old
 /// kernels, filesystems that refuse it, special files) rather than failing.
@@ -87,8 +91,6 @@ pub fn fetch(
     cancelled: &std::sync::atomic::AtomicBool,
 ) -> Result<Fetched, FetchError> {
     let mut kernel_copy = true;
-    // The fallback's one buffer (allocated when needed, then reused).
-    let mut buf = Vec::new();
     loop {
         if cancelled.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(FetchError::Write(std::io::Error::other("the fill was stopped")));
@@ -111,18 +113,19 @@ pub fn fetch(
                 Err(e) => return Err(FetchError::Unreachable(format!("reading {what}: {e}"))),
             }
         }
-        if buf.is_empty() {
-            buf = vec![0u8; COPY_CHUNK];
-        }
-        let n = src
-            .read(&mut buf)
-            .map_err(|e| FetchError::Unreachable(format!("reading {what}: {e}")))?;
+        let mut read_error = None;
+        let n = sink
+            .write_with(READ_CHUNK, |buf| {
+                src.read(buf).inspect_err(|e| read_error = Some(e.to_string()))
+            })
+            .map_err(|e| match read_error.take() {
+                Some(read) => FetchError::Unreachable(format!("reading {what}: {read}")),
+                None => FetchError::Write(e),
+            })?
+            .map_err(|o| FetchError::TooLarge(o.limit))?;
         if n == 0 {
             break;
         }
-        sink.write_staged(&buf[..n])
-            .map_err(FetchError::Write)?
-            .map_err(|o| FetchError::TooLarge(o.limit))?;
         progress.advance(n as u64);
     }
     let (bytes, sha256) = sink.finish().map_err(FetchError::Write)?;

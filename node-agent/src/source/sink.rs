@@ -22,7 +22,13 @@ const HASH_QUEUE: usize = 8;
 /// staging file the kernel copied.
 enum ToHash {
     Bytes(Bytes),
-    Staged { file: Arc<File>, offset: u64, len: usize },
+    /// A buffer of the sink's pool, given back once hashed.
+    Pooled(Vec<u8>),
+    Staged {
+        file: Arc<File>,
+        offset: u64,
+        len: usize,
+    },
 }
 
 /// A staging file plus its running digest.
@@ -34,7 +40,15 @@ pub struct HashingSink {
     hasher: Option<thread::JoinHandle<io::Result<Sha256>>>,
     /// A second handle on the staging file, for the hasher's mappings.
     reader: Option<Arc<File>>,
+    /// Buffers the hasher is done with, for [`HashingSink::write_with`].
+    pool: mpsc::Receiver<Vec<u8>>,
+    /// Pool buffers made so far (at most [`POOL_BUFFERS`]).
+    pool_made: usize,
 }
+
+/// Buffers of [`HashingSink::write_with`]: enough to fill the hash queue
+/// and keep one being filled.
+const POOL_BUFFERS: usize = HASH_QUEUE + 2;
 
 /// Returned when a source delivers more bytes than the fill may hold.
 #[derive(Debug)]
@@ -48,11 +62,17 @@ impl HashingSink {
     /// ranges the kernel copies); more than `limit` bytes is refused.
     pub fn new(file: File, limit: u64) -> Self {
         let (tx, rx) = mpsc::sync_channel::<ToHash>(HASH_QUEUE);
+        let (give_back, pool) = mpsc::channel::<Vec<u8>>();
         let hasher = thread::spawn(move || {
             let mut h = Sha256::new();
             for chunk in rx {
                 match chunk {
                     ToHash::Bytes(bytes) => h.update(&bytes),
+                    ToHash::Pooled(buffer) => {
+                        h.update(&buffer);
+                        // The sink may be gone (a failed fill): nothing to give back to.
+                        let _ = give_back.send(buffer);
+                    }
                     ToHash::Staged { file, offset, len } => {
                         // SAFETY: the staging file is this fill's own (created by
                         // it in the agent's staging directory); the range was
@@ -82,6 +102,8 @@ impl HashingSink {
             to_hasher: Some(tx),
             hasher: Some(hasher),
             reader: None,
+            pool,
+            pool_made: 0,
         }
     }
 
@@ -108,22 +130,43 @@ impl HashingSink {
         Ok(Ok(n))
     }
 
-    /// Appends `data` and queues the range it now occupies in the staging
-    /// file for hashing, so the caller can reuse its buffer at once (no
-    /// allocation, zeroing and page faults per chunk, as handing the
-    /// hasher an owned chunk would need).
-    pub fn write_staged(&mut self, data: &[u8]) -> io::Result<Result<(), OverLimit>> {
-        if self.written + data.len() as u64 > self.limit {
+    /// Appends what `fill` puts into a buffer of up to `chunk` bytes (it
+    /// returns how many; 0 is the end) and hands the buffer to the hasher,
+    /// which gives it back: a few buffers small enough to stay in the CPU's
+    /// cache are reused, so each byte is read from memory once on the way
+    /// in, hashed and written from cache (a large or fresh buffer per chunk
+    /// costs page faults and a second trip through memory).
+    pub fn write_with(
+        &mut self,
+        chunk: usize,
+        fill: impl FnOnce(&mut [u8]) -> io::Result<usize>,
+    ) -> io::Result<Result<usize, OverLimit>> {
+        let mut buffer = match self.pool.try_recv() {
+            Ok(b) => b,
+            Err(_) if self.pool_made < POOL_BUFFERS => {
+                self.pool_made += 1;
+                Vec::with_capacity(chunk)
+            }
+            Err(_) => self.pool.recv().map_err(|_| self.hasher_failure())?,
+        };
+        buffer.resize(chunk, 0);
+        let n = fill(&mut buffer)?;
+        if n == 0 {
+            self.pool_made -= 1;
+            return Ok(Ok(0));
+        }
+        if self.written + n as u64 > self.limit {
             return Ok(Err(OverLimit { limit: self.limit }));
         }
-        if data.is_empty() {
-            return Ok(Ok(()));
+        buffer.truncate(n);
+        self.file.write_all(&buffer)?;
+        self.written += n as u64;
+        if let Some(tx) = &self.to_hasher {
+            if tx.send(ToHash::Pooled(buffer)).is_err() {
+                return Err(self.hasher_failure());
+            }
         }
-        self.file.write_all(data)?;
-        let offset = self.written;
-        self.written += data.len() as u64;
-        self.hash_staged(offset, data.len())?;
-        Ok(Ok(()))
+        Ok(Ok(n))
     }
 
     /// Queues `len` staged bytes at `offset` for the hasher.
@@ -199,9 +242,23 @@ impl HashingSink {
         }
     }
 
+    /// Sets the staging file's size to the `len` bytes the source announced
+    /// before any is written: a tmpfs mounted `huge=within_size` then gives
+    /// it 2 MiB pages however small the writes are. [`HashingSink::finish`]
+    /// cuts the file back to what was written if the source sent less.
+    pub fn expect_len(&self, len: u64) -> io::Result<()> {
+        if len <= self.limit {
+            self.file.set_len(len)?;
+        }
+        Ok(())
+    }
+
     /// Closes the file and returns (bytes, lowercase hex sha256).
     pub fn finish(mut self) -> io::Result<(u64, String)> {
         self.file.flush()?;
+        if self.file.metadata()?.len() != self.written {
+            self.file.set_len(self.written)?;
+        }
         drop(self.to_hasher.take());
         let hasher = self
             .hasher
@@ -252,11 +309,22 @@ mod tests {
         src.seek(SeekFrom::Start(first as u64)).unwrap();
         let middle = Bytes::copy_from_slice(&bytes[first..first + 4096]);
         sink.write(middle).unwrap().unwrap();
-        // A reused buffer, hashed from the staging file.
-        let mut reused = bytes[first + 4096..first + 8192].to_vec();
-        sink.write_staged(&reused).unwrap().unwrap();
-        reused.fill(0);
-        src.seek(SeekFrom::Start((first + 8192) as u64)).unwrap();
+        // Pooled buffers, filled by a reader, more of them than the pool has.
+        let pooled = &bytes[first + 4096..first + 4096 + 20 * 1000];
+        let mut reader = pooled;
+        let mut total = 0;
+        loop {
+            let n = sink
+                .write_with(1000, |b| std::io::Read::read(&mut reader, b))
+                .unwrap()
+                .unwrap();
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        assert_eq!(total, pooled.len());
+        src.seek(SeekFrom::Start((first + 4096 + pooled.len()) as u64)).unwrap();
         while sink.copy_from(&src, 3 << 20).unwrap().unwrap() > 0 {}
         let (n, sha) = sink.finish().unwrap();
         assert_eq!(n, bytes.len() as u64);
