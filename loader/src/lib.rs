@@ -26,6 +26,10 @@ pub use torch::{BindError, Binding};
 
 /// Safetensors `__metadata__` key holding the Python attribute name.
 pub const ATTRIBUTE_KEY: &str = "zerocopy.attribute";
+/// File of a directory component holding the Python attribute name when the
+/// component name does not give it back (`{"attribute": "textEncoder"}`;
+/// `save_pretrained` writes the shards, so their metadata cannot say it).
+pub const ATTRIBUTE_FILE: &str = "zerocopy-attribute.json";
 
 /// Why a volume could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +101,8 @@ pub struct Pipeline {
 pub struct Component {
     name: String,
     shards: Vec<Shard>,
+    /// From a directory component's [`ATTRIBUTE_FILE`].
+    attribute: Option<String>,
 }
 
 /// One mapped safetensors file. The mapping is reference-counted: tch
@@ -145,6 +151,24 @@ pub fn load(path: impl AsRef<Path>) -> Result<Pipeline, LoadError> {
     })
 }
 
+/// The attribute a directory component's `zerocopy-attribute.json` names,
+/// when the manifest lists the file and it holds a Python identifier.
+fn attribute_file(dir: &Path, path: &str, files: &[zerocopy_api::manifest::ManifestEntry]) -> Option<String> {
+    let name = format!("{path}/{ATTRIBUTE_FILE}");
+    let entry = files.iter().find(|e| e.file.file == name)?;
+    if entry.file.bytes > 4096 {
+        return None;
+    }
+    let value: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join(&name)).ok()?).ok()?;
+    let attribute = value.get("attribute")?.as_str()?;
+    let identifier = attribute
+        .chars()
+        .next()
+        .is_some_and(|c| c == '_' || c.is_ascii_alphabetic())
+        && attribute.chars().all(|c| c == '_' || c.is_ascii_alphanumeric());
+    identifier.then(|| attribute.to_string())
+}
+
 /// Maps a component's weights: its one file, or every shard a directory
 /// component lists (a tensor name in two shards is refused: per-rank files
 /// are read one at a time with [`Shard`]s of their own, not merged).
@@ -179,9 +203,14 @@ fn map_component(dir: &Path, c: &zerocopy_api::manifest::ManifestComponent) -> R
             }
         }
     }
+    let attribute = c
+        .directory
+        .as_ref()
+        .and_then(|d| attribute_file(dir, &d.path, &d.files));
     Ok(Component {
         name: c.name.clone(),
         shards,
+        attribute,
     })
 }
 
@@ -252,11 +281,13 @@ impl Component {
         &self.name
     }
 
-    /// The Python attribute this component came from, when recorded.
+    /// The Python attribute this component came from, when recorded: in
+    /// its weights' metadata, or a directory component's attribute file.
     pub fn attribute(&self) -> Option<&str> {
         self.shards
             .first()
             .and_then(|s| s.header.metadata.get(ATTRIBUTE_KEY))
+            .or(self.attribute.as_ref())
             .map(String::as_str)
     }
 

@@ -164,6 +164,36 @@ fn a_directory_component_maps_every_shard() {
 }
 
 #[test]
+fn a_directory_component_names_its_attribute_in_its_attribute_file() {
+    let dir = tempfile::tempdir().unwrap();
+    directory_volume(dir.path(), false);
+    let p = zerocopy_loader::load(dir.path()).unwrap();
+    assert_eq!(p.component("lin").unwrap().attribute(), None);
+    // As export() writes it for an attribute the component name does not give back.
+    let body = br#"{"attribute": "textEncoder"}"#;
+    fs::write(dir.path().join("lin/zerocopy-attribute.json"), body).unwrap();
+    let manifest_path = dir.path().join("manifest.json");
+    let mut manifest: serde_json::Value = serde_json::from_slice(&fs::read(&manifest_path).unwrap()).unwrap();
+    manifest["components"][0]["directory"]["files"]
+        .as_array_mut()
+        .unwrap()
+        .push(
+            serde_json::json!({"file": "lin/zerocopy-attribute.json", "bytes": body.len(), "sha256": "", "source": ""}),
+        );
+    fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+    let p = zerocopy_loader::load(dir.path()).unwrap();
+    assert_eq!(p.component("lin").unwrap().attribute(), Some("textEncoder"));
+    // Not an identifier: ignored, not trusted.
+    fs::write(
+        dir.path().join("lin/zerocopy-attribute.json"),
+        br#"{"attribute": "a.b"}"#,
+    )
+    .unwrap();
+    let p = zerocopy_loader::load(dir.path()).unwrap();
+    assert_eq!(p.component("lin").unwrap().attribute(), None);
+}
+
+#[test]
 fn shards_holding_the_same_tensor_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     directory_volume(dir.path(), true);
