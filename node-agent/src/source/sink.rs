@@ -22,13 +22,7 @@ const HASH_QUEUE: usize = 8;
 /// staging file the kernel copied.
 enum ToHash {
     Bytes(Bytes),
-    /// A buffer of the sink's pool, given back once hashed.
-    Pooled(Vec<u8>),
-    Staged {
-        file: Arc<File>,
-        offset: u64,
-        len: usize,
-    },
+    Staged { file: Arc<File>, offset: u64, len: usize },
 }
 
 /// A staging file plus its running digest.
@@ -40,15 +34,7 @@ pub struct HashingSink {
     hasher: Option<thread::JoinHandle<io::Result<Sha256>>>,
     /// A second handle on the staging file, for the hasher's mappings.
     reader: Option<Arc<File>>,
-    /// Buffers the hasher is done with, for [`HashingSink::write_with`].
-    pool: mpsc::Receiver<Vec<u8>>,
-    /// Pool buffers made so far (at most [`POOL_BUFFERS`]).
-    pool_made: usize,
 }
-
-/// Buffers of [`HashingSink::write_with`]: enough to fill the hash queue
-/// and keep one being filled.
-const POOL_BUFFERS: usize = HASH_QUEUE + 2;
 
 /// Returned when a source delivers more bytes than the fill may hold.
 #[derive(Debug)]
@@ -62,17 +48,11 @@ impl HashingSink {
     /// ranges the kernel copies); more than `limit` bytes is refused.
     pub fn new(file: File, limit: u64) -> Self {
         let (tx, rx) = mpsc::sync_channel::<ToHash>(HASH_QUEUE);
-        let (give_back, pool) = mpsc::channel::<Vec<u8>>();
         let hasher = thread::spawn(move || {
             let mut h = Sha256::new();
             for chunk in rx {
                 match chunk {
                     ToHash::Bytes(bytes) => h.update(&bytes),
-                    ToHash::Pooled(buffer) => {
-                        h.update(&buffer);
-                        // The sink may be gone (a failed fill): nothing to give back to.
-                        let _ = give_back.send(buffer);
-                    }
                     ToHash::Staged { file, offset, len } => {
                         // SAFETY: the staging file is this fill's own (created by
                         // it in the agent's staging directory); the range was
@@ -102,8 +82,6 @@ impl HashingSink {
             to_hasher: Some(tx),
             hasher: Some(hasher),
             reader: None,
-            pool,
-            pool_made: 0,
         }
     }
 
@@ -126,61 +104,16 @@ impl HashingSink {
         }
         let offset = self.written;
         self.written += n as u64;
-        self.hash_staged(offset, n)?;
-        Ok(Ok(n))
-    }
-
-    /// Appends what `fill` puts into a buffer of up to `chunk` bytes (it
-    /// returns how many; 0 is the end) and hands the buffer to the hasher,
-    /// which gives it back: a few buffers small enough to stay in the CPU's
-    /// cache are reused, so each byte is read from memory once on the way
-    /// in, hashed and written from cache (a large or fresh buffer per chunk
-    /// costs page faults and a second trip through memory).
-    pub fn write_with(
-        &mut self,
-        chunk: usize,
-        fill: impl FnOnce(&mut [u8]) -> io::Result<usize>,
-    ) -> io::Result<Result<usize, OverLimit>> {
-        let mut buffer = match self.pool.try_recv() {
-            Ok(b) => b,
-            Err(_) if self.pool_made < POOL_BUFFERS => {
-                self.pool_made += 1;
-                Vec::with_capacity(chunk)
-            }
-            Err(_) => self.pool.recv().map_err(|_| self.hasher_failure())?,
-        };
-        buffer.resize(chunk, 0);
-        let n = fill(&mut buffer)?;
-        if n == 0 {
-            self.pool_made -= 1;
-            return Ok(Ok(0));
-        }
-        if self.written + n as u64 > self.limit {
-            return Ok(Err(OverLimit { limit: self.limit }));
-        }
-        buffer.truncate(n);
-        self.file.write_all(&buffer)?;
-        self.written += n as u64;
-        if let Some(tx) = &self.to_hasher {
-            if tx.send(ToHash::Pooled(buffer)).is_err() {
-                return Err(self.hasher_failure());
-            }
-        }
-        Ok(Ok(n))
-    }
-
-    /// Queues `len` staged bytes at `offset` for the hasher.
-    fn hash_staged(&mut self, offset: u64, len: usize) -> io::Result<()> {
         let file = match &self.reader {
             Some(f) => f.clone(),
             None => self.reader.insert(Arc::new(self.file.try_clone()?)).clone(),
         };
         if let Some(tx) = &self.to_hasher {
-            if tx.send(ToHash::Staged { file, offset, len }).is_err() {
+            if tx.send(ToHash::Staged { file, offset, len: n }).is_err() {
                 return Err(self.hasher_failure());
             }
         }
-        Ok(())
+        Ok(Ok(n))
     }
 
     /// The staging file, for writers that place ranges at their offsets
@@ -204,7 +137,16 @@ impl HashingSink {
             return Ok(());
         }
         self.written += len as u64;
-        self.hash_staged(offset, len)
+        let file = match &self.reader {
+            Some(f) => f.clone(),
+            None => self.reader.insert(Arc::new(self.file.try_clone()?)).clone(),
+        };
+        if let Some(tx) = &self.to_hasher {
+            if tx.send(ToHash::Staged { file, offset, len }).is_err() {
+                return Err(self.hasher_failure());
+            }
+        }
+        Ok(())
     }
 
     /// The most bytes this sink takes.
@@ -297,7 +239,7 @@ mod tests {
     }
 
     #[test]
-    fn kernel_copies_writes_and_staged_writes_hash_the_bytes_staged() {
+    fn a_kernel_copy_stages_and_hashes_the_same_bytes_as_a_write() {
         let dir = tempfile::tempdir().unwrap();
         let bytes = content(5 * 1024 * 1024 + 123);
         let src = source(dir.path(), &bytes);
@@ -309,22 +251,7 @@ mod tests {
         src.seek(SeekFrom::Start(first as u64)).unwrap();
         let middle = Bytes::copy_from_slice(&bytes[first..first + 4096]);
         sink.write(middle).unwrap().unwrap();
-        // Pooled buffers, filled by a reader, more of them than the pool has.
-        let pooled = &bytes[first + 4096..first + 4096 + 20 * 1000];
-        let mut reader = pooled;
-        let mut total = 0;
-        loop {
-            let n = sink
-                .write_with(1000, |b| std::io::Read::read(&mut reader, b))
-                .unwrap()
-                .unwrap();
-            if n == 0 {
-                break;
-            }
-            total += n;
-        }
-        assert_eq!(total, pooled.len());
-        src.seek(SeekFrom::Start((first + 4096 + pooled.len()) as u64)).unwrap();
+        src.seek(SeekFrom::Start((first + 4096) as u64)).unwrap();
         while sink.copy_from(&src, 3 << 20).unwrap().unwrap() > 0 {}
         let (n, sha) = sink.finish().unwrap();
         assert_eq!(n, bytes.len() as u64);
