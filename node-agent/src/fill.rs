@@ -138,6 +138,9 @@ struct PlannedFile {
     object: Option<StoreObject>,
     /// Concurrent ranges to fetch it with (1: one stream).
     ranges: u64,
+    /// Size the staging file up front (its filesystem gives huge pages,
+    /// which `huge=within_size` allocates only inside the file's size).
+    presize: bool,
 }
 
 /// One object of a bucket or container.
@@ -217,6 +220,7 @@ impl PlannedFile {
             auth: None,
             object: None,
             ranges: 1,
+            presize: false,
         }
     }
 
@@ -648,6 +652,10 @@ impl FillEngine {
         progress.plan(plan.len(), plan.iter().map(|f| f.size).sum::<Option<u64>>());
         let staged: Vec<StagedFile> = stream::iter(
             plan.into_iter()
+                .map(|f| PlannedFile {
+                    presize: backing.huge_pages,
+                    ..f
+                })
                 .map(|f| self.stage(&wrapper, &staging, f, limit, progress)),
         )
         .buffer_unordered(PARALLEL_FILES)
@@ -1226,7 +1234,7 @@ impl FillEngine {
             FileKind::Skeleton | FileKind::PipelineSkeleton => limit.min(MAX_SKELETON_BYTES),
         };
         let sink = HashingSink::new(file, limit);
-        if let Some(size) = plan.size {
+        if let Some(size) = plan.size.filter(|_| plan.presize) {
             sink.expect_len(size).map_err(|source| FillError::Io {
                 wrapper: wrapper.into(),
                 action: "sizing",

@@ -186,7 +186,8 @@ impl HashingSink {
 
     /// Sets the staging file's size to the `len` bytes the source announced
     /// before any is written: a tmpfs mounted `huge=within_size` then gives
-    /// it 2 MiB pages however small the writes are. [`HashingSink::finish`]
+    /// it 2 MiB pages however small the writes are (on a tmpfs without huge
+    /// pages it measured a few percent slower, so callers size only there). [`HashingSink::finish`]
     /// cuts the file back to what was written if the source sent less.
     pub fn expect_len(&self, len: u64) -> io::Result<()> {
         if len <= self.limit {
