@@ -66,6 +66,9 @@ pub fn unmount_lazy(target: &Path) -> io::Result<()> {
 /// One line of `/proc/self/mountinfo`, the fields the agent uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountEntry {
+    /// The directory of its filesystem that is mounted (`/` for a whole
+    /// filesystem, a subdirectory for a bind mount such as a hostPath volume).
+    pub root: PathBuf,
     /// Where it is mounted.
     pub mount_point: PathBuf,
     /// Filesystem type (`tmpfs`).
@@ -84,6 +87,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
             let left: Vec<&str> = left.split(' ').collect();
             let right: Vec<&str> = right.split(' ').collect();
             Some(MountEntry {
+                root: PathBuf::from(unescape(left.get(3)?)),
                 mount_point: PathBuf::from(unescape(left.get(4)?)),
                 mount_options: left.get(5)?.to_string(),
                 fs_type: right.first()?.to_string(),
@@ -161,6 +165,8 @@ mod tests {
         let m = parse_mountinfo(text);
         assert_eq!(m.len(), 2);
         assert_eq!(m[0].mount_point, PathBuf::from("/mnt/with space"));
+        assert_eq!(m[0].root, PathBuf::from("/mnt1"));
+        assert_eq!(m[1].root, PathBuf::from("/"));
         assert_eq!(m[1].fs_type, "tmpfs");
         assert!(m[1].mount_options.starts_with("ro,"));
         assert!(m[1].super_options.contains("huge=within_size"));

@@ -11,7 +11,9 @@
 //! first touch costs ~10x less per GiB and writes into it are faster
 //! (docs/benchmarks.md). The mount outlives the agent (it is the node copy);
 //! a restarted agent finds it and uses it. A root that already holds
-//! generations is never hidden under a new mount.
+//! generations is never hidden under a new mount. In a container the root
+//! is a bind mount of the host's directory (a hostPath volume): that is not
+//! a filesystem of ours, so the tmpfs goes on top of it.
 
 use std::fs;
 use std::io;
@@ -39,8 +41,8 @@ pub enum RootTmpfs {
         /// Its superblock options as passed to mount(2).
         options: String,
     },
-    /// The root is a mount point already (an earlier agent's tmpfs, or one
-    /// the operator of the node made): used as it is.
+    /// A whole filesystem is mounted at the root already (an earlier
+    /// agent's tmpfs, or one the node's admin made): used as it is.
     Existing {
         /// Its filesystem type.
         fs_type: String,
@@ -75,7 +77,11 @@ pub fn ensure(root: &Path, mode: RootTmpfsMode, options: &RootTmpfsOptions) -> i
     if mode == RootTmpfsMode::Off {
         return Ok(RootTmpfs::Skipped("--root-tmpfs off".into()));
     }
-    if let Some(existing) = mount::mount_at(root)? {
+    // A bind of a directory of another filesystem (in a container: the
+    // hostPath volume of `/dev/shm/zerocopy`) is the directory, not a mount
+    // of ours: the tmpfs goes on top of it, and through the volume's
+    // Bidirectional propagation onto the host's directory.
+    if let Some(existing) = mount::mount_at(root)?.filter(|m| m.root == Path::new("/")) {
         return Ok(RootTmpfs::Existing {
             fs_type: existing.fs_type,
             super_options: existing.super_options,

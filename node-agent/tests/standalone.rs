@@ -446,6 +446,34 @@ fn an_empty_root_gets_the_agents_huge_page_tmpfs_which_later_runs_reuse() {
     assert!(text(&second).contains("up to date"), "{}", text(&second));
     assert_eq!(mounts_at_root().len(), 1);
 
+    // In a container the root is a bind of the host's directory (a hostPath
+    // volume): a mount point, but not a filesystem of ours; the tmpfs goes on top.
+    let host_dir = tmp.path().join("host-shm/zerocopy");
+    fs::create_dir_all(&host_dir).unwrap();
+    let pod_root = tmp.path().join("pod-root");
+    fs::create_dir_all(&pod_root).unwrap();
+    nix::mount::mount(
+        Some(&host_dir),
+        &pod_root,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .unwrap();
+    let out = agent(
+        &pod_root,
+        &["standalone", "-f", yaml.to_str().unwrap(), "--root-tmpfs", "auto"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("mounted the agent's tmpfs at the volume root"),
+        "{}",
+        text(&out)
+    );
+    let top = zerocopy_node_agent::mount::mount_at(&pod_root).unwrap().unwrap();
+    assert_eq!(top.root, PathBuf::from("/"));
+    assert!(top.super_options.contains("huge=within_size"), "{top:?}");
+
     // A root that already holds generations is never hidden under a mount.
     let old_root = tmp.path().join("old-root");
     let out = agent(&old_root, &["standalone", "-f", yaml.to_str().unwrap()]);
