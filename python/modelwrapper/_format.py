@@ -233,7 +233,7 @@ def _parse_fast(text: bytes, data_offset: int, available: int) -> tuple[list[Ten
         metadata = dict(pairs)
         if len(metadata) != len(pairs) or not all(type(v) is str for v in metadata.values()):
             return None
-    # _tensor_fast's checks, inline: this loop runs once per tensor per load.
+    # _tensor_fast's checks on the pairs the parse gave.
     tensors = []
     sizes = _DTYPE_SIZES
     new = tuple.__new__
@@ -247,18 +247,10 @@ def _parse_fast(text: bytes, data_offset: int, available: int) -> tuple[list[Ten
         found = sizes.get(dtype_name)
         if found is None or len(offsets) != 2:
             return None
-        begin, end = offsets
-        if type(begin) is not int or type(end) is not int or not 0 <= begin <= end <= available:
-            return None
         dtype, size = found
-        nbytes = size
-        for d in shape:
-            if type(d) is not int or not 0 <= d <= _U64_MAX:
-                return None
-            nbytes *= d
-        if nbytes != end - begin or (data_offset + begin) % size:
+        if not _span_ok(shape, offsets, size, data_offset, available):
             return None
-        tensors.append(new(TensorEntry, (name, dtype, tuple(shape), begin, end)))
+        tensors.append(new(TensorEntry, (name, dtype, tuple(shape), offsets[0], offsets[1])))
     return tensors, metadata
 
 
@@ -297,18 +289,24 @@ def _tensor_fast(name: str, info: Any, data_offset: int, available: int) -> Tens
     dtype = DTYPES.get(dtype_name) if type(dtype_name) is str else None
     if dtype is None or type(shape) is not list or type(offsets) is not list or len(offsets) != 2:
         return None
+    if not _span_ok(shape, offsets, dtype.itemsize, data_offset, available):
+        return None
+    return TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _span_ok(shape: list, offsets: list, size: int, data_offset: int, available: int) -> bool:
+    """True when ``offsets`` (a list of two) are ints inside the data, span
+    exactly shape x ``size`` bytes and start aligned to ``size``; every
+    dimension an int in u64 range."""
     begin, end = offsets
     if type(begin) is not int or type(end) is not int or not 0 <= begin <= end <= available:
-        return None
-    size = dtype.itemsize
+        return False
     nbytes = size
     for d in shape:
         if type(d) is not int or not 0 <= d <= _U64_MAX:
-            return None
+            return False
         nbytes *= d
-    if nbytes != end - begin or (data_offset + begin) % size:
-        return None
-    return TensorEntry(name, dtype, tuple(shape), begin, end)
+    return nbytes == end - begin and (data_offset + begin) % size == 0
 
 
 def _tensor(name: str, info: Any, bad: str, where: str, data_offset: int, available: int) -> TensorEntry:
