@@ -100,6 +100,15 @@ struct RootTmpfsFlags {
 impl RootTmpfsFlags {
     /// Mounts the root tmpfs when `mode` asks for it and says what happened.
     fn apply(&self, root: &std::path::Path, mode: RootTmpfsMode) -> anyhow::Result<()> {
+        // tmpfs reads a bare number as bytes: "8" would be an 8-byte root.
+        let size = &self.root_tmpfs_size;
+        let unit_ok = size.len() > 1
+            && size[..size.len() - 1].bytes().all(|b| b.is_ascii_digit())
+            && size.ends_with(['k', 'm', 'g', 't', 'K', 'M', 'G', 'T', '%']);
+        anyhow::ensure!(
+            unit_ok,
+            "--root-tmpfs-size {size:?}: give a number with a unit, k/m/g/t (e.g. 9g) or a share of RAM (e.g. 50%)"
+        );
         let options = RootTmpfsOptions {
             size: self.root_tmpfs_size.clone(),
             huge_pages: self.root_tmpfs_huge_pages,
