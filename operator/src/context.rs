@@ -59,6 +59,10 @@ pub struct Caches {
     pub pods: Store<Pod>,
     /// The wrappers as the task controller's own watch saw them.
     pub task_wrappers: Store<Lenient<ModelWrapper>>,
+    /// `replicas` is filled (what a wrapper reconcile waits for).
+    pub replicas_ready: crate::ready::Ready,
+    /// `jobs`, `pods` and `task_wrappers` are filled (what a task reconcile waits for).
+    pub task_caches_ready: crate::ready::Ready,
 }
 
 pub struct Context {

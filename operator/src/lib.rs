@@ -10,6 +10,7 @@ pub mod leader;
 pub mod lenient;
 pub mod metrics;
 pub mod placement;
+pub mod ready;
 pub mod status;
 pub mod task;
 pub mod task_controller;
@@ -274,7 +275,22 @@ pub async fn run(
             wrappers: wrapper_store.clone(),
             jobs: jobs.clone(),
             pods: pods.clone(),
-            task_wrappers,
+            task_wrappers: task_wrappers.clone(),
+            replicas_ready: ready::Ready::new({
+                let replicas = replicas.clone();
+                async move { replicas.wait_until_ready().await.is_ok() }
+            }),
+            task_caches_ready: ready::Ready::new({
+                let (jobs, pods, wrappers) = (jobs.clone(), pods.clone(), task_wrappers);
+                async move {
+                    let (a, b, c) = tokio::join!(
+                        jobs.wait_until_ready(),
+                        pods.wait_until_ready(),
+                        wrappers.wait_until_ready()
+                    );
+                    a.is_ok() && b.is_ok() && c.is_ok()
+                }
+            }),
         },
         metrics.clone(),
     );

@@ -28,14 +28,9 @@ pub const RESYNC: Duration = Duration::from_secs(300);
 
 pub async fn reconcile(t: Arc<ModelTask>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
-    let (a, b, c) = tokio::join!(
-        ctx.caches.jobs.wait_until_ready(),
-        ctx.caches.pods.wait_until_ready(),
-        ctx.caches.task_wrappers.wait_until_ready()
-    );
-    a.map_err(|_| Error::CacheStopped("Job"))?;
-    b.map_err(|_| Error::CacheStopped("Pod"))?;
-    c.map_err(|_| Error::CacheStopped("ModelWrapper"))?;
+    if !ctx.caches.task_caches_ready.wait().await {
+        return Err(Error::CacheStopped("Job, Pod or ModelWrapper"));
+    }
     let result = reconcile_inner(&t, &ctx).await;
     ctx.metrics
         .reconcile_seconds

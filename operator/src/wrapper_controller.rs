@@ -43,11 +43,9 @@ pub async fn reconcile(w: Arc<Lenient<ModelWrapper>>, ctx: Arc<Context>) -> Resu
     let ns = w.namespace().ok_or(Error::NoNamespace)?;
     // The replica cache fills beside the controller: a wrapper must never
     // see "no replicas" because it is still filling.
-    ctx.caches
-        .replicas
-        .wait_until_ready()
-        .await
-        .map_err(|_| Error::CacheStopped("ModelReplica"))?;
+    if !ctx.caches.replicas_ready.wait().await {
+        return Err(Error::CacheStopped("ModelReplica"));
+    }
     let result = async {
         if w.finalizers().iter().any(|f| f == LEGACY_FINALIZER) {
             if w.meta().deletion_timestamp.is_some() {
