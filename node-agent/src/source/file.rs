@@ -14,7 +14,7 @@ use bytes::BytesMut;
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
 
 use super::policy::SourcePolicy;
-use super::sink::HashingSink;
+use super::sink::{HashingSink, KernelCopy};
 use super::{FetchError, Fetched, Progress};
 
 /// Read size: large enough to amortise syscalls, small enough to stay in cache.
@@ -89,13 +89,15 @@ pub fn fetch(
     progress: &dyn Progress,
     cancelled: &std::sync::atomic::AtomicBool,
 ) -> Result<Fetched, FetchError> {
-    let mut kernel_copy = true;
+    // copy_file_range first (it may share blocks on one filesystem), then
+    // sendfile (one copy between any two), then a buffer (two copies).
+    let mut kernel_copy = Some(KernelCopy::CopyFileRange);
     loop {
         if cancelled.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(FetchError::Write(std::io::Error::other("the fill was stopped")));
         }
-        if kernel_copy {
-            match sink.copy_from(&src, COPY_CHUNK) {
+        if let Some(how) = kernel_copy {
+            match sink.copy_from(&src, COPY_CHUNK, how) {
                 Ok(Ok(0)) => break,
                 Ok(Ok(n)) => {
                     progress.advance(n as u64);
@@ -103,8 +105,12 @@ pub fn fetch(
                 }
                 Ok(Err(over)) => return Err(FetchError::TooLarge(over.limit)),
                 Err(e) if cannot_copy_in_kernel(&e) => {
-                    tracing::debug!(source = what, error = %e, "copy_file_range unavailable: copying through a buffer");
-                    kernel_copy = false;
+                    tracing::debug!(source = what, error = %e, method = ?how, "kernel copy unavailable for these files: trying the next way");
+                    kernel_copy = match how {
+                        KernelCopy::CopyFileRange => Some(KernelCopy::Sendfile),
+                        KernelCopy::Sendfile => None,
+                    };
+                    continue;
                 }
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EFBIG | libc::EDQUOT)) => {
                     return Err(FetchError::Write(e))

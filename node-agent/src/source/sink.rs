@@ -2,9 +2,10 @@
 //! them, so sha256 and the copy overlap instead of adding up.
 //!
 //! Local files (`file://` sources, uploads) are copied by the kernel
-//! (`copy_file_range`): no byte passes through this process on the way in,
-//! and the hasher reads each copied range back from the staging file's page
-//! cache through a mapping, so the digest is of the bytes actually staged.
+//! (`copy_file_range`, or `sendfile` where the two filesystems differ): no
+//! byte passes through this process on the way in, and the hasher reads each
+//! copied range back from the staging file's page cache through a mapping,
+//! so the digest is of the bytes actually staged.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -23,6 +24,18 @@ const HASH_QUEUE: usize = 8;
 enum ToHash {
     Bytes(Bytes),
     Staged { file: Arc<File>, offset: u64, len: usize },
+}
+
+/// How the kernel moves a local file's bytes into the staging file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelCopy {
+    /// `copy_file_range`: within one filesystem it may share blocks instead
+    /// of copying; most pairs of different filesystems refuse it (`EXDEV`).
+    CopyFileRange,
+    /// `sendfile`: from the source's page cache straight into the staging
+    /// file, one copy in the kernel, between any two filesystems (a disk
+    /// into tmpfs). A buffer in this process would cost a second copy.
+    Sendfile,
 }
 
 /// A staging file plus its running digest.
@@ -86,16 +99,20 @@ impl HashingSink {
     }
 
     /// Copies up to `max` bytes from `src`'s current offset to the end of the
-    /// staging file in the kernel (`copy_file_range`), and queues the range
-    /// for hashing. `Ok(Ok(0))` at the end of `src`. An error such as
+    /// staging file in the kernel, `how` says with which call, and queues the
+    /// range for hashing. `Ok(Ok(0))` at the end of `src`. An error such as
     /// `EXDEV`/`EINVAL`/`EOPNOTSUPP` means this pair of files cannot be copied
-    /// this way: nothing was copied by this call, and [`HashingSink::write`]
-    /// can take over at the same offsets.
-    pub fn copy_from(&mut self, src: &File, max: usize) -> io::Result<Result<usize, OverLimit>> {
+    /// this way: nothing was copied by this call, and another [`KernelCopy`]
+    /// or [`HashingSink::write`] can take over at the same offsets.
+    pub fn copy_from(&mut self, src: &File, max: usize, how: KernelCopy) -> io::Result<Result<usize, OverLimit>> {
         // One byte past the limit is enough to know the source is too large.
         let room = self.limit.saturating_sub(self.written).saturating_add(1);
         let len = max.min(usize::try_from(room).unwrap_or(usize::MAX));
-        let n = nix::fcntl::copy_file_range(src, None, &self.file, None, len).map_err(io::Error::from)?;
+        let n = match how {
+            KernelCopy::CopyFileRange => nix::fcntl::copy_file_range(src, None, &self.file, None, len),
+            KernelCopy::Sendfile => nix::sys::sendfile::sendfile64(&self.file, src, None, len),
+        }
+        .map_err(io::Error::from)?;
         if n == 0 {
             return Ok(Ok(0));
         }
@@ -246,14 +263,22 @@ mod tests {
         let src = source(dir.path(), &bytes);
         let mut sink = HashingSink::new(staging(&dir.path().join("dst")), u64::MAX);
         // Mixed on purpose: a copy, a write of the next bytes, copies again.
-        let first = sink.copy_from(&src, 1 << 20).unwrap().unwrap();
+        let first = sink
+            .copy_from(&src, 1 << 20, KernelCopy::CopyFileRange)
+            .unwrap()
+            .unwrap();
         assert_eq!(first, 1 << 20);
         let mut src = src;
         src.seek(SeekFrom::Start(first as u64)).unwrap();
         let middle = Bytes::copy_from_slice(&bytes[first..first + 4096]);
         sink.write(middle).unwrap().unwrap();
         src.seek(SeekFrom::Start((first + 4096) as u64)).unwrap();
-        while sink.copy_from(&src, 3 << 20).unwrap().unwrap() > 0 {}
+        while sink
+            .copy_from(&src, 3 << 20, KernelCopy::CopyFileRange)
+            .unwrap()
+            .unwrap()
+            > 0
+        {}
         let (n, sha) = sink.finish().unwrap();
         assert_eq!(n, bytes.len() as u64);
         assert_eq!(sha, hex::encode(Sha256::digest(&bytes)));
@@ -261,13 +286,41 @@ mod tests {
     }
 
     #[test]
+    fn sendfile_into_tmpfs_stages_and_hashes_the_same_bytes_as_a_write() {
+        let disk = tempfile::tempdir().unwrap();
+        let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+        let bytes = content(3 * 1024 * 1024 + 17);
+        let mut src = source(disk.path(), &bytes);
+        let mut sink = HashingSink::new(staging(&shm.path().join("dst")), u64::MAX);
+        let first = sink.copy_from(&src, 1 << 20, KernelCopy::Sendfile).unwrap().unwrap();
+        assert_eq!(first, 1 << 20);
+        // sendfile advanced the source's offset: a write takes over there.
+        assert_eq!(src.stream_position().unwrap(), first as u64);
+        sink.write(Bytes::copy_from_slice(&bytes[first..first + 100]))
+            .unwrap()
+            .unwrap();
+        src.seek(SeekFrom::Start((first + 100) as u64)).unwrap();
+        while sink.copy_from(&src, 1 << 20, KernelCopy::Sendfile).unwrap().unwrap() > 0 {}
+        let (n, sha) = sink.finish().unwrap();
+        assert_eq!(n, bytes.len() as u64);
+        assert_eq!(sha, hex::encode(Sha256::digest(&bytes)));
+        assert_eq!(std::fs::read(shm.path().join("dst")).unwrap(), bytes);
+    }
+
+    #[test]
     fn a_kernel_copy_past_the_limit_is_refused() {
+        for how in [KernelCopy::CopyFileRange, KernelCopy::Sendfile] {
+            a_kernel_copy_past_the_limit_is_refused_with(how);
+        }
+    }
+
+    fn a_kernel_copy_past_the_limit_is_refused_with(how: KernelCopy) {
         let dir = tempfile::tempdir().unwrap();
         let src = source(dir.path(), &content(10_000));
         let mut sink = HashingSink::new(staging(&dir.path().join("dst")), 9_999);
         let mut refused = false;
         for _ in 0..4 {
-            match sink.copy_from(&src, 4096).unwrap() {
+            match sink.copy_from(&src, 4096, how).unwrap() {
                 Ok(0) => break,
                 Ok(_) => {}
                 Err(over) => {
@@ -277,6 +330,6 @@ mod tests {
                 }
             }
         }
-        assert!(refused, "10,000 bytes into a 9,999-byte limit");
+        assert!(refused, "10,000 bytes into a 9,999-byte limit ({how:?})");
     }
 }
