@@ -89,6 +89,21 @@ def local_server(argv: list[str], port: int, name: str, timeout: float = 120):
         server.wait(timeout=30)
 
 
+def source_wrapper_yaml(
+    path: Path, source: dict, *, secrets: dict[str, dict] | None = None, name: str = "minilm", component: str = "encoder"
+) -> Path:
+    """Writes a ModelWrapper whose one component fills from ``source``, then a
+    Secret per ``secrets`` entry (name -> stringData): standalone mode reads
+    the Secrets a source names from the same file."""
+    import yaml
+
+    docs = [{"apiVersion": "zerocopy.dev/v1alpha1", "kind": "ModelWrapper", "metadata": {"name": name},
+             "spec": {"pipeline": {"components": [{"name": component, "source": source}]}}}]
+    docs += [{"apiVersion": "v1", "kind": "Secret", "metadata": {"name": n}, "stringData": data} for n, data in (secrets or {}).items()]
+    path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    return path
+
+
 def filled_volume(yaml_path: Path, root: Path) -> Path:
     """Fills and returns the generation directory."""
     proc = fill(yaml_path, root)

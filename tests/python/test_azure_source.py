@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import fill, free_port, generations, local_server
+from conftest import fill, free_port, generations, local_server, source_wrapper_yaml
 from hub_server import assert_embeds_like_minilm, minilm_dir
 
 blob = pytest.importorskip("azure.storage.blob")
@@ -66,27 +66,11 @@ def uploaded(azurite: str, tmp_path_factory) -> dict:
 
 
 def wrapper_yaml(path: Path, uri: str, endpoint: str, sums: str, secret: dict | None) -> Path:
-    ref = "\n          secretRef: {name: azure}" if secret else ""
-    doc = ""
+    """With ``secret``, the source names Secret azure, which holds it (and consents to the endpoint)."""
+    source = {"uri": uri, "endpoint": endpoint, "sha256": {"SHA256SUMS": sums}}
     if secret:
-        data = ", ".join(f'{k}: "{v}"' for k, v in {**secret, "endpoint": endpoint}.items())
-        doc = f"---\napiVersion: v1\nkind: Secret\nmetadata: {{name: azure}}\nstringData: {{{data}}}\n"
-    path.write_text(
-        f"""apiVersion: zerocopy.dev/v1alpha1
-kind: ModelWrapper
-metadata: {{name: minilm}}
-spec:
-  pipeline:
-    components:
-      - name: encoder
-        source:
-          uri: "{uri}"
-          endpoint: "{endpoint}"
-          sha256: {{SHA256SUMS: {sums}}}{ref}
-{doc}"""
-    )
-    return path
-
+        source["secretRef"] = {"name": "azure"}
+    return source_wrapper_yaml(path, source, secrets={"azure": {**secret, "endpoint": endpoint}} if secret else None)
 
 
 @pytest.mark.parametrize("auth", ["sas", "account-key", "public"])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import fill, free_port, generations, local_server
+from conftest import fill, free_port, generations, local_server, source_wrapper_yaml
 from hub_server import assert_embeds_like_minilm, minilm_dir
 
 storage = pytest.importorskip("google.cloud.storage")
@@ -25,12 +25,6 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("gcp_storage_emulator")
 
 BUCKET = "models"
-TOKEN_SECRET = """---
-apiVersion: v1
-kind: Secret
-metadata: {{name: gcs-credentials}}
-stringData: {{GOOGLE_OAUTH_ACCESS_TOKEN: ya29.test-token, endpoint: "{endpoint}"}}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -67,24 +61,15 @@ def upload(endpoint: str, prefix: str, directory: Path, *, skip: str | None = No
     return pins
 
 
-def wrapper_yaml(path: Path, endpoint: str, prefix: str, pins: dict[str, str], *, secret: str | None) -> Path:
-    pin_lines = "".join(f"\n            {rel}: {sha}" for rel, sha in pins.items())
-    secret_ref = f"\n          secretRef: {{name: {secret}}}" if secret else ""
-    path.write_text(
-        f"""apiVersion: zerocopy.dev/v1alpha1
-kind: ModelWrapper
-metadata: {{name: minilm}}
-spec:
-  pipeline:
-    components:
-      - name: encoder
-        source:
-          uri: "gs://{BUCKET}/{prefix}"
-          endpoint: "{endpoint}"{secret_ref}
-          sha256:{pin_lines}
-{TOKEN_SECRET.format(endpoint=endpoint)}"""
-    )
-    return path
+def wrapper_yaml(
+    path: Path, endpoint: str, prefix: str, pins: dict[str, str], *, secret: str | None, bucket: str = BUCKET
+) -> Path:
+    """Always carries Secret gcs-credentials; the source names it only when ``secret`` does."""
+    source = {"uri": f"gs://{bucket}/{prefix}", "endpoint": endpoint, "sha256": pins}
+    if secret:
+        source["secretRef"] = {"name": secret}
+    token = {"GOOGLE_OAUTH_ACCESS_TOKEN": "ya29.test-token", "endpoint": endpoint}
+    return source_wrapper_yaml(path, source, secrets={"gcs-credentials": token})
 
 
 @pytest.mark.parametrize("secret", [None, "gcs-credentials"])
@@ -139,9 +124,8 @@ def test_bad_gcs_sources_fail_clearly_and_publish_nothing(
         upload(gcs_endpoint, prefix, sharded)
     if case == "wrong-pin":
         pins[shards[1]] = hashlib.sha256(b"something else").hexdigest()
-    yaml = wrapper_yaml(tmp_path / "mw.yaml", gcs_endpoint, prefix, pins, secret=None)
-    if case == "no-bucket":
-        yaml.write_text(yaml.read_text().replace(f"gs://{BUCKET}/", "gs://no-such-bucket/"))
+    bucket = "no-such-bucket" if case == "no-bucket" else BUCKET
+    yaml = wrapper_yaml(tmp_path / "mw.yaml", gcs_endpoint, prefix, pins, secret=None, bucket=bucket)
     root = shm / "root"
     proc = fill(yaml, root)
     output = proc.stdout + proc.stderr

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import fill, generations
+from conftest import fill, generations, source_wrapper_yaml
 from hub_server import HubServer, minilm_dir, sha256_of
 
 transformers = pytest.importorskip("transformers")
@@ -24,23 +24,8 @@ REPO_ID = "sentence-transformers/all-MiniLM-L6-v2"
 SENTENCES = ["Zero-copy weights are shared by every pod.", "A node agent fills shared memory once.", "hello"]
 
 
-def wrapper_yaml(path: Path, uri: str, endpoint: str, *, extra: str = "", documents: str = "") -> Path:
-    path.write_text(
-        f"""apiVersion: zerocopy.dev/v1alpha1
-kind: ModelWrapper
-metadata: {{name: minilm}}
-spec:
-  pipeline:
-    components:
-      - name: encoder
-        source:
-          uri: "{uri}"
-          endpoint: "{endpoint}"
-{extra}
-{documents}"""
-    )
-    return path
-
+def wrapper_yaml(path: Path, uri: str, endpoint: str) -> Path:
+    return source_wrapper_yaml(path, {"uri": uri, "endpoint": endpoint})
 
 
 def embed(model: torch.nn.Module, tokenizer) -> torch.Tensor:
@@ -215,21 +200,9 @@ def test_a_private_repo_reads_its_token_from_a_secret_that_names_the_endpoint(
         hub.add_repo(REPO_ID, minilm_dir())
         hub.token = "hf_secret"
         # The spec picks the endpoint; the Secret's owner must have named it.
-        endpoint_key = f", endpoint: '{hub.endpoint}'" if consent else ""
-        secret = f"""---
-apiVersion: v1
-kind: Secret
-metadata: {{name: hf-token}}
-stringData: {{token: hf_secret{endpoint_key}}}
-"""
-        yaml = wrapper_yaml(
-            tmp_path / "mw.yaml",
-            f"hf://{REPO_ID}",
-            hub.endpoint,
-            extra="          secretRef: {name: hf-token}",
-            documents=secret,
-        )
-        proc = fill(yaml, root)
+        token = {"token": "hf_secret", **({"endpoint": hub.endpoint} if consent else {})}
+        source = {"uri": f"hf://{REPO_ID}", "endpoint": hub.endpoint, "secretRef": {"name": "hf-token"}}
+        proc = fill(source_wrapper_yaml(tmp_path / "mw.yaml", source, secrets={"hf-token": token}), root)
         asked = [path for _, path in hub.requests]
     output = proc.stdout + proc.stderr
     assert "hf_secret" not in output, "the token leaked into the output"

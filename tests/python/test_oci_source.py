@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import fill, free_port, generations
+from conftest import fill, free_port, generations, source_wrapper_yaml
 from hub_server import assert_embeds_like_minilm, minilm_dir
 
 oras_client = pytest.importorskip("oras.client")
@@ -95,19 +95,7 @@ def push(host: str, repository: str, tag: str, directory: Path, tmp: Path, *, me
 
 
 def wrapper_yaml(path: Path, uri: str, host: str) -> Path:
-    path.write_text(
-        f"""apiVersion: zerocopy.dev/v1alpha1
-kind: ModelWrapper
-metadata: {{name: minilm}}
-spec:
-  pipeline:
-    components:
-      - name: encoder
-        source: {{uri: "{uri}", endpoint: "http://{host}"}}
-"""
-    )
-    return path
-
+    return source_wrapper_yaml(path, {"uri": uri, "endpoint": f"http://{host}"})
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import fill, free_port, generations, local_server
+from conftest import fill, free_port, generations, local_server, source_wrapper_yaml
 from hub_server import assert_embeds_like_minilm, minilm_dir
 
 boto3 = pytest.importorskip("boto3")
@@ -29,13 +29,6 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("moto.server")
 
 BUCKET = "models"
-SECRET = """---
-apiVersion: v1
-kind: Secret
-metadata: {{name: s3-credentials}}
-stringData: {{AWS_ACCESS_KEY_ID: testing, AWS_SECRET_ACCESS_KEY: testing-secret, endpoint: "{endpoint}"}}
-"""
-
 
 
 @pytest.fixture(scope="module")
@@ -90,23 +83,12 @@ def upload(endpoint: str, prefix: str, directory: Path, *, sums: bytes | None, s
 
 
 def wrapper_yaml(path: Path, endpoint: str, prefix: str, *, sums_pin: str | None, secret: str = "s3-credentials") -> Path:
-    pin = f"\n          sha256: {{SHA256SUMS: {sums_pin}}}" if sums_pin else ""
-    path.write_text(
-        f"""apiVersion: zerocopy.dev/v1alpha1
-kind: ModelWrapper
-metadata: {{name: minilm}}
-spec:
-  pipeline:
-    components:
-      - name: encoder
-        source:
-          uri: "s3://{BUCKET}/{prefix}"
-          endpoint: "{endpoint}"
-          secretRef: {{name: {secret}}}{pin}
-{SECRET.format(endpoint=endpoint)}"""
-    )
-    return path
-
+    """Always carries Secret s3-credentials; ``secret`` is the one the source names."""
+    source = {"uri": f"s3://{BUCKET}/{prefix}", "endpoint": endpoint, "secretRef": {"name": secret}}
+    if sums_pin:
+        source["sha256"] = {"SHA256SUMS": sums_pin}
+    keys = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret", "endpoint": endpoint}
+    return source_wrapper_yaml(path, source, secrets={"s3-credentials": keys})
 
 
 def test_a_sharded_checkpoint_fills_from_an_s3_prefix(tmp_path: Path, shm: Path, s3_endpoint: str, sharded: Path) -> None:
@@ -179,18 +161,7 @@ def test_bad_s3_sources_fail_clearly_and_publish_nothing(
 def test_an_s3_endpoint_at_a_metadata_address_is_refused(tmp_path: Path, shm: Path, endpoint: str) -> None:
     """Even standalone, where internal addresses are allowed: an IP address in
     the endpoint is never resolved, so the policy checks it on every request."""
-    yaml = tmp_path / "mw.yaml"
-    yaml.write_text(
-        f"""apiVersion: zerocopy.dev/v1alpha1
-kind: ModelWrapper
-metadata: {{name: minilm}}
-spec:
-  pipeline:
-    components:
-      - name: encoder
-        source: {{uri: "s3://latest/meta-data/", endpoint: "{endpoint}"}}
-"""
-    )
+    yaml = source_wrapper_yaml(tmp_path / "mw.yaml", {"uri": "s3://latest/meta-data/", "endpoint": endpoint})
     root = shm / "root"
     proc = fill(yaml, root)
     output = proc.stdout + proc.stderr
@@ -385,24 +356,9 @@ def test_the_checksum_request_is_signed_as_s3_checks_it(tmp_path: Path, shm: Pat
     threading.Thread(target=server.serve_forever, daemon=True).start()
     endpoint = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        yaml = tmp_path / "mw.yaml"
-        yaml.write_text(
-            f"""apiVersion: zerocopy.dev/v1alpha1
-kind: ModelWrapper
-metadata: {{name: signed}}
-spec:
-  pipeline:
-    components:
-      - name: encoder
-        source: {{uri: "s3://models/m/", endpoint: "{endpoint}", secretRef: {{name: keys}}}}
----
-apiVersion: v1
-kind: Secret
-metadata: {{name: keys}}
-stringData: {{AWS_ACCESS_KEY_ID: {key_id}, AWS_SECRET_ACCESS_KEY: "{secret}", AWS_SESSION_TOKEN: {token}, endpoint: "{endpoint}"}}
-"""
-        )
-        proc = fill(yaml, shm / "root")
+        keys = {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret, "AWS_SESSION_TOKEN": token, "endpoint": endpoint}
+        source = {"uri": "s3://models/m/", "endpoint": endpoint, "secretRef": {"name": "keys"}}
+        proc = fill(source_wrapper_yaml(tmp_path / "mw.yaml", source, name="signed", secrets={"keys": keys}), shm / "root")
     finally:
         server.shutdown()
     output = plain(proc)
