@@ -37,6 +37,9 @@ pub enum FillError {
         uri: String,
         /// Why, and which value would allow it.
         reason: String,
+        /// Refused for the address a host name resolved to: retried, since
+        /// the next DNS answer may differ.
+        by_resolution: bool,
     },
     /// Nothing can send the bytes yet: an `upload:` source not uploaded and
     /// held by no peer, or a node ordered earlier is fetching them from the
@@ -229,7 +232,7 @@ impl FillError {
     /// resolved to a refused address is retried: the next answer may differ.
     pub fn is_retryable(&self) -> bool {
         match self {
-            FillError::Refused { reason, .. } => reason.contains(crate::source::policy::REFUSED_BY_RESOLUTION),
+            FillError::Refused { by_resolution, .. } => *by_resolution,
             FillError::Invalid(_) | FillError::BadContent { .. } => false,
             _ => true,
         }
@@ -259,27 +262,28 @@ impl FillError {
 mod tests {
     use super::*;
 
-    fn refused(reason: &str) -> FillError {
+    fn refused(reason: &str, by_resolution: bool) -> FillError {
         FillError::Refused {
             wrapper: "ns/w".into(),
             component: "c".into(),
             uri: "https://models.example/x".into(),
             reason: reason.into(),
+            by_resolution,
         }
     }
 
     #[test]
     fn a_refusal_by_name_resolution_is_retried_and_other_refusals_are_not() {
-        let by_dns = refused(&format!(
-            "host models.example {}: 10.0.0.7 is a private address",
-            crate::source::policy::REFUSED_BY_RESOLUTION
-        ));
+        let by_dns = refused(
+            "host models.example resolves to a refused address: 10.0.0.7 is a private address",
+            true,
+        );
         assert!(
             by_dns.is_retryable(),
             "DNS answers change; the fill must heal when they do"
         );
         assert_eq!(by_dns.reason(), "SourceRefused");
-        assert!(!refused("http://10.0.0.7/x: 10.0.0.7 is a private address").is_retryable());
-        assert!(!refused("file:///etc/shadow is outside the allowed directories").is_retryable());
+        assert!(!refused("http://10.0.0.7/x: 10.0.0.7 is a private address", false).is_retryable());
+        assert!(!refused("file:///etc/shadow is outside the allowed directories", false).is_retryable());
     }
 }

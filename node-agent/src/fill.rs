@@ -1103,6 +1103,7 @@ impl FillEngine {
                         "the source sends Secret {namespace}/{} to its own endpoint {endpoint}, which the Secret does not name: add `endpoint: {endpoint}` to the Secret (its owner's consent), or drop the endpoint",
                         secret.name
                     ),
+                    by_resolution: false,
                 });
             }
         }
@@ -1860,6 +1861,14 @@ fn source_error(wrapper: &str, component: &str, uri: &str, e: FetchError) -> Fil
             component,
             uri,
             reason,
+            by_resolution: false,
+        },
+        FetchError::RefusedByResolution(reason) => FillError::Refused {
+            wrapper,
+            component,
+            uri,
+            reason,
+            by_resolution: true,
         },
         FetchError::Status(status) => {
             let hint = match status {

@@ -157,8 +157,10 @@ pub async fn list(
             })?;
             out.push(GcsObject { name: item.name, size });
             if out.len() > max {
-                return Err(FetchError::Unreachable(format!(
-                    "gs://{bucket}/{prefix} holds more than {max} objects; narrow the prefix"
+                // Like every other listing: the spec points at too much,
+                // which trying again will not change.
+                return Err(FetchError::Refused(format!(
+                    "gs://{bucket}/{prefix} holds more than {max} objects; point the source at the model's own prefix"
                 )));
             }
         }

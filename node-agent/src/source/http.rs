@@ -448,11 +448,16 @@ async fn send_with_retry(req: reqwest::RequestBuilder) -> Result<reqwest::Respon
     let mut attempt = 1;
     loop {
         let Some(this) = req.try_clone() else {
-            return req.send().await.map_err(|e| FetchError::Unreachable(describe(&e)));
+            return req
+                .send()
+                .await
+                .map_err(|e| refusal(&e).unwrap_or_else(|| FetchError::Unreachable(describe(&e))));
         };
         match this.send().await {
             Ok(resp) => return Ok(resp),
-            Err(e) if is_refused_by_resolver(&e) => return Err(FetchError::Refused(describe(&e))),
+            Err(e) if refusal(&e).is_some() => {
+                return Err(refusal(&e).unwrap_or_else(|| FetchError::Unreachable(describe(&e))))
+            }
             Err(e) if (e.is_connect() || e.is_timeout()) && attempt < CONNECT_ATTEMPTS => {
                 tracing::debug!(error = %describe(&e), attempt, "connect failed; retrying");
                 tokio::time::sleep(delay).await;
@@ -466,9 +471,14 @@ async fn send_with_retry(req: reqwest::RequestBuilder) -> Result<reqwest::Respon
 }
 
 /// The resolver's refusal surfaces as a connect error; tell it apart so it
-/// is not retried and reads as a policy decision.
-fn is_refused_by_resolver(e: &reqwest::Error) -> bool {
-    describe(e).contains(super::policy::REFUSED_BY_RESOLUTION)
+/// is not retried here as a connect failure, and reads as a policy decision.
+fn refusal(e: &reqwest::Error) -> Option<FetchError> {
+    let refused = super::policy::PolicyRefusal::find(e)?;
+    Some(if refused.by_resolution {
+        FetchError::RefusedByResolution(describe(e))
+    } else {
+        FetchError::Refused(describe(e))
+    })
 }
 
 /// reqwest's top-level message hides the cause; join the chain.
@@ -484,4 +494,30 @@ fn describe(e: &dyn std::error::Error) -> String {
         cur = s.source();
     }
     msg
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::source::policy::SourcePolicy;
+
+    #[tokio::test]
+    async fn a_name_that_resolves_to_a_refused_address_is_a_refusal_by_resolution() {
+        let http = HttpSource::new(Arc::new(SourcePolicy::cluster(vec![], vec![]))).unwrap();
+        // Nothing listens on port 9: only the policy can answer this fast.
+        let by_name = url::Url::parse("http://localhost:9/model.safetensors").unwrap();
+        let err = get_document(&http, &by_name, None, None, 1024).await.unwrap_err();
+        assert!(
+            matches!(&err, FetchError::RefusedByResolution(m) if m.contains("host localhost resolves to a refused address")),
+            "{err:?}"
+        );
+        // An address written in the URL is refused before any lookup, for good.
+        let literal = url::Url::parse("http://127.0.0.1:9/model.safetensors").unwrap();
+        let err = get_document(&http, &literal, None, None, 1024).await.unwrap_err();
+        assert!(matches!(err, FetchError::Refused(_)), "{err:?}");
+    }
 }

@@ -31,6 +31,10 @@ pub enum FetchError {
     /// The source policy refuses it (node files, internal addresses, …).
     #[error("{0}")]
     Refused(String),
+    /// The source policy refuses the address a host name resolved to.
+    /// Retried, unlike [`FetchError::Refused`]: DNS answers change.
+    #[error("{0}")]
+    RefusedByResolution(String),
     /// The server answered an error status.
     #[error("HTTP {0}")]
     Status(u16),

@@ -26,7 +26,7 @@ use object_store::path::Path as StorePath;
 use object_store::{ClientOptions, GetOptions, GetRange, ObjectStore};
 
 use super::http::HttpSource;
-use super::policy::{check_url, SourcePolicy};
+use super::policy::{check_url, PolicyRefusal, SourcePolicy};
 use super::sink::HashingSink;
 use super::{FetchError, Fetched, Progress};
 use crate::secrets::SecretData;
@@ -59,19 +59,17 @@ impl HttpConnector for PolicyConnector {
     }
 }
 
-/// Marks a URL the policy refused before any lookup (object_store wraps our
-/// error, so the classification below finds it by this text).
-const REFUSED_BY_POLICY: &str = "is refused by the agent's source policy";
-
 #[async_trait::async_trait]
 impl HttpService for PolicyConnector {
     async fn call(&self, req: HttpRequest) -> Result<HttpResponse, HttpError> {
         let url = url::Url::parse(&req.uri().to_string()).map_err(|e| HttpError::new(HttpErrorKind::Request, e))?;
         if let Err(reason) = check_url(&self.policy, &url) {
-            let refused = std::io::Error::new(
-                std::io::ErrorKind::PermissionDenied,
-                format!("{url} {REFUSED_BY_POLICY}: {reason}"),
-            );
+            // object_store wraps this error; the classification in
+            // `describe` finds it again by type.
+            let refused = PolicyRefusal {
+                message: format!("{url} is refused by the agent's source policy: {reason}"),
+                by_resolution: false,
+            };
             return Err(HttpError::new(HttpErrorKind::Request, refused));
         }
         self.client.call(req).await
@@ -548,10 +546,10 @@ fn describe(place: &str, key: &str, e: object_store::Error) -> FetchError {
         }
         other => {
             let text = other.to_string();
-            if text.contains(super::policy::REFUSED_BY_RESOLUTION) || text.contains(REFUSED_BY_POLICY) {
-                FetchError::Refused(format!("{place}/{key}: {text}"))
-            } else {
-                FetchError::Unreachable(format!("{place}/{key}: {text}"))
+            match PolicyRefusal::find(&other) {
+                Some(r) if r.by_resolution => FetchError::RefusedByResolution(format!("{place}/{key}: {text}")),
+                Some(_) => FetchError::Refused(format!("{place}/{key}: {text}")),
+                None => FetchError::Unreachable(format!("{place}/{key}: {text}")),
             }
         }
     }
@@ -784,6 +782,40 @@ mod tests {
             String::from_utf8(head).unwrap()
         });
         (endpoint, served)
+    }
+
+    #[test]
+    fn a_policy_refusal_inside_object_stores_errors_is_found_by_type() {
+        let wrapped = |by_resolution: bool| object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(HttpError::new(
+                HttpErrorKind::Connect,
+                PolicyRefusal {
+                    message: "host minio.internal resolves to a refused address: 10.0.0.7 is a private address".into(),
+                    by_resolution,
+                },
+            )),
+        };
+        let by_dns = describe("s3://models", "llm/", wrapped(true));
+        assert!(
+            matches!(&by_dns, FetchError::RefusedByResolution(m) if m.contains("10.0.0.7 is a private address")),
+            "{by_dns:?}"
+        );
+        assert!(matches!(
+            describe("s3://models", "llm/", wrapped(false)),
+            FetchError::Refused(_)
+        ));
+        let other = object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(HttpError::new(
+                HttpErrorKind::Connect,
+                std::io::Error::other("connection refused"),
+            )),
+        };
+        assert!(matches!(
+            describe("s3://models", "llm/", other),
+            FetchError::Unreachable(_)
+        ));
     }
 
     fn s3(endpoint: &str, credentials: Option<&SecretData>) -> S3Bucket {

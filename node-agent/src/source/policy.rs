@@ -200,10 +200,32 @@ fn classify_v6(ip: Ipv6Addr) -> AddressClass {
     AddressClass::Public
 }
 
-/// What a refusal by name resolution says. Such a refusal is retried with
-/// backoff: DNS answers change (split-horizon views, failovers), unlike a
-/// refused IP literal, scheme or path.
-pub const REFUSED_BY_RESOLUTION: &str = "resolves to a refused address";
+/// A request the source policy refused inside an HTTP client (the resolver
+/// below, object_store's connector). It travels through the client's chain
+/// of error sources and is found again by type, not by its text.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct PolicyRefusal {
+    pub message: String,
+    /// Refused because a host name resolved to a refused address. Such a
+    /// refusal is retried with backoff: DNS answers change (split-horizon
+    /// views, failovers), unlike a refused IP literal, scheme or path.
+    pub by_resolution: bool,
+}
+
+impl PolicyRefusal {
+    /// The refusal somewhere in `e` or its sources, if any.
+    pub fn find<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a PolicyRefusal> {
+        let mut cur = Some(e);
+        while let Some(err) = cur {
+            if let Some(refusal) = err.downcast_ref::<PolicyRefusal>() {
+                return Some(refusal);
+            }
+            cur = err.source();
+        }
+        None
+    }
+}
 
 /// A resolver that resolves once and hands reqwest only checked addresses,
 /// so the connection goes exactly where the check looked (no DNS rebinding).
@@ -228,7 +250,11 @@ impl reqwest::dns::Resolve for CheckedResolver {
             // Any refused address refuses the name: a name that mixes public
             // and internal answers is how rebinding attacks start.
             if let Some(reason) = addrs.iter().find_map(|a| policy.refuse_address(a.ip())) {
-                return Err(format!("host {host} {REFUSED_BY_RESOLUTION}: {reason}").into());
+                let refused: Box<dyn std::error::Error + Send + Sync> = Box::new(PolicyRefusal {
+                    message: format!("host {host} resolves to a refused address: {reason}"),
+                    by_resolution: true,
+                });
+                return Err(refused);
             }
             if addrs.is_empty() {
                 return Err(format!("host {host} has no addresses").into());
