@@ -1236,12 +1236,17 @@ impl FillEngine {
         };
         let sink = HashingSink::new(file, limit);
         if let Some(size) = plan.size.filter(|_| plan.presize) {
-            sink.expect_len(size).map_err(|source| FillError::Io {
+            let sizing = |source| FillError::Io {
                 wrapper: wrapper.into(),
                 action: "sizing",
                 path: path.clone(),
                 source,
-            })?;
+            };
+            if sink.expect_len(size).map_err(sizing)? {
+                let file = sink.file().try_clone().map_err(sizing)?;
+                // Off the async threads: it allocates and zeroes the whole file.
+                let _ = tokio::task::spawn_blocking(move || source::sink::allocate_huge_pages(&file, size)).await;
+            }
         }
         let bar = progress.file(&plan.component, &plan.file_name, plan.size);
         let fetched = match (&from, plan.uri.scheme()) {
