@@ -58,7 +58,7 @@ def main() -> int:
     ap.add_argument("--files", type=int, default=2)
     ap.add_argument("--mib", type=int, default=512)
     ap.add_argument("--ballast-gib", type=int, default=22, help="more than the memory the page cache may take")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=4)
     ap.add_argument("--work", default="/var/tmp/zerocopy-bench-hugepages")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -93,39 +93,50 @@ def main() -> int:
 
     root = Path("/dev/shm/zerocopy-bench-hugepages")
 
+    def clear_root() -> None:
+        # A root left mounted by an interrupted run would be reused, with
+        # its old generation counted too.
+        subprocess.run(["umount", "-l", str(root)], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
     def fill(agent: str) -> dict:
         free = fill_page_cache()
         huge0 = meminfo("ShmemHugePages")
         t0 = time.perf_counter()
-        subprocess.run(
-            [agent, "--root", str(root), "standalone", "-q", "-f", str(spec), "--root-tmpfs", "auto", "--root-tmpfs-size", "4g"],
-            check=True,
-            capture_output=True,
-        )
-        seconds = time.perf_counter() - t0
-        huge = meminfo("ShmemHugePages") - huge0
-        # `current` links to the generation: count each file once.
-        weights = sorted({w.resolve() for w in root.glob("default/huge-bench/*/*.safetensors")})
-        touch = sum(touch_all(w) for w in weights)
-        total = sum(w.stat().st_size for w in weights)
-        subprocess.run(["umount", "-l", str(root)], check=True)
-        shutil.rmtree(root)
+        try:
+            subprocess.run(
+                [agent, "--root", str(root), "standalone", "-q", "-f", str(spec), "--root-tmpfs", "auto", "--root-tmpfs-size", "4g"],
+                check=True,
+                capture_output=True,
+            )
+            seconds = time.perf_counter() - t0
+            huge = meminfo("ShmemHugePages") - huge0
+            # `current` links to the generation: count each file once.
+            weights = sorted({w.resolve() for w in root.glob("default/huge-bench/*/*.safetensors")})
+            touch = sum(touch_all(w) for w in weights)
+            total = sum(w.stat().st_size for w in weights)
+        finally:
+            clear_root()
         return {"seconds": seconds, "free_before": free, "huge_bytes": huge, "bytes": total, "touch_s": touch}
 
     contenders = {"this build": args.agent, "baseline": args.baseline_agent}
     runs: dict[str, list[dict]] = {k: [] for k in contenders}
-    for _ in range(args.repeat):
-        for name, agent in contenders.items():
-            r = fill(agent)
-            runs[name].append(r)
-            print(
-                f"{name}: {r['seconds']:.2f} s, {r['huge_bytes'] / 2**20:.0f} of {r['bytes'] / 2**20:.0f} MiB in 2 MiB pages, "
-                f"first touch {r['touch_s'] * 1e3:.0f} ms, MemFree before {r['free_before'] / 2**20:.0f} MiB",
-                flush=True,
-            )
-    shutil.rmtree(work, ignore_errors=True)
+    clear_root()
+    try:
+        for i in range(args.repeat):
+            # Each goes first in turn: the one after pays for what the other left.
+            for name in list(contenders)[:: 1 if i % 2 == 0 else -1]:
+                r = fill(contenders[name])
+                runs[name].append(r)
+                print(
+                    f"{name}: {r['seconds']:.2f} s, {r['huge_bytes'] / 2**20:.0f} of {r['bytes'] / 2**20:.0f} MiB in 2 MiB pages, "
+                    f"first touch {r['touch_s'] * 1e3:.0f} ms, MemFree before {r['free_before'] / 2**20:.0f} MiB",
+                    flush=True,
+                )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\n{args.files} x {args.mib} MiB, page cache filled before each fill, median of {args.repeat}, alternating\n")
+    print(f"\n{args.files} x {args.mib} MiB, page cache filled before each fill, median of {args.repeat}, each first in turn\n")
     print("| agent | fill | in 2 MiB pages | first touch of every page | MemFree before |\n|---|---:|---:|---:|---:|")
     for name, rs in runs.items():
         med = lambda k: statistics.median(r[k] for r in rs)  # noqa: E731

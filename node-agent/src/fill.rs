@@ -1243,9 +1243,14 @@ impl FillEngine {
                 source,
             };
             if sink.expect_len(size).map_err(sizing)? {
-                let file = sink.file().try_clone().map_err(sizing)?;
-                // Off the async threads: it allocates and zeroes the whole file.
-                let _ = tokio::task::spawn_blocking(move || source::sink::allocate_huge_pages(&file, size)).await;
+                match sink.file().try_clone() {
+                    // Off the async threads: it allocates and zeroes the whole file.
+                    Ok(file) => {
+                        let _ =
+                            tokio::task::spawn_blocking(move || source::sink::allocate_huge_pages(&file, size)).await;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "not allocating the staging file up front"),
+                }
             }
         }
         let bar = progress.file(&plan.component, &plan.file_name, plan.size);

@@ -70,9 +70,16 @@ impl HttpService for PolicyConnector {
                 message: format!("{url} is refused by the agent's source policy: {reason}"),
                 by_resolution: false,
             };
-            return Err(HttpError::new(HttpErrorKind::Request, refused));
+            // `Unknown`: object_store retries `Request` and `Connect` errors
+            // for minutes; a refusal is the agent's answer, not a fault.
+            return Err(HttpError::new(HttpErrorKind::Unknown, refused));
         }
-        self.client.call(req).await
+        match self.client.call(req).await {
+            // The resolver's refusal arrives as a connect error: the same.
+            // The fill decides whether to try again.
+            Err(e) if PolicyRefusal::find(&e).is_some() => Err(HttpError::new(HttpErrorKind::Unknown, e)),
+            answer => answer,
+        }
     }
 }
 
@@ -545,11 +552,12 @@ fn describe(place: &str, key: &str, e: object_store::Error) -> FetchError {
             ))
         }
         other => {
-            let text = other.to_string();
+            // object_store's message stops at "error sending request": a
+            // refusal names its own reason.
             match PolicyRefusal::find(&other) {
-                Some(r) if r.by_resolution => FetchError::RefusedByResolution(format!("{place}/{key}: {text}")),
-                Some(_) => FetchError::Refused(format!("{place}/{key}: {text}")),
-                None => FetchError::Unreachable(format!("{place}/{key}: {text}")),
+                Some(r) if r.by_resolution => FetchError::RefusedByResolution(format!("{place}/{key}: {}", r.message)),
+                Some(r) => FetchError::Refused(format!("{place}/{key}: {}", r.message)),
+                None => FetchError::Unreachable(format!("{place}/{key}: {other}")),
             }
         }
     }
@@ -816,6 +824,27 @@ mod tests {
             describe("s3://models", "llm/", other),
             FetchError::Unreachable(_)
         ));
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_whose_name_resolves_to_a_refused_address_is_refused_without_retries() {
+        let http = HttpSource::new(Arc::new(SourcePolicy::cluster(vec![], vec![]))).unwrap();
+        // Nothing listens on port 9: only the policy can answer.
+        let b = bucket(&http, "models", Some("http://localhost:9"), None, None).unwrap();
+        let raw = b
+            .store
+            .list(Some(&StorePath::from("llm")))
+            .next()
+            .await
+            .unwrap()
+            .unwrap_err();
+        // object_store's message says "after N retries" once it has retried.
+        assert!(!raw.to_string().contains("retries"), "{raw}");
+        let err = describe("s3://models", "llm/", raw);
+        assert!(
+            matches!(&err, FetchError::RefusedByResolution(m) if m.starts_with("s3://models/llm/: host localhost resolves to a refused address")),
+            "{err:?}"
+        );
     }
 
     fn s3(endpoint: &str, credentials: Option<&SecretData>) -> S3Bucket {
