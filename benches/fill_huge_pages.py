@@ -1,7 +1,6 @@
 """2 MiB pages for a fill on a node whose page cache fills memory, as a busy
 node's does: the agent's fill into its own `huge=within_size` root, this
-build against another (e.g. before allocating the staging files through a
-`MADV_HUGEPAGE` mapping), side by side, alternating.
+build against another, side by side, each going first in turn.
 
     cargo build --release -p zerocopy-node-agent
     python3 benches/fill_huge_pages.py --baseline-agent <previous build> --json docs/benchmarks-fill-huge-pages.json

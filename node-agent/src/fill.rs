@@ -1236,22 +1236,12 @@ impl FillEngine {
         };
         let sink = HashingSink::new(file, limit);
         if let Some(size) = plan.size.filter(|_| plan.presize) {
-            let sizing = |source| FillError::Io {
+            sink.expect_len(size).map_err(|source| FillError::Io {
                 wrapper: wrapper.into(),
                 action: "sizing",
                 path: path.clone(),
                 source,
-            };
-            if sink.expect_len(size).map_err(sizing)? {
-                match sink.file().try_clone() {
-                    // Off the async threads: it allocates and zeroes the whole file.
-                    Ok(file) => {
-                        let _ =
-                            tokio::task::spawn_blocking(move || source::sink::allocate_huge_pages(&file, size)).await;
-                    }
-                    Err(e) => tracing::debug!(error = %e, "not allocating the staging file up front"),
-                }
-            }
+            })?;
         }
         let bar = progress.file(&plan.component, &plan.file_name, plan.size);
         let fetched = match (&from, plan.uri.scheme()) {

@@ -72,7 +72,7 @@ impl HashingSink {
                         // completely written before it was sent here, and nothing
                         // truncates the file while the fill runs, so every mapped
                         // page stays backed while the mapping lives (this block).
-                        #[allow(unsafe_code)] // mapping memory
+                        #[allow(unsafe_code)] // mapping memory: the one use in this crate
                         // populate: one call maps the whole range instead of a
                         // page fault per 4 KiB page while hashing.
                         let map = unsafe {
@@ -206,13 +206,11 @@ impl HashingSink {
     /// it 2 MiB pages however small the writes are (on a tmpfs without huge
     /// pages it measured a few percent slower, so callers size only there). [`HashingSink::finish`]
     /// cuts the file back to what was written if the source sent less.
-    /// `Ok(false)`: `len` is past the limit, so the file was left as it was.
-    pub fn expect_len(&self, len: u64) -> io::Result<bool> {
-        if len > self.limit {
-            return Ok(false);
+    pub fn expect_len(&self, len: u64) -> io::Result<()> {
+        if len <= self.limit {
+            self.file.set_len(len)?;
         }
-        self.file.set_len(len)?;
-        Ok(true)
+        Ok(())
     }
 
     /// Closes the file and returns (bytes, lowercase hex sha256).
@@ -231,40 +229,6 @@ impl HashingSink {
             .map_err(|_| io::Error::other("hasher thread panicked"))??
             .finalize();
         Ok((self.written, hex::encode(digest)))
-    }
-}
-
-/// Allocates every page of a staging file already sized to `len`, through a
-/// mapping advised `MADV_HUGEPAGE` and populated for writing, so the writes
-/// that follow fill pages that exist. Under the kernel's default THP
-/// `defrag=madvise`, only an advised mapping may reclaim and compact memory
-/// to find 2 MiB pages; a `write()` takes them only when they lie free, and
-/// on a node whose page cache fills memory they mostly do not
-/// (docs/benchmarks.md, `benches/fill_huge_pages.py`). Best effort,
-/// blocking (it zeroes the pages): a kernel without `MADV_POPULATE_WRITE`
-/// (before 5.14), or a tmpfs without room (`EFAULT`, never SIGBUS), leaves
-/// the writes to allocate and report. True when every page was allocated.
-pub fn allocate_huge_pages(file: &File, len: u64) -> bool {
-    let Ok(len) = usize::try_from(len) else { return false };
-    if len == 0 {
-        return true;
-    }
-    // SAFETY: the staging file is this fill's own, created by it in the
-    // agent's staging directory and sized to `len` before this call; the
-    // mapping lives only in this function and is advised, never read or
-    // written through, so no reference into it can outlive a truncation.
-    #[allow(unsafe_code)] // mapping memory
-    let map = unsafe { memmap2::MmapOptions::new().len(len).map_mut(file) };
-    let advised = map.and_then(|map| {
-        map.advise(memmap2::Advice::HugePage)?;
-        map.advise(memmap2::Advice::PopulateWrite)
-    });
-    match advised {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::debug!(error = %e, "could not allocate the staging file's pages up front; the writes will");
-            false
-        }
     }
 }
 
@@ -348,54 +312,6 @@ mod tests {
         for how in [KernelCopy::CopyFileRange, KernelCopy::Sendfile] {
             a_kernel_copy_past_the_limit_is_refused_with(how);
         }
-    }
-
-    #[test]
-    fn a_presized_staging_file_has_every_page_before_the_first_write() {
-        let dir = tempfile::tempdir().unwrap();
-        let mnt = dir.path().join("huge");
-        std::fs::create_dir(&mnt).unwrap();
-        if let Err(e) = crate::mount::mount_tmpfs(&mnt, 64 << 20, true) {
-            eprintln!("skipped: mounting a tmpfs needs root ({e})");
-            return;
-        }
-        let unmount = scopeguard(|| {
-            let _ = nix::mount::umount2(&mnt, nix::mount::MntFlags::MNT_DETACH);
-        });
-        let bytes = content(8 * 1024 * 1024 + 5);
-        let mut sink = HashingSink::new(staging(&mnt.join("dst")), u64::MAX);
-        assert!(sink.expect_len(bytes.len() as u64).unwrap());
-        // A kernel before 5.14 cannot populate: then only the bytes count.
-        if allocate_huge_pages(sink.file(), bytes.len() as u64) {
-            use std::os::unix::fs::MetadataExt;
-            let allocated = std::fs::metadata(mnt.join("dst")).unwrap().blocks() * 512;
-            assert!(allocated >= bytes.len() as u64, "{allocated} bytes allocated");
-        }
-        for chunk in bytes.chunks(1 << 20) {
-            sink.write(Bytes::copy_from_slice(chunk)).unwrap().unwrap();
-        }
-        let (n, sha) = sink.finish().unwrap();
-        assert_eq!(n, bytes.len() as u64);
-        assert_eq!(sha, hex::encode(Sha256::digest(&bytes)));
-        assert_eq!(std::fs::read(mnt.join("dst")).unwrap(), bytes);
-        // Past the limit the file is left alone, and nothing is allocated.
-        let small = HashingSink::new(staging(&mnt.join("small")), 10);
-        assert!(!small.expect_len(11).unwrap());
-        assert_eq!(std::fs::metadata(mnt.join("small")).unwrap().len(), 0);
-        drop(unmount);
-    }
-
-    /// Runs `f` when dropped (a failed assertion still unmounts).
-    fn scopeguard(f: impl FnOnce()) -> impl Drop {
-        struct Guard<F: FnOnce()>(Option<F>);
-        impl<F: FnOnce()> Drop for Guard<F> {
-            fn drop(&mut self) {
-                if let Some(f) = self.0.take() {
-                    f();
-                }
-            }
-        }
-        Guard(Some(f))
     }
 
     fn a_kernel_copy_past_the_limit_is_refused_with(how: KernelCopy) {
