@@ -27,9 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fill_speed import make_checkpoint  # noqa: E402
-
-from modelwrapper._export import sha256_file  # noqa: E402
+from fill_speed import make_checkpoint, write_spec  # noqa: E402
 
 
 def meminfo(key: str) -> int:
@@ -65,14 +63,7 @@ def main() -> int:
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     paths = make_checkpoint(work / "src", args.files, args.mib)
-    components = "\n".join(
-        f"      - name: shard-{i + 1}\n        weights: {{uri: '{p.as_uri()}', sha256: '{sha256_file(p)}'}}" for i, p in enumerate(paths)
-    )
-    spec = work / "fill.yaml"
-    spec.write_text(
-        "apiVersion: zerocopy.dev/v1alpha1\nkind: ModelWrapper\nmetadata: {name: huge-bench}\n"
-        f"spec:\n  mode: actor\n  pipeline:\n    components:\n{components}\n"
-    )
+    spec = write_spec(work / "fill.yaml", "huge-bench", paths)
     ballast = work / "ballast"
     ballast.mkdir()
     block = os.urandom(1 << 20)

@@ -53,6 +53,18 @@ def make_checkpoint(src: Path, files: int, mib: int) -> list[Path]:
     return paths
 
 
+def write_spec(path: Path, name: str, paths: list[Path]) -> Path:
+    """A ModelWrapper with one `file://` component per shard, pinned."""
+    components = "\n".join(
+        f"      - name: shard-{i + 1}\n        weights: {{uri: '{p.as_uri()}', sha256: '{sha256_file(p)}'}}" for i, p in enumerate(paths)
+    )
+    path.write_text(
+        f"apiVersion: zerocopy.dev/v1alpha1\nkind: ModelWrapper\nmetadata: {{name: {name}}}\n"
+        f"spec:\n  mode: actor\n  pipeline:\n    components:\n{components}\n"
+    )
+    return path
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--files", type=int, default=4)
@@ -69,14 +81,7 @@ def main() -> int:
     shutil.rmtree(work, ignore_errors=True)
     paths = make_checkpoint(work / "src", args.files, args.mib)
     total = sum(p.stat().st_size for p in paths)
-    components = "\n".join(
-        f"      - name: shard-{i + 1}\n        weights: {{uri: '{p.as_uri()}', sha256: '{sha256_file(p)}'}}" for i, p in enumerate(paths)
-    )
-    spec = work / "fill.yaml"
-    spec.write_text(
-        "apiVersion: zerocopy.dev/v1alpha1\nkind: ModelWrapper\nmetadata: {name: fill-bench}\n"
-        f"spec:\n  mode: actor\n  pipeline:\n    components:\n{components}\n"
-    )
+    spec = write_spec(work / "fill.yaml", "fill-bench", paths)
     for p in paths:  # warm the page cache for every contender
         p.read_bytes()
 
