@@ -3,10 +3,11 @@
 //! kube-runtime's `Store::wait_until_ready` polls one oneshot receiver from
 //! every waiter, and a oneshot keeps a single waker: when several reconciles
 //! start before the cache's first list is in (more of them, for longer, when
-//! that list fails and is retried), only the one that polled last is woken. The others stay pending for good, and
-//! their objects are never reconciled again (the controller does not start
-//! a second reconcile of an object whose first one has not finished). One
-//! shared future per cache wakes every waiter.
+//! that list fails and is retried), only the one that polled last is woken.
+//! The others stay pending for good, and their objects are never reconciled
+//! again (the controller does not start a second reconcile of an object
+//! whose first one has not finished). One shared future per cache wakes
+//! every waiter.
 
 use std::fmt;
 

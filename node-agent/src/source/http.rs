@@ -9,7 +9,7 @@ use futures_util::StreamExt;
 use reqwest::header::{HeaderValue, ACCEPT_RANGES, CONTENT_RANGE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE};
 use reqwest::StatusCode;
 
-use super::policy::{check_url, redirect_policy, CheckedResolver, SourcePolicy};
+use super::policy::{check_url, redirect_policy, CheckedResolver, PolicyRefusal, SourcePolicy};
 use super::sink::HashingSink;
 use super::{FetchError, Fetched, Progress};
 
@@ -448,37 +448,35 @@ async fn send_with_retry(req: reqwest::RequestBuilder) -> Result<reqwest::Respon
     let mut attempt = 1;
     loop {
         let Some(this) = req.try_clone() else {
-            return req
-                .send()
-                .await
-                .map_err(|e| refusal(&e).unwrap_or_else(|| FetchError::Unreachable(describe(&e))));
+            return req.send().await.map_err(|e| failure(&e));
         };
         match this.send().await {
             Ok(resp) => return Ok(resp),
-            Err(e) if refusal(&e).is_some() => {
-                return Err(refusal(&e).unwrap_or_else(|| FetchError::Unreachable(describe(&e))))
-            }
-            Err(e) if (e.is_connect() || e.is_timeout()) && attempt < CONNECT_ATTEMPTS => {
+            // The resolver's refusal also reads as a connect error: not retried here.
+            Err(e)
+                if PolicyRefusal::find(&e).is_none()
+                    && (e.is_connect() || e.is_timeout())
+                    && attempt < CONNECT_ATTEMPTS =>
+            {
                 tracing::debug!(error = %describe(&e), attempt, "connect failed; retrying");
                 tokio::time::sleep(delay).await;
                 delay *= 2;
                 attempt += 1;
             }
-            Err(e) if e.is_redirect() => return Err(FetchError::Refused(describe(&e))),
-            Err(e) => return Err(FetchError::Unreachable(describe(&e))),
+            Err(e) => return Err(failure(&e)),
         }
     }
 }
 
-/// The resolver's refusal surfaces as a connect error; tell it apart so it
-/// is not retried here as a connect failure, and reads as a policy decision.
-fn refusal(e: &reqwest::Error) -> Option<FetchError> {
-    let refused = super::policy::PolicyRefusal::find(e)?;
-    Some(if refused.by_resolution {
-        FetchError::RefusedByResolution(describe(e))
-    } else {
-        FetchError::Refused(describe(e))
-    })
+/// What a request that got no answer reads as: a policy decision (the
+/// resolver's refusal, a refused redirect), else an unreachable source.
+fn failure(e: &reqwest::Error) -> FetchError {
+    match PolicyRefusal::find(e) {
+        Some(r) if r.by_resolution => FetchError::RefusedByResolution(describe(e)),
+        Some(_) => FetchError::Refused(describe(e)),
+        None if e.is_redirect() => FetchError::Refused(describe(e)),
+        None => FetchError::Unreachable(describe(e)),
+    }
 }
 
 /// reqwest's top-level message hides the cause; join the chain.

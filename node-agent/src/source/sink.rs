@@ -121,16 +121,22 @@ impl HashingSink {
         }
         let offset = self.written;
         self.written += n as u64;
+        self.hash_staged(offset, n)?;
+        Ok(Ok(n))
+    }
+
+    /// Queues `len` staged bytes at `offset` for the hasher.
+    fn hash_staged(&mut self, offset: u64, len: usize) -> io::Result<()> {
         let file = match &self.reader {
             Some(f) => f.clone(),
             None => self.reader.insert(Arc::new(self.file.try_clone()?)).clone(),
         };
         if let Some(tx) = &self.to_hasher {
-            if tx.send(ToHash::Staged { file, offset, len: n }).is_err() {
+            if tx.send(ToHash::Staged { file, offset, len }).is_err() {
                 return Err(self.hasher_failure());
             }
         }
-        Ok(Ok(n))
+        Ok(())
     }
 
     /// The staging file, for writers that place ranges at their offsets
@@ -154,16 +160,7 @@ impl HashingSink {
             return Ok(());
         }
         self.written += len as u64;
-        let file = match &self.reader {
-            Some(f) => f.clone(),
-            None => self.reader.insert(Arc::new(self.file.try_clone()?)).clone(),
-        };
-        if let Some(tx) = &self.to_hasher {
-            if tx.send(ToHash::Staged { file, offset, len }).is_err() {
-                return Err(self.hasher_failure());
-            }
-        }
-        Ok(())
+        self.hash_staged(offset, len)
     }
 
     /// The most bytes this sink takes.
@@ -204,8 +201,9 @@ impl HashingSink {
     /// Sets the staging file's size to the `len` bytes the source announced
     /// before any is written: a tmpfs mounted `huge=within_size` then gives
     /// it 2 MiB pages however small the writes are (on a tmpfs without huge
-    /// pages it measured a few percent slower, so callers size only there). [`HashingSink::finish`]
-    /// cuts the file back to what was written if the source sent less.
+    /// pages it measured a few percent slower, so callers size only there).
+    /// [`HashingSink::finish`] cuts the file back to what was written if the
+    /// source sent less.
     pub fn expect_len(&self, len: u64) -> io::Result<()> {
         if len <= self.limit {
             self.file.set_len(len)?;
